@@ -1,0 +1,47 @@
+// Checks shared by the Paddle op bindings (*_op.cc). Errors surface in Python with the
+// message given here, so each one names the argument and what was expected.
+#pragma once
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "paddle/extension.h"
+
+namespace dpn_fast {
+
+inline std::string shape_str(const std::vector<int64_t>& shape) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  os << "]";
+  return os.str();
+}
+
+// oneDNN (the Paddle Inference CPU default) may hand ops tensors in blocked layout,
+// which reads as garbage when indexed as NCHW.
+inline void check_plain_layout(const paddle::Tensor& t, const char* op, const char* name) {
+  PD_CHECK(t.layout() != phi::DataLayout::ONEDNN, op, ": input '", name,
+           "' is in oneDNN blocked layout; disable oneDNN for this predictor "
+           "(config.disable_mkldnn()) or use dpn_fast.inference.create_predictor");
+}
+
+inline void check_rank(const paddle::Tensor& t, size_t rank, const char* op, const char* name) {
+  PD_CHECK(t.shape().size() == rank, op, ": '", name, "' must have rank ", rank, ", got shape ",
+           shape_str(t.shape()));
+}
+
+inline void check_same_dtype(const paddle::Tensor& a, const paddle::Tensor& b, const char* op,
+                             const char* name_a, const char* name_b) {
+  PD_CHECK(a.dtype() == b.dtype(), op, ": '", name_a, "' and '", name_b,
+           "' must have the same dtype, got ", phi::DataTypeToString(a.dtype()), " and ",
+           phi::DataTypeToString(b.dtype()));
+}
+
+inline void check_same_place(const paddle::Tensor& a, const paddle::Tensor& b, const char* op,
+                             const char* name_a, const char* name_b) {
+  PD_CHECK(a.place() == b.place(), op, ": '", name_a, "' and '", name_b,
+           "' must be on the same device, got ", a.place().DebugString(), " and ",
+           b.place().DebugString());
+}
+
+}  // namespace dpn_fast

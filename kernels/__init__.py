@@ -1,0 +1,1 @@
+"""Triton kernels of dpn_fast (installed as `dpn_fast.kernels`). One op per module."""

@@ -1,0 +1,87 @@
+"""Builds the op library with CMake and installs it inside the dpn_fast package.
+
+Environment:
+  DPN_FAST_CPU_ONLY=1        build without CUDA even when nvcc is found
+  DPN_FAST_CUDA_ARCHS="80;90" CUDA architectures (CMake syntax); default: those of
+                             75, 80, 86, 89, 90 that the local nvcc accepts, plus PTX of the newest
+  CUDA_HOME                  toolkit root (default: found from nvcc on PATH)
+  DPN_FAST_BUILD_JOBS        parallel compile jobs (default: CPU count)
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = (75, 80, 86, 89, 90)
+
+
+def find_nvcc():
+    home = os.environ.get("CUDA_HOME")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def supported_archs(nvcc):
+    out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+    return {int(line.split("_")[1]) for line in out.split() if line.startswith("compute_")}
+
+
+def cuda_archs(nvcc):
+    if os.environ.get("DPN_FAST_CUDA_ARCHS"):
+        return os.environ["DPN_FAST_CUDA_ARCHS"]
+    archs = sorted(a for a in DEFAULT_ARCHS if a in supported_archs(nvcc))
+    if not archs:
+        raise RuntimeError(f"{nvcc} supports none of sm_{DEFAULT_ARCHS}; set DPN_FAST_CUDA_ARCHS")
+    # SASS for each arch, PTX of the newest so later GPUs can JIT it.
+    return ";".join([f"{a}-real" for a in archs[:-1]] + [str(archs[-1])])
+
+
+class CMakeBuild(build_ext):
+    def get_ext_filename(self, fullname):
+        # A plain name: the library is loaded by path, not imported as a Python module.
+        return os.path.join(*fullname.split(".")) + ".so"
+
+    def build_extension(self, ext):
+        import paddle
+
+        paddle_root = os.path.dirname(paddle.__file__)
+        build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
+        os.makedirs(build_dir, exist_ok=True)
+        args = [f"-DPADDLE_ROOT={paddle_root}", "-DCMAKE_BUILD_TYPE=Release",
+                f"-DPython_EXECUTABLE={sys.executable}"]
+        nvcc = None if os.environ.get("DPN_FAST_CPU_ONLY") == "1" else find_nvcc()
+        if nvcc:
+            nvcc = os.path.realpath(nvcc)
+            # nvcc may be a wrapper script; resolve the toolkit from what it execs.
+            with open(nvcc, "rb") as f:
+                head = f.read(256)
+            if head.startswith(b"#!"):
+                for token in head.decode(errors="ignore").split():
+                    if token.endswith("/nvcc") and os.path.exists(token):
+                        nvcc = token
+            args += ["-DDPN_FAST_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                     f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs(nvcc)}"]
+            print(f"dpn_fast: building CUDA kernels with {nvcc}", flush=True)
+        else:
+            print("dpn_fast: CPU-only build (no nvcc, or DPN_FAST_CPU_ONLY=1)", flush=True)
+        subprocess.run(["cmake", "-S", ROOT, "-B", build_dir, *args], check=True)
+        jobs = os.environ.get("DPN_FAST_BUILD_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", "--build", build_dir, "--target", "dpn_fast_ops", "-j", jobs],
+                       check=True)
+        target = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(os.path.join(build_dir, "libdpn_fast_ops.so"), target)
+
+
+setup(
+    packages=["dpn_fast", "dpn_fast.models", "dpn_fast.ops", "dpn_fast.kernels"],
+    package_dir={"dpn_fast.kernels": "kernels"},
+    package_data={"dpn_fast": ["data/*"]},
+    ext_modules=[Extension("dpn_fast.libdpn_fast_ops", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
+)

@@ -1,0 +1,24 @@
+"""Shared test helpers: the accuracy rule every fused result is held to.
+
+A fused result passes when its max error against a float64 reference is within
+2x the plain-Paddle float32 error plus a small per-dtype atol.
+"""
+import numpy as np
+
+ATOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def max_abs_err(actual, expected):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != reference {expected.shape}"
+    assert np.isfinite(actual).all(), "non-finite values in result (unwritten NaN-poisoned output?)"
+    return float(np.abs(actual - expected).max()) if actual.size else 0.0
+
+
+def assert_matches_reference(actual, ref64, ref32, dtype="float32", name="output"):
+    """`actual` (fused) vs `ref64` (float64 reference), allowed 2x the error of `ref32`."""
+    err = max_abs_err(actual, ref64)
+    ref_err = max_abs_err(ref32, ref64)
+    bound = 2.0 * ref_err + ATOL[dtype] * max(1.0, float(np.abs(ref64).max()))
+    assert err <= bound, f"{name}: max|fused - ref64| = {err:.3e} > {bound:.3e} (paddle fp32 err {ref_err:.3e})"
