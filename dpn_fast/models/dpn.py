@@ -1,0 +1,105 @@
+"""The DPN family with PaddleClas's topology and state-dict layout.
+
+Sub-layer names (conv1_x_1_func, dpn{i}.c1x1_a_func._batch_norm, conv5_x_x_bn, out, ...) are
+PaddleClas's, so its .pdparams load unchanged. No ParamAttr names are fixed, so any number of
+models can live in one process.
+"""
+import paddle
+import paddle.nn as nn
+
+from dpn_fast.models.config import CONFIGS, block_shapes
+
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def _batch_norm(channels):
+    return nn.BatchNorm(channels, act="relu", momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+
+
+class ConvBNLayer(nn.Layer):
+    """Stem: conv -> BN -> ReLU."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding):
+        super().__init__()
+        self._conv = nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride,
+                               padding=padding, bias_attr=False)
+        self._batch_norm = _batch_norm(out_channels)
+
+    def forward(self, x):
+        return self._batch_norm(self._conv(x))
+
+
+class BNACConvLayer(nn.Layer):
+    """Pre-activation layer: BN -> ReLU -> conv."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1):
+        super().__init__()
+        self._batch_norm = _batch_norm(in_channels)
+        self._conv = nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride,
+                               padding=padding, groups=groups, bias_attr=False)
+
+    def forward(self, x):
+        return self._conv(self._batch_norm(x))
+
+
+class DualPathBlock(nn.Layer):
+    """One DPN block. Input and output are (resid, dense) pairs; the stage-0 projection block
+    takes the stem's output as a single tensor."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+        in_channels = shape.in_resid + shape.in_dense
+        r, bw, inc = shape.bottleneck, shape.resid, shape.inc
+        self.has_proj = shape.kind != "normal"
+        if self.has_proj:
+            self.c1x1_w_func = BNACConvLayer(in_channels, bw + 2 * inc, 1, stride=shape.stride)
+        self.c1x1_a_func = BNACConvLayer(in_channels, r, 1)
+        self.c3x3_b_func = BNACConvLayer(r, r, 3, stride=shape.stride, padding=1,
+                                         groups=shape.groups)
+        self.c1x1_c_func = BNACConvLayer(r, bw + inc, 1)
+
+    def forward(self, x):
+        data_in = paddle.concat(x, axis=1) if isinstance(x, (list, tuple)) else x
+        if self.has_proj:
+            resid, dense = paddle.split(self.c1x1_w_func(data_in),
+                                        [self.shape.resid, 2 * self.shape.inc], axis=1)
+        else:
+            resid, dense = x
+        y = self.c1x1_c_func(self.c3x3_b_func(self.c1x1_a_func(data_in)))
+        y_resid, y_dense = paddle.split(y, [self.shape.resid, self.shape.inc], axis=1)
+        return [resid + y_resid, paddle.concat([dense, y_dense], axis=1)]
+
+
+class DPN(nn.Layer):
+    def __init__(self, model_name, class_num=1000, fused=False):
+        super().__init__()
+        if model_name not in CONFIGS:
+            raise ValueError(f"unknown model {model_name!r}; choose one of {sorted(CONFIGS)}")
+        if fused:
+            raise NotImplementedError("fused=True lands with the fused-op issues")
+        cfg = CONFIGS[model_name]
+        self.model_name = model_name
+        self.fused = fused
+        self.class_num = class_num
+        self.conv1_x_1_func = ConvBNLayer(3, cfg.init_filters, cfg.stem_kernel, stride=2,
+                                          padding=cfg.stem_kernel // 2)
+        self.pool2d_max = nn.MaxPool2D(kernel_size=3, stride=2, padding=1)
+        self.blocks = []
+        for i, shape in enumerate(block_shapes(model_name), start=1):
+            self.blocks.append(self.add_sublayer(f"dpn{i}", DualPathBlock(shape)))
+        last = self.blocks[-1].shape
+        out_channels = last.resid + last.dense_before + last.inc
+        self.conv5_x_x_bn = _batch_norm(out_channels)
+        self.pool2d_avg = nn.AdaptiveAvgPool2D(1)
+        stdv = 0.01
+        self.out = nn.Linear(out_channels, class_num,
+                             weight_attr=paddle.ParamAttr(initializer=nn.initializer.Uniform(-stdv, stdv)))
+
+    def forward(self, x):
+        h = self.pool2d_max(self.conv1_x_1_func(x))
+        for block in self.blocks:
+            h = block(h)
+        h = self.conv5_x_x_bn(paddle.concat(h, axis=1))
+        return self.out(paddle.flatten(self.pool2d_avg(h), start_axis=1))
