@@ -6,6 +6,7 @@ Environment:
                              75, 80, 86, 89, 90 that the local nvcc accepts, plus PTX of the newest
   CUDA_HOME                  toolkit root (default: found from nvcc on PATH)
   DPN_FAST_BUILD_JOBS        parallel compile jobs (default: CPU count)
+  DPN_FAST_PORTABLE=1        compile the CPU kernels without -march=native (for wheels)
 """
 import os
 import shutil
@@ -54,6 +55,8 @@ class CMakeBuild(build_ext):
         os.makedirs(build_dir, exist_ok=True)
         args = [f"-DPADDLE_ROOT={paddle_root}", "-DCMAKE_BUILD_TYPE=Release",
                 f"-DPython_EXECUTABLE={sys.executable}"]
+        if os.environ.get("DPN_FAST_PORTABLE") == "1":
+            args.append("-DDPN_FAST_NATIVE=OFF")
         nvcc = None if os.environ.get("DPN_FAST_CPU_ONLY") == "1" else find_nvcc()
         if nvcc:
             nvcc = os.path.realpath(nvcc)
@@ -79,9 +82,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["dpn_fast", "dpn_fast.models", "dpn_fast.ops", "dpn_fast.kernels"],
+    packages=["dpn_fast", "dpn_fast.data", "dpn_fast.models", "dpn_fast.ops", "dpn_fast.kernels"],
     package_dir={"dpn_fast.kernels": "kernels"},
-    package_data={"dpn_fast": ["data/*"]},
+    package_data={"dpn_fast.data": ["*.txt", "*.jpg"]},
     ext_modules=[Extension("dpn_fast.libdpn_fast_ops", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -17,13 +17,10 @@ inline std::string shape_str(const std::vector<int64_t>& shape) {
   return os.str();
 }
 
-// oneDNN (the Paddle Inference CPU default) may hand ops tensors in blocked layout,
-// which reads as garbage when indexed as NCHW.
-inline void check_plain_layout(const paddle::Tensor& t, const char* op, const char* name) {
-  PD_CHECK(t.layout() != phi::DataLayout::ONEDNN, op, ": input '", name,
-           "' is in oneDNN blocked layout; disable oneDNN for this predictor "
-           "(config.disable_mkldnn()) or use dpn_fast.inference.create_predictor");
-}
+// Paddle Inference with oneDNN (its CPU default) hands custom ops tensors in oneDNN layout,
+// often blocked (nChw16c), which reads as garbage when indexed as NCHW. Returns such a tensor
+// reordered to plain NCHW, any other tensor unchanged (csrc/onednn_layout.cc).
+paddle::Tensor to_plain_layout(const paddle::Tensor& t);
 
 inline void check_rank(const paddle::Tensor& t, size_t rank, const char* op, const char* name) {
   PD_CHECK(t.shape().size() == rank, op, ": '", name, "' must have rank ", rank, ", got shape ",

@@ -7,10 +7,13 @@ namespace {
 
 constexpr const char* kOp = "dpn_fast_dual_path_merge";
 
-std::vector<paddle::Tensor> DualPathMergeForward(const paddle::Tensor& resid,
-                                                 const paddle::Tensor& dense,
-                                                 const paddle::Tensor& y) {
+std::vector<paddle::Tensor> DualPathMergeForward(const paddle::Tensor& resid_in,
+                                                 const paddle::Tensor& dense_in,
+                                                 const paddle::Tensor& y_in) {
   using dpn_fast::check_rank;
+  const auto resid = dpn_fast::to_plain_layout(resid_in);
+  const auto dense = dpn_fast::to_plain_layout(dense_in);
+  const auto y = dpn_fast::to_plain_layout(y_in);
   check_rank(resid, 4, kOp, "resid");
   check_rank(dense, 4, kOp, "dense");
   check_rank(y, 4, kOp, "y");
@@ -45,7 +48,20 @@ std::vector<paddle::Tensor> DualPathMergeForward(const paddle::Tensor& resid,
 
 }  // namespace
 
+std::vector<std::vector<int64_t>> DualPathMergeInferShape(const std::vector<int64_t>& resid,
+                                                          const std::vector<int64_t>& dense,
+                                                          const std::vector<int64_t>& y) {
+  return {resid, {dense[0], dense[1] + y[1] - resid[1], dense[2], dense[3]}};
+}
+
+std::vector<paddle::DataType> DualPathMergeInferDtype(paddle::DataType resid, paddle::DataType,
+                                                     paddle::DataType) {
+  return {resid, resid};
+}
+
 PD_BUILD_OP(dpn_fast_dual_path_merge)
     .Inputs({"resid", "dense", "y"})
     .Outputs({"resid_out", "dense_out"})
-    .SetKernelFn(PD_KERNEL(DualPathMergeForward));
+    .SetKernelFn(PD_KERNEL(DualPathMergeForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(DualPathMergeInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(DualPathMergeInferDtype));
