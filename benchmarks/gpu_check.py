@@ -1,0 +1,1354 @@
+#!/usr/bin/env python3
+"""One-command GPU check of dpn_fast's kernels, for a GPU machine WITHOUT Paddle (torch is the host).
+
+    python3 benchmarks/gpu_check.py --out DIR [--quick]     # on the GPU machine, < 6 minutes
+    python3 benchmarks/gpu_check.py --out DIR --dry-run     # CPU: everything a CPU can run
+
+Stages (each recorded on its own; one failing never stops the others; a global time budget skips
+what is left, with a note, so the run always ends with a report):
+  build      the Paddle-free CMake target `dpn_fast_kernels` for the local card, loaded with ctypes
+  correct    every kernel and backend (CUDA C ABI, Triton) vs a float64 torch reference at DPN92's
+             shapes, fp32/fp16/bf16, forward and backward, NaN-poisoned outputs; passes when
+             max|fused - ref64| <= 2 * max|plain torch at that dtype - ref64| + atol * max(1, |ref64|)
+  sanitize   compute-sanitizer memcheck of small cases (this script re-run with --sanitize-case)
+  kernels    CUDA-event timings of each fused kernel vs the unfused torch sequence, batch 1/8/64
+  e2e        timm dpn92 with its blocks on the fused kernels vs timm eager and torch.compile
+Writes DIR/gpu_check.json and DIR/gpu_check.md. Details: docs/gpu_check.md.
+
+Everything op-specific lives in the OP ADAPTERS section below (ctypes signatures, Triton launcher
+calls, torch reference implementations); the rest of the script is op-agnostic plumbing.
+"""
+import argparse
+import contextlib
+import copy
+import ctypes
+import faulthandler
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ATOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # as tests/utils.py
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}     # dpn_fast::DType (csrc/common.h)
+EPS_OF = {"float32": 1.2e-7, "float16": 9.8e-4, "bfloat16": 7.9e-3}
+BN_EPS = 1e-3  # timm's DPN BatchNorm epsilon
+# Share of the time budget by which each phase stops starting new work (the rest is skipped with
+# a note). torch.compile goes last: it starts only while COMPILE_MIN_LEFT_S seconds remain.
+PHASE_END = {"correctness": 0.40, "convs": 0.52, "kernels": 0.62, "e2e": 0.80}
+COMPILE_MIN_LEFT_S = 75
+
+torch = F = None  # imported in main(), after TRITON_INTERPRET is settled
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def load_module(name, path):
+    """Import a file by path (dpn_fast/__init__ needs Paddle, which the GPU machine lacks)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_kernel_module(op):
+    path = REPO / "kernels" / f"{op}.py"
+    return load_module(f"dpn_fast_kernels_{op}", path) if path.exists() else None
+
+
+# =================================================================================================
+# Report: stages, rows, notes, time budget
+# =================================================================================================
+
+
+class Report:
+    def __init__(self, out_dir, budget_s):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.start = time.monotonic()
+        self.deadline = self.start + budget_s
+        self.info = {}
+        self.tables = {}   # section -> list of row dicts
+        self.notes = []
+        self.errors = []   # (stage, traceback)
+        self.stage_times = {}
+
+    def left(self):
+        return self.deadline - time.monotonic()
+
+    def past(self, fraction):
+        """True once `fraction` of the budget is spent (each phase has its share)."""
+        return time.monotonic() - self.start > fraction * (self.deadline - self.start)
+
+    def out_of_time(self, reserve_s=0.0):
+        return self.left() < reserve_s
+
+    @contextlib.contextmanager
+    def stage(self, name):
+        log(f"== {name} (t={time.monotonic() - self.start:.0f}s, {self.left():.0f}s left)")
+        t0 = time.monotonic()
+        try:
+            yield
+        except Exception:
+            tb = traceback.format_exc()
+            self.errors.append((name, tb))
+            log(f"!! {name} failed:\n{tb}")
+        finally:
+            self.stage_times[name] = round(time.monotonic() - t0, 1)
+            self.write()  # a partial report survives a later crash or kill
+
+    def add(self, section, row):
+        self.tables.setdefault(section, []).append(row)
+        log("   " + "  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+
+    def note(self, text):
+        self.notes.append(text)
+        log(f"   note: {text}")
+
+    def write(self):
+        data = {"info": self.info, "stage_seconds": self.stage_times, "tables": self.tables,
+                "notes": self.notes, "errors": [{"stage": s, "traceback": t} for s, t in self.errors]}
+        (self.out_dir / "gpu_check.json").write_text(json.dumps(data, indent=1, default=str))
+        lines = ["# dpn_fast GPU check", ""]
+        lines += [f"- {k}: {_fmt(v)}" for k, v in self.info.items()]
+        lines += [f"- stage seconds: {self.stage_times}", ""]
+        for section, rows in self.tables.items():
+            lines += [f"## {section}", "", *_markdown_table(rows), ""]
+        if self.notes:
+            lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
+        if self.errors:
+            lines += ["## Errors", ""]
+            for stage, tb in self.errors:
+                lines += [f"### {stage}", "```", tb.rstrip(), "```", ""]
+        (self.out_dir / "gpu_check.md").write_text("\n".join(lines))
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.3f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def _markdown_table(rows):
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        out.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    return out
+
+
+# =================================================================================================
+# DPN92 shapes (dpn_fast/models/config.py, loaded by path)
+# =================================================================================================
+
+
+@dataclass(frozen=True)
+class MergeCase:
+    label: str
+    r: int       # residual channels
+    d: int       # dense channels in
+    inc: int     # dense channels added (0: head-only form, no y)
+    hw: int      # spatial side (H == W)
+    acts: int    # BN+ReLU outputs (heads of the next block: 2 before a projection block)
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    label: str
+    c: int
+    groups: int
+    stride: int
+    hw: int      # input spatial side
+
+
+def dpn92_cases():
+    config = load_module("dpn_fast_models_config", REPO / "dpn_fast" / "models" / "config.py")
+    blocks = config.block_shapes("DPN92")
+    first = blocks[0]
+    merges = {(first.in_dense, 0, 0, first.in_hw, 2): MergeCase("stem-head", first.in_dense, 0, 0,
+                                                                first.in_hw, 2)}
+    convs = {}
+    for i, b in enumerate(blocks):
+        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+        acts = 0 if nxt is None else (1 if nxt.kind == "normal" else 2)
+        key = (b.resid, b.dense_before, b.inc, b.out_hw, acts)
+        merges.setdefault(key, MergeCase(f"s{b.stage}b{b.index}", *key))
+        ckey = (b.bottleneck, b.groups, b.stride, b.in_hw)
+        convs.setdefault(ckey, ConvCase(f"s{b.stage}-{b.kind}", *ckey))
+    return list(merges.values()), list(convs.values())
+
+
+def representative(merges):
+    """Per stage the first and last merge (timing and --quick use these)."""
+    by_stage = {}
+    for m in merges:
+        by_stage.setdefault(m.label.split("b")[0], []).append(m)
+    keep = []
+    for group in by_stage.values():
+        keep += [group[0]] if len(group) == 1 else [group[0], group[-1]]
+    return keep
+
+
+# =================================================================================================
+# OP ADAPTERS. The only op-specific code: C ABI signatures (csrc/<op>.h), Triton launcher calls
+# (kernels/<op>.py) and torch reference implementations. Every adapter has the same methods as
+# the op's Triton launchers: tensors (outputs preallocated) plus plain ints.
+# =================================================================================================
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _stream():
+    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
+def _dtype_code(t):
+    return DTYPE_CODES[str(t.dtype).replace("torch.", "")]
+
+
+def _check_status(name, status):
+    if status != 0:
+        raise RuntimeError(f"{name} returned dpn_fast::Status {status}")
+
+
+# ---- dual_path_merge: csrc/dual_path_merge.h, kernels/dual_path_merge.py -------------------------
+# forward(resid, dense, y|None, scale|None, shift|None, resid_out|None, dense_out|None, act|None,
+#         n, r, d, inc, hw, num_acts); scale/shift fp32 [A, C]; act [A, n, C, H, W]; C = r + d + inc.
+# backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift, g_resid, g_dense, g_y|None,
+#          n, r, d, inc, hw, num_acts)
+
+MAX_ACTS = 2
+
+
+class ChannelAffine(ctypes.Structure):
+    """dpn_fast::ChannelAffine (csrc/dual_path_merge.h); var == nullptr: scale/shift are folded."""
+    _fields_ = [("num_acts", ctypes.c_int),
+                ("scale", ctypes.c_void_p * MAX_ACTS), ("shift", ctypes.c_void_p * MAX_ACTS),
+                ("mean", ctypes.c_void_p * MAX_ACTS), ("var", ctypes.c_void_p * MAX_ACTS),
+                ("eps", ctypes.c_float * MAX_ACTS)]
+
+
+def _folded_affine(scale, shift, num_acts):
+    if not num_acts:
+        return None
+    affine = ChannelAffine(num_acts=num_acts)
+    for a in range(num_acts):
+        affine.scale[a] = scale[a].data_ptr()
+        affine.shift[a] = shift[a].data_ptr()
+    return ctypes.byref(affine)
+
+
+def _planes(act, num_acts):
+    return (ctypes.c_void_p * MAX_ACTS)(*[act[a].data_ptr() if a < num_acts else None
+                                          for a in range(MAX_ACTS)])
+
+
+class MergeCuda:
+    name = "cuda"
+
+    def __init__(self, lib):
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self.fwd = lib.dpn_fast_dual_path_merge_forward_cuda
+        self.fwd.argtypes = [p, p, p, ctypes.POINTER(ChannelAffine), p, p, ctypes.POINTER(p),
+                             i64, i64, i64, i64, i64, ctypes.c_int, p]
+        self.fwd.restype = ctypes.c_int
+        self.bwd = lib.dpn_fast_dual_path_merge_backward_cuda
+        self.bwd.argtypes = [p, p, p, p, ctypes.POINTER(p), ctypes.POINTER(ChannelAffine), p, p, p,
+                             i64, i64, i64, i64, i64, ctypes.c_int, p]
+        self.bwd.restype = ctypes.c_int
+
+    def forward(self, resid, dense, y, scale, shift, resid_out, dense_out, act, n, r, d, inc, hw,
+                num_acts):
+        status = self.fwd(_ptr(resid), _ptr(dense), _ptr(y), _folded_affine(scale, shift, num_acts),
+                          _ptr(resid_out), _ptr(dense_out), _planes(act, num_acts) if num_acts else None,
+                          n, r, d, inc, hw, _dtype_code(resid), _stream())
+        _check_status("dpn_fast_dual_path_merge_forward_cuda", status)
+
+    def backward(self, x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift, g_resid,
+                 g_dense, g_y, n, r, d, inc, hw, num_acts):
+        status = self.bwd(_ptr(x_resid), _ptr(x_dense), _ptr(g_resid_out), _ptr(g_dense_out),
+                          _planes(g_act, num_acts) if num_acts else None,
+                          _folded_affine(scale, shift, num_acts), _ptr(g_resid), _ptr(g_dense),
+                          _ptr(g_y), n, r, d, inc, hw, _dtype_code(g_resid), _stream())
+        _check_status("dpn_fast_dual_path_merge_backward_cuda", status)
+
+
+class MergeTriton:
+    name = "triton"
+
+    def __init__(self, module):
+        self.module = module
+
+    def forward(self, *args):
+        self.module.merge_forward(*args)
+
+    def backward(self, *args):
+        self.module.merge_backward(*args)
+
+
+class MergeTorch:
+    """The fused op's maths in plain torch (reference; also the dry run's stand-in for kernels)."""
+    name = "torch"
+
+    def forward(self, resid, dense, y, scale, shift, resid_out, dense_out, act, n, r, d, inc, hw,
+                num_acts):
+        if y is not None:
+            resid_out.copy_(resid + y[:, :r])
+            dense_out.copy_(torch.cat([dense[:, :d], y[:, r:]], 1))
+            x = torch.cat([resid_out, dense_out], 1)
+        else:
+            x = torch.cat([resid, dense[:, :d]], 1)
+        for a in range(num_acts):
+            z = x.float() * scale[a].view(1, -1, 1, 1) + shift[a].view(1, -1, 1, 1)
+            act[a].copy_(z.clamp_min(0.0))
+
+    def backward(self, x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift, g_resid,
+                 g_dense, g_y, n, r, d, inc, hw, num_acts):
+        if g_resid_out is not None:
+            g = torch.cat([g_resid_out, g_dense_out], 1).float()
+        else:
+            g = torch.zeros((n, r + d + inc, *g_resid.shape[2:]), device=g_resid.device)
+        if num_acts:
+            x = torch.cat([x_resid, x_dense], 1).float()
+            for a in range(num_acts):
+                s, t = scale[a].view(1, -1, 1, 1), shift[a].view(1, -1, 1, 1)
+                g = g + torch.where(x * s + t > 0, g_act[a].float() * s, 0.0)
+        g_resid.copy_(g[:, :r])
+        g_dense.copy_(g[:, r:r + d])
+        if g_y is not None:
+            g_y.copy_(torch.cat([g[:, :r], g[:, r + d:]], 1))
+
+
+# ---- grouped_conv_bn_relu: csrc/grouped_conv_bn_relu.h, kernels/grouped_conv_bn_relu.py ---------
+# forward(x, w_folded, bias, out, n, c, h, w, c_out, groups, stride): eval BN folded into the conv
+# (w_folded = w * scale[oc], bias = beta - mean * scale, both fp32), padding 1, ReLU epilogue.
+
+CONV_WEIGHT_DTYPE = "float32"  # folded weights/bias are passed as fp32 whatever the activations
+
+
+class ConvCuda:
+    name = "cuda"
+    symbol = "dpn_fast_grouped_conv_bn_relu_forward_cuda"
+
+    def __init__(self, lib):
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self.fwd = getattr(lib, self.symbol)
+        self.fwd.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_int, p]
+        self.fwd.restype = ctypes.c_int
+
+    def forward(self, x, w_folded, bias, out, n, c, h, w, c_out, groups, stride):
+        status = self.fwd(_ptr(x), _ptr(w_folded), _ptr(bias), _ptr(out), n, c, h, w, c_out, groups,
+                          stride, _dtype_code(x), _stream())
+        _check_status(self.symbol, status)
+
+
+class ConvTriton:
+    name = "triton"
+
+    def __init__(self, module):
+        self.module = module
+
+    def forward(self, *args):
+        self.module.grouped_conv_bias_relu_forward(*args)
+
+
+class ConvTorch:
+    name = "torch"
+
+    def forward(self, x, w_folded, bias, out, n, c, h, w, c_out, groups, stride):
+        y = F.conv2d(x, w_folded.to(x.dtype), bias.to(x.dtype), stride=stride, padding=1,
+                     groups=groups)
+        out.copy_(torch.relu_(y))
+
+
+SMALL_MERGES = [MergeCase("odd", 8, 5, 3, 7, 2), MergeCase("vec", 16, 8, 8, 8, 1),
+                MergeCase("plain", 8, 4, 4, 5, 0), MergeCase("head", 12, 0, 0, 6, 2)]
+SMALL_CONVS = [ConvCase("s1", 64, 32, 1, 9), ConvCase("s2", 64, 32, 2, 9),
+               ConvCase("g3", 96, 32, 1, 5)]
+
+
+def TORCH_ONLY():  # noqa: N802 - a constant that needs torch imported
+    return {"merge": [MergeTorch()], "conv": [ConvTorch()]}
+
+
+def make_backends(lib, device):
+    """{"merge": [adapters], "conv": [adapters]}: every backend this machine can run."""
+    merge_kernels = load_kernel_module("dual_path_merge")
+    conv_kernels = load_kernel_module("grouped_conv_bn_relu")
+    backends = {"merge": [], "conv": []}
+    if lib is not None and device == "cuda":
+        backends["merge"].append(MergeCuda(lib))
+        if hasattr(lib, ConvCuda.symbol):
+            backends["conv"].append(ConvCuda(lib))
+    if merge_kernels is not None:
+        backends["merge"].append(MergeTriton(merge_kernels))
+    if conv_kernels is not None:
+        backends["conv"].append(ConvTriton(conv_kernels))
+    return backends
+
+
+def probe_c_abi(lib):
+    """Binds every C ABI symbol and calls each with an invalid dtype: it must answer
+    kInvalidArgument before touching the device (so this also runs with no GPU)."""
+    found = {}
+    merge = MergeCuda(lib)
+    found["dpn_fast_dual_path_merge_forward_cuda"] = merge.fwd(
+        None, None, None, None, None, None, None, 1, 1, 1, 1, 1, 99, None)
+    found["dpn_fast_dual_path_merge_backward_cuda"] = merge.bwd(
+        None, None, None, None, None, None, None, None, None, 1, 1, 1, 1, 1, 99, None)
+    if hasattr(lib, ConvCuda.symbol):
+        conv = ConvCuda(lib)
+        found[ConvCuda.symbol] = conv.fwd(None, None, None, None, 1, 32, 4, 4, 32, 32, 1, 99, None)
+    else:
+        found[ConvCuda.symbol] = "absent"
+    return found
+
+
+# =================================================================================================
+# Inputs and float64 / plain-dtype references (the unfused torch sequences)
+# =================================================================================================
+
+
+@dataclass
+class BatchNormParams:
+    weight: object
+    bias: object
+    mean: object
+    var: object
+    eps: float = BN_EPS
+
+    def folded(self):
+        """(scale, shift) fp32, folded in float64."""
+        scale = self.weight.double() / torch.sqrt(self.var.double() + self.eps)
+        return scale.float(), (self.bias.double() - self.mean.double() * scale).float()
+
+    def apply_relu(self, x):
+        """The unfused BN + ReLU as torch runs it at x's dtype (params fp32, or fp64 for fp64)."""
+        cast = (lambda t: t.double()) if x.dtype == torch.float64 else (lambda t: t)
+        return torch.relu(F.batch_norm(x, cast(self.mean), cast(self.var), cast(self.weight),
+                                       cast(self.bias), False, 0.0, self.eps))
+
+
+def random_bn(c, gen, device):
+    def u(lo, hi):
+        return (torch.rand(c, generator=gen) * (hi - lo) + lo).to(device)
+    return BatchNormParams(u(0.5, 1.5), u(-0.3, 0.3), u(-0.3, 0.3), u(0.5, 2.0))
+
+
+def randn(shape, gen, device, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def nan_like(shape, device, dtype):
+    return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+
+def merge_unfused(resid, dense, y, bns):
+    """slice / add / cat, then cat / BN / ReLU per head: the torch sequence the merge replaces."""
+    if y is not None:
+        r = resid.shape[1]
+        resid_out, dense_out = resid + y[:, :r], torch.cat([dense, y[:, r:]], 1)
+    else:
+        resid_out, dense_out = resid, dense
+    x = torch.cat([resid_out, dense_out], 1)
+    return resid_out, dense_out, [bn.apply_relu(x) for bn in bns]
+
+
+def conv_unfused(x, weight, bn, stride, groups):
+    """cuDNN conv + BN + ReLU (the fused conv's baseline)."""
+    return bn.apply_relu(F.conv2d(x, weight, stride=stride, padding=1, groups=groups))
+
+
+def compare(actual, ref64, plain, dtype_name, ignore=None):
+    """The project's rule: max|fused - ref64| <= 2 * max|plain - ref64| + atol * max(1, |ref64|)."""
+    def err(t):
+        diff = (t.double() - ref64).abs()
+        if ignore is not None:
+            diff = torch.where(ignore, 0.0, diff)
+        return float(diff.max()) if diff.numel() else 0.0
+    finite = bool(torch.isfinite(actual).all())
+    fused_err = err(actual) if finite else float("inf")
+    plain_err = err(plain)
+    bound = 2 * plain_err + ATOL[dtype_name] * max(1.0, float(ref64.abs().max()))
+    return {"err": fused_err, "plain_err": plain_err, "bound": bound,
+            "ok": finite and fused_err <= bound, "finite": finite}
+
+
+# =================================================================================================
+# Correctness
+# =================================================================================================
+
+
+def check_merge_case(backend, case, n, dtype, device, gen, report, section):
+    dn = str(dtype).replace("torch.", "")
+    r, d, inc, hw, acts = case.r, case.d, case.inc, case.hw, case.acts
+    c = r + d + inc
+    has_y = inc > 0
+    resid = randn((n, r, hw, hw), gen, device, dtype)
+    dense = randn((n, d, hw, hw), gen, device, dtype) if d else resid  # head-only: d == 0
+    y = randn((n, r + inc, hw, hw), gen, device, dtype) if has_y else None
+    bns = [random_bn(c, gen, device) for _ in range(acts)]
+    folded = [bn.folded() for bn in bns]
+    scale = torch.stack([s for s, _ in folded]) if acts else None
+    shift = torch.stack([t for _, t in folded]) if acts else None
+    resid_out = nan_like((n, r, hw, hw), device, dtype) if has_y else None
+    dense_out = nan_like((n, d + inc, hw, hw), device, dtype) if has_y else None
+    act = nan_like((acts, n, c, hw, hw), device, dtype) if acts else None
+    dense_arg = dense if d else resid
+    backend.forward(resid, dense_arg, y, scale, shift, resid_out, dense_out, act,
+                    n, r, d, inc, hw * hw, acts)
+    dense_in = dense if d else resid[:, :0]
+    ref = merge_unfused(resid.double(), dense_in.double(), None if y is None else y.double(),
+                        bns)
+    plain = merge_unfused(resid, dense_in, y, bns)
+    rows = []
+    if has_y:
+        rows += [("resid_out", resid_out, ref[0], plain[0]), ("dense_out", dense_out, ref[1], plain[1])]
+    rows += [(f"act{a}", act[a], ref[2][a], plain[2][a]) for a in range(acts)]
+    for out_name, actual, ref64, plain_t in rows:
+        report.add(section, {"op": "merge", "backend": backend.name, "case": case.label, "n": n,
+                             "dtype": dn, "pass": "fwd", "out": out_name,
+                             **compare(actual, ref64, plain_t, dn)})
+
+    if not has_y or not hasattr(backend, "backward"):
+        return
+    # Backward given the forward's (dtype) outputs: reference in float64 on the same inputs.
+    x_resid, x_dense = (resid_out, dense_out) if acts else (None, None)
+    g_resid_out = randn((n, r, hw, hw), gen, device, dtype)
+    g_dense_out = randn((n, d + inc, hw, hw), gen, device, dtype)
+    g_act = randn((acts, n, c, hw, hw), gen, device, dtype) if acts else None
+    g_resid = nan_like((n, r, hw, hw), device, dtype)
+    g_dense = nan_like((n, d, hw, hw), device, dtype)
+    g_y = nan_like((n, r + inc, hw, hw), device, dtype)
+    backend.backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift,
+                     g_resid, g_dense, g_y, n, r, d, inc, hw * hw, acts)
+
+    def grads(precision):
+        g = torch.cat([g_resid_out, g_dense_out], 1).to(precision)
+        ambiguous = torch.zeros_like(g, dtype=torch.bool)
+        if acts:
+            x = torch.cat([x_resid, x_dense], 1).to(precision)
+            for a in range(acts):
+                s = scale[a].to(precision).view(1, -1, 1, 1)
+                t = shift[a].to(precision).view(1, -1, 1, 1)
+                z = x * s + t
+                g = g + torch.where(z > 0, g_act[a].to(precision) * s, 0.0)
+                # ReLU's kink: where z is within the dtype's rounding of 0, either side is right.
+                z64, xs = z.double(), (x.double() * s.double()).abs() + t.double().abs()
+                ambiguous |= z64.abs() <= 8 * EPS_OF[dn] * xs
+        return g, ambiguous
+
+    g64, ambiguous = grads(torch.float64)
+    g_plain, _ = grads(dtype)
+    splits = {"g_resid": (g_resid, slice(0, r)), "g_dense": (g_dense, slice(r, r + d))}
+    for out_name, (actual, sl) in splits.items():
+        report.add(section, {"op": "merge", "backend": backend.name, "case": case.label, "n": n,
+                             "dtype": dn, "pass": "bwd", "out": out_name,
+                             **compare(actual, g64[:, sl], g_plain[:, sl], dn, ambiguous[:, sl])})
+    cat_y = lambda g: torch.cat([g[:, :r], g[:, r + d:]], 1)  # noqa: E731
+    report.add(section, {"op": "merge", "backend": backend.name, "case": case.label, "n": n,
+                         "dtype": dn, "pass": "bwd", "out": "g_y",
+                         **compare(g_y, cat_y(g64), cat_y(g_plain), dn, cat_y(ambiguous))})
+
+
+def conv_inputs(case, n, dtype, device, gen):
+    cin_per_group = case.c // case.groups
+    x = randn((n, case.c, case.hw, case.hw), gen, device, dtype)
+    weight = randn((case.c, cin_per_group, 3, 3), gen, device, torch.float32,
+                   scale=1.0 / math.sqrt(9 * cin_per_group))
+    bn = random_bn(case.c, gen, device)
+    scale, shift = bn.folded()
+    w_folded = (weight.double() * scale.double().view(-1, 1, 1, 1)).float().contiguous()
+    return x, weight, bn, w_folded, shift.contiguous()
+
+
+def check_conv_case(backend, case, n, dtype, device, gen, report, section):
+    dn = str(dtype).replace("torch.", "")
+    x, weight, bn, w_folded, bias = conv_inputs(case, n, dtype, device, gen)
+    h_out = (case.hw - 1) // case.stride + 1
+    out = nan_like((n, case.c, h_out, h_out), device, dtype)
+    backend.forward(x, w_folded, bias, out, n, case.c, case.hw, case.hw, case.c, case.groups,
+                    case.stride)
+    ref64 = conv_unfused(x.double(), weight.double(), bn, case.stride, case.groups)
+    plain = conv_unfused(x, weight.to(dtype), bn, case.stride, case.groups)
+    report.add(section, {"op": "conv", "backend": backend.name, "case": case.label, "n": n,
+                         "dtype": dn, "pass": "fwd", "out": "out",
+                         **compare(out, ref64, plain, dn)})
+
+
+def run_correctness(report, backends, merges, convs, dtypes, n, device):
+    gen = torch.Generator().manual_seed(0)
+    section = "correctness"
+    for backend in backends["merge"]:
+        for case in merges:
+            for dtype in dtypes:
+                if report.past(PHASE_END["correctness"]):
+                    report.note("correctness: budget reached, remaining cases skipped")
+                    return
+                _guarded(report, section, f"merge/{backend.name}/{case.label}/{dtype}",
+                         check_merge_case, backend, case, n, dtype, device, gen, report, section)
+    for backend in backends["conv"]:
+        for case in convs:
+            for dtype in dtypes:
+                _guarded(report, section, f"conv/{backend.name}/{case.label}/{dtype}",
+                         check_conv_case, backend, case, n, dtype, device, gen, report, section)
+
+
+def _guarded(report, section, what, fn, *args):
+    """One failing case is a failed row, not a failed stage."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
+        report.add(section, {"case": what, "ok": False, "error": f"{type(e).__name__}: {e}"[:300]})
+
+
+def summarize_correctness(report):
+    rows = report.tables.get("correctness", [])
+    failed = [r for r in rows if not r.get("ok")]
+    report.info["correctness"] = f"{len(rows) - len(failed)}/{len(rows)} checks passed"
+    if failed:
+        report.tables["correctness failures"] = failed
+
+
+# =================================================================================================
+# Sanitizer (this script re-run under compute-sanitizer)
+# =================================================================================================
+
+
+def sanitize_cases(backends, device):
+    """Small, odd-shaped cases of every kernel: scalar and vector paths, 0/1/2 BN outputs."""
+    gen = torch.Generator().manual_seed(1)
+    quiet = Report(os.environ.get("TMPDIR", "/tmp") + "/dpn_fast_sanitize", 60)
+    for dtype in (torch.float32, torch.float16):
+        for backend in backends["merge"]:
+            for case in SMALL_MERGES:
+                check_merge_case(backend, case, 2, dtype, device, gen, quiet, "s")
+                torch.cuda.synchronize()
+                log(f"sanitize-case merge/{backend.name}/{case.label}/{dtype} done")
+        for backend in backends["conv"]:
+            for case in SMALL_CONVS:
+                check_conv_case(backend, case, 2, dtype, device, gen, quiet, "s")
+                torch.cuda.synchronize()
+                log(f"sanitize-case conv/{backend.name}/{case.label}/{dtype} done")
+    bad = [r for rows in quiet.tables.values() for r in rows if not r.get("ok")]
+    log(f"sanitize-case results: {len(bad)} failing comparisons")
+
+
+def start_sanitizer(report, lib_path):
+    tool = shutil.which("compute-sanitizer")
+    if tool is None:
+        report.note("compute-sanitizer not found: memcheck skipped")
+        return None
+    log_path = report.out_dir / "sanitizer.log"
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # one cudaMalloc per tensor
+    cmd = [tool, "--tool", "memcheck", "--leak-check", "no", "--error-exitcode", "3",
+           "--print-limit", "20", sys.executable, str(Path(__file__).resolve()),
+           "--sanitize-case", "all", "--lib", str(lib_path), "--out", str(report.out_dir)]
+    log(f"   starting {' '.join(cmd)} (log: {log_path})")
+    handle = open(log_path, "w")
+    return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env), handle, log_path
+
+
+def finish_sanitizer(report, started, timeout_s):
+    proc, handle, log_path = started
+    try:
+        rc = proc.wait(timeout=max(timeout_s, 1))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = "timeout"
+    handle.close()
+    text = log_path.read_text(errors="replace")
+    summary = [ln for ln in text.splitlines() if "ERROR SUMMARY" in ln or "sanitize-case results" in ln]
+    cases = sum("sanitize-case " in ln and ln.endswith("done") for ln in text.splitlines())
+    report.add("sanitizer", {"tool": "memcheck", "exit": rc, "cases_done": cases,
+                             "summary": "; ".join(summary) or text[-300:]})
+
+
+# =================================================================================================
+# Timing
+# =================================================================================================
+
+
+def time_fn(fn, iters, warmup=5, graph=False):
+    """ms per call. CUDA: events around a loop (eager) or around graph replays (graph=True, device
+    time without launch overhead). CPU (dry run): wall clock."""
+    if torch.cuda.is_available():
+        if graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            run = g.replay
+        else:
+            run = fn
+        for _ in range(warmup):
+            run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(max(1, iters)):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / max(1, iters)
+
+
+def _timed(report, fn, iters, graph):
+    try:
+        return time_fn(fn, iters, graph=graph)
+    except Exception as e:  # noqa: BLE001 - a backend that can't be captured still gets eager
+        report.note(f"timing ({'graph' if graph else 'eager'}) failed: {type(e).__name__}: {e}"[:300])
+        return None
+
+
+def copy_bandwidth(device):
+    """GB/s of a large device-to-device copy (read + write bytes)."""
+    elems = (1 << 28) if device == "cuda" else (1 << 22)
+    src = torch.empty(elems, dtype=torch.float16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), iters=20 if device == "cuda" else 2)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def iters_for(n, quick):
+    return {1: 200, 8: 100, 64: 30}.get(n, 10) // (4 if quick else 1)
+
+
+def time_merges(report, backends, merges, batches, dtypes, device, quick, copy_gbs):
+    gen = torch.Generator().manual_seed(2)
+    for dtype in dtypes:
+        for n in batches:
+            for case in merges:
+                if report.past(PHASE_END["kernels"]):
+                    report.note("kernel timing: budget reached, remaining merge timings skipped")
+                    return
+                r, d, inc, hw, acts = case.r, case.d, case.inc, case.hw, case.acts
+                if inc == 0:
+                    continue  # the stem's head-only form is timed end to end
+                c = r + d + inc
+                resid = randn((n, r, hw, hw), gen, device, dtype)
+                dense = randn((n, d, hw, hw), gen, device, dtype)
+                y = randn((n, r + inc, hw, hw), gen, device, dtype)
+                bns = [random_bn(c, gen, device) for _ in range(acts)]
+                scale = torch.stack([bn.folded()[0] for bn in bns]) if acts else None
+                shift = torch.stack([bn.folded()[1] for bn in bns]) if acts else None
+                resid_out = torch.empty_like(resid)
+                dense_out = torch.empty((n, d + inc, hw, hw), device=device, dtype=dtype)
+                act = torch.empty((acts, n, c, hw, hw), device=device, dtype=dtype) if acts else None
+                nbytes = resid.element_size() * n * hw * hw * (
+                    (r + d + r + inc) + (r + d + inc) + acts * c)
+                iters = iters_for(n, quick) if device == "cuda" else 1
+                row = {"case": case.label, "n": n, "dtype": str(dtype).replace("torch.", ""),
+                       "C": c, "hw": hw, "acts": acts, "MB": nbytes / 1e6}
+                unfused = lambda: merge_unfused(resid, dense, y, bns)  # noqa: E731
+                row["unfused_ms"] = _timed(report, unfused, iters, graph=False)
+                row["unfused_graph_ms"] = _timed(report, unfused, iters, graph=device == "cuda")
+                best = None
+                for backend in backends["merge"]:
+                    def fused(b=backend):
+                        b.forward(resid, dense, y, scale, shift, resid_out, dense_out, act,
+                                  n, r, d, inc, hw * hw, acts)
+                    row[f"{backend.name}_ms"] = _timed(report, fused, iters, graph=False)
+                    ms = _timed(report, fused, iters, graph=device == "cuda")
+                    row[f"{backend.name}_graph_ms"] = ms
+                    if ms is not None:
+                        gbs = nbytes / (ms * 1e-3) / 1e9
+                        row[f"{backend.name}_GBps"] = gbs
+                        row[f"{backend.name}_%copy"] = 100 * gbs / copy_gbs
+                        best = ms if best is None else min(best, ms)
+                if best is not None and row["unfused_graph_ms"]:
+                    row["speedup_vs_unfused"] = row["unfused_graph_ms"] / best
+                report.add("merge timing", row)
+
+
+def time_convs(report, backends, convs, batches, dtypes, device, quick):
+    gen = torch.Generator().manual_seed(3)
+    torch.backends.cudnn.benchmark = True  # the baseline gets cuDNN's best algorithm
+    for dtype in dtypes:
+        for n in batches:
+            for case in convs:
+                if report.past(PHASE_END["convs"]):
+                    report.note("kernel timing: budget reached, remaining conv timings skipped")
+                    return
+                x, weight, bn, w_folded, bias = conv_inputs(case, n, dtype, device, gen)
+                w_dt, w_folded_dt, bias_dt = weight.to(dtype), w_folded.to(dtype), bias.to(dtype)
+                h_out = (case.hw - 1) // case.stride + 1
+                out = torch.empty((n, case.c, h_out, h_out), device=device, dtype=dtype)
+                iters = iters_for(n, quick) if device == "cuda" else 1
+                row = {"case": case.label, "n": n, "dtype": str(dtype).replace("torch.", ""),
+                       "C": case.c, "groups": case.groups, "stride": case.stride, "hw": case.hw}
+                unfused = lambda: conv_unfused(x, w_dt, bn, case.stride, case.groups)  # noqa: E731
+                folded = lambda: torch.relu_(F.conv2d(x, w_folded_dt, bias_dt, stride=case.stride,  # noqa: E731
+                                                      padding=1, groups=case.groups))
+                row["cudnn_conv_bn_relu_ms"] = _timed(report, unfused, iters, graph=False)
+                graph = device == "cuda"
+                row["cudnn_conv_bn_relu_graph_ms"] = _timed(report, unfused, iters, graph=graph)
+                row["cudnn_folded_conv_relu_graph_ms"] = _timed(report, folded, iters, graph=graph)
+                for backend in backends["conv"]:
+                    def fused(b=backend):
+                        b.forward(x, w_folded, bias, out, n, case.c, case.hw, case.hw, case.c,
+                                  case.groups, case.stride)
+                    row[f"{backend.name}_ms"] = _timed(report, fused, iters, graph=False)
+                    ms = _timed(report, fused, iters, graph=graph)
+                    row[f"{backend.name}_graph_ms"] = ms
+                    base = row["cudnn_conv_bn_relu_graph_ms"]
+                    if ms and base:
+                        row[f"{backend.name}_speedup"] = base / ms
+                report.add("conv timing", row)
+
+
+# =================================================================================================
+# End to end: timm dpn92 with its blocks on the fused kernels
+# =================================================================================================
+
+
+def import_timm(dry_run):
+    try:
+        import timm
+        return timm
+    except (ImportError, RuntimeError):
+        if not dry_run:
+            raise
+    # Dry run only: a CUDA build of torchvision beside CPU torch fails registering fake ops for
+    # its (unloadable) C ops; timm needs only torchvision's Python parts, so skip those.
+    import torch.library
+    register_fake = torch.library.register_fake
+    torch.library.register_fake = lambda *a, **k: (lambda fn: fn)
+    try:
+        for name in [m for m in sys.modules if m.startswith(("torchvision", "timm"))]:
+            del sys.modules[name]
+        import timm
+    finally:
+        torch.library.register_fake = register_fake
+    return timm
+
+
+def calibrate_batch_norm(model, device, dtype, batches=3, n=8):
+    """Random weights + running stats from random images, so eval activations stay normalised
+    (default stats would let them grow block by block and overflow fp16)."""
+    gen = torch.Generator().manual_seed(4)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(randn((n, 3, 224, 224), gen, device, dtype))
+    model.eval()
+
+
+class FusedOps:
+    """The fused ops for the e2e model, on one merge and one conv adapter."""
+
+    def __init__(self, merge, conv):
+        self.merge_impl, self.conv_impl = merge, conv
+        self.name = merge.name if merge.name == conv.name else f"{merge.name}+{conv.name}"
+
+    def head(self, x, scale, shift):
+        """BN+ReLU outputs of x (the merge's head-only form: d = inc = 0)."""
+        n, r, h, w = x.shape
+        act = torch.empty((scale.shape[0], n, r, h, w), device=x.device, dtype=x.dtype)
+        self.merge_impl.forward(x, x, None, scale, shift, None, None, act, n, r, 0, 0, h * w,
+                                scale.shape[0])
+        return act
+
+    def merge(self, resid, dense, y, scale, shift):
+        n, r, h, w = resid.shape
+        d, inc = dense.shape[1], y.shape[1] - r
+        acts = 0 if scale is None else scale.shape[0]
+        resid_out = torch.empty_like(resid)
+        dense_out = torch.empty((n, d + inc, h, w), device=y.device, dtype=y.dtype)
+        act = (torch.empty((acts, n, r + d + inc, h, w), device=y.device, dtype=y.dtype)
+               if acts else None)
+        self.merge_impl.forward(resid, dense, y, scale, shift, resid_out, dense_out, act,
+                                n, r, d, inc, h * w, acts)
+        return resid_out, dense_out, act
+
+    def conv(self, x, w_folded, bias, stride, groups):
+        n, c, h, w = x.shape
+        c_out = w_folded.shape[0]
+        ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+        out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype)
+        self.conv_impl.forward(x, w_folded, bias, out, n, c, h, w, c_out, groups, stride)
+        return out
+
+
+def _bn_of(module):
+    """timm's BatchNormAct2d (BN + ReLU) as BatchNormParams; checks it is what the kernels do."""
+    bn = module.bn
+    assert isinstance(getattr(bn, "act", None), torch.nn.ReLU), f"expected BN+ReLU, got {bn}"
+    assert isinstance(getattr(bn, "drop", torch.nn.Identity()), torch.nn.Identity)
+    return BatchNormParams(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+
+
+def _fold_into_conv(weight, conv_bias, bn):
+    """conv then BN == conv with scaled weights and a bias (float64 folding)."""
+    s = bn.weight.double() / torch.sqrt(bn.var.double() + bn.eps)
+    b = bn.bias.double() - bn.mean.double() * s
+    if conv_bias is not None:
+        b = b + s * conv_bias.double()
+    return weight.double() * s.view(-1, 1, 1, 1), b
+
+
+class FusedBlock:
+    """One timm DualPathBlock (b=False) folded for the fused forward."""
+
+    def __init__(self, blk, dtype):
+        conv_dtype = getattr(torch, CONV_WEIGHT_DTYPE)
+        self.r, self.inc, self.stride = blk.num_1x1_c, blk.inc, blk.key_stride
+        proj = blk.c1x1_w_s1 if blk.c1x1_w_s1 is not None else blk.c1x1_w_s2
+        self.head_bns = [_bn_of(blk.c1x1_a)] + ([_bn_of(proj)] if proj is not None else [])
+        if proj is not None:
+            w = proj.conv.weight.detach()
+            assert proj.conv.bias is None and proj.conv.padding == (0, 0)
+            # Two convs so resid and dense come out contiguous (the merge reads whole planes).
+            self.w_proj = (w[:self.r].to(dtype).contiguous(), w[self.r:].to(dtype).contiguous())
+        else:
+            self.w_proj = None
+        # c1x1_a's conv with c3x3_b's BN folded in (conv -> BN is exact as scaled conv + bias).
+        w_a, b_a = _fold_into_conv(blk.c1x1_a.conv.weight, blk.c1x1_a.conv.bias, _bn_of(blk.c3x3_b))
+        self.w_a, self.b_a = w_a.to(dtype), b_a.to(dtype)
+        # c3x3_b's grouped conv with c1x1_c's BN + ReLU: the fused conv kernel.
+        conv_b = blk.c3x3_b.conv
+        assert conv_b.bias is None and conv_b.padding == (1, 1) and conv_b.kernel_size == (3, 3)
+        self.groups = conv_b.groups
+        w_b, b_b = _fold_into_conv(conv_b.weight, None, _bn_of(blk.c1x1_c))
+        self.w_b, self.b_b = w_b.to(conv_dtype).contiguous(), b_b.to(conv_dtype).contiguous()
+        assert blk.c1x1_c.conv.bias is None
+        self.w_c = blk.c1x1_c.conv.weight.detach().to(dtype)
+        folded = [bn.folded() for bn in self.head_bns]
+        self.head_scale = torch.stack([s for s, _ in folded]).contiguous()
+        self.head_shift = torch.stack([t for _, t in folded]).contiguous()
+
+
+class FusedDPN:
+    """timm DPN (eval) forward on the fused kernels; stem, final BN+ELU and head stay timm's.
+
+    Per block: [projection 1x1 convs on act_w] -> 1x1a conv (+ folded BN, ReLU) -> fused grouped
+    3x3 conv + BN + ReLU -> 1x1c conv -> fused merge, which also writes the next block's BN+ReLU
+    head(s) (act[0] for c1x1_a, act[1] for a projection's c1x1_w)."""
+
+    def __init__(self, model, ops, dtype):
+        from timm.models.dpn import DualPathBlock
+        assert not model.b, "dpn92 is b=False (c1x1_c1/c2 unsupported)"
+        self.model, self.ops = model, ops
+        feats = model.features
+        self.stem = torch.nn.Sequential(feats.conv1_1, feats.conv1_pool)
+        self.final = feats.conv5_bn_ac
+        with torch.no_grad():
+            self.blocks = [FusedBlock(m, dtype) for m in feats if isinstance(m, DualPathBlock)]
+
+    def __call__(self, x):
+        with torch.no_grad():
+            return self._forward(x)
+
+    def _forward(self, x):
+        x = self.stem(x)
+        first = self.blocks[0]
+        acts = self.ops.head(x, first.head_scale, first.head_shift)
+        resid = dense = None
+        for i, blk in enumerate(self.blocks):
+            if blk.w_proj is not None:
+                resid = F.conv2d(acts[1], blk.w_proj[0], stride=blk.stride)
+                dense = F.conv2d(acts[1], blk.w_proj[1], stride=blk.stride)
+            h = torch.relu_(F.conv2d(acts[0], blk.w_a, blk.b_a))
+            h = self.ops.conv(h, blk.w_b, blk.b_b, blk.stride, blk.groups)
+            y = F.conv2d(h, blk.w_c)
+            nxt = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
+            resid, dense, acts = self.ops.merge(resid, dense, y,
+                                                None if nxt is None else nxt.head_scale,
+                                                None if nxt is None else nxt.head_shift)
+        x = self.final(torch.cat([resid, dense], 1))  # BN + ELU: not a ReLU head, stays timm's
+        return self.model.forward_head(x)
+
+
+def e2e_pairs(backends):
+    """Fused-op combinations for the e2e model: each backend where both ops have it."""
+    by_name = {}
+    for kind in ("merge", "conv"):
+        for b in backends[kind]:
+            by_name.setdefault(b.name, {})[kind] = b
+    return [FusedOps(ops["merge"], ops["conv"]) for ops in by_name.values() if len(ops) == 2]
+
+
+def run_e2e(report, timm, backends, device, dtypes, batches, quick, dry_run):
+    """Equivalence then eager timings; returns {dtype: model} for the torch.compile phase."""
+    ops_list = e2e_pairs(backends) + [FusedOps(MergeTorch(), ConvTorch())]
+    base = timm.create_model("dpn92", pretrained=False).to(device)
+    calibrate_batch_norm(base, device, torch.float32, n=2 if dry_run else 16)
+    gen = torch.Generator().manual_seed(5)
+    x64 = randn((2, 3, 224, 224), gen, device, torch.float64)
+    with torch.no_grad():
+        ref64 = _copy_model(base, torch.float64)(x64)
+    section = "e2e equivalence (logits vs float64 timm)"
+    models = {}
+    for dtype in dtypes:
+        dn = str(dtype).replace("torch.", "")
+        model = models[dtype] = _copy_model(base, dtype)
+        x = x64.to(dtype)
+        with torch.no_grad():
+            eager = model(x)
+        fused_models = {}
+        for ops in ops_list:
+            try:
+                fused = FusedDPN(model, ops, dtype)
+                logits = fused(x)
+                row = {"dtype": dn, "fused": ops.name,
+                       "max|fused-eager|": float((logits.double() - eager.double()).abs().max()),
+                       "max|eager|": float(eager.abs().max()), **compare(logits, ref64, eager, dn)}
+                report.add(section, row)
+                if row["ok"]:
+                    fused_models[ops.name] = fused
+                else:
+                    report.note(f"e2e {ops.name} {dn}: fused != eager, not timed")
+            except Exception as e:  # noqa: BLE001 - one backend failing leaves the others
+                report.add(section, {"dtype": dn, "fused": ops.name, "ok": False,
+                                     "error": f"{type(e).__name__}: {e}"[:300]})
+        for n in batches:
+            if report.past(PHASE_END["e2e"]):
+                report.note(f"e2e timing {dn} n={n}: budget reached, skipped")
+                continue
+            _time_e2e(report, model, fused_models, n, dtype, device, quick, gen)
+    return models
+
+
+def _copy_model(base, dtype):
+    return copy.deepcopy(base).to(dtype).eval()
+
+
+def _time_e2e(report, model, fused_models, n, dtype, device, quick, gen):
+    dn = str(dtype).replace("torch.", "")
+    x = randn((n, 3, 224, 224), gen, device, dtype)
+    iters = _e2e_iters(n, quick) if device == "cuda" else 1
+    runs = {"timm eager": lambda: model(x)}
+    if device == "cuda":
+        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        runs["timm eager channels_last"] = lambda: model_cl(x_cl)
+    for name, fused in fused_models.items():
+        runs[f"fused {name}"] = lambda f=fused: f(x)
+    for name, fn in runs.items():
+        with torch.no_grad():
+            ms = _timed(report, fn, iters, graph=False)
+            graph_ms = _timed(report, fn, iters, graph=True) if device == "cuda" and n == 1 else None
+        _e2e_row(report, name, dn, n, ms, graph_ms)
+
+
+def _e2e_iters(n, quick):
+    return max(3, 60 // n) // (3 if quick else 1)
+
+
+def run_compile(report, models, order, quick):
+    """torch.compile(timm) in priority order, each only while enough budget is left (a compile
+    can't be interrupted). Static shapes: each batch size is its own compile."""
+    gen = torch.Generator().manual_seed(6)
+    compiled = {}
+    for dtype, n in order:
+        dn = str(dtype).replace("torch.", "")
+        if dtype not in models:
+            continue
+        if report.left() < COMPILE_MIN_LEFT_S:
+            report.note(f"torch.compile {dn} n={n}: skipped, {report.left():.0f}s of budget left")
+            continue
+        try:
+            fn = compiled.setdefault(dtype, torch.compile(models[dtype], dynamic=False))
+            x = randn((n, 3, 224, 224), gen, "cuda", dtype)
+            with torch.no_grad():
+                t0 = time.monotonic()
+                fn(x)
+                torch.cuda.synchronize()
+                compile_s = time.monotonic() - t0
+                ms = time_fn(lambda: fn(x), _e2e_iters(n, quick))
+            _e2e_row(report, "timm torch.compile", dn, n, ms, None, compile_s=compile_s)
+        except Exception as e:  # noqa: BLE001
+            report.note(f"torch.compile {dn} n={n} failed: {type(e).__name__}: {e}"[:300])
+
+
+def _e2e_row(report, name, dn, n, ms, graph_ms, compile_s=None):
+    row = {"model": name, "dtype": dn, "n": n, "ms": ms,
+           "img/s": n / (ms * 1e-3) if ms else None}
+    if graph_ms is not None:
+        row["graph_ms"] = graph_ms
+    if compile_s is not None:
+        row["compile_s"] = compile_s
+    report.add("e2e timing (timm dpn92, 224x224)", row)
+
+
+# =================================================================================================
+# Targets
+# =================================================================================================
+
+
+def evaluate_targets(report):
+    verdicts = []
+    merges = [r for r in report.tables.get("merge timing", []) if r["n"] == 64 and r["dtype"] == "float16"]
+    pct = [max(v for k, v in r.items() if k.endswith("%copy") and v is not None) for r in merges
+           if any(k.endswith("%copy") and r[k] is not None for k in r)]
+    verdicts.append(("merge >= 80% of copy bandwidth (fp16, n=64, every timed shape)",
+                     _verdict(pct and min(pct) >= 80, pct, f"min {min(pct):.0f}%" if pct else "")))
+    convs = [r for r in report.tables.get("conv timing", []) if r["dtype"] == "float16"]
+
+    def best_speedup(r):
+        vals = [v for k, v in r.items() if k.endswith("_speedup") and v is not None]
+        return max(vals) if vals else None
+    s64 = [best_speedup(r) for r in convs if r["n"] == 64]
+    s1 = [best_speedup(r) for r in convs if r["n"] == 1]
+    verdicts.append(("fused conv >= 2x cuDNN conv+BN+ReLU at every stage shape (fp16, n=64)",
+                     _verdict(s64 and None not in s64 and min(s64) >= 2, s64,
+                              f"min {min(s64):.2f}x" if s64 and None not in s64 else "")))
+    verdicts.append(("fused conv not slower than cuDNN conv+BN+ReLU (fp16, n=1)",
+                     _verdict(s1 and None not in s1 and min(s1) >= 1, s1,
+                              f"min {min(s1):.2f}x" if s1 and None not in s1 else "")))
+    e2e = {(r["model"], r["dtype"], r["n"]): r["ms"]
+           for r in report.tables.get("e2e timing (timm dpn92, 224x224)", [])}
+    eager = e2e.get(("timm eager", "float16", 64))
+    compiled = e2e.get(("timm torch.compile", "float16", 64))
+    fused = [v for (m, dt, n), v in e2e.items() if m.startswith("fused ") and "torch" not in m
+             and dt == "float16" and n == 64 and v]
+    best = min(fused) if fused else None
+    verdicts.append(("timm dpn92 fused >= 1.3x timm eager (fp16, n=64)",
+                     _verdict(best and eager and eager / best >= 1.3, best and eager,
+                              f"{eager / best:.2f}x" if best and eager else "")))
+    verdicts.append(("timm dpn92 fused faster than torch.compile (fp16, n=64)",
+                     _verdict(best and compiled and best < compiled, best and compiled,
+                              f"{compiled / best:.2f}x" if best and compiled else "")))
+    for target, (verdict, detail) in verdicts:
+        report.add("targets", {"target": target, "verdict": verdict, "measured": detail})
+
+
+def _verdict(ok, measured, detail):
+    if not measured:
+        return "not measured", detail
+    return ("PASS" if ok else "FAIL"), detail
+
+
+# =================================================================================================
+# Build
+# =================================================================================================
+
+
+def real_nvcc():
+    """nvcc may be a wrapper script that execs the toolkit's; CMake wants the real one."""
+    nvcc = os.environ.get("CUDACXX") or shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    nvcc = os.path.realpath(nvcc)
+    with open(nvcc, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"#!"):
+        for token in head.decode(errors="ignore").split():
+            if token.endswith("/nvcc") and os.path.exists(token):
+                return token
+    return nvcc
+
+
+def build_kernels(report, build_dir, arch):
+    nvcc = real_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found")
+    build_dir = Path(build_dir)
+    log_path = report.out_dir / "build.log"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    configure = ["cmake", "-S", str(REPO), "-B", str(build_dir), *generator,
+                 "-DDPN_FAST_WITH_PADDLE=OFF", "-DDPN_FAST_WITH_CUDA=ON",
+                 f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={arch}",
+                 "-DCMAKE_BUILD_TYPE=Release"]
+    build = ["cmake", "--build", str(build_dir), "--target", "dpn_fast_kernels",
+             "-j", str(os.cpu_count() or 2)]
+    t0 = time.monotonic()
+    with open(log_path, "w") as logf:
+        for cmd in (configure, build):
+            logf.write("$ " + " ".join(cmd) + "\n")
+            logf.flush()
+            rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
+            if rc != 0:
+                raise RuntimeError(f"{cmd[:2]} failed ({rc}); see {log_path}:\n"
+                                   + log_path.read_text()[-3000:])
+    lib = build_dir / "libdpn_fast_kernels.so"
+    report.info["build"] = f"sm_{arch} in {time.monotonic() - t0:.0f}s ({lib})"
+    spills = [ln.strip() for ln in log_path.read_text().splitlines()
+              if "spill" in ln and not ln.strip().startswith("0 bytes stack frame, 0 bytes spill")
+              and "0 bytes spill stores, 0 bytes spill loads" not in ln]
+    if spills:
+        report.note(f"ptxas reports spills: {spills[:5]}")
+    return lib
+
+
+# =================================================================================================
+# Main
+# =================================================================================================
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for gpu_check.json / gpu_check.md / logs")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU: imports, shapes, references, Triton under TRITON_INTERPRET=1, "
+                        "C ABI probe, timm fused-vs-eager with the torch reference ops")
+    p.add_argument("--budget-s", type=float, default=330.0, help="global time budget (seconds)")
+    p.add_argument("--build-dir", default=str(REPO / "build" / "gpu_check"))
+    p.add_argument("--lib", help="prebuilt libdpn_fast_kernels.so (skips the build)")
+    p.add_argument("--skip", default="", help="comma-separated stages to skip: "
+                   "build,correct,sanitize,kernels,e2e,compile")
+    p.add_argument("--sanitize-case", help=argparse.SUPPRESS)  # child mode under compute-sanitizer
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    global torch, F
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    else:
+        os.environ.setdefault("TRITON_DEFAULT_BACKEND", "nvidia")
+    import torch as _torch
+    import torch.nn.functional as _F
+    torch, F = _torch, _F
+    skip = set(filter(None, args.skip.split(",")))
+
+    if args.sanitize_case:
+        lib = ctypes.CDLL(args.lib) if args.lib else None
+        sanitize_cases(make_backends(lib, "cuda"), "cuda")
+        return 0
+
+    report = Report(args.out, args.budget_s)
+    # A hang (a kernel that never finishes) still leaves the partial report and a stack dump.
+    faulthandler.dump_traceback_later(args.budget_s + 45, exit=True)
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    report.info.update({"mode": "dry-run (CPU)" if args.dry_run else ("quick" if args.quick else "full"),
+                        "python": platform.python_version(), "torch": torch.__version__,
+                        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"})
+    try:
+        import triton
+        report.info["triton"] = triton.__version__
+    except ImportError:
+        report.info["triton"] = "absent"
+    if device == "cpu" and not args.dry_run:
+        report.note("no CUDA device: use --dry-run on a CPU machine")
+        report.write()
+        return 2
+    # Exact references: no TF32 in the fp32 baselines (restored for the timings).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    merges, convs = dpn92_cases()
+    report.info["DPN92 shapes"] = f"{len(merges)} merges, {len(convs)} grouped convs"
+    timed_merges = representative(merges)
+
+    lib = lib_path = None
+    with report.stage("build"):
+        if args.lib:
+            lib_path = Path(args.lib)
+        elif "build" not in skip:
+            if device == "cuda":
+                major, minor = torch.cuda.get_device_capability()
+                arch = f"{major}{minor}"
+            else:
+                arch = "80"  # dry run: proves the Paddle-free target builds
+            lib_path = build_kernels(report, args.build_dir, arch)
+        if lib_path is not None:
+            lib = ctypes.CDLL(str(lib_path))
+            report.info["C ABI probe (1 = kInvalidArgument)"] = probe_c_abi(lib)
+
+    backends = {"merge": [], "conv": []}
+    with report.stage("backends"):
+        backends = make_backends(lib, device)
+        if args.dry_run:
+            backends["merge"].append(MergeTorch())
+            backends["conv"].append(ConvTorch())
+        report.info["backends"] = {k: [b.name for b in v] for k, v in backends.items()}
+
+    sanitizer = None
+    if device == "cuda" and "sanitize" not in skip:
+        with report.stage("sanitize (start)"):
+            sanitizer = start_sanitizer(report, lib_path) if lib_path else None
+
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    if "correct" not in skip:
+        with report.stage("correctness"):
+            if args.dry_run:
+                # Kernels (Triton under the interpreter: slow, and wrong for bf16) on small odd
+                # shapes in fp32/fp16; the torch references also at DPN92's real shapes.
+                run_correctness(report, backends, SMALL_MERGES, SMALL_CONVS, dtypes[:2], 2, device)
+                run_correctness(report, TORCH_ONLY(), merges[:3] + merges[-2:], convs,
+                                [torch.float32], 1, device)
+            else:
+                run_correctness(report, backends, timed_merges if args.quick else merges, convs,
+                                dtypes, 2, device)
+            summarize_correctness(report)
+
+    if sanitizer is not None:
+        with report.stage("sanitize (wait)"):
+            finish_sanitizer(report, sanitizer, timeout_s=min(180, report.left() - 150))
+
+    torch.backends.cuda.matmul.allow_tf32 = True  # timings: torch's defaults for the baselines
+    torch.backends.cudnn.allow_tf32 = True
+    batches = [1, 8, 64] if device == "cuda" else [1]
+    timing_dtypes = [torch.float16, torch.float32] if device == "cuda" else [torch.float32]
+    timing_backends = TORCH_ONLY() if args.dry_run else backends
+    if "kernels" not in skip:
+        with report.stage("kernel timing"):
+            copy_gbs = copy_bandwidth(device)
+            report.info["device copy GB/s"] = copy_gbs
+            time_convs(report, timing_backends, convs if device == "cuda" else convs[:2], batches,
+                       timing_dtypes, device, args.quick)
+            time_merges(report, timing_backends,
+                        timed_merges if device == "cuda" else timed_merges[:3], batches,
+                        timing_dtypes, device, args.quick, copy_gbs)
+
+    models = {}
+    if "e2e" not in skip:
+        with report.stage("e2e"):
+            timm = import_timm(args.dry_run)
+            report.info["timm"] = timm.__version__
+            # Dry run: the fused model on the torch reference ops only (the interpreter would
+            # take far too long for a whole network).
+            models = run_e2e(report, timm, {"merge": [], "conv": []} if args.dry_run else backends,
+                             device, timing_dtypes, batches, args.quick, args.dry_run)
+    if models and device == "cuda" and "compile" not in skip:
+        with report.stage("torch.compile"):
+            order = [(torch.float16, 64), (torch.float16, 1), (torch.float16, 8)]
+            if not args.quick:
+                order += [(torch.float32, 64), (torch.float32, 1), (torch.float32, 8)]
+            run_compile(report, models, order, args.quick)
+
+    with report.stage("targets"):
+        evaluate_targets(report)
+    report.info["total seconds"] = round(time.monotonic() - report.start, 1)
+    report.write()
+    log(f"wrote {report.out_dir / 'gpu_check.md'} and gpu_check.json")
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
