@@ -1,0 +1,116 @@
+"""Ahead-of-time compiles every Triton kernel in kernels/ for given compute capabilities (no GPU
+needed) and prints one JSON object per compile: registers, local (spill) bytes, shared memory.
+
+Run as a separate process (tests/test_gpu_compile.py does) so that TRITON_INTERPRET, which the
+test suite may set for the interpreter tests, cannot turn @triton.jit kernels into interpreted
+functions here.
+
+Convention: kernels/<op>.py defines AOT_SPECS, a list of (kernel, signature, constexprs):
+signature maps every parameter name to a Triton type string ("*fp16", "i32", ... and "constexpr"
+for constexpr parameters), constexprs gives their values. Every @triton.jit function named
+*_kernel needs at least one spec per activation dtype (fp32, fp16, bf16), at the launchers'
+largest configuration (the one most likely to spill).
+
+    python tests/_triton_aot.py --archs 75,80,90 [--dump DIR]
+"""
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kernel_modules():
+    for path in sorted((REPO / "kernels").glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        spec = importlib.util.spec_from_file_location(f"dpn_fast_aot_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        yield path.stem, module
+
+
+def jit_kernels(module):
+    """Names of the module's launchable kernels: @triton.jit functions named *_kernel (helpers
+    called from kernels are compiled as part of them)."""
+    return {name for name, obj in vars(module).items()
+            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")
+            and obj.fn.__module__ == module.__name__}
+
+
+def cuobjdump():
+    import triton.backends.nvidia as nvidia
+    path = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    return path if path.exists() else None
+
+
+def resource_usage(cubin, tool):
+    """{"regs", "stack", "local", "shared"} of the cubin's kernel (cuobjdump -res-usage)."""
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if not m:
+        return {}
+    regs, stack, shared, local = map(int, m.groups())
+    return {"regs": regs, "stack": stack, "shared": shared, "local": local}
+
+
+def spec_dtype(signature):
+    """The activation dtype of a spec, for the report: the first pointer type."""
+    return next((t[1:] for t in signature.values() if t.startswith("*")), "-")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--archs", default="75,80,90")
+    args = parser.parse_args()
+    tool = cuobjdump()
+    archs = [int(a) for a in args.archs.split(",")]
+    for op, module in kernel_modules():
+        specs = getattr(module, "AOT_SPECS", None)
+        kernels = jit_kernels(module)
+        if specs is None:
+            print(json.dumps({"op": op, "ok": False, "error": "no AOT_SPECS", "kernels": sorted(kernels)}),
+                  flush=True)
+            continue
+        missing = sorted(kernels - {k.fn.__name__ for k, _, _ in specs})
+        if missing:
+            print(json.dumps({"op": op, "ok": False, "error": f"kernels without AOT_SPECS: {missing}"}),
+                  flush=True)
+        for kernel, signature, constexprs in specs:
+            for cc in archs:
+                row = {"op": op, "kernel": kernel.fn.__name__, "dtype": spec_dtype(signature),
+                       "constexprs": {k: v for k, v in constexprs.items()}, "cc": cc}
+                t0 = time.monotonic()
+                try:
+                    compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                                              target=GPUTarget("cuda", cc, 32))
+                    row.update(ok=True, num_warps=compiled.metadata.num_warps,
+                               **resource_usage(compiled.asm["cubin"], tool))
+                    row.setdefault("shared", compiled.metadata.shared)
+                except Exception as e:  # noqa: BLE001 - reported, the test fails on it
+                    row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+                row["seconds"] = round(time.monotonic() - t0, 2)
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+import time
+from pathlib import Path
+
+# --- GPU compile reports (tests/test_gpu_compile.py): echoed in the terminal summary when written
+# by this run.
+_SESSION_START = time.time()
+_GPU_COMPILE_REPORTS = ("cuda_resource_report.txt", "triton_resource_report.txt")
+
+
+def pytest_terminal_summary(terminalreporter):
+    build = Path(__file__).resolve().parents[1] / "build"
+    for name in _GPU_COMPILE_REPORTS:
+        path = build / name
+        if path.exists() and path.stat().st_mtime >= _SESSION_START:
+            terminalreporter.section(f"GPU compile: {name}")
+            terminalreporter.write(path.read_text())

@@ -1,0 +1,179 @@
+"""Compile checks for the GPU code, runnable without a GPU (CI).
+
+- every csrc/*.cu compiled by nvcc for each of sm_75/80/86/89/90 (the archs the local nvcc
+  accepts); ptxas's per-kernel resource usage (registers, stack, spills, shared memory) parsed;
+- every Triton kernel in kernels/ compiled ahead of time (tests/_triton_aot.py, AOT_SPECS
+  convention) for sm_75/80/90, with registers / local memory from the cubins.
+
+Both write a summary (build/cuda_resource_report.txt, build/triton_resource_report.txt) that
+tests/conftest.py echoes at the end of the pytest run. Spills are reported, not failed: they are a
+performance question for a GPU run, while a compile error fails here.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT_DIR = REPO / "build"
+CUDA_ARCHS = (75, 80, 86, 89, 90)
+TRITON_ARCHS = (75, 80, 90)
+CUDA_SOURCES = sorted((REPO / "csrc").glob("*.cu"))
+# The flags CMakeLists.txt gives the CUDA cores.
+NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "--resource-usage",
+              "-Xptxas=-warn-spills", f"-I{REPO / 'csrc'}"]
+
+
+def nvcc():
+    home = os.environ.get("CUDA_HOME")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def supported_archs(tool):
+    out = subprocess.run([tool, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    return {int(a.split("_")[1]) for a in out.split() if a.startswith("compute_")}
+
+
+def demangle(names):
+    tool = shutil.which("c++filt")
+    if tool is None or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout
+    return dict(zip(names, out.splitlines()))
+
+
+def short_kernel_name(name):
+    """'(anonymous namespace)::merge_kernel<float, 4>(float const*, ...)' -> 'merge_kernel<float, 4>'."""
+    name = re.sub(r"\(anonymous namespace\)::", "", name)
+    depth, cut = 0, len(name)
+    for i, ch in enumerate(name):  # first '(' outside template brackets starts the parameters
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            cut = i
+            break
+    return re.sub(r"^void ", "", name[:cut])
+
+
+def parse_ptxas(output):
+    """[{kernel, arch, regs, stack, spill_stores, spill_loads, smem}] from ptxas -v output."""
+    kernels, current = [], None
+    for line in output.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
+        if m:
+            current = {"kernel": m.group(1), "arch": m.group(2), "regs": None, "stack": 0,
+                       "spill_stores": 0, "spill_loads": 0, "smem": 0}
+            kernels.append(current)
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["regs"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            current["smem"] = int(s.group(1)) if s else 0
+    names = demangle(sorted({k["kernel"] for k in kernels}))
+    for k in kernels:
+        k["kernel"] = short_kernel_name(names.get(k["kernel"], k["kernel"]))
+    return kernels
+
+
+def format_table(title, rows, columns):
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = [title, "  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(name, text):
+    REPORT_DIR.mkdir(exist_ok=True)
+    (REPORT_DIR / name).write_text(text)
+
+
+@pytest.fixture(scope="module")
+def nvcc_tool():
+    tool = nvcc()
+    if tool is None:
+        pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    return tool
+
+
+@pytest.fixture(scope="module")
+def cuda_report():
+    rows = []
+    yield rows
+    if rows:
+        rows.sort(key=lambda r: (r["source"], r["kernel"], r["arch"]))
+        spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+        stacked = [r for r in rows if r["stack"] and not (r["spill_stores"] or r["spill_loads"])]
+        text = format_table("CUDA kernels (nvcc/ptxas resource usage)", rows,
+                            ["source", "kernel", "arch", "regs", "stack", "spill_stores",
+                             "spill_loads", "smem"])
+        text += f"{len(spilling)} kernel/arch pairs spill registers"
+        text += f"; {len(stacked)} more use a stack frame (local memory) without spilling\n"
+        write_report("cuda_resource_report.txt", text)
+
+
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=[p.name for p in CUDA_SOURCES])
+def test_cuda_source_compiles_for_all_archs(source, nvcc_tool, cuda_report, tmp_path):
+    archs = [a for a in CUDA_ARCHS if a in supported_archs(nvcc_tool)]
+    assert archs, f"{nvcc_tool} accepts none of sm_{CUDA_ARCHS}"
+
+    def compile_for(arch):
+        cmd = [nvcc_tool, "-c", str(source), "-o", str(tmp_path / f"{source.stem}_{arch}.o"),
+               "-gencode", f"arch=compute_{arch},code=sm_{arch}", *NVCC_FLAGS]
+        return arch, subprocess.run(cmd, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(compile_for, archs))
+    failures = {a: r.stdout + r.stderr for a, r in results if r.returncode != 0}
+    assert not failures, "\n".join(f"sm_{a}:\n{log[-4000:]}" for a, log in failures.items())
+    for arch, result in results:
+        kernels = parse_ptxas(result.stdout + result.stderr)
+        assert kernels, f"no ptxas resource report for {source.name} sm_{arch}"
+        cuda_report += [dict(k, source=source.name) for k in kernels]
+
+
+def test_parse_ptxas_reads_registers_and_spills():
+    sample = """ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_80'
+ptxas info    : Function properties for _Z6kernelPf
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 8 bytes cumulative stack size, 4096 bytes smem
+"""
+    (k,) = parse_ptxas(sample)
+    assert (k["arch"], k["regs"], k["stack"], k["spill_stores"], k["spill_loads"], k["smem"]) == \
+        ("sm_80", 255, 8, 4, 4, 4096)
+    assert k["kernel"] == "kernel"
+
+
+def test_triton_kernels_compile_ahead_of_time():
+    pytest.importorskip("triton")
+    if not any(p for p in (REPO / "kernels").glob("*.py") if not p.name.startswith("_")):
+        pytest.skip("no Triton kernels in kernels/")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "_triton_aot.py"), "--archs",
+         ",".join(map(str, TRITON_ARCHS))], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert rows, f"no output from tests/_triton_aot.py:\n{result.stderr[-2000:]}"
+    columns = ["op", "kernel", "dtype", "cc", "regs", "stack", "local", "shared", "num_warps",
+               "constexprs"]
+    text = format_table("Triton kernels (ahead-of-time compile)", [r for r in rows if r.get("ok")],
+                        columns)
+    spilling = [r for r in rows if r.get("local")]
+    text += f"{len(spilling)} kernel/arch pairs use local memory (spills)\n"
+    write_report("triton_resource_report.txt", text)
+    failures = [r for r in rows if not r.get("ok")]
+    assert not failures, "\n".join(json.dumps(r) for r in failures)
