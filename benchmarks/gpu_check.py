@@ -43,7 +43,7 @@ EPS_OF = {"float32": 1.2e-7, "float16": 9.8e-4, "bfloat16": 7.9e-3}
 BN_EPS = 1e-3  # timm's DPN BatchNorm epsilon
 # Share of the time budget by which each phase stops starting new work (the rest is skipped with
 # a note). torch.compile goes last: it starts only while COMPILE_MIN_LEFT_S seconds remain.
-PHASE_END = {"correctness": 0.40, "convs": 0.52, "kernels": 0.62, "e2e": 0.80}
+PHASE_END = {"correctness": 0.30, "convs": 0.42, "kernels": 0.50, "e2e": 0.82}
 COMPILE_MIN_LEFT_S = 75
 
 torch = F = None  # imported in main(), after TRITON_INTERPRET is settled
@@ -144,9 +144,11 @@ def _markdown_table(rows):
     columns = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    def cell(v):
+        return _fmt(v).replace("|", "\\|").replace("\n", " ")
+    out = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        out.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+        out.append("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
     return out
 
 
@@ -1000,31 +1002,37 @@ def e2e_pairs(backends):
     return [FusedOps(ops["merge"], ops["conv"]) for ops in by_name.values() if len(ops) == 2]
 
 
-def run_e2e(report, timm, backends, device, dtypes, batches, quick, dry_run):
-    """Equivalence then eager timings; returns {dtype: model} for the torch.compile phase."""
-    ops_list = e2e_pairs(backends) + [FusedOps(MergeTorch(), ConvTorch())]
-    base = timm.create_model("dpn92", pretrained=False).to(device)
-    calibrate_batch_norm(base, device, torch.float32, n=2 if dry_run else 16)
-    gen = torch.Generator().manual_seed(5)
-    x64 = randn((2, 3, 224, 224), gen, device, torch.float64)
-    with torch.no_grad():
-        ref64 = _copy_model(base, torch.float64)(x64)
-    section = "e2e equivalence (logits vs float64 timm)"
-    models = {}
-    for dtype in dtypes:
-        dn = str(dtype).replace("torch.", "")
-        model = models[dtype] = _copy_model(base, dtype)
-        x = x64.to(dtype)
+class EndToEnd:
+    """timm dpn92: float64 reference logits once, then per dtype the fused-vs-eager equivalence
+    and the timings; keeps each dtype's model for the torch.compile phase."""
+
+    def __init__(self, report, timm, backends, device, batches, quick):
+        self.report, self.device, self.batches, self.quick = report, device, batches, quick
+        self.ops_list = e2e_pairs(backends) + [FusedOps(MergeTorch(), ConvTorch())]
+        self.base = timm.create_model("dpn92", pretrained=False).to(device)
+        calibrate_batch_norm(self.base, device, torch.float32, n=2 if device == "cpu" else 16)
+        self.gen = torch.Generator().manual_seed(5)
+        self.x64 = randn((2, 3, 224, 224), self.gen, device, torch.float64)
+        with torch.no_grad():
+            self.ref64 = _copy_model(self.base, torch.float64)(self.x64)
+        self.models = {}
+
+    def run(self, dtype):
+        report, dn = self.report, str(dtype).replace("torch.", "")
+        section = "e2e equivalence (logits vs float64 timm)"
+        model = self.models[dtype] = _copy_model(self.base, dtype)
+        x = self.x64.to(dtype)
         with torch.no_grad():
             eager = model(x)
         fused_models = {}
-        for ops in ops_list:
+        for ops in self.ops_list:
             try:
                 fused = FusedDPN(model, ops, dtype)
                 logits = fused(x)
                 row = {"dtype": dn, "fused": ops.name,
-                       "max|fused-eager|": float((logits.double() - eager.double()).abs().max()),
-                       "max|eager|": float(eager.abs().max()), **compare(logits, ref64, eager, dn)}
+                       "max_abs_fused_minus_eager": float((logits.double() - eager.double()).abs().max()),
+                       "max_abs_eager": float(eager.abs().max()),
+                       **compare(logits, self.ref64, eager, dn)}
                 report.add(section, row)
                 if row["ok"]:
                     fused_models[ops.name] = fused
@@ -1033,12 +1041,11 @@ def run_e2e(report, timm, backends, device, dtypes, batches, quick, dry_run):
             except Exception as e:  # noqa: BLE001 - one backend failing leaves the others
                 report.add(section, {"dtype": dn, "fused": ops.name, "ok": False,
                                      "error": f"{type(e).__name__}: {e}"[:300]})
-        for n in batches:
+        for n in self.batches:
             if report.past(PHASE_END["e2e"]):
                 report.note(f"e2e timing {dn} n={n}: budget reached, skipped")
                 continue
-            _time_e2e(report, model, fused_models, n, dtype, device, quick, gen)
-    return models
+            _time_e2e(report, model, fused_models, n, dtype, self.device, self.quick, self.gen)
 
 
 def _copy_model(base, dtype):
@@ -1064,7 +1071,7 @@ def _time_e2e(report, model, fused_models, n, dtype, device, quick, gen):
 
 
 def _e2e_iters(n, quick):
-    return max(3, 60 // n) // (3 if quick else 1)
+    return max(5, 60 // n // (3 if quick else 1))
 
 
 def run_compile(report, models, order, quick):
@@ -1326,21 +1333,31 @@ def main(argv=None):
                         timed_merges if device == "cuda" else timed_merges[:3], batches,
                         timing_dtypes, device, args.quick, copy_gbs)
 
-    models = {}
     if "e2e" not in skip:
-        with report.stage("e2e"):
+        e2e = None
+        with report.stage("e2e setup"):
             timm = import_timm(args.dry_run)
             report.info["timm"] = timm.__version__
             # Dry run: the fused model on the torch reference ops only (the interpreter would
             # take far too long for a whole network).
-            models = run_e2e(report, timm, {"merge": [], "conv": []} if args.dry_run else backends,
-                             device, timing_dtypes, batches, args.quick, args.dry_run)
-    if models and device == "cuda" and "compile" not in skip:
-        with report.stage("torch.compile"):
-            order = [(torch.float16, 64), (torch.float16, 1), (torch.float16, 8)]
-            if not args.quick:
-                order += [(torch.float32, 64), (torch.float32, 1), (torch.float32, 8)]
-            run_compile(report, models, order, args.quick)
+            e2e = EndToEnd(report, timm, {"merge": [], "conv": []} if args.dry_run else backends,
+                           device, batches, args.quick)
+        compile_order = [] if device != "cuda" or "compile" in skip else (
+            [(torch.float16, 64), (torch.float16, 1), (torch.float16, 8)] +
+            ([] if args.quick else [(torch.float32, 64), (torch.float32, 1), (torch.float32, 8)]))
+        # fp16 first and its torch.compile at batch 64 right after: the targets are fp16.
+        for dtype in timing_dtypes:
+            if e2e is None:
+                break
+            with report.stage(f"e2e {dtype}"):
+                e2e.run(dtype)
+            if dtype == torch.float16 and compile_order:
+                with report.stage("torch.compile fp16 n=64"):
+                    run_compile(report, e2e.models, compile_order[:1], args.quick)
+                compile_order = compile_order[1:]
+        if e2e is not None and compile_order:
+            with report.stage("torch.compile"):
+                run_compile(report, e2e.models, compile_order, args.quick)
 
     with report.stage("targets"):
         evaluate_targets(report)
