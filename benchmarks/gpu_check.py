@@ -336,26 +336,67 @@ class MergeTorch:
 
 
 # ---- grouped_conv_bn_relu: csrc/grouped_conv_bn_relu.h, kernels/grouped_conv_bn_relu.py ---------
-# forward(x, w_folded, bias, out, n, c, h, w, c_out, groups, stride): eval BN folded into the conv
-# (w_folded = w * scale[oc], bias = beta - mean * scale, both fp32), padding 1, ReLU epilogue.
+# Eval, BN folded by the caller: forward(x, w, bias, out, n, c, h, w_in, c_out, groups, stride):
+#   out = relu(grouped_conv3x3(x, w, stride, padding 1) + bias); w = weight(w_folded_fp32, dtype)
+#   in the form the backend takes (CUDA: the activation dtype; Triton: fp32), bias fp32.
+# CUDA only: forward_bn (eval, BN folded on the device into fp32 workspaces), train (batch-stat
+# BN, running stats updated in place) and bn_relu_backward (of relu(bn(y)) with batch stats).
 
-CONV_WEIGHT_DTYPE = "float32"  # folded weights/bias are passed as fp32 whatever the activations
+CONV_SYMBOLS = {"forward": "dpn_fast_grouped_conv_bias_relu_cuda",
+                "forward_bn": "dpn_fast_grouped_conv_bn_relu_infer_cuda",
+                "train": "dpn_fast_grouped_conv_bn_relu_train_cuda",
+                "bn_relu_backward": "dpn_fast_bn_relu_train_backward_cuda"}
 
 
 class ConvCuda:
     name = "cuda"
-    symbol = "dpn_fast_grouped_conv_bn_relu_forward_cuda"
 
     def __init__(self, lib):
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        self.fwd = getattr(lib, self.symbol)
-        self.fwd.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_int, p]
-        self.fwd.restype = ctypes.c_int
+        p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+        shape = [i64] * 7 + [i32, p]  # n, c, h, w, c_out, groups, stride, dtype, stream
+        signatures = {"forward": [p] * 4 + shape,
+                      "forward_bn": [p] * 6 + [f32] + [p] * 3 + shape,
+                      "train": [p] * 6 + [f32, f32] + [p] * 4 + shape,
+                      "bn_relu_backward": [p] * 9 + [i64] * 3 + [i32, p]}
+        self.fns = {}
+        for method, symbol in CONV_SYMBOLS.items():
+            if hasattr(lib, symbol):
+                fn = getattr(lib, symbol)
+                fn.argtypes, fn.restype = signatures[method], ctypes.c_int
+                self.fns[method] = fn
 
-    def forward(self, x, w_folded, bias, out, n, c, h, w, c_out, groups, stride):
-        status = self.fwd(_ptr(x), _ptr(w_folded), _ptr(bias), _ptr(out), n, c, h, w, c_out, groups,
-                          stride, _dtype_code(x), _stream())
-        _check_status(self.symbol, status)
+    def has(self, method):
+        return method in self.fns
+
+    def _call(self, method, *args):
+        _check_status(CONV_SYMBOLS[method], self.fns[method](*args))
+
+    @staticmethod
+    def weight(w_folded, dtype):
+        return w_folded.to(dtype).contiguous()
+
+    def forward(self, x, w, bias, out, n, c, h, w_in, c_out, groups, stride):
+        self._call("forward", _ptr(x), _ptr(w), _ptr(bias), _ptr(out), n, c, h, w_in, c_out, groups,
+                   stride, _dtype_code(x), _stream())
+
+    def forward_bn(self, x, w, gamma, beta, mean, var, eps, w_ws, bias_ws, out, n, c, h, w_in,
+                   c_out, groups, stride):
+        self._call("forward_bn", _ptr(x), _ptr(w), _ptr(gamma), _ptr(beta), _ptr(mean), _ptr(var),
+                   eps, _ptr(w_ws), _ptr(bias_ws), _ptr(out), n, c, h, w_in, c_out, groups, stride,
+                   _dtype_code(x), _stream())
+
+    def train(self, x, w, gamma, beta, running_mean, running_var, eps, momentum, y, out,
+              saved_mean, saved_invstd, n, c, h, w_in, c_out, groups, stride):
+        self._call("train", _ptr(x), _ptr(w), _ptr(gamma), _ptr(beta), _ptr(running_mean),
+                   _ptr(running_var), eps, momentum, _ptr(y), _ptr(out), _ptr(saved_mean),
+                   _ptr(saved_invstd), n, c, h, w_in, c_out, groups, stride, _dtype_code(x),
+                   _stream())
+
+    def bn_relu_backward(self, y, out, dout, gamma, saved_mean, saved_invstd, dy, dgamma, dbeta,
+                         n, c, hw):
+        self._call("bn_relu_backward", _ptr(y), _ptr(out), _ptr(dout), _ptr(gamma),
+                   _ptr(saved_mean), _ptr(saved_invstd), _ptr(dy), _ptr(dgamma), _ptr(dbeta),
+                   n, c, hw, _dtype_code(y), _stream())
 
 
 class ConvTriton:
@@ -364,17 +405,58 @@ class ConvTriton:
     def __init__(self, module):
         self.module = module
 
+    @staticmethod
+    def has(method):
+        return method == "forward"
+
+    @staticmethod
+    def weight(w_folded, dtype):
+        return w_folded.contiguous()
+
     def forward(self, *args):
         self.module.grouped_conv_bias_relu_forward(*args)
 
 
 class ConvTorch:
+    """The CUDA launchers' maths in plain torch (reference; the dry run's stand-in)."""
     name = "torch"
 
-    def forward(self, x, w_folded, bias, out, n, c, h, w, c_out, groups, stride):
-        y = F.conv2d(x, w_folded.to(x.dtype), bias.to(x.dtype), stride=stride, padding=1,
-                     groups=groups)
+    @staticmethod
+    def has(method):
+        return method in CONV_SYMBOLS
+
+    @staticmethod
+    def weight(w_folded, dtype):
+        return w_folded.to(dtype).contiguous()
+
+    def forward(self, x, w, bias, out, n, c, h, w_in, c_out, groups, stride):
+        y = F.conv2d(x, w, bias.to(x.dtype), stride=stride, padding=1, groups=groups)
         out.copy_(torch.relu_(y))
+
+    def forward_bn(self, x, w, gamma, beta, mean, var, eps, w_ws, bias_ws, out, n, c, h, w_in,
+                   c_out, groups, stride):
+        scale = gamma / torch.sqrt(var + eps)
+        w_ws.copy_(w.float() * scale.view(-1, 1, 1, 1))
+        bias_ws.copy_(beta - mean * scale)
+        self.forward(x, w_ws.to(x.dtype), bias_ws, out, n, c, h, w_in, c_out, groups, stride)
+
+    def train(self, x, w, gamma, beta, running_mean, running_var, eps, momentum, y, out,
+              saved_mean, saved_invstd, n, c, h, w_in, c_out, groups, stride):
+        y.copy_(F.conv2d(x, w, stride=stride, padding=1, groups=groups))
+        stats = bn_train_reference(y.float(), BatchNormParams(gamma, beta, running_mean,
+                                                              running_var, eps), momentum)
+        out.copy_(stats["out"])
+        for name, t in (("saved_mean", saved_mean), ("saved_invstd", saved_invstd),
+                        ("running_mean", running_mean), ("running_var", running_var)):
+            t.copy_(stats[name])
+
+    def bn_relu_backward(self, y, out, dout, gamma, saved_mean, saved_invstd, dy, dgamma, dbeta,
+                         n, c, hw):
+        g = bn_relu_backward_reference(y.float(), out.float(), dout.float(), gamma, saved_mean,
+                                       saved_invstd)
+        dy.copy_(g["dy"])
+        dgamma.copy_(g["dgamma"])
+        dbeta.copy_(g["dbeta"])
 
 
 SMALL_MERGES = [MergeCase("odd", 8, 5, 3, 7, 2), MergeCase("vec", 16, 8, 8, 8, 1),
@@ -394,8 +476,9 @@ def make_backends(lib, device):
     backends = {"merge": [], "conv": []}
     if lib is not None and device == "cuda":
         backends["merge"].append(MergeCuda(lib))
-        if hasattr(lib, ConvCuda.symbol):
-            backends["conv"].append(ConvCuda(lib))
+        conv = ConvCuda(lib)
+        if conv.has("forward"):
+            backends["conv"].append(conv)
     if merge_kernels is not None:
         backends["merge"].append(MergeTriton(merge_kernels))
     if conv_kernels is not None:
@@ -412,11 +495,16 @@ def probe_c_abi(lib):
         None, None, None, None, None, None, None, 1, 1, 1, 1, 1, 99, None)
     found["dpn_fast_dual_path_merge_backward_cuda"] = merge.bwd(
         None, None, None, None, None, None, None, None, None, 1, 1, 1, 1, 1, 99, None)
-    if hasattr(lib, ConvCuda.symbol):
-        conv = ConvCuda(lib)
-        found[ConvCuda.symbol] = conv.fwd(None, None, None, None, 1, 32, 4, 4, 32, 32, 1, 99, None)
-    else:
-        found[ConvCuda.symbol] = "absent"
+    conv = ConvCuda(lib)
+    dummy = {"forward": (None,) * 4, "forward_bn": (None,) * 6 + (1e-3,) + (None,) * 3,
+             "train": (None,) * 6 + (1e-3, 0.9) + (None,) * 4}
+    for method, symbol in CONV_SYMBOLS.items():
+        if not conv.has(method):
+            found[symbol] = "absent"
+        elif method == "bn_relu_backward":
+            found[symbol] = conv.fns[method](*(None,) * 9, 1, 32, 16, 99, None)
+        else:  # groups=32 with 32 channels: a valid shape, so the dtype is what is refused
+            found[symbol] = conv.fns[method](*dummy[method], 1, 32, 4, 4, 32, 32, 1, 99, None)
     return found
 
 
@@ -581,15 +669,87 @@ def conv_inputs(case, n, dtype, device, gen):
 def check_conv_case(backend, case, n, dtype, device, gen, report, section):
     dn = str(dtype).replace("torch.", "")
     x, weight, bn, w_folded, bias = conv_inputs(case, n, dtype, device, gen)
-    h_out = (case.hw - 1) // case.stride + 1
-    out = nan_like((n, case.c, h_out, h_out), device, dtype)
-    backend.forward(x, w_folded, bias, out, n, case.c, case.hw, case.hw, case.c, case.groups,
-                    case.stride)
-    ref64 = conv_unfused(x.double(), weight.double(), bn, case.stride, case.groups)
-    plain = conv_unfused(x, weight.to(dtype), bn, case.stride, case.groups)
-    report.add(section, {"op": "conv", "backend": backend.name, "case": case.label, "n": n,
-                         "dtype": dn, "pass": "fwd", "out": "out",
-                         **compare(out, ref64, plain, dn)})
+    c, hw, groups, stride = case.c, case.hw, case.groups, case.stride
+    h_out = (hw - 1) // stride + 1
+    out_shape = (n, c, h_out, h_out)
+    shape_args = (n, c, hw, hw, c, groups, stride)
+
+    def add(pass_name, out_name, actual, ref64, plain, ignore=None):
+        report.add(section, {"op": "conv", "backend": backend.name, "case": case.label, "n": n,
+                             "dtype": dn, "pass": pass_name, "out": out_name,
+                             **compare(actual, ref64, plain, dn, ignore)})
+
+    ref64 = conv_unfused(x.double(), weight.double(), bn, stride, groups)
+    plain = conv_unfused(x, weight.to(dtype), bn, stride, groups)
+    out = nan_like(out_shape, device, dtype)
+    backend.forward(x, backend.weight(w_folded, dtype), bias, out, *shape_args)
+    add("eval", "out", out, ref64, plain)
+    if backend.has("forward_bn"):
+        out = nan_like(out_shape, device, dtype)
+        w_ws, bias_ws = nan_like(weight.shape, device, torch.float32), nan_like((c,), device, torch.float32)
+        backend.forward_bn(x, weight.to(dtype), bn.weight, bn.bias, bn.mean, bn.var, bn.eps,
+                           w_ws, bias_ws, out, *shape_args)
+        add("eval-bn", "out", out, ref64, plain)
+    if backend.has("train"):
+        momentum = 0.9
+        y, out = nan_like(out_shape, device, dtype), nan_like(out_shape, device, dtype)
+        saved_mean, saved_invstd = (nan_like((c,), device, torch.float32) for _ in range(2))
+        running_mean, running_var = bn.mean.clone(), bn.var.clone()
+        backend.train(x, weight.to(dtype), bn.weight, bn.bias, running_mean, running_var, bn.eps,
+                      momentum, y, out, saved_mean, saved_invstd, *shape_args)
+        y64 = F.conv2d(x.double(), weight.double(), stride=stride, padding=1, groups=groups)
+        y_plain = F.conv2d(x, weight.to(dtype), stride=stride, padding=1, groups=groups)
+        r64 = bn_train_reference(y64, bn, momentum)
+        rp = bn_train_reference(y_plain.float(), bn, momentum)
+        add("train", "y", y, y64, y_plain)
+        add("train", "out", out, r64["out"], rp["out"].to(dtype))
+        for name, actual in (("saved_mean", saved_mean), ("saved_invstd", saved_invstd),
+                             ("running_mean", running_mean), ("running_var", running_var)):
+            add("train", name, actual, r64[name], rp[name])
+    if backend.has("bn_relu_backward"):
+        # Inputs as the training forward leaves them (dtype y and out, fp32 statistics).
+        y = randn(out_shape, gen, device, dtype)
+        stats = bn_train_reference(y.double(), bn, 0.9)
+        out = stats["out"].to(dtype)
+        saved_mean, saved_invstd = stats["saved_mean"].float(), stats["saved_invstd"].float()
+        dout = randn(out_shape, gen, device, dtype)
+        dy = nan_like(out_shape, device, dtype)
+        dgamma, dbeta = (nan_like((c,), device, torch.float32) for _ in range(2))
+        backend.bn_relu_backward(y, out, dout, bn.weight, saved_mean, saved_invstd, dy, dgamma,
+                                 dbeta, n, c, h_out * h_out)
+        args = (y, out, dout, bn.weight, saved_mean, saved_invstd)
+        g64 = bn_relu_backward_reference(*(t.double() for t in args))
+        g_plain = bn_relu_backward_reference(*(t.to(dtype) if t.dim() == 4 else t for t in args))
+        for name, actual in (("dy", dy), ("dgamma", dgamma), ("dbeta", dbeta)):
+            add("bwd", name, actual, g64[name], g_plain[name])
+
+
+def bn_train_reference(y, bn, momentum):
+    """Training BN + ReLU with batch statistics at y's precision (biased variance; running stats
+    updated Paddle's way: running = momentum * running + (1 - momentum) * batch)."""
+    p = y.dtype
+    mean = y.mean((0, 2, 3))
+    var = ((y - mean.view(1, -1, 1, 1)) ** 2).mean((0, 2, 3))
+    invstd = 1.0 / torch.sqrt(var + bn.eps)
+    k = (bn.weight.to(p) * invstd).view(1, -1, 1, 1)
+    out = torch.relu((y - mean.view(1, -1, 1, 1)) * k + bn.bias.to(p).view(1, -1, 1, 1))
+    return {"out": out, "saved_mean": mean, "saved_invstd": invstd,
+            "running_mean": momentum * bn.mean.to(p) + (1 - momentum) * mean,
+            "running_var": momentum * bn.var.to(p) + (1 - momentum) * var}
+
+
+def bn_relu_backward_reference(y, out, dout, gamma, mean, invstd):
+    """d/dy of relu(bn(y)) with batch statistics, at the inputs' precision; the ReLU mask from
+    the given out (as the kernel sees it)."""
+    p = y.dtype
+    view = lambda t: t.to(p).view(1, -1, 1, 1)  # noqa: E731
+    dz = torch.where(out > 0, dout, torch.zeros_like(dout))
+    xhat = (y - view(mean)) * view(invstd)
+    dbeta = dz.sum((0, 2, 3), dtype=torch.float64 if p == torch.float64 else torch.float32)
+    dgamma = (dz * xhat).sum((0, 2, 3), dtype=dbeta.dtype)
+    count = y.numel() // y.shape[1]
+    dy = view(gamma) * view(invstd) * (dz - view(dbeta) / count - xhat * view(dgamma) / count)
+    return {"dy": dy, "dgamma": dgamma, "dbeta": dbeta}
 
 
 def run_correctness(report, backends, merges, convs, dtypes, n, device):
@@ -812,8 +972,8 @@ def time_convs(report, backends, convs, batches, dtypes, device, quick):
                 row["cudnn_conv_bn_relu_graph_ms"] = _timed(report, unfused, iters, graph=graph)
                 row["cudnn_folded_conv_relu_graph_ms"] = _timed(report, folded, iters, graph=graph)
                 for backend in backends["conv"]:
-                    def fused(b=backend):
-                        b.forward(x, w_folded, bias, out, n, case.c, case.hw, case.hw, case.c,
+                    def fused(b=backend, w=backend.weight(w_folded, dtype)):
+                        b.forward(x, w, bias, out, n, case.c, case.hw, case.hw, case.c,
                                   case.groups, case.stride)
                     row[f"{backend.name}_ms"] = _timed(report, fused, iters, graph=False)
                     ms = _timed(report, fused, iters, graph=graph)
@@ -895,12 +1055,13 @@ class FusedOps:
                                 n, r, d, inc, h * w, acts)
         return resid_out, dense_out, act
 
-    def conv(self, x, w_folded, bias, stride, groups):
+    def conv(self, x, weight, bias, stride, groups):
+        """weight: as the conv backend takes it (its .weight(w_folded, dtype))."""
         n, c, h, w = x.shape
-        c_out = w_folded.shape[0]
+        c_out = weight.shape[0]
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
         out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype)
-        self.conv_impl.forward(x, w_folded, bias, out, n, c, h, w, c_out, groups, stride)
+        self.conv_impl.forward(x, weight, bias, out, n, c, h, w, c_out, groups, stride)
         return out
 
 
@@ -924,8 +1085,7 @@ def _fold_into_conv(weight, conv_bias, bn):
 class FusedBlock:
     """One timm DualPathBlock (b=False) folded for the fused forward."""
 
-    def __init__(self, blk, dtype):
-        conv_dtype = getattr(torch, CONV_WEIGHT_DTYPE)
+    def __init__(self, blk, dtype, conv_impl):
         self.r, self.inc, self.stride = blk.num_1x1_c, blk.inc, blk.key_stride
         proj = blk.c1x1_w_s1 if blk.c1x1_w_s1 is not None else blk.c1x1_w_s2
         self.head_bns = [_bn_of(blk.c1x1_a)] + ([_bn_of(proj)] if proj is not None else [])
@@ -944,7 +1104,8 @@ class FusedBlock:
         assert conv_b.bias is None and conv_b.padding == (1, 1) and conv_b.kernel_size == (3, 3)
         self.groups = conv_b.groups
         w_b, b_b = _fold_into_conv(conv_b.weight, None, _bn_of(blk.c1x1_c))
-        self.w_b, self.b_b = w_b.to(conv_dtype).contiguous(), b_b.to(conv_dtype).contiguous()
+        self.w_b = conv_impl.weight(w_b.float(), dtype)  # the form the conv backend takes
+        self.b_b = b_b.float().contiguous()
         assert blk.c1x1_c.conv.bias is None
         self.w_c = blk.c1x1_c.conv.weight.detach().to(dtype)
         folded = [bn.folded() for bn in self.head_bns]
@@ -967,7 +1128,7 @@ class FusedDPN:
         self.stem = torch.nn.Sequential(feats.conv1_1, feats.conv1_pool)
         self.final = feats.conv5_bn_ac
         with torch.no_grad():
-            self.blocks = [FusedBlock(m, dtype) for m in feats if isinstance(m, DualPathBlock)]
+            self.blocks = [FusedBlock(m, dtype, ops.conv_impl) for m in feats if isinstance(m, DualPathBlock)]
 
     def __call__(self, x):
         with torch.no_grad():
