@@ -52,25 +52,36 @@ def jit_kernels(module):
             and obj.fn.__module__ == module.__name__}
 
 
-def cuobjdump():
-    import triton.backends.nvidia as nvidia
-    path = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
-    return path if path.exists() else None
+def ptxas_for(cc):
+    """The ptxas Triton itself uses for `cc` (it picks a newer one from sm_90 on)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return Path(get_ptxas(cc).path)
+    except (ImportError, AttributeError, RuntimeError):
+        import triton.backends.nvidia as nvidia
+        path = Path(nvidia.__file__).parent / "bin" / "ptxas"
+        return path if path.exists() else None
 
 
-def resource_usage(cubin, tool):
-    """{"regs", "stack", "local", "shared"} of the cubin's kernel (cuobjdump -res-usage)."""
+def resource_usage(ptx, tool):
+    """{"regs", "stack", "spill_stores", "spill_loads"} from `ptxas -v` on the kernel's PTX."""
     if tool is None:
         return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    if not m:
-        return {}
-    regs, stack, shared, local = map(int, m.groups())
-    return {"regs": regs, "stack": stack, "shared": shared, "local": local}
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        result = subprocess.run([str(tool), f"-arch={arch}", "-v", str(src), "-o",
+                                 str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
+    out = result.stdout + result.stderr
+    usage = {}
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    if m:
+        usage["stack"], usage["spill_stores"], usage["spill_loads"] = map(int, m.groups())
+    m = re.search(r"Used (\d+) registers", out)
+    if m:
+        usage["regs"] = int(m.group(1))
+    return usage
 
 
 def spec_dtype(signature):
@@ -82,7 +93,6 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--archs", default="75,80,90")
     args = parser.parse_args()
-    tool = cuobjdump()
     archs = [int(a) for a in args.archs.split(",")]
     for op, module in kernel_modules():
         specs = getattr(module, "AOT_SPECS", None)
@@ -104,8 +114,8 @@ def main():
                     compiled = triton.compile(ASTSource(kernel, signature, constexprs),
                                               target=GPUTarget("cuda", cc, 32))
                     row.update(ok=True, num_warps=compiled.metadata.num_warps,
-                               **resource_usage(compiled.asm["cubin"], tool))
-                    row.setdefault("shared", compiled.metadata.shared)
+                               shared=compiled.metadata.shared,
+                               **resource_usage(compiled.asm["ptx"], ptxas_for(cc)))
                 except Exception as e:  # noqa: BLE001 - reported, the test fails on it
                     row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
                 row["seconds"] = round(time.monotonic() - t0, 2)
