@@ -43,7 +43,7 @@ EPS_OF = {"float32": 1.2e-7, "float16": 9.8e-4, "bfloat16": 7.9e-3}
 BN_EPS = 1e-3  # timm's DPN BatchNorm epsilon
 # Share of the time budget by which each phase stops starting new work (the rest is skipped with
 # a note). torch.compile goes last: it starts only while COMPILE_MIN_LEFT_S seconds remain.
-PHASE_END = {"correctness": 0.30, "convs": 0.42, "kernels": 0.50, "e2e": 0.82}
+PHASE_END = {"correctness": 0.40, "convs": 0.50, "kernels": 0.58, "e2e": 0.82}
 COMPILE_MIN_LEFT_S = 75
 
 torch = F = None  # imported in main(), after TRITON_INTERPRET is settled
@@ -1195,10 +1195,11 @@ class EndToEnd:
                        "max_abs_eager": float(eager.abs().max()),
                        **compare(logits, self.ref64, eager, dn)}
                 report.add(section, row)
-                if row["ok"]:
+                if row["finite"]:
                     fused_models[ops.name] = fused
-                else:
-                    report.note(f"e2e {ops.name} {dn}: fused != eager, not timed")
+                if not row["ok"]:
+                    report.note(f"e2e {ops.name} {dn}: fused logits outside the accuracy bound"
+                                + ("" if row["finite"] else " (non-finite: not timed)"))
             except Exception as e:  # noqa: BLE001 - one backend failing leaves the others
                 report.add(section, {"dtype": dn, "fused": ops.name, "ok": False,
                                      "error": f"{type(e).__name__}: {e}"[:300]})
