@@ -799,15 +799,20 @@ def sanitize_cases(backends, device):
         for backend in backends["merge"]:
             for case in SMALL_MERGES:
                 check_merge_case(backend, case, 2, dtype, device, gen, quiet, "s")
-                torch.cuda.synchronize()
+                _sync(device)
                 log(f"sanitize-case merge/{backend.name}/{case.label}/{dtype} done")
         for backend in backends["conv"]:
             for case in SMALL_CONVS:
                 check_conv_case(backend, case, 2, dtype, device, gen, quiet, "s")
-                torch.cuda.synchronize()
+                _sync(device)
                 log(f"sanitize-case conv/{backend.name}/{case.label}/{dtype} done")
     bad = [r for rows in quiet.tables.values() for r in rows if not r.get("ok")]
     log(f"sanitize-case results: {len(bad)} failing comparisons")
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()  # a fault is reported against the case that caused it
 
 
 def start_sanitizer(report, lib_path):
@@ -1405,9 +1410,13 @@ def main(argv=None):
     torch, F = _torch, _F
     skip = set(filter(None, args.skip.split(",")))
 
-    if args.sanitize_case:
+    if args.sanitize_case:  # child under compute-sanitizer (--dry-run: the same cases on CPU)
         lib = ctypes.CDLL(args.lib) if args.lib else None
-        sanitize_cases(make_backends(lib, "cuda"), "cuda")
+        device = "cpu" if args.dry_run else "cuda"
+        backends = make_backends(lib, device)
+        if args.dry_run:
+            backends = {k: v + TORCH_ONLY()[k] for k, v in backends.items()}
+        sanitize_cases(backends, device)
         return 0
 
     report = Report(args.out, args.budget_s)
