@@ -222,6 +222,17 @@ def _dtype_code(t):
     return DTYPE_CODES[str(t.dtype).replace("torch.", "")]
 
 
+def _bind(lib, symbols, signatures):
+    """{method: ctypes function} for the symbols the library exports."""
+    fns = {}
+    for method, symbol in symbols.items():
+        if hasattr(lib, symbol):
+            fn = getattr(lib, symbol)
+            fn.argtypes, fn.restype = signatures[method], ctypes.c_int
+            fns[method] = fn
+    return fns
+
+
 def _check_status(name, status):
     if status != 0:
         raise RuntimeError(f"{name} returned dpn_fast::Status {status}")
@@ -259,19 +270,24 @@ def _planes(act, num_acts):
                                           for a in range(MAX_ACTS)])
 
 
+MERGE_SYMBOLS = {"forward": "dpn_fast_dual_path_merge_forward_cuda",
+                 "backward": "dpn_fast_dual_path_merge_backward_cuda"}
+
+
 class MergeCuda:
     name = "cuda"
 
     def __init__(self, lib):
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        self.fwd = lib.dpn_fast_dual_path_merge_forward_cuda
-        self.fwd.argtypes = [p, p, p, ctypes.POINTER(ChannelAffine), p, p, ctypes.POINTER(p),
-                             i64, i64, i64, i64, i64, ctypes.c_int, p]
-        self.fwd.restype = ctypes.c_int
-        self.bwd = lib.dpn_fast_dual_path_merge_backward_cuda
-        self.bwd.argtypes = [p, p, p, p, ctypes.POINTER(p), ctypes.POINTER(ChannelAffine), p, p, p,
-                             i64, i64, i64, i64, i64, ctypes.c_int, p]
-        self.bwd.restype = ctypes.c_int
+        shape = [i64] * 5 + [ctypes.c_int, p]  # n, r, d, inc, hw, dtype, stream
+        affine, planes = ctypes.POINTER(ChannelAffine), ctypes.POINTER(p)
+        signatures = {"forward": [p, p, p, affine, p, p, planes] + shape,
+                      "backward": [p, p, p, p, planes, affine, p, p, p] + shape}
+        self.fns = _bind(lib, MERGE_SYMBOLS, signatures)
+        self.fwd, self.bwd = self.fns.get("forward"), self.fns.get("backward")
+
+    def has(self, method):
+        return method in self.fns
 
     def forward(self, resid, dense, y, scale, shift, resid_out, dense_out, act, n, r, d, inc, hw,
                 num_acts):
@@ -295,6 +311,10 @@ class MergeTriton:
     def __init__(self, module):
         self.module = module
 
+    @staticmethod
+    def has(method):
+        return method in MERGE_SYMBOLS
+
     def forward(self, *args):
         self.module.merge_forward(*args)
 
@@ -305,6 +325,10 @@ class MergeTriton:
 class MergeTorch:
     """The fused op's maths in plain torch (reference; also the dry run's stand-in for kernels)."""
     name = "torch"
+
+    @staticmethod
+    def has(method):
+        return method in MERGE_SYMBOLS
 
     def forward(self, resid, dense, y, scale, shift, resid_out, dense_out, act, n, r, d, inc, hw,
                 num_acts):
@@ -358,12 +382,7 @@ class ConvCuda:
                       "forward_bn": [p] * 6 + [f32] + [p] * 3 + shape,
                       "train": [p] * 6 + [f32, f32] + [p] * 4 + shape,
                       "bn_relu_backward": [p] * 9 + [i64] * 3 + [i32, p]}
-        self.fns = {}
-        for method, symbol in CONV_SYMBOLS.items():
-            if hasattr(lib, symbol):
-                fn = getattr(lib, symbol)
-                fn.argtypes, fn.restype = signatures[method], ctypes.c_int
-                self.fns[method] = fn
+        self.fns = _bind(lib, CONV_SYMBOLS, signatures)
 
     def has(self, method):
         return method in self.fns
@@ -475,7 +494,9 @@ def make_backends(lib, device):
     conv_kernels = load_kernel_module("grouped_conv_bn_relu")
     backends = {"merge": [], "conv": []}
     if lib is not None and device == "cuda":
-        backends["merge"].append(MergeCuda(lib))
+        merge = MergeCuda(lib)
+        if merge.has("forward"):
+            backends["merge"].append(merge)
         conv = ConvCuda(lib)
         if conv.has("forward"):
             backends["conv"].append(conv)
@@ -491,10 +512,15 @@ def probe_c_abi(lib):
     kInvalidArgument before touching the device (so this also runs with no GPU)."""
     found = {}
     merge = MergeCuda(lib)
-    found["dpn_fast_dual_path_merge_forward_cuda"] = merge.fwd(
-        None, None, None, None, None, None, None, 1, 1, 1, 1, 1, 99, None)
-    found["dpn_fast_dual_path_merge_backward_cuda"] = merge.bwd(
-        None, None, None, None, None, None, None, None, None, 1, 1, 1, 1, 1, 99, None)
+    for method, symbol in MERGE_SYMBOLS.items():
+        if not merge.has(method):
+            found[symbol] = "absent"
+        elif method == "forward":
+            found[symbol] = merge.fwd(None, None, None, None, None, None, None, 1, 1, 1, 1, 1, 99,
+                                      None)
+        else:
+            found[symbol] = merge.bwd(None, None, None, None, None, None, None, None, None,
+                                      1, 1, 1, 1, 1, 99, None)
     conv = ConvCuda(lib)
     dummy = {"forward": (None,) * 4, "forward_bn": (None,) * 6 + (1e-3,) + (None,) * 3,
              "train": (None,) * 6 + (1e-3, 0.9) + (None,) * 4}
@@ -614,7 +640,7 @@ def check_merge_case(backend, case, n, dtype, device, gen, report, section):
                              "dtype": dn, "pass": "fwd", "out": out_name,
                              **compare(actual, ref64, plain_t, dn)})
 
-    if not has_y or not hasattr(backend, "backward"):
+    if not has_y or not backend.has("backward"):
         return
     # Backward given the forward's (dtype) outputs: reference in float64 on the same inputs.
     x_resid, x_dense = (resid_out, dense_out) if acts else (None, None)
