@@ -123,7 +123,21 @@ class DPN(nn.Layer):
         self.out = nn.Linear(out_channels, class_num,
                              weight_attr=paddle.ParamAttr(initializer=nn.initializer.Uniform(-stdv, stdv)))
 
+    def _check_input(self, x):
+        if len(x.shape) != 4:
+            raise ValueError(f"{self.model_name}: input must be 4-D [N, 3, H, W], got shape "
+                             f"{list(x.shape)}")
+        if x.shape[1] != 3:
+            raise ValueError(f"{self.model_name}: input must have 3 channels (RGB), got shape "
+                             f"{list(x.shape)}")
+        dtype = self.out.weight.dtype
+        if x.dtype != dtype:
+            raise ValueError(f"{self.model_name}: input dtype {x.dtype} does not match the "
+                             f"model's {dtype} parameters (float input expected; cast it or "
+                             f"the model with .to(dtype=...))")
+
     def forward(self, x):
+        self._check_input(x)
         h = self.pool2d_max(self.conv1_x_1_func(x))
         if self.fused:
             h = self._forward_blocks_fused(h)
