@@ -1,4 +1,4 @@
-"""dpn-fast command line: predict, demo, info."""
+"""dpn-fast command line: predict, demo, bench, export, info."""
 import argparse
 import sys
 import time
@@ -39,30 +39,64 @@ def cmd_predict(args):
         print("note: random weights (no --weights given); predictions are meaningless")
 
 
+def _compare(name, weights, images, repeat):
+    """Reference vs fused on `images`: (reference logits, fused logits, ref ms, fused ms)."""
+    import paddle
+
+    reference = _model(name, False, weights)
+    fused = _model(name, True, None)
+    fused.set_state_dict(reference.state_dict())
+    images = paddle.to_tensor(images)
+    with paddle.no_grad():
+        ref_logits = reference(images).numpy()
+        fused_logits = fused(images).numpy()
+        ref_ms = _median_ms(lambda: reference(images).numpy(), repeat)
+        fused_ms = _median_ms(lambda: fused(images).numpy(), repeat)
+    return ref_logits, fused_logits, ref_ms, fused_ms
+
+
+def _print_timing(ref_logits, fused_logits, ref_ms, fused_ms, repeat):
+    print(f"max |fused - reference| logits: {np.abs(fused_logits - ref_logits).max():.3e}")
+    print(f"reference {ref_ms:.1f} ms, fused {fused_ms:.1f} ms (median of {repeat}), "
+          f"speedup {ref_ms / fused_ms:.2f}x")
+
+
 def cmd_demo(args):
     import paddle
 
-    from dpn_fast.predict import SAMPLE_IMAGE, preprocess
+    from dpn_fast.predict import SAMPLE_IMAGE, class_names, preprocess
 
-    image = paddle.to_tensor(preprocess(args.image)[None])
-    reference = _model(args.model, False, args.weights)
-    fused = _model(args.model, True, None)
-    fused.set_state_dict(reference.state_dict())
-    with paddle.no_grad():
-        ref_logits = reference(image).numpy()
-        fused_logits = fused(image).numpy()
-        ref_ms = _median_ms(lambda: reference(image).numpy(), args.repeat)
-        fused_ms = _median_ms(lambda: fused(image).numpy(), args.repeat)
+    ref_logits, fused_logits, ref_ms, fused_ms = _compare(
+        args.model, args.weights, preprocess(args.image)[None], args.repeat)
     ref_top = np.argsort(-ref_logits[0])[:5]
     fused_top = np.argsort(-fused_logits[0])[:5]
-    weights = args.weights or "random (seed 0)"
     print(f"{args.model} on {args.image if args.image != SAMPLE_IMAGE else 'the sample image'}, "
-          f"weights: {weights}, device: {paddle.get_device()}")
-    print(f"max |fused - reference| logits: {np.abs(fused_logits - ref_logits).max():.3e}")
+          f"weights: {args.weights or 'random (seed 0)'}, device: {paddle.get_device()}")
+    print(f"top-1: reference {class_names()[ref_top[0]]!r}, fused {class_names()[fused_top[0]]!r}")
     print(f"top-5 agreement: {len(set(ref_top) & set(fused_top))}/5 (same order: "
           f"{bool((ref_top == fused_top).all())})")
-    print(f"reference {ref_ms:.1f} ms, fused {fused_ms:.1f} ms (median of {args.repeat}), "
-          f"speedup {ref_ms / fused_ms:.2f}x")
+    _print_timing(ref_logits, fused_logits, ref_ms, fused_ms, args.repeat)
+
+
+def cmd_bench(args):
+    import paddle
+
+    paddle.set_device(args.device)
+    images = np.random.default_rng(0).standard_normal(
+        (args.batch_size, 3, args.image_size, args.image_size)).astype("float32")
+    print(f"{args.model} eval, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+          f"device {paddle.get_device()}")
+    _print_timing(*_compare(args.model, args.weights, images, args.repeat), args.repeat)
+
+
+def cmd_export(args):
+    from dpn_fast.inference import export
+
+    model = _model(args.model, args.fused, args.weights)
+    prefix = export(model, f"{args.out}/{args.model}{'_fused' if args.fused else ''}",
+                    args.image_size)
+    print(f"saved {prefix}.json and {prefix}.pdiparams; load with "
+          f"dpn_fast.inference.create_predictor({prefix!r})")
 
 
 def cmd_info(args):
@@ -96,6 +130,23 @@ def build_parser():
     p.add_argument("--repeat", type=int, default=5)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("bench", help="time reference vs fused on random images")
+    p.add_argument("--model", default="DPN92", choices=MODEL_NAMES)
+    p.add_argument("--weights")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--device", default="cpu", help="cpu or gpu")
+    p.add_argument("--repeat", type=int, default=10)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="save a model for Paddle Inference")
+    p.add_argument("--model", default="DPN92", choices=MODEL_NAMES)
+    p.add_argument("--weights")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--fused", action="store_true", help="export the fused model")
+    p.add_argument("--image-size", type=int, default=224)
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("info", help="parameter and MAC counts")
     p.add_argument("models", nargs="*", default=list(MODEL_NAMES))
     p.set_defaults(func=cmd_info)
@@ -104,9 +155,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if getattr(args, "topk", 1) < 1:
-        print("dpn-fast: error: --topk must be at least 1", file=sys.stderr)
-        return 2
+    for option in ("topk", "repeat", "batch_size", "image_size"):
+        if getattr(args, option, 1) < 1:
+            print(f"dpn-fast: error: --{option.replace('_', '-')} must be at least 1",
+                  file=sys.stderr)
+            return 2
     from dpn_fast.checkpoint import CheckpointError
 
     try:

@@ -3,11 +3,18 @@
 Sub-layer names (conv1_x_1_func, dpn{i}.c1x1_a_func._batch_norm, conv5_x_x_bn, out, ...) are
 PaddleClas's, so its .pdparams load unchanged. No ParamAttr names are fixed, so any number of
 models can live in one process.
+
+`fused=True` runs the same layers and parameters through the fused ops:
+  block tail + next block's head: split + add + concat + concat + BN + ReLU (two BNs before a
+      projection block, the final BN after the last block)  ->  dual_path_merge_bn_relu
+  c3x3_b's grouped conv + c1x1_c's BN + ReLU                 ->  GroupedConvBNReLUFolder
+The 1x1 convolutions, the stem and the BN + ReLU between c1x1_a and c3x3_b stay Paddle ops.
 """
 import paddle
 import paddle.nn as nn
 
 from dpn_fast.models.config import CONFIGS, block_shapes
+from dpn_fast.ops import GroupedConvBNReLUFolder, dual_path_merge_bn_relu
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
@@ -47,7 +54,7 @@ class DualPathBlock(nn.Layer):
     """One DPN block. Input and output are (resid, dense) pairs; the stage-0 projection block
     takes the stem's output as a single tensor."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, fused):
         super().__init__()
         self.shape = shape
         in_channels = shape.in_resid + shape.in_dense
@@ -59,6 +66,27 @@ class DualPathBlock(nn.Layer):
         self.c3x3_b_func = BNACConvLayer(r, r, 3, stride=shape.stride, padding=1,
                                          groups=shape.groups)
         self.c1x1_c_func = BNACConvLayer(r, bw + inc, 1)
+        if fused:
+            self.conv_bn_relu = GroupedConvBNReLUFolder(self.c3x3_b_func._conv,
+                                                        self.c1x1_c_func._batch_norm)
+
+    def head_batch_norms(self):
+        """The BN(s) applied to this block's input concat: (c1x1_w's, c1x1_a's) or c1x1_a's."""
+        bn_a = self.c1x1_a_func._batch_norm
+        return (self.c1x1_w_func._batch_norm, bn_a) if self.has_proj else bn_a
+
+    def forward_fused(self, resid, dense, acts, next_batch_norms):
+        """`acts`: head_batch_norms() applied to the block's input, computed by the previous
+        merge. Returns (resid, dense, next block's acts)."""
+        if self.has_proj:
+            act_w, act_a = acts
+            resid, dense = paddle.split(self.c1x1_w_func._conv(act_w),
+                                        [self.shape.resid, 2 * self.shape.inc], axis=1)
+        else:
+            act_a = acts
+        a = self.c3x3_b_func._batch_norm(self.c1x1_a_func._conv(act_a))
+        y = self.c1x1_c_func._conv(self.conv_bn_relu(a))
+        return dual_path_merge_bn_relu(resid, dense, y, next_batch_norms)
 
     def forward(self, x):
         data_in = paddle.concat(x, axis=1) if isinstance(x, (list, tuple)) else x
@@ -77,8 +105,6 @@ class DPN(nn.Layer):
         super().__init__()
         if model_name not in CONFIGS:
             raise ValueError(f"unknown model {model_name!r}; choose one of {sorted(CONFIGS)}")
-        if fused:
-            raise NotImplementedError("fused=True lands with the fused-op issues")
         cfg = CONFIGS[model_name]
         self.model_name = model_name
         self.fused = fused
@@ -88,7 +114,7 @@ class DPN(nn.Layer):
         self.pool2d_max = nn.MaxPool2D(kernel_size=3, stride=2, padding=1)
         self.blocks = []
         for i, shape in enumerate(block_shapes(model_name), start=1):
-            self.blocks.append(self.add_sublayer(f"dpn{i}", DualPathBlock(shape)))
+            self.blocks.append(self.add_sublayer(f"dpn{i}", DualPathBlock(shape, fused)))
         last = self.blocks[-1].shape
         out_channels = last.resid + last.dense_before + last.inc
         self.conv5_x_x_bn = _batch_norm(out_channels)
@@ -97,9 +123,36 @@ class DPN(nn.Layer):
         self.out = nn.Linear(out_channels, class_num,
                              weight_attr=paddle.ParamAttr(initializer=nn.initializer.Uniform(-stdv, stdv)))
 
+    def _check_input(self, x):
+        if len(x.shape) != 4:
+            raise ValueError(f"{self.model_name}: input must be 4-D [N, 3, H, W], got shape "
+                             f"{list(x.shape)}")
+        if x.shape[1] != 3:
+            raise ValueError(f"{self.model_name}: input must have 3 channels (RGB), got shape "
+                             f"{list(x.shape)}")
+        dtype = self.out.weight.dtype
+        if x.dtype != dtype:
+            raise ValueError(f"{self.model_name}: input dtype {x.dtype} does not match the "
+                             f"model's {dtype} parameters (float input expected; cast it or "
+                             f"the model with .to(dtype=...))")
+
     def forward(self, x):
+        self._check_input(x)
         h = self.pool2d_max(self.conv1_x_1_func(x))
-        for block in self.blocks:
-            h = block(h)
-        h = self.conv5_x_x_bn(paddle.concat(h, axis=1))
+        if self.fused:
+            h = self._forward_blocks_fused(h)
+        else:
+            for block in self.blocks:
+                h = block(h)
+            h = self.conv5_x_x_bn(paddle.concat(h, axis=1))
         return self.out(paddle.flatten(self.pool2d_avg(h), start_axis=1))
+
+    def _forward_blocks_fused(self, stem):
+        """Blocks + final concat/BN/ReLU; each merge also computes the next block's head."""
+        bn_w, bn_a = self.blocks[0].head_batch_norms()
+        acts = (bn_w(stem), bn_a(stem))
+        resid = dense = None
+        heads = [block.head_batch_norms() for block in self.blocks[1:]] + [self.conv5_x_x_bn]
+        for block, next_batch_norms in zip(self.blocks, heads):
+            resid, dense, acts = block.forward_fused(resid, dense, acts, next_batch_norms)
+        return acts

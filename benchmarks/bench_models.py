@@ -1,0 +1,68 @@
+"""End to end: every DPN, reference vs fused, eval (and one training step), same process.
+
+`pytest benchmarks/bench_models.py` groups each (model, device, batch) so the two variants sit
+side by side; `--benchmark-autosave` then `--benchmark-compare` tracks them across commits.
+"""
+import numpy as np
+import paddle
+import pytest
+from harness import BATCHES, DEVICES, synchronize
+
+import dpn_fast
+
+CASES = [(name, device, batch) for name in dpn_fast.MODEL_NAMES for device in DEVICES
+         for batch in BATCHES[device]]
+_models = {}
+
+
+def model_pair(name, device):
+    """Reference and fused models sharing one set of (random, seeded) weights."""
+    if (name, device) not in _models:
+        paddle.set_device(device)
+        paddle.seed(0)
+        reference = dpn_fast.create_model(name)
+        fused = dpn_fast.create_model(name, fused=True)
+        fused.set_state_dict(reference.state_dict())
+        _models.clear()  # keep one pair alive: the big models are ~350 MB each
+        _models[(name, device)] = (reference, fused)
+    return _models[(name, device)]
+
+
+@pytest.mark.parametrize("variant", ["reference", "fused"])
+@pytest.mark.parametrize("name,device,batch", CASES)
+def test_eval(benchmark, name, device, batch, variant):
+    reference, fused = model_pair(name, device)
+    model = fused if variant == "fused" else reference
+    model.eval()
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)), "float32")
+    benchmark.group = f"eval {name} {device} batch {batch}"
+
+    def run():
+        with paddle.no_grad():
+            model(x)
+        synchronize(device)
+
+    benchmark.pedantic(run, rounds=3 if batch > 1 else 5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("variant", ["reference", "fused"])
+def test_train_step(benchmark, variant):
+    """One SGD step of DPN92 at batch 4, 112x112 (small enough for a 2-core CPU)."""
+    reference, fused = model_pair("DPN92", DEVICES[-1])
+    model = fused if variant == "fused" else reference
+    model.train()
+    optimizer = paddle.optimizer.SGD(learning_rate=0.0, parameters=model.parameters())
+    rng = np.random.default_rng(1)
+    x = paddle.to_tensor(rng.standard_normal((4, 3, 112, 112)), "float32")
+    labels = paddle.to_tensor(rng.integers(0, 1000, (4, 1)))
+    benchmark.group = f"train step DPN92 {DEVICES[-1]} batch 4 112x112"
+
+    def step():
+        loss = paddle.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        synchronize(DEVICES[-1])
+
+    benchmark.pedantic(step, rounds=2, warmup_rounds=1)
+    model.eval()

@@ -1,0 +1,160 @@
+"""DPN(fused=True) against the plain-Paddle reference and a float64 reference."""
+import numpy as np
+import paddle
+import pytest
+from utils import assert_matches_reference
+
+import dpn_fast
+from dpn_fast.inference import create_predictor, export, run_predictor
+
+SLOW = {"DPN98", "DPN107", "DPN131"}
+MODELS = [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in dpn_fast.MODEL_NAMES]
+
+
+def random_state(model, seed):
+    """Random weights and BN statistics (BN at init is the identity, which hides mistakes)."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, value in model.state_dict().items():
+        shape = value.shape
+        if key.endswith("_variance"):
+            state[key] = rng.uniform(0.5, 1.5, shape)
+        elif key.endswith("_mean") or key.endswith(".bias"):
+            state[key] = rng.normal(0.0, 0.1, shape)
+        elif key.endswith("_batch_norm.weight") or key.startswith("conv5_x_x_bn.weight"):
+            state[key] = rng.uniform(0.5, 1.5, shape)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            state[key] = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+    return {k: v.astype("float32") for k, v in state.items()}
+
+
+def build_trio(name, seed=0):
+    """(reference fp32, fused fp32, reference fp64), all with the same random state."""
+    reference = dpn_fast.create_model(name)
+    state = random_state(reference, seed)
+    reference.set_state_dict(state)
+    fused = dpn_fast.create_model(name, fused=True)
+    fused.set_state_dict(state)
+    reference64 = dpn_fast.create_model(name)
+    reference64.set_state_dict(state)
+    reference64.to(dtype="float64")
+    return reference, fused, reference64
+
+
+def images(shape, seed=1):
+    return np.random.default_rng(seed).standard_normal(shape).astype("float32")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_matches_float64_reference(name):
+    reference, fused, reference64 = build_trio(name)
+    x = images((3, 3, 64, 64))
+    for model in (reference, fused, reference64):
+        model.eval()
+    with paddle.no_grad():
+        ref32 = reference(paddle.to_tensor(x)).numpy()
+        ref64 = reference64(paddle.to_tensor(x.astype("float64"))).numpy()
+        out = fused(paddle.to_tensor(x)).numpy()
+    assert_matches_reference(out, ref64, ref32, name=f"{name} fused logits")
+
+
+def test_dpn92_eval_at_224():
+    reference, fused, reference64 = build_trio("DPN92", seed=3)
+    x = images((1, 3, 224, 224), seed=4)
+    for model in (reference, fused, reference64):
+        model.eval()
+    with paddle.no_grad():
+        ref32 = reference(paddle.to_tensor(x)).numpy()
+        ref64 = reference64(paddle.to_tensor(x.astype("float64"))).numpy()
+        out = fused(paddle.to_tensor(x)).numpy()
+    assert_matches_reference(out, ref64, ref32, name="DPN92 fused logits at 224")
+    assert (np.argsort(-out[0])[:5] == np.argsort(-ref64[0])[:5]).all()
+
+
+def train_steps(model, x, labels, steps, dtype):
+    """SGD steps; returns (losses, last gradients by name)."""
+    model.train()
+    optimizer = paddle.optimizer.Momentum(learning_rate=0.05, momentum=0.9,
+                                          parameters=model.parameters())
+    losses = []
+    for _ in range(steps):
+        loss = paddle.nn.functional.cross_entropy(model(paddle.to_tensor(x.astype(dtype))),
+                                                  paddle.to_tensor(labels))
+        loss.backward()
+        grads = {p.name: p.grad.numpy().copy() for p in model.parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.clear_grad()
+        losses.append(float(loss))
+    names = [p.name for p in model.parameters()]
+    return np.array(losses), [grads.get(n) for n in names]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_matches_reference(name):
+    """Losses, gradients and BN running statistics after a few momentum-SGD steps."""
+    reference, fused, reference64 = build_trio(name, seed=5)
+    x = images((3, 3, 32, 32), seed=6)
+    labels = np.random.default_rng(7).integers(0, 1000, (3, 1))
+    results = [train_steps(m, x, labels, 3, d) for m, d in
+               ((reference, "float32"), (fused, "float32"), (reference64, "float64"))]
+    (loss32, grads32), (loss_fused, grads_fused), (loss64, grads64) = results
+    assert_matches_reference(loss_fused, loss64, loss32, name=f"{name} losses")
+    for g_fused, g32, g64, param in zip(grads_fused, grads32, grads64, reference.parameters()):
+        assert g_fused is not None and g32 is not None
+        assert_matches_reference(g_fused, g64, g32, name=f"{name} grad of {param.name}")
+    states = [m.state_dict() for m in (fused, reference, reference64)]
+    for key in states[0]:
+        if key.endswith("_mean") or key.endswith("_variance"):
+            assert_matches_reference(states[0][key].numpy(), states[2][key].numpy(),
+                                     states[1][key].numpy(), name=f"{name} {key}")
+
+
+def test_state_dicts_are_interchangeable():
+    reference = dpn_fast.DPN68()
+    fused = dpn_fast.DPN68(fused=True)
+    assert [(k, v.shape) for k, v in reference.state_dict().items()] == \
+        [(k, v.shape) for k, v in fused.state_dict().items()]
+
+
+def test_new_weights_are_used_after_eval(tmp_path):
+    """A checkpoint loaded after the fused model has run must not be shadowed by cached folds."""
+    reference, fused, _ = build_trio("DPN68", seed=8)
+    fused.eval()
+    reference.eval()
+    x = paddle.to_tensor(images((1, 3, 32, 32), seed=9))
+    with paddle.no_grad():
+        fused(x)
+        new_state = random_state(reference, seed=10)
+        reference.set_state_dict(new_state)
+        path = str(tmp_path / "new.pdparams")
+        paddle.save(new_state, path)
+        dpn_fast.load_checkpoint(fused, path)
+        np.testing.assert_allclose(fused(x).numpy(), reference(x).numpy(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_fused_export_predictor_round_trip(tmp_path, use_onednn):
+    reference, fused, _ = build_trio("DPN68", seed=11)
+    reference.eval()
+    x = images((2, 3, 64, 64), seed=12)
+    with paddle.no_grad():
+        expected = reference(paddle.to_tensor(x)).numpy()
+    prefix = export(fused, str(tmp_path / "dpn68_fused"), image_size=64)
+    program = open(prefix + ".json").read()
+    assert "dpn_fast_" in program  # the fused ops, not a fallback, were exported
+    logits = run_predictor(create_predictor(prefix, use_onednn=use_onednn), x)
+    np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shape,dtype,match", [
+    ((3, 224, 224), "float32", "4-D"),
+    ((1, 4, 64, 64), "float32", "3 channels"),
+    ((1, 3, 64, 64), "int32", "float"),
+])
+def test_bad_inputs_raise_clear_errors(fused, shape, dtype, match):
+    model = dpn_fast.DPN68(fused=fused)
+    model.eval()
+    with pytest.raises(ValueError, match=match):
+        model(paddle.to_tensor((np.random.default_rng(0).standard_normal(shape) * 4).astype(dtype)))
