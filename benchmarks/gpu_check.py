@@ -240,7 +240,10 @@ def _check_status(name, status):
 
 # ---- dual_path_merge: csrc/dual_path_merge.h, kernels/dual_path_merge.py -------------------------
 # forward(resid, dense, y|None, scale|None, shift|None, resid_out|None, dense_out|None, act|None,
-#         n, r, d, inc, hw, num_acts); scale/shift fp32 [A, C]; act [A, n, C, H, W]; C = r + d + inc.
+#         n, r, d, inc, hw, num_acts[, dense_capacity]); scale/shift fp32 [A, C]; act [A, n, C, H, W];
+#         C = r + d + inc. dense_capacity > 0 (backends with has("buffer")): stage-buffer form,
+#         dense is dense_out, a [n, dense_capacity] buffer whose first d channels are read and
+#         whose channels d .. d + inc get y's dense part.
 # backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift, g_resid, g_dense, g_y|None,
 #          n, r, d, inc, hw, num_acts)
 
@@ -281,19 +284,19 @@ class MergeCuda:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         shape = [i64] * 5 + [ctypes.c_int, p]  # n, r, d, inc, hw, dtype, stream
         affine, planes = ctypes.POINTER(ChannelAffine), ctypes.POINTER(p)
-        signatures = {"forward": [p, p, p, affine, p, p, planes] + shape,
+        signatures = {"forward": [p, p, p, affine, p, p, planes] + shape[:5] + [i64] + shape[5:],
                       "backward": [p, p, p, p, planes, affine, p, p, p] + shape}
         self.fns = _bind(lib, MERGE_SYMBOLS, signatures)
         self.fwd, self.bwd = self.fns.get("forward"), self.fns.get("backward")
 
     def has(self, method):
-        return method in self.fns
+        return method in self.fns or (method == "buffer" and "forward" in self.fns)
 
     def forward(self, resid, dense, y, scale, shift, resid_out, dense_out, act, n, r, d, inc, hw,
-                num_acts):
+                num_acts, dense_capacity=0):
         status = self.fwd(_ptr(resid), _ptr(dense), _ptr(y), _folded_affine(scale, shift, num_acts),
                           _ptr(resid_out), _ptr(dense_out), _planes(act, num_acts) if num_acts else None,
-                          n, r, d, inc, hw, _dtype_code(resid), _stream())
+                          n, r, d, inc, hw, dense_capacity, _dtype_code(resid), _stream())
         _check_status("dpn_fast_dual_path_merge_forward_cuda", status)
 
     def backward(self, x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift, g_resid,
@@ -328,14 +331,17 @@ class MergeTorch:
 
     @staticmethod
     def has(method):
-        return method in MERGE_SYMBOLS
+        return method in MERGE_SYMBOLS or method == "buffer"
 
     def forward(self, resid, dense, y, scale, shift, resid_out, dense_out, act, n, r, d, inc, hw,
-                num_acts):
+                num_acts, dense_capacity=0):
         if y is not None:
             resid_out.copy_(resid + y[:, :r])
-            dense_out.copy_(torch.cat([dense[:, :d], y[:, r:]], 1))
-            x = torch.cat([resid_out, dense_out], 1)
+            if dense_capacity:  # stage buffer: dense is dense_out; append y's dense part
+                dense_out[:, d:d + inc].copy_(y[:, r:])
+            else:
+                dense_out.copy_(torch.cat([dense[:, :d], y[:, r:]], 1))
+            x = torch.cat([resid_out, dense_out[:, :d + inc]], 1)
         else:
             x = torch.cat([resid, dense[:, :d]], 1)
         for a in range(num_acts):
@@ -516,8 +522,8 @@ def probe_c_abi(lib):
         if not merge.has(method):
             found[symbol] = "absent"
         elif method == "forward":
-            found[symbol] = merge.fwd(None, None, None, None, None, None, None, 1, 1, 1, 1, 1, 99,
-                                      None)
+            found[symbol] = merge.fwd(None, None, None, None, None, None, None, 1, 1, 1, 1, 1, 0,
+                                      99, None)
         else:
             found[symbol] = merge.bwd(None, None, None, None, None, None, None, None, None,
                                       1, 1, 1, 1, 1, 99, None)
@@ -639,6 +645,26 @@ def check_merge_case(backend, case, n, dtype, device, gen, report, section):
         report.add(section, {"op": "merge", "backend": backend.name, "case": case.label, "n": n,
                              "dtype": dn, "pass": "fwd", "out": out_name,
                              **compare(actual, ref64, plain_t, dn)})
+    if has_y and backend.has("buffer"):
+        # Stage-buffer form: dense channels live in a wider buffer; only d .. d + inc are written.
+        capacity = d + inc + 3
+        buffer = nan_like((n, capacity, hw, hw), device, dtype)
+        buffer[:, :d] = dense[:, :d]
+        resid_out_b = nan_like((n, r, hw, hw), device, dtype)
+        act_b = nan_like((acts, n, c, hw, hw), device, dtype) if acts else None
+        backend.forward(resid, buffer, y, scale, shift, resid_out_b, buffer, act_b,
+                        n, r, d, inc, hw * hw, acts, capacity)
+        rows = [("resid_out", resid_out_b, ref[0], plain[0]),
+                ("dense_out", buffer[:, :d + inc], ref[1], plain[1])]
+        rows += [(f"act{a}", act_b[a], ref[2][a], plain[2][a]) for a in range(acts)]
+        for out_name, actual, ref64, plain_t in rows:
+            report.add(section, {"op": "merge", "backend": backend.name, "case": case.label,
+                                 "n": n, "dtype": dn, "pass": "fwd-buffer", "out": out_name,
+                                 **compare(actual, ref64, plain_t, dn)})
+        untouched = bool(torch.isnan(buffer[:, d + inc:]).all())
+        report.add(section, {"op": "merge", "backend": backend.name, "case": case.label, "n": n,
+                             "dtype": dn, "pass": "fwd-buffer", "out": "channels past d+inc",
+                             "ok": untouched, "note": "must stay unwritten (NaN)"})
 
     if not has_y or not backend.has("backward"):
         return
@@ -967,13 +993,26 @@ def time_merges(report, backends, merges, batches, dtypes, device, quick, copy_g
                         b.forward(resid, dense, y, scale, shift, resid_out, dense_out, act,
                                   n, r, d, inc, hw * hw, acts)
                     row[f"{backend.name}_ms"] = _timed(report, fused, iters, graph=False)
-                    ms = _timed(report, fused, iters, graph=device == "cuda")
-                    row[f"{backend.name}_graph_ms"] = ms
-                    if ms is not None:
-                        gbs = nbytes / (ms * 1e-3) / 1e9
-                        row[f"{backend.name}_GBps"] = gbs
-                        row[f"{backend.name}_%copy"] = 100 * gbs / copy_gbs
-                        best = ms if best is None else min(best, ms)
+                    variants = [(backend.name, fused, nbytes)]
+                    if backend.has("buffer"):
+                        # Stage-buffer form: the d old dense channels are read, not copied.
+                        capacity = d + inc
+                        buffer = torch.empty((n, capacity, hw, hw), device=device, dtype=dtype)
+                        buffer[:, :d] = dense
+
+                        def fused_buffer(b=backend, buffer=buffer, capacity=capacity):
+                            b.forward(resid, buffer, y, scale, shift, resid_out, buffer, act,
+                                      n, r, d, inc, hw * hw, acts, capacity)
+                        variants.append((f"{backend.name}_buffer", fused_buffer,
+                                         nbytes - resid.element_size() * n * hw * hw * d))
+                    for name, fn, moved in variants:
+                        ms = _timed(report, fn, iters, graph=device == "cuda")
+                        row[f"{name}_graph_ms"] = ms
+                        if ms is not None:
+                            gbs = moved / (ms * 1e-3) / 1e9
+                            row[f"{name}_GBps"] = gbs
+                            row[f"{name}_%copy"] = 100 * gbs / copy_gbs
+                            best = ms if best is None else min(best, ms)
                 if best is not None and row["unfused_graph_ms"]:
                     row["speedup_vs_unfused"] = row["unfused_graph_ms"] / best
                 report.add("merge timing", row)
@@ -1060,11 +1099,14 @@ def calibrate_batch_norm(model, device, dtype, batches=3, n=8):
 
 
 class FusedOps:
-    """The fused ops for the e2e model, on one merge and one conv adapter."""
+    """The fused ops for the e2e model, on one merge and one conv adapter; `buffered`: the merge's
+    stage-buffer form (each stage's dense channels in one buffer, appended to in place)."""
 
-    def __init__(self, merge, conv):
-        self.merge_impl, self.conv_impl = merge, conv
+    def __init__(self, merge, conv, buffered=False):
+        self.merge_impl, self.conv_impl, self.buffered = merge, conv, buffered
         self.name = merge.name if merge.name == conv.name else f"{merge.name}+{conv.name}"
+        if buffered:
+            self.name += " stage-buffer"
 
     def head(self, x, scale, shift):
         """BN+ReLU outputs of x (the merge's head-only form: d = inc = 0)."""
@@ -1085,6 +1127,18 @@ class FusedOps:
         self.merge_impl.forward(resid, dense, y, scale, shift, resid_out, dense_out, act,
                                 n, r, d, inc, h * w, acts)
         return resid_out, dense_out, act
+
+    def merge_into(self, resid, buffer, d, y, scale, shift):
+        """Stage-buffer form: y's dense part goes to buffer[:, d:d + inc]; (resid_out, act)."""
+        n, r, h, w = resid.shape
+        inc = y.shape[1] - r
+        acts = 0 if scale is None else scale.shape[0]
+        resid_out = torch.empty_like(resid)
+        act = (torch.empty((acts, n, r + d + inc, h, w), device=y.device, dtype=y.dtype)
+               if acts else None)
+        self.merge_impl.forward(resid, buffer, y, scale, shift, resid_out, buffer, act,
+                                n, r, d, inc, h * w, acts, buffer.shape[1])
+        return resid_out, act
 
     def conv(self, x, weight, bias, stride, groups):
         """weight: as the conv backend takes it (its .weight(w_folded, dtype))."""
@@ -1160,6 +1214,15 @@ class FusedDPN:
         self.final = feats.conv5_bn_ac
         with torch.no_grad():
             self.blocks = [FusedBlock(m, dtype, ops.conv_impl) for m in feats if isinstance(m, DualPathBlock)]
+        # Dense channels a stage ends with: its buffer's capacity in the stage-buffer form.
+        for i, blk in enumerate(self.blocks):
+            if blk.w_proj is not None:
+                stage = [blk]
+                for nxt in self.blocks[i + 1:]:
+                    if nxt.w_proj is not None:
+                        break
+                    stage.append(nxt)
+                blk.stage_capacity = blk.w_proj[1].shape[0] + sum(b.inc for b in stage)
 
     def __call__(self, x):
         with torch.no_grad():
@@ -1170,17 +1233,29 @@ class FusedDPN:
         first = self.blocks[0]
         acts = self.ops.head(x, first.head_scale, first.head_shift)
         resid = dense = None
+        d = 0  # dense channels so far in the stage buffer (`dense`, stage-buffer form)
         for i, blk in enumerate(self.blocks):
             if blk.w_proj is not None:
                 resid = F.conv2d(acts[1], blk.w_proj[0], stride=blk.stride)
                 dense = F.conv2d(acts[1], blk.w_proj[1], stride=blk.stride)
+                if self.ops.buffered:
+                    d = dense.shape[1]
+                    buffer = dense.new_empty((dense.shape[0], blk.stage_capacity, *dense.shape[2:]))
+                    buffer[:, :d] = dense
+                    dense = buffer
             h = torch.relu_(F.conv2d(acts[0], blk.w_a, blk.b_a))
             h = self.ops.conv(h, blk.w_b, blk.b_b, blk.stride, blk.groups)
             y = F.conv2d(h, blk.w_c)
             nxt = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
-            resid, dense, acts = self.ops.merge(resid, dense, y,
-                                                None if nxt is None else nxt.head_scale,
-                                                None if nxt is None else nxt.head_shift)
+            scale = None if nxt is None else nxt.head_scale
+            shift = None if nxt is None else nxt.head_shift
+            if self.ops.buffered:
+                resid, acts = self.ops.merge_into(resid, dense, d, y, scale, shift)
+                d += blk.inc
+            else:
+                resid, dense, acts = self.ops.merge(resid, dense, y, scale, shift)
+        if self.ops.buffered:
+            dense = dense[:, :d]
         x = self.final(torch.cat([resid, dense], 1))  # BN + ELU: not a ReLU head, stays timm's
         return self.model.forward_head(x)
 
@@ -1191,7 +1266,13 @@ def e2e_pairs(backends):
     for kind in ("merge", "conv"):
         for b in backends[kind]:
             by_name.setdefault(b.name, {})[kind] = b
-    return [FusedOps(ops["merge"], ops["conv"]) for ops in by_name.values() if len(ops) == 2]
+    pairs = []
+    for ops in by_name.values():
+        if len(ops) == 2:
+            pairs.append(FusedOps(ops["merge"], ops["conv"]))
+            if ops["merge"].has("buffer"):
+                pairs.append(FusedOps(ops["merge"], ops["conv"], buffered=True))
+    return pairs
 
 
 class EndToEnd:
@@ -1200,7 +1281,7 @@ class EndToEnd:
 
     def __init__(self, report, timm, backends, device, batches, quick):
         self.report, self.device, self.batches, self.quick = report, device, batches, quick
-        self.ops_list = e2e_pairs(backends) + [FusedOps(MergeTorch(), ConvTorch())]
+        self.ops_list = e2e_pairs(backends) + e2e_pairs(TORCH_ONLY())
         self.base = timm.create_model("dpn92", pretrained=False).to(device)
         calibrate_batch_norm(self.base, device, torch.float32, n=2 if device == "cpu" else 16)
         self.gen = torch.Generator().manual_seed(5)
