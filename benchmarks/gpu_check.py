@@ -804,22 +804,27 @@ def bn_relu_backward_reference(y, out, dout, gamma, mean, invstd):
     return {"dy": dy, "dgamma": dgamma, "dbeta": dbeta}
 
 
-def run_correctness(report, backends, merges, convs, dtypes, n, device):
+def run_correctness(report, backends, merges, convs, dtypes, n, device, first=()):
+    """Every (case, dtype, backend), most informative first so that a budget cut loses least:
+    all conv shapes and the `first` merges in each dtype, then the other merges."""
     gen = torch.Generator().manual_seed(0)
     section = "correctness"
-    for backend in backends["merge"]:
-        for case in merges:
-            for dtype in dtypes:
-                if report.past(PHASE_END["correctness"]):
-                    report.note("correctness: budget reached, remaining cases skipped")
-                    return
-                _guarded(report, section, f"merge/{backend.name}/{case.label}/{dtype}",
-                         check_merge_case, backend, case, n, dtype, device, gen, report, section)
-    for backend in backends["conv"]:
+    jobs = []
+    for dtype in dtypes:
         for case in convs:
-            for dtype in dtypes:
-                _guarded(report, section, f"conv/{backend.name}/{case.label}/{dtype}",
-                         check_conv_case, backend, case, n, dtype, device, gen, report, section)
+            jobs += [(check_conv_case, b, case, dtype) for b in backends["conv"]]
+        for case in [m for m in merges if m in first]:
+            jobs += [(check_merge_case, b, case, dtype) for b in backends["merge"]]
+    for dtype in dtypes:
+        for case in [m for m in merges if m not in first]:
+            jobs += [(check_merge_case, b, case, dtype) for b in backends["merge"]]
+    for i, (check, backend, case, dtype) in enumerate(jobs):
+        if report.past(PHASE_END["correctness"]):
+            report.note(f"correctness: budget reached, {len(jobs) - i} of {len(jobs)} cases skipped")
+            return
+        op = "conv" if check is check_conv_case else "merge"
+        _guarded(report, section, f"{op}/{backend.name}/{case.label}/{dtype}",
+                 check, backend, case, n, dtype, device, gen, report, section)
 
 
 def _guarded(report, section, what, fn, *args):
@@ -1589,7 +1594,7 @@ def main(argv=None):
                                 [torch.float32], 1, device)
             else:
                 run_correctness(report, backends, timed_merges if args.quick else merges, convs,
-                                dtypes, 2, device)
+                                dtypes, 2, device, first=timed_merges)
             summarize_correctness(report)
 
     if sanitizer is not None:
