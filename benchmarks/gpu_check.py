@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -884,7 +885,10 @@ def start_sanitizer(report, lib_path):
            "--sanitize-case", "all", "--lib", str(lib_path), "--out", str(report.out_dir)]
     log(f"   starting {' '.join(cmd)} (log: {log_path})")
     handle = open(log_path, "w")
-    return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env), handle, log_path
+    # Own session: on timeout the sanitizer and the python it runs are killed together.
+    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    return proc, handle, log_path
 
 
 def finish_sanitizer(report, started, timeout_s):
@@ -892,7 +896,7 @@ def finish_sanitizer(report, started, timeout_s):
     try:
         rc = proc.wait(timeout=max(timeout_s, 1))
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         rc = "timeout"
     handle.close()
