@@ -1404,7 +1404,7 @@ def evaluate_targets(report):
     pct = [max(v for k, v in r.items() if k.endswith("%copy") and v is not None) for r in merges
            if any(k.endswith("%copy") and r[k] is not None for k in r)]
     verdicts.append(("merge >= 80% of copy bandwidth (fp16, n=64, every timed shape)",
-                     _verdict(pct and min(pct) >= 80, pct, f"min {min(pct):.0f}%" if pct else "")))
+                     _verdict(pct and min(pct) >= 80, pct, f"min {min(pct):.0f}% over {len(pct)} shapes" if pct else "")))
     convs = [r for r in report.tables.get("conv timing", []) if r["dtype"] == "float16"]
 
     def best_speedup(r):
@@ -1414,10 +1414,10 @@ def evaluate_targets(report):
     s1 = [best_speedup(r) for r in convs if r["n"] == 1]
     verdicts.append(("fused conv >= 2x cuDNN conv+BN+ReLU at every stage shape (fp16, n=64)",
                      _verdict(s64 and None not in s64 and min(s64) >= 2, s64,
-                              f"min {min(s64):.2f}x" if s64 and None not in s64 else "")))
+                              f"min {min(s64):.2f}x over {len(s64)} shapes" if s64 and None not in s64 else "")))
     verdicts.append(("fused conv not slower than cuDNN conv+BN+ReLU (fp16, n=1)",
                      _verdict(s1 and None not in s1 and min(s1) >= 1, s1,
-                              f"min {min(s1):.2f}x" if s1 and None not in s1 else "")))
+                              f"min {min(s1):.2f}x over {len(s1)} shapes" if s1 and None not in s1 else "")))
     e2e = {(r["model"], r["dtype"], r["n"]): r["ms"]
            for r in report.tables.get("e2e timing (timm dpn92, 224x224)", [])}
     eager = e2e.get(("timm eager", "float16", 64))
