@@ -1,0 +1,374 @@
+"""Dual-path merge: the tail of a DPN block fused with the BN+ReLU head(s) of the next.
+
+    resid_out = resid + y[:, :R]
+    dense_out = concat([dense, y[:, R:]], 1)
+    act       = relu(concat([resid_out, dense_out], 1) * scale + shift)
+
+`scale`/`shift` are an eval BatchNorm folded per channel (see `fold_batch_norm`), of shape [C]
+(one output, act [N, C, H, W]) or [A, C] with A <= 2 (act [A, N, C, H, W]: a projection block
+applies its two BNs, c1x1_w's and c1x1_a's, to the same concat). The `*_bn_relu` forms take the
+paddle.nn.BatchNorm layer(s) instead: in eval the kernels fold the BN parameters per channel as
+they run (nothing is cached, so optimizer steps and set_state_dict are always seen), in training
+they run the fused merge and then paddle's own batch_norm, so running statistics update exactly
+as the layer's do. Only the activations get gradients from the fused eval kernels; scale, shift
+and BN parameters are treated as constants there (use training mode to train BN).
+
+Backends: "cpu" (C++/OpenMP, float32), "cuda" (float32/float16/bfloat16), "triton" (GPU, or CPU
+under TRITON_INTERPRET=1), "reference" (the plain-Paddle sequence), "auto". Under
+paddle.jit.to_static, "auto" records the custom op, which picks CPU or CUDA when it runs.
+"""
+import paddle
+import paddle.nn.functional as F
+from paddle.autograd import PyLayer
+
+from dpn_fast._extension import run_op
+from dpn_fast.ops._backend import resolve_backend, triton_arg
+
+__all__ = ["dual_path_merge", "concat_bn_relu", "fold_batch_norm", "dual_path_merge_bn_relu"]
+
+_FLOAT_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16)
+_MAX_ACTS = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+@paddle.jit.not_to_static
+def dual_path_merge(resid, dense, y, scale=None, shift=None, backend="auto"):
+    """(resid_out, dense_out), or (resid_out, dense_out, act) when scale/shift are given."""
+    op = "dual_path_merge"
+    resid, dense, y = _check_activations(op, resid, dense, y)
+    affine = _check_scale_shift(op, resid, dense, y, scale, shift)
+    backend = _resolve(backend, resid, op)
+    if backend == "reference":
+        return reference_dual_path_merge(resid, dense, y, scale, shift)
+    if backend == "triton":
+        return _triton_merge(resid, dense, y, *(affine or ()))
+    if affine is None:
+        return tuple(run_op("dpn_fast_dual_path_merge", resid, dense, y))
+    return tuple(run_op("dpn_fast_dual_path_merge_bn_relu", resid, dense, y, list(affine), []))
+
+
+@paddle.jit.not_to_static
+def concat_bn_relu(resid, dense, scale=None, shift=None, backend="auto", bn=None, training=None):
+    """relu(concat([resid, dense], 1) * scale + shift): the head of a block or the network's end.
+
+    Either scale/shift (see the module doc for shapes) or `bn`: a paddle.nn.BatchNorm with
+    act="relu", or a pair of them (then a tuple of two outputs). `training` defaults to the
+    layer's own mode.
+    """
+    op = "concat_bn_relu"
+    resid, dense = _check_activations(op, resid, dense)
+    if bn is not None:
+        if scale is not None or shift is not None:
+            raise ValueError(f"{op}: pass either scale/shift or bn, not both")
+        return _bn_relu(op, resid, dense, None, bn, training, backend)
+    if scale is None or shift is None:
+        raise ValueError(f"{op}: needs scale and shift (or bn=)")
+    affine = _check_scale_shift(op, resid, dense, None, scale, shift)
+    backend = _resolve(backend, resid, op)
+    if backend == "reference":
+        return reference_concat_bn_relu(resid, dense, scale, shift)
+    if backend == "triton":
+        return _triton_merge(resid, dense, None, *affine)[0]
+    return _single(run_op("dpn_fast_concat_bn_relu", resid, dense, list(affine), []))
+
+
+@paddle.jit.not_to_static
+def dual_path_merge_bn_relu(resid, dense, y, bn, training=None, backend="auto"):
+    """(resid_out, dense_out, act) with act = BN+ReLU of the merged concat by `bn`.
+
+    `bn`: a paddle.nn.BatchNorm with act="relu" (act is a tensor) or a pair of them (act is a
+    tuple of two tensors). `training` defaults to the layer's mode; in training the batch
+    statistics normalise and the running ones update exactly as in paddle.nn.BatchNorm.
+    """
+    op = "dual_path_merge_bn_relu"
+    resid, dense, y = _check_activations(op, resid, dense, y)
+    return _bn_relu(op, resid, dense, y, bn, training, backend)
+
+
+@paddle.no_grad()
+def fold_batch_norm(bn):
+    """(scale, shift) of an eval paddle.nn.BatchNorm: w / sqrt(var + eps), b - mean * scale."""
+    _check_batch_norm("fold_batch_norm", bn)
+    scale = bn.weight * paddle.rsqrt(bn._variance + bn._epsilon)
+    return scale, bn.bias - bn._mean * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-Paddle reference (what the fused ops replace; tests and benchmarks compare against it)
+
+
+def reference_dual_path_merge(resid, dense, y, scale=None, shift=None):
+    y_resid, y_dense = paddle.split(y, [resid.shape[1], y.shape[1] - resid.shape[1]], axis=1)
+    resid_out = paddle.add(resid, y_resid)
+    dense_out = paddle.concat([dense, y_dense], axis=1)
+    if scale is None:
+        return resid_out, dense_out
+    return resid_out, dense_out, reference_concat_bn_relu(resid_out, dense_out, scale, shift)
+
+
+def reference_concat_bn_relu(resid, dense, scale, shift):
+    x = paddle.concat([resid, dense], axis=1)
+    if scale.ndim == 1:
+        return F.relu(x * scale.reshape([1, -1, 1, 1]) + shift.reshape([1, -1, 1, 1]))
+    return F.relu(x.unsqueeze(0) * scale.reshape([scale.shape[0], 1, -1, 1, 1])
+                  + shift.reshape([shift.shape[0], 1, -1, 1, 1]))
+
+
+def reference_dual_path_merge_bn_relu(resid, dense, y, bn):
+    """The unfused DPN sequence: split + add + concat, then concat + BatchNorm(act=relu) layer(s)."""
+    resid_out, dense_out = reference_dual_path_merge(resid, dense, y)
+    x = paddle.concat([resid_out, dense_out], axis=1)
+    act = tuple(layer(x) for layer in bn) if isinstance(bn, (tuple, list)) else bn(x)
+    return resid_out, dense_out, act
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks (ValueError/TypeError here; the C++ ops check again as a second line)
+
+
+def _dynamic():
+    return paddle.in_dynamic_mode()
+
+
+def _check_activations(op, *tensors):
+    names = ("resid", "dense", "y")[:len(tensors)]
+    for name, t in zip(names, tensors):
+        if not isinstance(t, (paddle.Tensor, paddle.pir.Value)):
+            raise TypeError(f"{op}: '{name}' must be a paddle.Tensor, got {type(t).__name__}")
+        if len(t.shape) != 4:
+            raise ValueError(f"{op}: '{name}' must be 4-D NCHW, got shape {list(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{op}: '{name}' must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.dtype != tensors[0].dtype:
+            raise TypeError(f"{op}: '{name}' is {t.dtype} but 'resid' is {tensors[0].dtype}")
+    shapes = [list(t.shape) for t in tensors]
+    for axis, what in ((0, "batch"), (2, "height"), (3, "width")):
+        sizes = {s[axis] for s in shapes if s[axis] >= 0}  # -1: unknown under to_static
+        if len(sizes) > 1:
+            raise ValueError(f"{op}: {what} sizes differ: " + ", ".join(
+                f"{n} {s}" for n, s in zip(names, shapes)))
+    if len(tensors) == 3 and min(shapes[0][1], shapes[2][1]) >= 0 and shapes[2][1] <= shapes[0][1]:
+        raise ValueError(f"{op}: y has {shapes[2][1]} channels; it must have resid's "
+                         f"{shapes[0][1]} plus at least one new dense channel")
+    if not _dynamic():
+        return tensors
+    for name, t in zip(names, tensors):
+        if t.place._type() != tensors[0].place._type() or str(t.place) != str(tensors[0].place):
+            raise ValueError(f"{op}: '{name}' is on {t.place} but 'resid' is on {tensors[0].place}")
+    # Slices and transposes are strided views; the kernels index contiguous NCHW.
+    return tuple(t if t.is_contiguous() else t.contiguous() for t in tensors)
+
+
+def _concat_channels(resid, dense, y):
+    extra = y.shape[1] - resid.shape[1] if y is not None else 0
+    return resid.shape[1] + dense.shape[1] + extra
+
+
+def _check_scale_shift(op, resid, dense, y, scale, shift):
+    """The op's affine inputs (scale, shift), contiguous; None without BN."""
+    if scale is None and shift is None:
+        return None
+    if scale is None or shift is None:
+        raise ValueError(f"{op}: pass both scale and shift, or neither")
+    channels = _concat_channels(resid, dense, y)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if not isinstance(t, (paddle.Tensor, paddle.pir.Value)):
+            raise TypeError(f"{op}: '{name}' must be a paddle.Tensor, got {type(t).__name__}")
+        if t.dtype != paddle.float32:
+            raise TypeError(f"{op}: '{name}' must be float32 (whatever the activation dtype), "
+                            f"got {t.dtype}")
+        shape = list(t.shape)
+        if not (shape == [channels] or (len(shape) == 2 and 1 <= shape[0] <= _MAX_ACTS
+                                        and shape[1] == channels)):
+            raise ValueError(f"{op}: '{name}' must be [{channels}] or [A, {channels}] with "
+                             f"A <= {_MAX_ACTS} (C = resid + dense + new dense channels), "
+                             f"got {shape}")
+    if list(scale.shape) != list(shift.shape):
+        raise ValueError(f"{op}: scale {list(scale.shape)} and shift {list(shift.shape)} differ")
+    if _dynamic():
+        for name, t in (("scale", scale), ("shift", shift)):
+            if str(t.place) != str(resid.place):
+                raise ValueError(f"{op}: '{name}' is on {t.place} but 'resid' is on {resid.place}")
+        scale, shift = (t if t.is_contiguous() else t.contiguous() for t in (scale, shift))
+    return scale, shift
+
+
+def _check_batch_norm(op, bn):
+    if not isinstance(bn, paddle.nn.BatchNorm):
+        raise TypeError(f"{op}: expected a paddle.nn.BatchNorm, got {type(bn).__name__}")
+    if bn.weight is None or bn.bias is None:
+        raise ValueError(f"{op}: BatchNorm without weight or bias is not supported")
+    if bn._data_layout != "NCHW":
+        raise ValueError(f"{op}: BatchNorm must be NCHW, got {bn._data_layout}")
+
+
+def _batch_norms(op, bn, channels):
+    layers = tuple(bn) if isinstance(bn, (tuple, list)) else (bn,)
+    if not 1 <= len(layers) <= _MAX_ACTS:
+        raise ValueError(f"{op}: expects 1 or {_MAX_ACTS} BatchNorm layers, got {len(layers)}")
+    for layer in layers:
+        _check_batch_norm(op, layer)
+        if layer._act != "relu":
+            raise ValueError(f"{op}: BatchNorm must have act='relu', got act={layer._act!r}")
+        if channels >= 0 and layer.weight.shape[0] != channels:
+            raise ValueError(f"{op}: BatchNorm has {layer.weight.shape[0]} channels, the concat "
+                             f"has {channels}")
+    return layers
+
+
+def _resolve(backend, resid, op):
+    if not _dynamic():
+        if backend not in ("auto", "cpu", "cuda", "reference"):
+            raise ValueError(f"{op}: backend={backend!r} cannot run under paddle.jit.to_static; "
+                             "use 'auto'")
+        return "reference" if backend == "reference" else "custom"
+    backend = resolve_backend(backend, resid, op)
+    if backend == "cpu" and resid.dtype != paddle.float32:
+        raise TypeError(f"{op}: the CPU kernels support float32 only, got {resid.dtype}; cast "
+                        "to float32 or run on GPU")
+    return backend
+
+
+def _single(outputs):
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm-layer forms
+
+
+def _bn_relu(op, resid, dense, y, bn, training, backend):
+    layers = _batch_norms(op, bn, _concat_channels(resid, dense, y))
+    if training is None:
+        training = layers[0].training
+    backend = _resolve(backend, resid, op)
+    if training:
+        return _bn_relu_training(resid, dense, y, layers, bn, backend)
+    if backend == "reference":
+        # Folded BN, as paddle's own eval batch_norm computes it.
+        merged = reference_dual_path_merge(resid, dense, y) if y is not None else (resid, dense)
+        x = paddle.concat(list(merged), axis=1)
+        acts = tuple(F.relu(F.batch_norm(x, l._mean, l._variance, l.weight, l.bias, False,
+                                         l._momentum, l._epsilon)) for l in layers)
+        return _with_acts(merged if y is not None else (), acts, bn)
+    if backend == "triton":
+        scale, shift = zip(*(fold_batch_norm(layer) for layer in layers))
+        outs = _triton_merge(resid, dense, y, paddle.stack(scale), paddle.stack(shift))
+        return _with_acts(outs[:-1], paddle.unbind(outs[-1], 0), bn)
+    params = [t for layer in layers for t in (layer.weight, layer.bias, layer._mean, layer._variance)]
+    epsilons = [float(layer._epsilon) for layer in layers]
+    if y is None:
+        act = _single(run_op("dpn_fast_concat_bn_relu", resid, dense, params, epsilons))
+        return _with_acts((), _split_acts(act, len(layers)), bn)
+    resid_out, dense_out, act = run_op("dpn_fast_dual_path_merge_bn_relu", resid, dense, y, params,
+                                       epsilons)
+    return _with_acts((resid_out, dense_out), _split_acts(act, len(layers)), bn)
+
+
+def _bn_relu_training(resid, dense, y, layers, bn, backend):
+    """Fused merge (with its backward), then paddle's batch_norm on the concat, exactly as the
+    layer does (batch statistics; running mean/variance updated with the layer's momentum)."""
+    merged = ()
+    if y is not None:
+        if backend == "triton":
+            merged = _triton_merge(resid, dense, y)
+        elif backend == "reference":
+            merged = reference_dual_path_merge(resid, dense, y)
+        else:
+            merged = tuple(run_op("dpn_fast_dual_path_merge", resid, dense, y))
+        resid, dense = merged
+    x = paddle.concat([resid, dense], axis=1)
+    acts = tuple(F.relu(F.batch_norm(x, l._mean, l._variance, l.weight, l.bias, True, l._momentum,
+                                     l._epsilon, use_global_stats=l._use_global_stats))
+                 for l in layers)
+    return _with_acts(merged, acts, bn)
+
+
+def _split_acts(act, num_acts):
+    return (act,) if num_acts == 1 else tuple(paddle.unbind(act, 0))
+
+
+def _with_acts(merged, acts, bn):
+    act = acts if isinstance(bn, (tuple, list)) else acts[0]
+    return (*merged, act) if merged else act
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (GPU, or CPU under TRITON_INTERPRET=1)
+
+
+def _triton_merge(resid, dense, y, scale=None, shift=None):
+    """Outputs as the custom ops: (resid_out, dense_out[, act]) or, without y, (act,)."""
+    stacked = scale is not None and scale.ndim == 2
+    if scale is not None and not stacked:
+        scale, shift = scale.unsqueeze(0), shift.unsqueeze(0)
+    inputs = [t for t in (resid, dense, y, scale, shift) if t is not None]
+    outs = _TritonMerge.apply(*inputs, has_y=y is not None, has_affine=scale is not None)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    if scale is not None and not stacked:
+        outs = (*outs[:-1], outs[-1].squeeze(0))
+    return tuple(outs)
+
+
+class _TritonMerge(PyLayer):
+    @staticmethod
+    def forward(ctx, *inputs, has_y, has_affine):
+        from dpn_fast.kernels import dual_path_merge as kernels
+
+        resid, dense = inputs[:2]
+        y = inputs[2] if has_y else None
+        scale, shift = inputs[-2:] if has_affine else (None, None)
+        n, r, h, w = resid.shape
+        d = dense.shape[1]
+        inc = y.shape[1] - r if has_y else 0
+        channels = r + d + inc
+        num_acts = scale.shape[0] if has_affine else 0
+        outs = []
+        resid_out = dense_out = act = None
+        if has_y:
+            resid_out = paddle.empty_like(resid)
+            dense_out = paddle.empty([n, d + inc, h, w], dtype=resid.dtype)
+            outs += [resid_out, dense_out]
+        if num_acts:
+            act = paddle.empty([num_acts, n, channels, h, w], dtype=resid.dtype)
+            outs.append(act)
+        arg = lambda t: None if t is None else triton_arg(t)  # noqa: E731
+        kernels.merge_forward(arg(resid), arg(dense), arg(y), arg(scale), arg(shift),
+                              arg(resid_out), arg(dense_out), arg(act), n, r, d, inc, h * w,
+                              num_acts)
+        ctx.has_y, ctx.num_acts, ctx.shape = has_y, num_acts, (n, r, d, inc, h, w)
+        # The BN'd concat, for the ReLU mask in backward.
+        x_parts = (resid_out, dense_out) if has_y else (resid, dense)
+        ctx.save_for_backward(*(x_parts if num_acts else ()), *((scale, shift) if num_acts else ()))
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from dpn_fast.kernels import dual_path_merge as kernels
+
+        n, r, d, inc, h, w = ctx.shape
+        saved = ctx.saved_tensor()
+        x_resid, x_dense, scale, shift = saved if ctx.num_acts else (None,) * 4
+        grads = list(grads)
+        g_resid_out = grads.pop(0) if ctx.has_y else None
+        g_dense_out = grads.pop(0) if ctx.has_y else None
+        g_act = grads.pop(0) if ctx.num_acts else None
+        if (g_resid_out is None) != (g_dense_out is None):  # one merge output unused
+            g_resid_out = g_resid_out if g_resid_out is not None else paddle.zeros([n, r, h, w], g_dense_out.dtype)
+            g_dense_out = g_dense_out if g_dense_out is not None else paddle.zeros([n, d + inc, h, w], g_resid_out.dtype)
+        like = g_resid_out if g_resid_out is not None else (g_act if g_act is not None else g_dense_out)
+        dtype = like.dtype
+        g_resid = paddle.empty([n, r, h, w], dtype=dtype)
+        g_dense = paddle.empty([n, d, h, w], dtype=dtype)
+        g_y = paddle.empty([n, r + inc, h, w], dtype=dtype) if ctx.has_y else None
+        arg = lambda t: None if t is None else triton_arg(t.contiguous())  # noqa: E731
+        kernels.merge_backward(arg(x_resid), arg(x_dense), arg(g_resid_out), arg(g_dense_out),
+                               arg(g_act), arg(scale), arg(shift), arg(g_resid), arg(g_dense),
+                               arg(g_y), n, r, d, inc, h * w, ctx.num_acts if g_act is not None else 0)
+        grads_in = [g_resid, g_dense] + ([g_y] if ctx.has_y else [])
+        if ctx.num_acts:
+            grads_in += [None, None]
+        return tuple(grads_in)
