@@ -129,36 +129,48 @@ def reference_dual_path_merge_bn_relu(resid, dense, y, bn):
 # Checks (ValueError/TypeError here; the C++ ops check again as a second line)
 
 
+_TENSOR_TYPES = (paddle.Tensor, paddle.pir.Value)
+_NAMES = ("resid", "dense", "y")
+
+
 def _dynamic():
     return paddle.in_dynamic_mode()
 
 
 def _check_activations(op, *tensors):
-    names = ("resid", "dense", "y")[:len(tensors)]
-    for name, t in zip(names, tensors):
-        if not isinstance(t, (paddle.Tensor, paddle.pir.Value)):
+    """Cheap on the common path (this runs on every call of a ~50 us op)."""
+    first = tensors[0]
+    dtype = first.dtype
+    shapes = []
+    for name, t in zip(_NAMES, tensors):
+        if not isinstance(t, _TENSOR_TYPES):
             raise TypeError(f"{op}: '{name}' must be a paddle.Tensor, got {type(t).__name__}")
-        if len(t.shape) != 4:
-            raise ValueError(f"{op}: '{name}' must be 4-D NCHW, got shape {list(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}: '{name}' must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.dtype != tensors[0].dtype:
-            raise TypeError(f"{op}: '{name}' is {t.dtype} but 'resid' is {tensors[0].dtype}")
-    shapes = [list(t.shape) for t in tensors]
-    for axis, what in ((0, "batch"), (2, "height"), (3, "width")):
-        sizes = {s[axis] for s in shapes if s[axis] >= 0}  # -1: unknown under to_static
-        if len(sizes) > 1:
-            raise ValueError(f"{op}: {what} sizes differ: " + ", ".join(
-                f"{n} {s}" for n, s in zip(names, shapes)))
-    if len(tensors) == 3 and min(shapes[0][1], shapes[2][1]) >= 0 and shapes[2][1] <= shapes[0][1]:
+        shape = t.shape
+        if len(shape) != 4:
+            raise ValueError(f"{op}: '{name}' must be 4-D NCHW, got shape {list(shape)}")
+        if t is not first and t.dtype != dtype:
+            raise TypeError(f"{op}: '{name}' is {t.dtype} but 'resid' is {dtype}")
+        shapes.append(shape)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: activations must be float32, float16 or bfloat16, got {dtype}")
+    ref = shapes[0]
+    for shape in shapes[1:]:
+        for axis, what in ((0, "batch"), (2, "height"), (3, "width")):
+            if shape[axis] != ref[axis] and min(shape[axis], ref[axis]) >= 0:  # -1: to_static
+                raise ValueError(f"{op}: {what} sizes differ: " + ", ".join(
+                    f"{n} {list(s)}" for n, s in zip(_NAMES, shapes)))
+    if len(shapes) == 3 and min(ref[1], shapes[2][1]) >= 0 and shapes[2][1] <= ref[1]:
         raise ValueError(f"{op}: y has {shapes[2][1]} channels; it must have resid's "
-                         f"{shapes[0][1]} plus at least one new dense channel")
+                         f"{ref[1]} plus at least one new dense channel")
     if not _dynamic():
         return tensors
-    for name, t in zip(names, tensors):
-        if t.place._type() != tensors[0].place._type() or str(t.place) != str(tensors[0].place):
-            raise ValueError(f"{op}: '{name}' is on {t.place} but 'resid' is on {tensors[0].place}")
+    place = first.place
+    for name, t in zip(_NAMES[1:], tensors[1:]):
+        if not t.place._equals(place):
+            raise ValueError(f"{op}: '{name}' is on {t.place} but 'resid' is on {place}")
     # Slices and transposes are strided views; the kernels index contiguous NCHW.
+    if all(t.is_contiguous() for t in tensors):
+        return tensors
     return tuple(t if t.is_contiguous() else t.contiguous() for t in tensors)
 
 
@@ -175,24 +187,25 @@ def _check_scale_shift(op, resid, dense, y, scale, shift):
         raise ValueError(f"{op}: pass both scale and shift, or neither")
     channels = _concat_channels(resid, dense, y)
     for name, t in (("scale", scale), ("shift", shift)):
-        if not isinstance(t, (paddle.Tensor, paddle.pir.Value)):
+        if not isinstance(t, _TENSOR_TYPES):
             raise TypeError(f"{op}: '{name}' must be a paddle.Tensor, got {type(t).__name__}")
         if t.dtype != paddle.float32:
             raise TypeError(f"{op}: '{name}' must be float32 (whatever the activation dtype), "
                             f"got {t.dtype}")
-        shape = list(t.shape)
-        if not (shape == [channels] or (len(shape) == 2 and 1 <= shape[0] <= _MAX_ACTS
-                                        and shape[1] == channels)):
-            raise ValueError(f"{op}: '{name}' must be [{channels}] or [A, {channels}] with "
-                             f"A <= {_MAX_ACTS} (C = resid + dense + new dense channels), "
-                             f"got {shape}")
-    if list(scale.shape) != list(shift.shape):
-        raise ValueError(f"{op}: scale {list(scale.shape)} and shift {list(shift.shape)} differ")
+    shape = scale.shape
+    if not (shape == [channels] or (len(shape) == 2 and 1 <= shape[0] <= _MAX_ACTS
+                                    and shape[1] == channels)):
+        raise ValueError(f"{op}: 'scale' must be [{channels}] or [A, {channels}] with "
+                         f"A <= {_MAX_ACTS} (C = resid + dense + new dense channels), "
+                         f"got {list(shape)}")
+    if shift.shape != shape:
+        raise ValueError(f"{op}: scale {list(shape)} and shift {list(shift.shape)} differ")
     if _dynamic():
         for name, t in (("scale", scale), ("shift", shift)):
-            if str(t.place) != str(resid.place):
+            if not t.place._equals(resid.place):
                 raise ValueError(f"{op}: '{name}' is on {t.place} but 'resid' is on {resid.place}")
-        scale, shift = (t if t.is_contiguous() else t.contiguous() for t in (scale, shift))
+        if not (scale.is_contiguous() and shift.is_contiguous()):
+            scale, shift = scale.contiguous(), shift.contiguous()
     return scale, shift
 
 
