@@ -1,7 +1,7 @@
 // CUDA cores of the dual-path merge (see csrc/dual_path_merge.h for the maths).
-// One block row = one (batch, channel) plane of hw elements: the channel's source pointers and
-// BN affine are resolved once per plane, then threads stride over hw with vector loads where
-// every plane involved is aligned (hw * sizeof(T) a multiple of 16 bytes).
+// Each (batch, channel) plane of hw elements resolves its source/destination pointers and BN
+// affine once, then threads stride over hw, with 16-byte loads/stores where every plane
+// involved is aligned (hw * sizeof(T) a multiple of 16 bytes). fp32 math for fp16/bf16 I/O.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -29,12 +29,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { retur
 
 __device__ __forceinline__ float relu(float v) { return v > 0.0f ? v : 0.0f; }
 
-// 16-byte vector of T.
-template <typename T>
-struct alignas(16) Vec {
-  static constexpr int kSize = 16 / sizeof(T);
-  T v[kSize];
+// kWidth consecutive elements, loaded/stored as one access (16 bytes when vectorised).
+template <typename T, int kWidth>
+struct alignas(sizeof(T) * kWidth) Pack {
+  T v[kWidth];
 };
+
+template <typename T>
+constexpr int kVectorWidth = 16 / sizeof(T);
 
 struct ActPlanes {
   void* p[kMaxActs];
@@ -43,15 +45,18 @@ struct ConstActPlanes {
   const void* p[kMaxActs];
 };
 
-// Grid: x strides over the hw elements of a plane (in vectors), y/z over the n * C planes.
+// Block (x, y): x threads stride over the packs of a plane, y planes per block (small planes,
+// e.g. 7x7, share a block); the grid's y strides over the n * C (batch, channel) planes.
 template <typename T, int kWidth>
 __global__ void merge_forward_kernel(const T* __restrict__ resid, const T* __restrict__ dense,
                                      const T* __restrict__ y, ChannelAffine affine,
                                      T* __restrict__ resid_out, T* __restrict__ dense_out,
                                      ActPlanes act, MergeShape s) {
+  using P = Pack<T, kWidth>;
   const int64_t channels = s.channels(), cy = s.r + s.inc, cd = s.d + s.inc;
-  const int64_t planes = s.n * channels;
-  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+  const int64_t planes = s.n * channels, packs = s.hw / kWidth;
+  for (int64_t plane = blockIdx.y * (int64_t)blockDim.y + threadIdx.y; plane < planes;
+       plane += (int64_t)gridDim.y * blockDim.y) {
     const int64_t b = plane / channels, c = plane % channels;
     float sc[kMaxActs] = {}, sh[kMaxActs] = {};
     for (int a = 0; a < affine.num_acts; ++a) affine.at(a, c, &sc[a], &sh[a]);
@@ -64,43 +69,30 @@ __global__ void merge_forward_kernel(const T* __restrict__ resid, const T* __res
         out = resid_out + (b * s.r + c) * s.hw;
       }
     } else {
-      const int64_t k = c - s.r;
+      const int64_t k = c - s.r;  // channel within dense_out
       src = k < s.d ? dense + (b * s.d + k) * s.hw : y + (b * cy + s.r + k - s.d) * s.hw;
       if (y != nullptr) out = dense_out + (b * cd + k) * s.hw;
     }
-    T* act0 = affine.num_acts >= 1 ? static_cast<T*>(act.p[0]) + plane * s.hw : nullptr;
-    T* act1 = affine.num_acts >= 2 ? static_cast<T*>(act.p[1]) + plane * s.hw : nullptr;
-    const int64_t vectors = s.hw / kWidth;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < vectors;
+    P* act0 = affine.num_acts >= 1 ? reinterpret_cast<P*>(static_cast<T*>(act.p[0]) + plane * s.hw)
+                                   : nullptr;
+    P* act1 = affine.num_acts >= 2 ? reinterpret_cast<P*>(static_cast<T*>(act.p[1]) + plane * s.hw)
+                                   : nullptr;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < packs;
          i += (int64_t)gridDim.x * blockDim.x) {
-      using V = Vec<T>;
-      T xs[kWidth], ys[kWidth];
-      if (kWidth > 1) {
-        *reinterpret_cast<V*>(xs) = reinterpret_cast<const V*>(src)[i];
-        if (add) *reinterpret_cast<V*>(ys) = reinterpret_cast<const V*>(add)[i];
-      } else {
-        xs[0] = src[i];
-        if (add) ys[0] = add[i];
-      }
-      T o[kWidth], a0[kWidth], a1[kWidth];
+      const P xs = reinterpret_cast<const P*>(src)[i];
+      P ys;
+      if (add) ys = reinterpret_cast<const P*>(add)[i];
+      P o, a0, a1;
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        const float x = add ? to_float(xs[j]) + to_float(ys[j]) : to_float(xs[j]);
-        o[j] = from_float<T>(x);
-        // BN of the rounded merge, as the unfused sequence computes it.
-        const float xr = to_float(o[j]);
-        a0[j] = from_float<T>(relu(xr * sc[0] + sh[0]));
-        a1[j] = from_float<T>(relu(xr * sc[1] + sh[1]));
+        o.v[j] = add ? from_float<T>(to_float(xs.v[j]) + to_float(ys.v[j])) : xs.v[j];
+        const float x = to_float(o.v[j]);  // BN sees the rounded merge, as the unfused sequence
+        a0.v[j] = from_float<T>(relu(x * sc[0] + sh[0]));
+        a1.v[j] = from_float<T>(relu(x * sc[1] + sh[1]));
       }
-      if (kWidth > 1) {
-        if (out) reinterpret_cast<V*>(out)[i] = *reinterpret_cast<V*>(o);
-        if (act0) reinterpret_cast<V*>(act0)[i] = *reinterpret_cast<V*>(a0);
-        if (act1) reinterpret_cast<V*>(act1)[i] = *reinterpret_cast<V*>(a1);
-      } else {
-        if (out) out[i] = o[0];
-        if (act0) act0[i] = a0[0];
-        if (act1) act1[i] = a1[0];
-      }
+      if (out) reinterpret_cast<P*>(out)[i] = o;
+      if (act0) act0[i] = a0;
+      if (act1) act1[i] = a1;
     }
   }
 }
@@ -111,9 +103,11 @@ __global__ void merge_backward_kernel(const T* __restrict__ x_resid, const T* __
                                       const T* __restrict__ g_dense_out, ConstActPlanes g_act,
                                       ChannelAffine affine, T* __restrict__ g_resid,
                                       T* __restrict__ g_dense, T* __restrict__ g_y, MergeShape s) {
+  using P = Pack<T, kWidth>;
   const int64_t channels = s.channels(), cy = s.r + s.inc, cd = s.d + s.inc;
-  const int64_t planes = s.n * channels;
-  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+  const int64_t planes = s.n * channels, packs = s.hw / kWidth;
+  for (int64_t plane = blockIdx.y * (int64_t)blockDim.y + threadIdx.y; plane < planes;
+       plane += (int64_t)gridDim.y * blockDim.y) {
     const int64_t b = plane / channels, c = plane % channels;
     float sc[kMaxActs] = {}, sh[kMaxActs] = {};
     for (int a = 0; a < affine.num_acts; ++a) affine.at(a, c, &sc[a], &sh[a]);
@@ -131,48 +125,35 @@ __global__ void merge_backward_kernel(const T* __restrict__ x_resid, const T* __
       g_out = g_dense_out ? g_dense_out + off : nullptr;
       dst0 = k < s.d ? g_dense + (b * s.d + k) * s.hw : g_y + (b * cy + s.r + k - s.d) * s.hw;
     }
-    const T* ga[kMaxActs];
+    const P* ga[kMaxActs];
     for (int a = 0; a < kMaxActs; ++a) {
-      ga[a] = a < affine.num_acts && g_act.p[a] ? static_cast<const T*>(g_act.p[a]) + plane * s.hw
-                                                : nullptr;
+      ga[a] = a < affine.num_acts && g_act.p[a]
+                  ? reinterpret_cast<const P*>(static_cast<const T*>(g_act.p[a]) + plane * s.hw)
+                  : nullptr;
     }
-    const int64_t vectors = s.hw / kWidth;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < vectors;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < packs;
          i += (int64_t)gridDim.x * blockDim.x) {
-      using V = Vec<T>;
-      auto load = [&](const T* p, T* dst) {
-        if (kWidth > 1) {
-          *reinterpret_cast<V*>(dst) = reinterpret_cast<const V*>(p)[i];
-        } else {
-          dst[0] = p[i];
-        }
-      };
-      T xs[kWidth], go[kWidth], g0[kWidth], g1[kWidth], res[kWidth];
-      if (x) load(x, xs);
-      if (g_out) load(g_out, go);
-      if (ga[0]) load(ga[0], g0);
-      if (ga[1]) load(ga[1], g1);
+      P xs, go, g0, g1, res;
+      if (x) xs = reinterpret_cast<const P*>(x)[i];
+      if (g_out) go = reinterpret_cast<const P*>(g_out)[i];
+      if (ga[0]) g0 = ga[0][i];
+      if (ga[1]) g1 = ga[1][i];
 #pragma unroll
       for (int j = 0; j < kWidth; ++j) {
-        float g = g_out ? to_float(go[j]) : 0.0f;
-        if (ga[0] && to_float(xs[j]) * sc[0] + sh[0] > 0.0f) g += to_float(g0[j]) * sc[0];
-        if (ga[1] && to_float(xs[j]) * sc[1] + sh[1] > 0.0f) g += to_float(g1[j]) * sc[1];
-        res[j] = from_float<T>(g);
+        float g = g_out ? to_float(go.v[j]) : 0.0f;
+        if (ga[0] && to_float(xs.v[j]) * sc[0] + sh[0] > 0.0f) g += to_float(g0.v[j]) * sc[0];
+        if (ga[1] && to_float(xs.v[j]) * sc[1] + sh[1] > 0.0f) g += to_float(g1.v[j]) * sc[1];
+        res.v[j] = from_float<T>(g);
       }
-      if (kWidth > 1) {
-        reinterpret_cast<V*>(dst0)[i] = *reinterpret_cast<V*>(res);
-        if (dst1) reinterpret_cast<V*>(dst1)[i] = *reinterpret_cast<V*>(res);
-      } else {
-        dst0[i] = res[0];
-        if (dst1) dst1[i] = res[0];
-      }
+      reinterpret_cast<P*>(dst0)[i] = res;
+      if (dst1) reinterpret_cast<P*>(dst1)[i] = res;
     }
   }
 }
 
 // Planes are vector-aligned when the base pointers are and each plane's byte size is a multiple
-// of 16 (cudaMalloc'd tensors are 256-byte aligned; hw = 49/196 at DPN's stages 4/3 is odd, so
-// those run scalar, 3136/784 vectorised).
+// of 16 (cudaMalloc'd tensors are 256-byte aligned). At DPN's 224x224 shapes fp32 vectorises
+// everywhere but 7x7; fp16/bf16 at 56x56 and 28x28.
 bool vector_aligned(const void* const* ptrs, int count, int64_t hw, int elem_bytes) {
   if ((hw * elem_bytes) % 16 != 0) return false;
   for (int i = 0; i < count; ++i) {
@@ -181,15 +162,20 @@ bool vector_aligned(const void* const* ptrs, int count, int64_t hw, int elem_byt
   return true;
 }
 
-dim3 grid_for(const MergeShape& s, int64_t vectors, int threads) {
-  const int64_t planes = s.n * s.channels();
-  const int64_t x = std::min<int64_t>((vectors + threads - 1) / threads, 64);
-  const int64_t y = std::min<int64_t>(planes, 65535);
-  return dim3(static_cast<unsigned>(std::max<int64_t>(x, 1)), static_cast<unsigned>(y), 1);
-}
+struct Launch {
+  dim3 grid, block;
+};
 
-int threads_for(int64_t vectors) {
-  return vectors >= 256 ? 256 : vectors >= 128 ? 128 : vectors >= 64 ? 64 : 32;
+// 256 threads a block: up to 256 along a plane's packs, the rest over further planes.
+Launch launch_for(const MergeShape& s, int64_t packs) {
+  const int threads_x = packs >= 256 ? 256 : packs >= 128 ? 128 : packs >= 64 ? 64 : 32;
+  const int threads_y = 256 / threads_x;
+  const int64_t planes = s.n * s.channels();
+  const int64_t grid_x = std::min<int64_t>((packs + threads_x - 1) / threads_x, 64);
+  const int64_t grid_y = std::min<int64_t>((planes + threads_y - 1) / threads_y, 65535);
+  return {dim3(static_cast<unsigned>(std::max<int64_t>(grid_x, 1)),
+               static_cast<unsigned>(std::max<int64_t>(grid_y, 1))),
+          dim3(threads_x, threads_y)};
 }
 
 template <typename T>
@@ -199,16 +185,15 @@ int forward_typed(const void* resid, const void* dense, const void* y, const Cha
   ActPlanes planes{};
   for (int a = 0; a < aff.num_acts; ++a) planes.p[a] = act[a];
   const void* ptrs[] = {resid, dense, y, resid_out, dense_out, planes.p[0], planes.p[1]};
-  constexpr int kWide = Vec<T>::kSize;
+  constexpr int kWide = kVectorWidth<T>;
   if (vector_aligned(ptrs, 7, s.hw, sizeof(T))) {
-    const int64_t vectors = s.hw / kWide;
-    const int threads = threads_for(vectors);
-    merge_forward_kernel<T, kWide><<<grid_for(s, vectors, threads), threads, 0, stream>>>(
+    const Launch l = launch_for(s, s.hw / kWide);
+    merge_forward_kernel<T, kWide><<<l.grid, l.block, 0, stream>>>(
         static_cast<const T*>(resid), static_cast<const T*>(dense), static_cast<const T*>(y), aff,
         static_cast<T*>(resid_out), static_cast<T*>(dense_out), planes, s);
   } else {
-    const int threads = threads_for(s.hw);
-    merge_forward_kernel<T, 1><<<grid_for(s, s.hw, threads), threads, 0, stream>>>(
+    const Launch l = launch_for(s, s.hw);
+    merge_forward_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(
         static_cast<const T*>(resid), static_cast<const T*>(dense), static_cast<const T*>(y), aff,
         static_cast<T*>(resid_out), static_cast<T*>(dense_out), planes, s);
   }
@@ -224,17 +209,16 @@ int backward_typed(const void* x_resid, const void* x_dense, const void* g_resid
   for (int a = 0; a < aff.num_acts; ++a) planes.p[a] = g_act[a];
   const void* ptrs[] = {x_resid, x_dense, g_resid_out, g_dense_out, planes.p[0], planes.p[1],
                         g_resid, g_dense, g_y};
-  constexpr int kWide = Vec<T>::kSize;
+  constexpr int kWide = kVectorWidth<T>;
   if (vector_aligned(ptrs, 9, s.hw, sizeof(T))) {
-    const int64_t vectors = s.hw / kWide;
-    const int threads = threads_for(vectors);
-    merge_backward_kernel<T, kWide><<<grid_for(s, vectors, threads), threads, 0, stream>>>(
+    const Launch l = launch_for(s, s.hw / kWide);
+    merge_backward_kernel<T, kWide><<<l.grid, l.block, 0, stream>>>(
         static_cast<const T*>(x_resid), static_cast<const T*>(x_dense),
         static_cast<const T*>(g_resid_out), static_cast<const T*>(g_dense_out), planes, aff,
         static_cast<T*>(g_resid), static_cast<T*>(g_dense), static_cast<T*>(g_y), s);
   } else {
-    const int threads = threads_for(s.hw);
-    merge_backward_kernel<T, 1><<<grid_for(s, s.hw, threads), threads, 0, stream>>>(
+    const Launch l = launch_for(s, s.hw);
+    merge_backward_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(
         static_cast<const T*>(x_resid), static_cast<const T*>(x_dense),
         static_cast<const T*>(g_resid_out), static_cast<const T*>(g_dense_out), planes, aff,
         static_cast<T*>(g_resid), static_cast<T*>(g_dense), static_cast<T*>(g_y), s);
