@@ -118,7 +118,7 @@ def reference_concat_bn_relu(resid, dense, scale, shift):
 
 
 def reference_dual_path_merge_bn_relu(resid, dense, y, bn):
-    """The unfused DPN sequence: split + add + concat, then concat + BatchNorm(act=relu) layer(s)."""
+    """The unfused DPN sequence: split + add + concat, concat + BatchNorm(act=relu) layer(s)."""
     resid_out, dense_out = reference_dual_path_merge(resid, dense, y)
     x = paddle.concat([resid_out, dense_out], axis=1)
     act = tuple(layer(x) for layer in bn) if isinstance(bn, (tuple, list)) else bn(x)
@@ -271,7 +271,7 @@ def _bn_relu(op, resid, dense, y, bn, training, backend):
         scale, shift = zip(*(fold_batch_norm(layer) for layer in layers))
         outs = _triton_merge(resid, dense, y, paddle.stack(scale), paddle.stack(shift))
         return _with_acts(outs[:-1], paddle.unbind(outs[-1], 0), bn)
-    params = [t for layer in layers for t in (layer.weight, layer.bias, layer._mean, layer._variance)]
+    params = [t for l in layers for t in (l.weight, l.bias, l._mean, l._variance)]
     epsilons = [float(layer._epsilon) for layer in layers]
     if y is None:
         act = _single(run_op("dpn_fast_concat_bn_relu", resid, dense, params, epsilons))
@@ -353,6 +353,7 @@ class _TritonMerge(PyLayer):
                               arg(resid_out), arg(dense_out), arg(act), n, r, d, inc, h * w,
                               num_acts)
         ctx.has_y, ctx.num_acts, ctx.shape = has_y, num_acts, (n, r, d, inc, h, w)
+        ctx.dtype = resid.dtype
         # The BN'd concat, for the ReLU mask in backward.
         x_parts = (resid_out, dense_out) if has_y else (resid, dense)
         ctx.save_for_backward(*(x_parts if num_acts else ()), *((scale, shift) if num_acts else ()))
@@ -363,24 +364,24 @@ class _TritonMerge(PyLayer):
         from dpn_fast.kernels import dual_path_merge as kernels
 
         n, r, d, inc, h, w = ctx.shape
-        saved = ctx.saved_tensor()
-        x_resid, x_dense, scale, shift = saved if ctx.num_acts else (None,) * 4
+        x_resid, x_dense, scale, shift = ctx.saved_tensor() if ctx.num_acts else (None,) * 4
         grads = list(grads)
         g_resid_out = grads.pop(0) if ctx.has_y else None
         g_dense_out = grads.pop(0) if ctx.has_y else None
         g_act = grads.pop(0) if ctx.num_acts else None
         if (g_resid_out is None) != (g_dense_out is None):  # one merge output unused
-            g_resid_out = g_resid_out if g_resid_out is not None else paddle.zeros([n, r, h, w], g_dense_out.dtype)
-            g_dense_out = g_dense_out if g_dense_out is not None else paddle.zeros([n, d + inc, h, w], g_resid_out.dtype)
-        like = g_resid_out if g_resid_out is not None else (g_act if g_act is not None else g_dense_out)
-        dtype = like.dtype
-        g_resid = paddle.empty([n, r, h, w], dtype=dtype)
-        g_dense = paddle.empty([n, d, h, w], dtype=dtype)
-        g_y = paddle.empty([n, r + inc, h, w], dtype=dtype) if ctx.has_y else None
+            if g_resid_out is None:
+                g_resid_out = paddle.zeros([n, r, h, w], ctx.dtype)
+            else:
+                g_dense_out = paddle.zeros([n, d + inc, h, w], ctx.dtype)
+        g_resid = paddle.empty([n, r, h, w], dtype=ctx.dtype)
+        g_dense = paddle.empty([n, d, h, w], dtype=ctx.dtype)
+        g_y = paddle.empty([n, r + inc, h, w], dtype=ctx.dtype) if ctx.has_y else None
         arg = lambda t: None if t is None else triton_arg(t.contiguous())  # noqa: E731
         kernels.merge_backward(arg(x_resid), arg(x_dense), arg(g_resid_out), arg(g_dense_out),
                                arg(g_act), arg(scale), arg(shift), arg(g_resid), arg(g_dense),
-                               arg(g_y), n, r, d, inc, h * w, ctx.num_acts if g_act is not None else 0)
+                               arg(g_y), n, r, d, inc, h * w,
+                               ctx.num_acts if g_act is not None else 0)
         grads_in = [g_resid, g_dense] + ([g_y] if ctx.has_y else [])
         if ctx.num_acts:
             grads_in += [None, None]
