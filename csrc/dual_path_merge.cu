@@ -53,7 +53,7 @@ __global__ void merge_forward_kernel(const T* __restrict__ resid, const T* __res
                                      T* __restrict__ resid_out, T* __restrict__ dense_out,
                                      ActPlanes act, MergeShape s) {
   using P = Pack<T, kWidth>;
-  const int64_t channels = s.channels(), cy = s.r + s.inc, cd = s.d + s.inc;
+  const int64_t channels = s.channels(), cy = s.r + s.inc;
   const int64_t planes = s.n * channels, packs = s.hw / kWidth;
   for (int64_t plane = blockIdx.y * (int64_t)blockDim.y + threadIdx.y; plane < planes;
        plane += (int64_t)gridDim.y * blockDim.y) {
@@ -70,8 +70,12 @@ __global__ void merge_forward_kernel(const T* __restrict__ resid, const T* __res
       }
     } else {
       const int64_t k = c - s.r;  // channel within dense_out
-      src = k < s.d ? dense + (b * s.d + k) * s.hw : y + (b * cy + s.r + k - s.d) * s.hw;
-      if (y != nullptr) out = dense_out + (b * cd + k) * s.hw;
+      src = k < s.d ? dense + (b * s.dense_in_stride() + k) * s.hw
+                    : y + (b * cy + s.r + k - s.d) * s.hw;
+      // Old channels already in a stage buffer are only read.
+      if (y != nullptr && !(s.dense_capacity && k < s.d)) {
+        out = dense_out + (b * s.dense_out_stride() + k) * s.hw;
+      }
     }
     P* act0 = affine.num_acts >= 1 ? reinterpret_cast<P*>(static_cast<T*>(act.p[0]) + plane * s.hw)
                                    : nullptr;
@@ -227,7 +231,7 @@ int backward_typed(const void* x_resid, const void* x_dense, const void* g_resid
 }
 
 bool valid(const MergeShape& s, const ChannelAffine* aff) {
-  return s.n >= 0 && s.r > 0 && s.d >= 0 && s.inc >= 0 && s.hw >= 0 &&
+  return s.n >= 0 && s.r > 0 && s.d >= 0 && s.inc >= 0 && s.hw >= 0 && s.dense_capacity >= 0 &&
          (aff == nullptr || (aff->num_acts >= 0 && aff->num_acts <= kMaxActs));
 }
 
@@ -236,9 +240,12 @@ bool valid(const MergeShape& s, const ChannelAffine* aff) {
 extern "C" int dpn_fast_dual_path_merge_forward_cuda(
     const void* resid, const void* dense, const void* y, const dpn_fast::ChannelAffine* affine,
     void* resid_out, void* dense_out, void* const* act, int64_t n, int64_t r, int64_t d,
-    int64_t inc, int64_t hw, int dtype, void* stream) {
-  const MergeShape s{n, r, d, inc, hw};
+    int64_t inc, int64_t hw, int64_t dense_capacity, int dtype, void* stream) {
+  const MergeShape s{n, r, d, inc, hw, dense_capacity};
   if (!valid(s, affine) || (y == nullptr && inc != 0)) return dpn_fast::kInvalidArgument;
+  if (dense_capacity && (dense != dense_out || d + inc > dense_capacity || y == nullptr)) {
+    return dpn_fast::kInvalidArgument;
+  }
   const ChannelAffine aff = affine ? *affine : ChannelAffine{};
   if (s.n * s.channels() * s.hw == 0) return dpn_fast::kOk;
   auto st = static_cast<cudaStream_t>(stream);

@@ -3,6 +3,7 @@
 //   dense_out = concat(dense, y[:, R:])               [N, D + inc, H, W]
 //   act[a]    = relu(concat(resid_out, dense_out) * scale[a] + shift[a])   a < num_acts (0..2)
 // Head-only form (concat_bn_relu): y == nullptr, inc == 0, no resid_out/dense_out, act only.
+// Buffer form (inference): dense_out == dense, a stage-wide buffer (MergeShape::dense_capacity).
 // All tensors are contiguous NCHW; per-channel parameters are fp32 whatever the I/O dtype.
 #pragma once
 #include <cmath>
@@ -22,6 +23,14 @@ struct MergeShape {
   int64_t d;    // dense channels in
   int64_t inc;  // dense channels added (y has r + inc); 0 in the head-only form
   int64_t hw;   // spatial size
+  // 0: dense [n, d] and dense_out [n, d + inc] are separate tensors. > 0 (forward only): both are
+  // one stage-wide buffer of this many channels per batch item holding the d old channels; only
+  // the inc new ones are written (at channels d .. d + inc), the old ones are just read.
+  int64_t dense_capacity = 0;
+  DPN_FAST_HOST_DEVICE int64_t dense_in_stride() const { return dense_capacity ? dense_capacity : d; }
+  DPN_FAST_HOST_DEVICE int64_t dense_out_stride() const {
+    return dense_capacity ? dense_capacity : d + inc;
+  }
   DPN_FAST_HOST_DEVICE int64_t channels() const { return r + d + inc; }  // of the BN'd concat
 };
 
@@ -69,10 +78,11 @@ void dual_path_merge_backward_cpu(const float* x_resid, const float* x_dense,
 // Pointers as in the CPU functions; `act`/`g_act` point at host arrays of affine->num_acts device
 // pointers; `affine` is a host struct of device pointers (nullptr: no BN outputs). dtype is a
 // dpn_fast::DType for the activations; `stream` is a cudaStream_t. Returns a dpn_fast::Status.
+// dense_capacity as MergeShape::dense_capacity (0: dense and dense_out are separate tensors).
 extern "C" int dpn_fast_dual_path_merge_forward_cuda(
     const void* resid, const void* dense, const void* y, const dpn_fast::ChannelAffine* affine,
     void* resid_out, void* dense_out, void* const* act, int64_t n, int64_t r, int64_t d,
-    int64_t inc, int64_t hw, int dtype, void* stream);
+    int64_t inc, int64_t hw, int64_t dense_capacity, int dtype, void* stream);
 
 extern "C" int dpn_fast_dual_path_merge_backward_cuda(
     const void* x_resid, const void* x_dense, const void* g_resid_out, const void* g_dense_out,

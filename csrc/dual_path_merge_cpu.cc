@@ -71,12 +71,12 @@ BackwardRow pick_backward_row(int num_acts) {
 void dual_path_merge_forward_cpu(const float* resid, const float* dense, const float* y,
                                  const ChannelAffine& affine, float* resid_out, float* dense_out,
                                  float* const* act, const MergeShape& s) {
-  const int64_t channels = s.channels(), cy = s.r + s.inc, cd = s.d + s.inc;
+  const int64_t channels = s.channels(), cy = s.r + s.inc;
   const int num_acts = affine.num_acts;
   const bool merge = y != nullptr;
   const ForwardRow add_row = merge ? pick_forward_row<true, true>(num_acts) : nullptr;
-  const ForwardRow copy_row = merge ? pick_forward_row<false, true>(num_acts)
-                                    : pick_forward_row<false, false>(num_acts);
+  const ForwardRow copy_row = pick_forward_row<false, true>(num_acts);
+  const ForwardRow read_row = pick_forward_row<false, false>(num_acts);
   const int64_t rows = s.n * channels;
 #pragma omp parallel for schedule(static) if (rows * s.hw >= kParallelMinElements)
   for (int64_t row = 0; row < rows; ++row) {
@@ -91,14 +91,19 @@ void dual_path_merge_forward_cpu(const float* resid, const float* dense, const f
         add_row(src, y + (b * cy + c) * s.hw, resid_out + (b * s.r + c) * s.hw, act0, act1, sc, sh,
                 s.hw);
       } else {
-        copy_row(src, nullptr, nullptr, act0, act1, sc, sh, s.hw);
+        read_row(src, nullptr, nullptr, act0, act1, sc, sh, s.hw);
       }
     } else {
       const int64_t k = c - s.r;  // channel within dense_out
-      const float* src = k < s.d ? dense + (b * s.d + k) * s.hw
+      const float* src = k < s.d ? dense + (b * s.dense_in_stride() + k) * s.hw
                                  : y + (b * cy + s.r + k - s.d) * s.hw;
-      copy_row(src, nullptr, merge ? dense_out + (b * cd + k) * s.hw : nullptr, act0, act1, sc, sh,
-               s.hw);
+      // Nothing to store without a merge, or for old channels already in a stage buffer.
+      if (!merge || (s.dense_capacity && k < s.d)) {
+        read_row(src, nullptr, nullptr, act0, act1, sc, sh, s.hw);
+      } else {
+        copy_row(src, nullptr, dense_out + (b * s.dense_out_stride() + k) * s.hw, act0, act1, sc,
+                 sh, s.hw);
+      }
     }
   }
 }

@@ -2,6 +2,8 @@
 //   dpn_fast_dual_path_merge          (resid, dense, y)            -> resid_out, dense_out
 //   dpn_fast_dual_path_merge_bn_relu  (resid, dense, y, affine[])  -> resid_out, dense_out, act
 //   dpn_fast_concat_bn_relu           (resid, dense, affine[])     -> act
+//   dpn_fast_dual_path_merge_into     (resid, dense_buffer, y, affine[]) -> resid_out, act, with
+//       the new dense channels written into dense_buffer in place (inference only, no backward)
 // `affine` is either [scale, shift] (folded; [C] -> act [N,C,H,W], [A,C] -> act [A,N,C,H,W]) with
 // attr epsilons empty, or A raw eval BatchNorms [weight, bias, mean, variance, ...] with attr
 // epsilons of length A (A == 1 -> act [N,C,H,W], A == 2 -> [2,N,C,H,W]); A is 1 or 2.
@@ -21,6 +23,7 @@ using Shapes = std::vector<Shape>;
 constexpr const char* kMerge = "dpn_fast_dual_path_merge";
 constexpr const char* kMergeBn = "dpn_fast_dual_path_merge_bn_relu";
 constexpr const char* kConcatBn = "dpn_fast_concat_bn_relu";
+constexpr const char* kMergeInto = "dpn_fast_dual_path_merge_into";
 
 // Validated shapes of one call; y_shape empty in the head-only form.
 dpn_fast::MergeShape merge_shape(const Shape& rs, const Shape& ds, const Shape* ys, const char* op) {
@@ -147,12 +150,22 @@ std::vector<void*> act_planes(paddle::Tensor& act, int num_acts, int64_t plane_e
 }
 
 // The shared forward of the three ops; y == nullptr for the head-only form.
+// dense_channels >= 0: `dense` is a stage-wide buffer whose first dense_channels channels are the
+// old dense part; the new channels are written into it (it is then also dense_out, not returned).
 std::vector<paddle::Tensor> forward(const paddle::Tensor& resid, const paddle::Tensor& dense,
                                     const paddle::Tensor* y,
                                     const std::vector<paddle::Tensor>& params,
-                                    const std::vector<float>& epsilons, const char* op) {
+                                    const std::vector<float>& epsilons, const char* op,
+                                    int64_t dense_channels = -1) {
   const Shape ys = y ? y->shape() : Shape{};
-  const dpn_fast::MergeShape s = merge_shape(resid.shape(), dense.shape(), y ? &ys : nullptr, op);
+  dpn_fast::MergeShape s = merge_shape(resid.shape(), dense.shape(), y ? &ys : nullptr, op);
+  const bool into_buffer = dense_channels >= 0;
+  if (into_buffer) {
+    s.dense_capacity = s.d;
+    s.d = dense_channels;
+    PD_CHECK(s.d + s.inc <= s.dense_capacity, op, ": the dense buffer has ", s.dense_capacity,
+             " channels; ", s.d, " old + ", s.inc, " new do not fit");
+  }
   std::vector<const paddle::Tensor*> acts{&resid, &dense};
   if (y) acts.push_back(y);
   check_tensors(acts, params, op);
@@ -166,8 +179,13 @@ std::vector<paddle::Tensor> forward(const paddle::Tensor& resid, const paddle::T
   paddle::Tensor resid_out, dense_out, act;
   if (y) {
     resid_out = paddle::empty(resid.shape(), dtype, place);
-    dense_out = paddle::empty({s.n, s.d + s.inc, ys[2], ys[3]}, dtype, place);
-    outs = {resid_out, dense_out};
+    outs.push_back(resid_out);
+    if (into_buffer) {
+      dense_out = dense;
+    } else {
+      dense_out = paddle::empty({s.n, s.d + s.inc, ys[2], ys[3]}, dtype, place);
+      outs.push_back(dense_out);
+    }
   }
   if (layout.num_acts) {
     act = paddle::empty(act_shape(s, resid.shape(), layout), dtype, place);
@@ -175,13 +193,13 @@ std::vector<paddle::Tensor> forward(const paddle::Tensor& resid, const paddle::T
   }
   std::vector<void*> planes = act_planes(act, layout.num_acts, s.n * s.channels() * s.hw);
   void* resid_out_data = y ? resid_out.data() : nullptr;
-  void* dense_out_data = y ? dense_out.data() : nullptr;
+  void* dense_out_data = y ? const_cast<void*>(dense_out.data()) : nullptr;
 #ifdef DPN_FAST_WITH_CUDA
   if (resid.is_gpu()) {
     const int status = dpn_fast_dual_path_merge_forward_cuda(
         resid.data(), dense.data(), y ? y->data() : nullptr, &affine, resid_out_data,
-        dense_out_data, planes.data(), s.n, s.r, s.d, s.inc, s.hw, element_type(resid, op),
-        resid.stream());
+        dense_out_data, planes.data(), s.n, s.r, s.d, s.inc, s.hw, s.dense_capacity,
+        element_type(resid, op), resid.stream());
     PD_CHECK(status == dpn_fast::kOk, op, ": CUDA launch failed (status ", status, ")");
     return outs;
   }
@@ -374,6 +392,35 @@ std::vector<paddle::DataType> ConcatBnGradInferDtype(paddle::DataType r, paddle:
   return {r, r};
 }
 
+// ---- dpn_fast_dual_path_merge_into (inference; the dense buffer is updated in place) ----
+
+std::vector<paddle::Tensor> MergeIntoForward(const paddle::Tensor& resid,
+                                             paddle::Tensor& dense_buffer,
+                                             const paddle::Tensor& y,
+                                             const std::vector<paddle::Tensor>& affine,
+                                             const std::vector<float>& epsilons,
+                                             int64_t dense_channels) {
+  PD_CHECK(!affine.empty(), kMergeInto, ": needs scale/shift or BatchNorm parameters");
+  PD_CHECK(dense_channels >= 0, kMergeInto, ": dense_channels must be >= 0, got ",
+           dense_channels);
+  return forward(resid, dense_buffer, &y, affine, epsilons, kMergeInto, dense_channels);
+}
+
+Shapes MergeIntoInferShape(const Shape& rs, const Shape& bs, const Shape& ys,
+                           const Shapes& affine, const std::vector<float>& epsilons,
+                           int64_t dense_channels) {
+  auto s = merge_shape(rs, bs, &ys, kMergeInto);
+  s.d = dense_channels;
+  // Only the outputs that are not in place (resid_out, act), as the kernel returns them.
+  return {rs, act_shape(s, rs, affine_layout(affine, epsilons, s.channels(), kMergeInto))};
+}
+
+std::vector<paddle::DataType> MergeIntoInferDtype(paddle::DataType r, paddle::DataType,
+                                                  paddle::DataType,
+                                                  const std::vector<paddle::DataType>&) {
+  return {r, r};
+}
+
 }  // namespace
 
 PD_BUILD_OP(dpn_fast_dual_path_merge)
@@ -422,3 +469,12 @@ PD_BUILD_GRAD_OP(dpn_fast_concat_bn_relu)
     .SetKernelFn(PD_KERNEL(ConcatBnBackward))
     .SetInferShapeFn(PD_INFER_SHAPE(ConcatBnGradInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(ConcatBnGradInferDtype));
+
+PD_BUILD_OP(dpn_fast_dual_path_merge_into)
+    .Inputs({"resid", "dense_buffer", "y", paddle::Vec("affine")})
+    .Outputs({"resid_out", "dense_buffer_out", "act"})
+    .Attrs({"epsilons: std::vector<float>", "dense_channels: int64_t"})
+    .SetInplaceMap({{"dense_buffer", "dense_buffer_out"}})
+    .SetKernelFn(PD_KERNEL(MergeIntoForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(MergeIntoInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(MergeIntoInferDtype));

@@ -355,7 +355,8 @@ def test_to_static():
 def test_jit_save_load(tmp_path):
     model, inputs = tiny_model()
     eager = [o.numpy() for o in model(*inputs)]
-    spec = [paddle.static.InputSpec([None, 6, 5, 5], "float32"), paddle.static.InputSpec([None, 5, 5, 5], "float32")]
+    spec = [paddle.static.InputSpec([None, 6, 5, 5], "float32", "resid"),
+            paddle.static.InputSpec([None, 5, 5, 5], "float32", "dense")]
     path = str(tmp_path / "tiny")
     paddle.jit.save(model, path, input_spec=spec)
     loaded = paddle.jit.load(path)
@@ -510,3 +511,127 @@ def test_triton_api_matches_cpu(num_acts):
     got = ops.dual_path_merge_bn_relu(*tensors, bn, backend="triton")[2]
     want = ops.dual_path_merge_bn_relu(*tensors, bn, backend="cpu")[2]
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---- inference form with a stage-wide dense buffer (dual_path_merge_into) ----
+
+def run_stage(merge_into, n, r, inc, blocks, hw, seed=0):
+    """A stage's chain of merges: first the projection's 2*inc dense channels, then `blocks`
+    merges; returns every block's (resid_out, act) and the final dense part."""
+    g = np.random.default_rng(seed)
+    dense0 = paddle.to_tensor(g.standard_normal((n, 2 * inc, hw, hw)).astype("f4"))
+    resid = paddle.to_tensor(g.standard_normal((n, r, hw, hw)).astype("f4"))
+    ys = [paddle.to_tensor(g.standard_normal((n, r + inc, hw, hw)).astype("f4")) for _ in range(blocks)]
+    bns = [make_bn(r + 2 * inc + (k + 1) * inc, 100 + k) for k in range(blocks)]
+    for bn in bns:
+        bn.eval()
+    outs = []
+    if merge_into:
+        buffer = paddle.full([n, 2 * inc + blocks * inc, hw, hw], float("nan"))
+        buffer[:, :2 * inc] = dense0
+        channels = 2 * inc
+        for y, bn in zip(ys, bns):
+            resid, buffer, act = ops.dual_path_merge_into(resid, buffer, channels, y, bn=bn)
+            channels += inc
+            outs.append((resid.numpy(), act.numpy()))
+        return outs, buffer.numpy()
+    dense = dense0
+    for y, bn in zip(ys, bns):
+        resid, dense, act = ops.dual_path_merge_bn_relu(resid, dense, y, bn)
+        outs.append((resid.numpy(), act.numpy()))
+    return outs, dense.numpy()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_merge_into_matches_concat_chain(batch):
+    with paddle.no_grad():
+        fused, dense = run_stage(True, batch, 64, 24, 4, 7)
+        chain, dense_ref = run_stage(False, batch, 64, 24, 4, 7)
+    np.testing.assert_array_equal(dense, dense_ref)
+    for (r, a), (r_ref, a_ref) in zip(fused, chain):
+        np.testing.assert_array_equal(r, r_ref)
+        np.testing.assert_array_equal(a, a_ref)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_merge_into_two_bns_and_scale_shift(backend):
+    n, r, d, inc, hw, cap = 2, 16, 8, 4, 5, 20
+    arrays = rng_inputs(n, r, d, inc, hw, hw)
+    resid, dense, y = to_pd(*arrays)
+    layers = (make_bn(r + d + inc, 1), make_bn(r + d + inc, 2))
+    for layer in layers:
+        layer.eval()
+    buffer = paddle.to_tensor(np.random.default_rng(5).standard_normal((n, cap, hw, hw)).astype("f4"))
+    before = buffer.numpy()
+    buffer[:, :d] = dense
+    with paddle.no_grad():
+        resid_out, _, (act_w, act_a) = ops.dual_path_merge_into(resid, buffer, d, y, bn=layers,
+                                                                backend=backend)
+        ref = merge_mod.reference_dual_path_merge_bn_relu(resid, dense, y, layers)
+        np.testing.assert_allclose(resid_out.numpy(), ref[0].numpy(), rtol=0, atol=0)
+        np.testing.assert_allclose(buffer.numpy()[:, :d + inc], ref[1].numpy(), rtol=0, atol=0)
+        np.testing.assert_array_equal(buffer.numpy()[:, d + inc:], before[:, d + inc:])
+        for a, e in zip((act_w, act_a), ref[2]):
+            np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
+        scale, shift = rng_affine(r + d + inc)
+        act = ops.dual_path_merge_into(resid, buffer, d, y, *to_pd(scale, shift), backend=backend)[2]
+        assert_matches_reference(act.numpy(), ref64_merge(*arrays, scale, shift)[2],
+                                 merge_mod.reference_dual_path_merge(resid, dense, y, *to_pd(scale, shift))[2].numpy())
+
+
+def test_merge_into_bad_input():
+    resid, dense, y = to_pd(*rng_inputs(2, 4, 3, 2, 5, 5))
+    buffer = paddle.zeros([2, 6, 5, 5])
+    scale, shift = to_pd(*rng_affine(9))
+    with paddle.no_grad():
+        with pytest.raises(ValueError, match="do not fit"):
+            ops.dual_path_merge_into(resid, buffer, 5, y, scale, shift)
+        with pytest.raises(ValueError, match="dense_channels"):
+            ops.dual_path_merge_into(resid, buffer, -1, y, scale, shift)
+        with pytest.raises(ValueError, match="scale"):
+            ops.dual_path_merge_into(resid, buffer, 2, y, scale, shift)
+    y.stop_gradient = False
+    with pytest.raises(ValueError, match="inference only"):
+        ops.dual_path_merge_into(resid, buffer, 3, y, scale, shift)
+
+
+class TinyStage(paddle.nn.Layer):
+    """Two blocks' merges into one stage buffer, as an inference model would run them."""
+
+    def __init__(self, r, inc):
+        super().__init__()
+        self.r, self.inc = r, inc
+        self.convs = paddle.nn.LayerList([paddle.nn.Conv2D(r, r + inc, 1) for _ in range(2)])
+        self.bns = paddle.nn.LayerList([paddle.nn.BatchNorm(r + (3 + k) * inc, act="relu") for k in range(2)])
+
+    def forward(self, resid, dense):
+        buffer = paddle.zeros([resid.shape[0], 4 * self.inc, resid.shape[2], resid.shape[3]])
+        buffer[:, :2 * self.inc] = dense
+        acts = []
+        for k in range(2):
+            resid, buffer, act = ops.dual_path_merge_into(resid, buffer, (2 + k) * self.inc,
+                                                          self.convs[k](resid), bn=self.bns[k])
+            acts.append(act)
+        return acts[0].mean() + acts[1], buffer
+
+
+def test_merge_into_to_static_and_jit_save(tmp_path):
+    paddle.seed(1)
+    model = TinyStage(6, 3)
+    for k, bn in enumerate(model.bns):
+        bn.set_state_dict(make_bn(6 + (3 + k) * 3, 40 + k).state_dict())
+    model.eval()
+    g = np.random.default_rng(1)
+    inputs = to_pd(g.standard_normal((2, 6, 5, 5)).astype("f4"), g.standard_normal((2, 6, 5, 5)).astype("f4"))
+    with paddle.no_grad():
+        eager = [o.numpy() for o in model(*inputs)]
+        static = paddle.jit.to_static(model, full_graph=True)
+        for a, e in zip(static(*inputs), eager):
+            np.testing.assert_allclose(a.numpy(), e, rtol=1e-6, atol=1e-6)
+    path = str(tmp_path / "stage")
+    spec = [paddle.static.InputSpec([None, 6, 5, 5], "float32", name) for name in ("resid", "dense")]
+    paddle.jit.save(model, path, input_spec=spec)
+    loaded = paddle.jit.load(path)
+    with paddle.no_grad():
+        for a, e in zip(loaded(*inputs), eager):
+            np.testing.assert_allclose(a.numpy(), e, rtol=1e-6, atol=1e-6)

@@ -24,7 +24,8 @@ from paddle.autograd import PyLayer
 from dpn_fast._extension import run_op
 from dpn_fast.ops._backend import resolve_backend, triton_arg
 
-__all__ = ["dual_path_merge", "concat_bn_relu", "fold_batch_norm", "dual_path_merge_bn_relu"]
+__all__ = ["dual_path_merge", "concat_bn_relu", "fold_batch_norm", "dual_path_merge_bn_relu",
+           "dual_path_merge_into"]
 
 _FLOAT_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16)
 _MAX_ACTS = 2
@@ -39,7 +40,7 @@ def dual_path_merge(resid, dense, y, scale=None, shift=None, backend="auto"):
     """(resid_out, dense_out), or (resid_out, dense_out, act) when scale/shift are given."""
     op = "dual_path_merge"
     resid, dense, y = _check_activations(op, resid, dense, y)
-    affine = _check_scale_shift(op, resid, dense, y, scale, shift)
+    affine = _check_scale_shift(op, resid, _concat_channels(resid, dense, y), scale, shift)
     backend = _resolve(backend, resid, op)
     if backend == "reference":
         return reference_dual_path_merge(resid, dense, y, scale, shift)
@@ -66,7 +67,7 @@ def concat_bn_relu(resid, dense, scale=None, shift=None, backend="auto", bn=None
         return _bn_relu(op, resid, dense, None, bn, training, backend)
     if scale is None or shift is None:
         raise ValueError(f"{op}: needs scale and shift (or bn=)")
-    affine = _check_scale_shift(op, resid, dense, None, scale, shift)
+    affine = _check_scale_shift(op, resid, _concat_channels(resid, dense, None), scale, shift)
     backend = _resolve(backend, resid, op)
     if backend == "reference":
         return reference_concat_bn_relu(resid, dense, scale, shift)
@@ -86,6 +87,61 @@ def dual_path_merge_bn_relu(resid, dense, y, bn, training=None, backend="auto"):
     op = "dual_path_merge_bn_relu"
     resid, dense, y = _check_activations(op, resid, dense, y)
     return _bn_relu(op, resid, dense, y, bn, training, backend)
+
+
+@paddle.jit.not_to_static
+def dual_path_merge_into(resid, dense_buffer, dense_channels, y, scale=None, shift=None, bn=None,
+                         backend="auto"):
+    """Inference form keeping a stage's dense channels in one preallocated buffer.
+
+    `dense_buffer` [N, D_stage, H, W] holds the stage's dense part so far in its first
+    `dense_channels` channels. The new channels y[:, R:] are written into it IN PLACE at
+    dense_channels .. dense_channels + inc, so old dense channels are never copied again (the
+    concat of dual_path_merge copies all of them every block). Returns (resid_out, dense_buffer,
+    act), act the BN+ReLU of concat([resid_out, dense_buffer[:, :dense_channels + inc]]) from
+    scale/shift (as in dual_path_merge) or `bn` (as in dual_path_merge_bn_relu, eval only).
+    Carry on with the returned dense_buffer: in dynamic mode it is the argument itself, under
+    paddle.jit.to_static the graph's updated value of it. No backward. D_stage is
+    the stage's last dense width (BlockShape.dense_before + inc of its last block); at a stage's
+    first block, copy the projection's dense part into dense_buffer[:, :2 * inc] first.
+    Backends: "auto", "cpu", "cuda", "reference".
+    """
+    op = "dual_path_merge_into"
+    resid, dense_buffer, y = _check_activations(op, resid, dense_buffer, y)
+    if not isinstance(dense_channels, int) or dense_channels < 0:
+        raise ValueError(f"{op}: dense_channels must be an int >= 0, got {dense_channels!r}")
+    inc = y.shape[1] - resid.shape[1]
+    if dense_buffer.shape[1] >= 0 and dense_channels + inc > dense_buffer.shape[1]:
+        raise ValueError(f"{op}: dense_buffer has {dense_buffer.shape[1]} channels; "
+                         f"{dense_channels} old + {inc} new do not fit")
+    if (_dynamic() and paddle.is_grad_enabled()
+            and not all(t.stop_gradient for t in (resid, dense_buffer, y))):
+        raise ValueError(f"{op}: inference only (no backward); run under paddle.no_grad() or "
+                         "use dual_path_merge_bn_relu")
+    if backend == "triton":
+        raise ValueError(f"{op}: no Triton kernel; use backend 'auto', 'cpu' or 'cuda'")
+    channels = resid.shape[1] + dense_channels + inc
+    if bn is not None:
+        if scale is not None or shift is not None:
+            raise ValueError(f"{op}: pass either scale/shift or bn, not both")
+        layers = _batch_norms(op, bn, channels)
+        params = [t for l in layers for t in (l.weight, l.bias, l._mean, l._variance)]
+        epsilons = [float(l._epsilon) for l in layers]
+    else:
+        if scale is None or shift is None:
+            raise ValueError(f"{op}: needs scale and shift (or bn=)")
+        params = list(_check_scale_shift(op, resid, channels, scale, shift))
+        epsilons = []
+    backend = _resolve(backend, resid, op)
+    if backend == "reference":
+        resid_out, act = reference_dual_path_merge_into(resid, dense_buffer, dense_channels, y,
+                                                        params, epsilons)
+    else:
+        resid_out, dense_buffer, act = run_op("dpn_fast_dual_path_merge_into", resid, dense_buffer,
+                                              y, params, epsilons, dense_channels)
+    if bn is not None:
+        act = _with_acts((), _split_acts(act, len(layers)), bn)
+    return resid_out, dense_buffer, act
 
 
 @paddle.no_grad()
@@ -123,6 +179,19 @@ def reference_dual_path_merge_bn_relu(resid, dense, y, bn):
     x = paddle.concat([resid_out, dense_out], axis=1)
     act = tuple(layer(x) for layer in bn) if isinstance(bn, (tuple, list)) else bn(x)
     return resid_out, dense_out, act
+
+
+def reference_dual_path_merge_into(resid, dense_buffer, dense_channels, y, params, epsilons):
+    """Plain-Paddle dual_path_merge_into: (resid_out, act); params/epsilons as the custom op's."""
+    r, inc = resid.shape[1], y.shape[1] - resid.shape[1]
+    resid_out = resid + y[:, :r]
+    dense_buffer[:, dense_channels:dense_channels + inc] = y[:, r:]
+    x = paddle.concat([resid_out, dense_buffer[:, :dense_channels + inc]], axis=1)
+    if not epsilons:
+        return resid_out, reference_concat_bn_relu(resid_out, x[:, r:], *params)
+    acts = [F.relu(F.batch_norm(x, m, v, w, b, False, epsilon=eps))
+            for (w, b, m, v), eps in zip(zip(*[iter(params)] * 4), epsilons)]
+    return resid_out, acts[0] if len(acts) == 1 else paddle.stack(acts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,13 +248,12 @@ def _concat_channels(resid, dense, y):
     return resid.shape[1] + dense.shape[1] + extra
 
 
-def _check_scale_shift(op, resid, dense, y, scale, shift):
+def _check_scale_shift(op, resid, channels, scale, shift):
     """The op's affine inputs (scale, shift), contiguous; None without BN."""
     if scale is None and shift is None:
         return None
     if scale is None or shift is None:
         raise ValueError(f"{op}: pass both scale and shift, or neither")
-    channels = _concat_channels(resid, dense, y)
     for name, t in (("scale", scale), ("shift", shift)):
         if not isinstance(t, _TENSOR_TYPES):
             raise TypeError(f"{op}: '{name}' must be a paddle.Tensor, got {type(t).__name__}")

@@ -41,7 +41,7 @@ def build(arch):
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.dpn_fast_dual_path_merge_forward_cuda.argtypes = [
         vp, vp, vp, ctypes.POINTER(ChannelAffine), vp, vp, ctypes.POINTER(vp),
-        i64, i64, i64, i64, i64, ctypes.c_int, vp]
+        i64, i64, i64, i64, i64, i64, ctypes.c_int, vp]
     lib.dpn_fast_dual_path_merge_backward_cuda.argtypes = [
         vp, vp, vp, vp, ctypes.POINTER(vp), ctypes.POINTER(ChannelAffine), vp, vp, vp,
         i64, i64, i64, i64, i64, ctypes.c_int, vp]
@@ -77,7 +77,7 @@ def cuda_forward(lib, resid, dense, y, affine, dtype_code):
     planes = (ctypes.c_void_p * 2)(*[act[i].data_ptr() for i in range(affine.num_acts)])
     status = lib.dpn_fast_dual_path_merge_forward_cuda(
         ptr(resid), ptr(dense), ptr(y), ctypes.byref(affine), ptr(resid_out), ptr(dense_out),
-        planes, n, r, d, inc, h * w, dtype_code, torch.cuda.current_stream().cuda_stream)
+        planes, n, r, d, inc, h * w, 0, dtype_code, torch.cuda.current_stream().cuda_stream)
     assert status == 0, f"forward status {status}"
     return resid_out, dense_out, act[:affine.num_acts]
 
@@ -219,7 +219,7 @@ def bench(lib):
                 stream = torch.cuda.current_stream().cuda_stream
 
                 def fused():
-                    lib.dpn_fast_dual_path_merge_forward_cuda(ptr(resid), ptr(dense), ptr(y), ctypes.byref(aff), ptr(ro), ptr(do), planes, n, r, d, inc, hw * hw, code, stream)
+                    lib.dpn_fast_dual_path_merge_forward_cuda(ptr(resid), ptr(dense), ptr(y), ctypes.byref(aff), ptr(ro), ptr(do), planes, n, r, d, inc, hw * hw, 0, code, stream)
 
                 scale = (w * torch.rsqrt(v + 1e-5))[None]
                 shift = (b - m * scale[0])[None]
