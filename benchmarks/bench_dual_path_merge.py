@@ -3,7 +3,8 @@
 One group per (mode, stage, batch); modes:
   eval_bn  the whole block tail + next head in eval: split + add + concat, concat + BatchNorm(relu)
            (reference) vs dual_path_merge_bn_relu (BN folded in-kernel) and dual_path_merge with
-           pre-folded scale/shift;
+           pre-folded scale/shift, and dual_path_merge_into (new dense channels written into a
+           stage-wide buffer, inference);
   merge    the tail only: split + add + concat vs dual_path_merge.
 Run: pytest benchmarks/bench_dual_path_merge.py --benchmark-only (CPU: batch 1 and 8).
 """
@@ -45,7 +46,7 @@ def run(benchmark, fn):
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("impl", ("reference", "fused_bn", "fused_scale_shift"))
+@pytest.mark.parametrize("impl", ("reference", "fused_bn", "fused_scale_shift", "fused_into"))
 def test_eval_bn(benchmark, impl, stage, batch):
     benchmark.group = f"eval_bn DPN92 stage{stage + 1} {STAGE_SHAPES[stage]} batch {batch}"
     resid, dense, y, bn = make_case(stage, batch)
@@ -54,6 +55,11 @@ def test_eval_bn(benchmark, impl, stage, batch):
             run(benchmark, lambda: merge_mod.reference_dual_path_merge_bn_relu(resid, dense, y, bn))
         elif impl == "fused_bn":
             run(benchmark, lambda: ops.dual_path_merge_bn_relu(resid, dense, y, bn))
+        elif impl == "fused_into":
+            # Stage buffer: the old dense channels are already in place, only new ones written.
+            r, d, inc, _ = STAGE_SHAPES[stage]
+            buffer = paddle.concat([dense, y[:, r:]], axis=1)
+            run(benchmark, lambda: ops.dual_path_merge_into(resid, buffer, d, y, bn=bn))
         else:
             scale, shift = ops.fold_batch_norm(bn)
             run(benchmark, lambda: ops.dual_path_merge(resid, dense, y, scale, shift))
