@@ -129,18 +129,30 @@ def test_concat_bn_relu_network_end(model):
                              merge_mod.reference_concat_bn_relu(*tensors).numpy())
 
 
+def poison_allocator(shapes):
+    """Frees NaN-filled blocks of exactly these shapes: paddle's CPU allocator hands them to the
+    next allocations of the same sizes, i.e. to the op's outputs."""
+    blocks = [paddle.full(shape, float("nan")) for shape in shapes]
+    del blocks
+
+
 def test_outputs_fully_written():
-    """NaN-poison the allocator: the outputs reuse freed NaN-filled blocks and must be overwritten."""
     n, r, d, inc, hw = 2, 64, 40, 24, 14
+    c = r + d + inc
     arrays = rng_inputs(n, r, d, inc, hw, hw)
-    scale, shift = rng_affine(r + d + inc, 2)
+    scale, shift = rng_affine(c, 2)
     tensors = to_pd(*arrays, scale, shift)
-    for _ in range(3):
-        poison = [paddle.full([n * (r + d + inc) * hw * hw * 2], float("nan")) for _ in range(4)]
-        del poison
-        outs = ops.dual_path_merge(*tensors)
+    out_shapes = [[n, r, hw, hw], [n, d + inc, hw, hw], [2, n, c, hw, hw]]
+    poison_allocator(out_shapes[:1])
+    assert np.isnan(paddle.empty(out_shapes[0]).numpy()).all(), "poisoning has no effect here"
+    for with_bn in (True, False):
+        poison_allocator(out_shapes)
+        outs = ops.dual_path_merge(*tensors if with_bn else tensors[:3])
         assert all(np.isfinite(o.numpy()).all() for o in outs)
         del outs
+    poison_allocator([[n, c, hw, hw]])
+    assert np.isfinite(ops.concat_bn_relu(tensors[0], paddle.concat(tensors[1:3], 1)[:, :d + inc],
+                                          tensors[3][0], tensors[4][0]).numpy()).all()
 
 
 # ---- backward ----
@@ -297,9 +309,9 @@ def test_bn_relu_training_matches_layer(pair):
             np.testing.assert_allclose(a.grad.numpy(), e.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_training_running_variance_is_unbiased():
-    """Pins what paddle.nn.BatchNorm does (and so what we reproduce): running_var uses the
-    unbiased (n-1) batch variance, running = 0.9 * running + 0.1 * batch."""
+def test_training_running_variance_is_biased():
+    """Pins what paddle.nn.BatchNorm does, and so what we reproduce: running = 0.9 * running +
+    0.1 * batch, with the BIASED (population, /n) batch variance (PyTorch uses /(n-1))."""
     c = 4
     bn = paddle.nn.BatchNorm(c, act="relu")
     bn.train()
@@ -307,11 +319,8 @@ def test_training_running_variance_is_unbiased():
     ops.concat_bn_relu(paddle.to_tensor(x[:, :2]), paddle.to_tensor(x[:, 2:]), bn=bn)
     flat = x.transpose(1, 0, 2, 3).reshape(c, -1).astype(np.float64)
     np.testing.assert_allclose(bn._mean.numpy(), 0.1 * flat.mean(1), rtol=1e-5, atol=1e-6)
-    biased = 0.9 + 0.1 * flat.var(1)
-    unbiased = 0.9 + 0.1 * flat.var(1, ddof=1)
-    got = bn._variance.numpy()
-    which = "unbiased" if np.allclose(got, unbiased, rtol=1e-5) else "biased"
-    assert np.allclose(got, unbiased if which == "unbiased" else biased, rtol=1e-5), got
+    np.testing.assert_allclose(bn._variance.numpy(), 0.9 + 0.1 * flat.var(1), rtol=1e-6)
+    assert not np.allclose(bn._variance.numpy(), 0.9 + 0.1 * flat.var(1, ddof=1), rtol=1e-5)
 
 
 # ---- graph capture and saved models ----
