@@ -144,7 +144,9 @@ def test_outputs_fully_written():
     tensors = to_pd(*arrays, scale, shift)
     out_shapes = [[n, r, hw, hw], [n, d + inc, hw, hw], [2, n, c, hw, hw]]
     poison_allocator(out_shapes[:1])
-    assert np.isnan(paddle.empty(out_shapes[0]).numpy()).all(), "poisoning has no effect here"
+    # (malloc keeps its free-list links in a freed block's first bytes: "mostly NaN")
+    if np.isnan(paddle.empty(out_shapes[0]).numpy()).mean() < 0.9:
+        pytest.skip("this allocator does not hand freed blocks to the next allocation")
     for with_bn in (True, False):
         poison_allocator(out_shapes)
         outs = ops.dual_path_merge(*tensors if with_bn else tensors[:3])
@@ -278,6 +280,39 @@ def test_bn_relu_eval_sees_parameter_updates():
     opt.step()
     third = check()
     assert not np.allclose(second, third)
+
+
+@pytest.mark.parametrize("form", ["bn_layer", "scale_shift", "head"])
+def test_eval_head_parameter_gradients(form):
+    """Eval BN with trainable weight/bias (frozen statistics), or trainable scale/shift: their
+    gradients flow (the head then runs as paddle ops), and the inputs' gradients match."""
+    n, r, d, inc, hw = 2, 6, 4, 3, 5
+    arrays = rng_inputs(n, r, d, inc, hw, hw, seed=3)
+    bn = make_bn(r + d + inc, 4)
+    bn.eval()
+    scale, shift = rng_affine(r + d + inc if form != "head" else r + r + inc)  # head: (resid, y)
+
+    def run(fused):
+        ts = to_pd(*arrays, stop_gradient=False)
+        params = to_pd(scale, shift, stop_gradient=False)
+        bn.clear_gradients()
+        if form == "bn_layer":
+            fn = ops.dual_path_merge_bn_relu if fused else merge_mod.reference_dual_path_merge_bn_relu
+            act = fn(*ts, bn)[2]
+        elif form == "scale_shift":
+            fn = ops.dual_path_merge if fused else merge_mod.reference_dual_path_merge
+            act = fn(*ts, *params)[2]
+        else:
+            fn = ops.concat_bn_relu if fused else merge_mod.reference_concat_bn_relu
+            act = fn(ts[0], ts[2], *params)
+        (act * paddle.to_tensor(np.random.default_rng(6).standard_normal(act.shape).astype("f4"))).sum().backward()
+        grads = [t.grad.numpy() for t in (ts if form != "head" else ts[::2])]
+        if form == "bn_layer":
+            return grads + [bn.weight.grad.numpy(), bn.bias.grad.numpy()]
+        return grads + [p.grad.numpy() for p in params]
+
+    for a, e in zip(run(True), run(False)):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("pair", [False, True])

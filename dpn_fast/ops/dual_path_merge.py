@@ -10,8 +10,9 @@ applies its two BNs, c1x1_w's and c1x1_a's, to the same concat). The `*_bn_relu`
 paddle.nn.BatchNorm layer(s) instead: in eval the kernels fold the BN parameters per channel as
 they run (nothing is cached, so optimizer steps and set_state_dict are always seen), in training
 they run the fused merge and then paddle's own batch_norm, so running statistics update exactly
-as the layer's do. Only the activations get gradients from the fused eval kernels; scale, shift
-and BN parameters are treated as constants there (use training mode to train BN).
+as the layer's do. The fused eval kernels give gradients to the activations only; when autograd
+also wants gradients for scale/shift or the BN parameters (e.g. fine-tuning with frozen BN
+statistics), the head runs as paddle ops after the fused merge instead, so results stay right.
 
 Backends: "cpu" (C++/OpenMP, float32), "cuda" (float32/float16/bfloat16), "triton" (GPU, or CPU
 under TRITON_INTERPRET=1), "reference" (the plain-Paddle sequence), "auto". Under
@@ -44,6 +45,10 @@ def dual_path_merge(resid, dense, y, scale=None, shift=None, backend="auto"):
     backend = _resolve(backend, resid, op)
     if backend == "reference":
         return reference_dual_path_merge(resid, dense, y, scale, shift)
+    if affine is not None and _needs_grad(*affine):
+        # The fused head treats scale/shift as constants: fused merge, then paddle's head.
+        resid_out, dense_out = dual_path_merge(resid, dense, y, backend=backend)
+        return resid_out, dense_out, reference_concat_bn_relu(resid_out, dense_out, *affine)
     if backend == "triton":
         return _triton_merge(resid, dense, y, *(affine or ()))
     if affine is None:
@@ -69,8 +74,8 @@ def concat_bn_relu(resid, dense, scale=None, shift=None, backend="auto", bn=None
         raise ValueError(f"{op}: needs scale and shift (or bn=)")
     affine = _check_scale_shift(op, resid, _concat_channels(resid, dense, None), scale, shift)
     backend = _resolve(backend, resid, op)
-    if backend == "reference":
-        return reference_concat_bn_relu(resid, dense, scale, shift)
+    if backend == "reference" or _needs_grad(*affine):
+        return reference_concat_bn_relu(resid, dense, *affine)
     if backend == "triton":
         return _triton_merge(resid, dense, None, *affine)[0]
     return _single(run_op("dpn_fast_concat_bn_relu", resid, dense, list(affine), []))
@@ -326,15 +331,11 @@ def _bn_relu(op, resid, dense, y, bn, training, backend):
     if training is None:
         training = layers[0].training
     backend = _resolve(backend, resid, op)
-    if training:
-        return _bn_relu_training(resid, dense, y, layers, bn, backend)
-    if backend == "reference":
-        # Folded BN, as paddle's own eval batch_norm computes it.
-        merged = reference_dual_path_merge(resid, dense, y) if y is not None else (resid, dense)
-        x = paddle.concat(list(merged), axis=1)
-        acts = tuple(F.relu(F.batch_norm(x, l._mean, l._variance, l.weight, l.bias, False,
-                                         l._momentum, l._epsilon)) for l in layers)
-        return _with_acts(merged if y is not None else (), acts, bn)
+    if (training or backend == "reference"
+            or _needs_grad(*(t for l in layers for t in (l.weight, l.bias)))):
+        # Paddle's batch_norm where it must run: training statistics, or gradients for the BN
+        # parameters (eval-mode BN with trainable weight/bias), which the fused head lacks.
+        return _bn_relu_paddle(resid, dense, y, layers, bn, backend, training)
     if backend == "triton":
         scale, shift = zip(*(fold_batch_norm(layer) for layer in layers))
         outs = _triton_merge(resid, dense, y, paddle.stack(scale), paddle.stack(shift))
@@ -349,9 +350,10 @@ def _bn_relu(op, resid, dense, y, bn, training, backend):
     return _with_acts((resid_out, dense_out), _split_acts(act, len(layers)), bn)
 
 
-def _bn_relu_training(resid, dense, y, layers, bn, backend):
+def _bn_relu_paddle(resid, dense, y, layers, bn, backend, training):
     """Fused merge (with its backward), then paddle's batch_norm on the concat, exactly as the
-    layer does (batch statistics; running mean/variance updated with the layer's momentum)."""
+    layer does (in training: batch statistics; running mean/variance updated with the layer's
+    momentum)."""
     merged = ()
     if y is not None:
         if backend == "triton":
@@ -362,10 +364,19 @@ def _bn_relu_training(resid, dense, y, layers, bn, backend):
             merged = tuple(run_op("dpn_fast_dual_path_merge", resid, dense, y))
         resid, dense = merged
     x = paddle.concat([resid, dense], axis=1)
-    acts = tuple(F.relu(F.batch_norm(x, l._mean, l._variance, l.weight, l.bias, True, l._momentum,
-                                     l._epsilon, use_global_stats=l._use_global_stats))
+    acts = tuple(F.relu(F.batch_norm(x, l._mean, l._variance, l.weight, l.bias, training,
+                                     l._momentum, l._epsilon,
+                                     use_global_stats=l._use_global_stats if training else None))
                  for l in layers)
     return _with_acts(merged, acts, bn)
+
+
+def _needs_grad(*tensors):
+    """Whether autograd wants gradients for any of these (dynamic mode; a captured graph keeps
+    the fused op, whose inputs' gradients are right, and treats per-channel parameters as
+    constants)."""
+    return (_dynamic() and paddle.is_grad_enabled()
+            and any(not t.stop_gradient for t in tensors))
 
 
 def _split_acts(act, num_acts):
