@@ -396,6 +396,23 @@ def test_to_static():
         np.testing.assert_allclose(a.numpy(), e, rtol=1e-6, atol=1e-6)
 
 
+def test_to_static_training_step():
+    """Training under to_static: outputs, gradients and running statistics as in eager mode."""
+    results = []
+    for static in (False, True):
+        model, inputs = tiny_model()
+        model.train()
+        inputs = [paddle.to_tensor(t.numpy(), stop_gradient=False) for t in inputs]
+        fn = paddle.jit.to_static(model, full_graph=True) if static else model
+        out, dense = fn(*inputs)
+        (out.sum() + (dense * dense).sum()).backward()
+        results.append([out.numpy(), dense.numpy(), *(t.grad.numpy() for t in inputs),
+                        model.y_conv.weight.grad.numpy(), model.bn.weight.grad.numpy(),
+                        model.bn._mean.numpy(), model.bn_a._variance.numpy()])
+    for a, e in zip(*results):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+
+
 def test_jit_save_load(tmp_path):
     model, inputs = tiny_model()
     eager = [o.numpy() for o in model(*inputs)]
