@@ -59,7 +59,10 @@ __global__ void merge_forward_kernel(const T* __restrict__ resid, const T* __res
        plane += (int64_t)gridDim.y * blockDim.y) {
     const int64_t b = plane / channels, c = plane % channels;
     float sc[kMaxActs] = {}, sh[kMaxActs] = {};
-    for (int a = 0; a < affine.num_acts; ++a) affine.at(a, c, &sc[a], &sh[a]);
+#pragma unroll  // constant indices keep the parameter struct out of local memory
+    for (int a = 0; a < kMaxActs; ++a) {
+      if (a < affine.num_acts) affine.at(a, c, &sc[a], &sh[a]);
+    }
     const T *src, *add = nullptr;
     T* out = nullptr;
     if (c < s.r) {
@@ -114,7 +117,10 @@ __global__ void merge_backward_kernel(const T* __restrict__ x_resid, const T* __
        plane += (int64_t)gridDim.y * blockDim.y) {
     const int64_t b = plane / channels, c = plane % channels;
     float sc[kMaxActs] = {}, sh[kMaxActs] = {};
-    for (int a = 0; a < affine.num_acts; ++a) affine.at(a, c, &sc[a], &sh[a]);
+#pragma unroll  // constant indices keep the parameter struct out of local memory
+    for (int a = 0; a < kMaxActs; ++a) {
+      if (a < affine.num_acts) affine.at(a, c, &sc[a], &sh[a]);
+    }
     const T *x = nullptr, *g_out;
     T *dst0, *dst1 = nullptr;
     if (c < s.r) {
@@ -130,6 +136,7 @@ __global__ void merge_backward_kernel(const T* __restrict__ x_resid, const T* __
       dst0 = k < s.d ? g_dense + (b * s.d + k) * s.hw : g_y + (b * cy + s.r + k - s.d) * s.hw;
     }
     const P* ga[kMaxActs];
+#pragma unroll
     for (int a = 0; a < kMaxActs; ++a) {
       ga[a] = a < affine.num_acts && g_act.p[a]
                   ? reinterpret_cast<const P*>(static_cast<const T*>(g_act.p[a]) + plane * s.hw)
