@@ -651,6 +651,11 @@ def test_merge_into_bad_input():
             ops.dual_path_merge_into(resid, buffer, -1, y, scale, shift)
         with pytest.raises(ValueError, match="scale"):
             ops.dual_path_merge_into(resid, buffer, 2, y, scale, shift)
+    with paddle.no_grad(), pytest.raises(ValueError, match="contiguous"):
+        ops.dual_path_merge_into(resid, paddle.zeros([2, 6, 5, 5]).transpose([0, 1, 3, 2]), 3, y,
+                                 scale, shift)
+    with paddle.no_grad(), pytest.raises(ValueError, match="[Tt]riton"):
+        ops.dual_path_merge_into(resid, buffer, 3, y, scale, shift, backend="triton")
     y.stop_gradient = False
     with pytest.raises(ValueError, match="inference only"):
         ops.dual_path_merge_into(resid, buffer, 3, y, scale, shift)

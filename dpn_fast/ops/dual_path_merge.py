@@ -112,6 +112,8 @@ def dual_path_merge_into(resid, dense_buffer, dense_channels, y, scale=None, shi
     Backends: "auto", "cpu", "cuda", "reference".
     """
     op = "dual_path_merge_into"
+    if _dynamic() and isinstance(dense_buffer, paddle.Tensor) and not dense_buffer.is_contiguous():
+        raise ValueError(f"{op}: dense_buffer must be contiguous (it is written in place)")
     resid, dense_buffer, y = _check_activations(op, resid, dense_buffer, y)
     if not isinstance(dense_channels, int) or dense_channels < 0:
         raise ValueError(f"{op}: dense_channels must be an int >= 0, got {dense_channels!r}")
@@ -123,8 +125,6 @@ def dual_path_merge_into(resid, dense_buffer, dense_channels, y, scale=None, shi
             and not all(t.stop_gradient for t in (resid, dense_buffer, y))):
         raise ValueError(f"{op}: inference only (no backward); run under paddle.no_grad() or "
                          "use dual_path_merge_bn_relu")
-    if backend == "triton":
-        raise ValueError(f"{op}: no Triton kernel; use backend 'auto', 'cpu' or 'cuda'")
     channels = resid.shape[1] + dense_channels + inc
     if bn is not None:
         if scale is not None or shift is not None:
@@ -138,6 +138,8 @@ def dual_path_merge_into(resid, dense_buffer, dense_channels, y, scale=None, shi
         params = list(_check_scale_shift(op, resid, channels, scale, shift))
         epsilons = []
     backend = _resolve(backend, resid, op)
+    if backend == "triton":
+        raise ValueError(f"{op}: has no Triton kernel; needs a CUDA build of dpn_fast on GPU")
     if backend == "reference":
         resid_out, act = reference_dual_path_merge_into(resid, dense_buffer, dense_channels, y,
                                                         params, epsilons)
