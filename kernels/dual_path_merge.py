@@ -86,9 +86,10 @@ def _merge_backward_kernel(x_resid, x_dense, g_resid_out, g_dense_out, g_act, sc
         tl.store(g_y + (b * (R + INC) + y_channel) * HW + offs, g.to(out_ty), mask=m & ~in_dense)
 
 
-def _grid(n, channels, hw):
+def _launch(n, channels, hw):
+    """Grid, BLOCK and warps: one program per (plane, BLOCK elements), ~4 elements a thread."""
     block = min(_BLOCK_MAX, triton.next_power_of_2(max(hw, 1)))
-    return (n * channels, triton.cdiv(hw, block)), block
+    return (n * channels, triton.cdiv(hw, block)), block, max(1, min(8, block // 128))
 
 
 def merge_forward(resid, dense, y, scale, shift, resid_out, dense_out, act, n, r, d, inc, hw,
@@ -96,14 +97,14 @@ def merge_forward(resid, dense, y, scale, shift, resid_out, dense_out, act, n, r
     """Writes resid_out/dense_out (when y is given) and act[a] for a < num_acts."""
     if n * hw == 0:
         return
-    grid, block = _grid(n, r + d + inc, hw)
+    grid, block, warps = _launch(n, r + d + inc, hw)
     # Absent tensors are never dereferenced (masked or compiled out); pass a live pointer.
     fill = resid
     _merge_forward_kernel[grid](
         resid, dense, y if y is not None else fill, scale if num_acts else fill,
         shift if num_acts else fill, resid_out if y is not None else fill,
         dense_out if y is not None else fill, act if num_acts else fill,
-        n, r, d, inc, hw, HAS_Y=y is not None, NUM_ACTS=num_acts, BLOCK=block)
+        n, r, d, inc, hw, HAS_Y=y is not None, NUM_ACTS=num_acts, BLOCK=block, num_warps=warps)
 
 
 def merge_backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift, g_resid,
@@ -112,7 +113,7 @@ def merge_backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shi
     given or both None; x_resid/x_dense/g_act/scale/shift are read when num_acts > 0."""
     if n * hw == 0:
         return
-    grid, block = _grid(n, r + d + inc, hw)
+    grid, block, warps = _launch(n, r + d + inc, hw)
     fill = g_resid
     has_g_out = g_resid_out is not None and g_dense_out is not None
     _merge_backward_kernel[grid](
@@ -120,4 +121,5 @@ def merge_backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shi
         g_resid_out if has_g_out else fill, g_dense_out if has_g_out else fill,
         g_act if num_acts else fill, scale if num_acts else fill, shift if num_acts else fill,
         g_resid, g_dense, g_y if g_y is not None else fill, n, r, d, inc, hw,
-        HAS_Y=g_y is not None, HAS_G_OUT=has_g_out, NUM_ACTS=num_acts, BLOCK=block)
+        HAS_Y=g_y is not None, HAS_G_OUT=has_g_out, NUM_ACTS=num_acts, BLOCK=block,
+        num_warps=warps)
