@@ -705,7 +705,7 @@ def test_merge_into_to_static_and_jit_save(tmp_path):
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles the real kernels (not interpreted)")
 @pytest.mark.parametrize("cc", [75, 80, 90])
-def test_triton_kernels_compile_for_gpu(cc):
+def test_aot_compile_for_cuda_targets(cc):
     """Ahead-of-time compile every kernel variant for a CUDA target (no GPU needed): catches what
     only the GPU compiler rejects, which the CPU interpreter would let through."""
     triton = pytest.importorskip("triton")
