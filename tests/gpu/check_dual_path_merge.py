@@ -159,6 +159,24 @@ def run_checks(lib):
                     for name, got, leaf in zip(("resid", "dense", "y"), grads, leaves):
                         want = leaf.grad
                         check(f"bwd {tag} grad {name}", got, want, want.to(dtype), dtype_name)
+        # Stage-buffer form (dense_capacity): old channels read in place, only new ones written.
+        r, d, inc, hw, n, cap = 32, 20, 8, 7, 2, 40
+        resid, y = torch.randn(n, r, hw, hw, device="cuda").to(dtype), torch.randn(n, r + inc, hw, hw, device="cuda").to(dtype)
+        buffer = torch.randn(n, cap, hw, hw, device="cuda").to(dtype)
+        before = buffer.clone()
+        scale, shift = torch.randn(1, r + d + inc, device="cuda"), torch.randn(1, r + d + inc, device="cuda")
+        resid_out = torch.full_like(resid, float("nan"))
+        act = torch.full((1, n, r + d + inc, hw, hw), float("nan"), dtype=dtype, device="cuda")
+        planes = (ctypes.c_void_p * 2)(act.data_ptr())
+        status = lib.dpn_fast_dual_path_merge_forward_cuda(
+            ptr(resid), ptr(buffer), ptr(y), ctypes.byref(affine_struct(scale, shift)), ptr(resid_out),
+            ptr(buffer), planes, n, r, d, inc, hw * hw, cap, code, torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        want = reference(resid, before[:, :d], y, scale, shift)
+        if status != 0 or not torch.equal(buffer[:, :d], before[:, :d]) or not torch.equal(buffer[:, d + inc:], before[:, d + inc:]):
+            FAILURES.append(f"buffer form {dtype_name}: status {status} or untouched channels changed")
+        check(f"buffer form {dtype_name} new dense", buffer[:, d:d + inc], want[1][:, d:].double(), want[1][:, d:], dtype_name)
+        check(f"buffer form {dtype_name} act", act[0], want[2][0].double(), want[2][0], dtype_name)
         # Raw-BatchNorm mode (in-kernel folding), two BNs, head-only form (no y).
         r, d, hw, n = 64, 48, 14, 2
         c = r + d
