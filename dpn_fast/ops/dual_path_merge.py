@@ -129,8 +129,7 @@ def dual_path_merge_into(resid, dense_buffer, dense_channels, y, scale=None, shi
     if bn is not None:
         if scale is not None or shift is not None:
             raise ValueError(f"{op}: pass either scale/shift or bn, not both")
-        layers = _batch_norms(op, bn, channels)
-        params = [t for l in layers for t in (l.weight, l.bias, l._mean, l._variance)]
+        layers, params = _batch_norms(op, bn, channels)
         epsilons = [float(l._epsilon) for l in layers]
     else:
         if scale is None or shift is None:
@@ -154,9 +153,9 @@ def dual_path_merge_into(resid, dense_buffer, dense_channels, y, scale=None, shi
 @paddle.no_grad()
 def fold_batch_norm(bn):
     """(scale, shift) of an eval paddle.nn.BatchNorm: w / sqrt(var + eps), b - mean * scale."""
-    _check_batch_norm("fold_batch_norm", bn)
-    scale = bn.weight * paddle.rsqrt(bn._variance + bn._epsilon)
-    return scale, bn.bias - bn._mean * scale
+    weight, bias, mean, variance = _check_batch_norm("fold_batch_norm", bn)
+    scale = weight * paddle.rsqrt(variance + bn._epsilon)
+    return scale, bias - mean * scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,10 +223,10 @@ def _check_activations(op, *tensors):
         shape = t.shape
         if len(shape) != 4:
             raise ValueError(f"{op}: '{name}' must be 4-D NCHW, got shape {list(shape)}")
-        if t is not first and t.dtype != dtype:
+        if t is not first and t.dtype is not dtype and t.dtype != dtype:  # `is`: the cheap test
             raise TypeError(f"{op}: '{name}' is {t.dtype} but 'resid' is {dtype}")
         shapes.append(shape)
-    if dtype not in _FLOAT_DTYPES:
+    if dtype is not paddle.float32 and dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: activations must be float32, float16 or bfloat16, got {dtype}")
     ref = shapes[0]
     for shape in shapes[1:]:
@@ -285,26 +284,32 @@ def _check_scale_shift(op, resid, channels, scale, shift):
 
 
 def _check_batch_norm(op, bn):
+    """The layer's (weight, bias, running mean, running variance), checked."""
     if not isinstance(bn, paddle.nn.BatchNorm):
         raise TypeError(f"{op}: expected a paddle.nn.BatchNorm, got {type(bn).__name__}")
-    if bn.weight is None or bn.bias is None:
+    tensors = (bn.weight, bn.bias, bn._mean, bn._variance)  # fetched once: Layer attrs are slow
+    if tensors[0] is None or tensors[1] is None:
         raise ValueError(f"{op}: BatchNorm without weight or bias is not supported")
     if bn._data_layout != "NCHW":
         raise ValueError(f"{op}: BatchNorm must be NCHW, got {bn._data_layout}")
+    return tensors
 
 
 def _batch_norms(op, bn, channels):
+    """(layers, [weight, bias, mean, variance] of each, flattened as the custom ops take them)."""
     layers = tuple(bn) if isinstance(bn, (tuple, list)) else (bn,)
     if not 1 <= len(layers) <= _MAX_ACTS:
         raise ValueError(f"{op}: expects 1 or {_MAX_ACTS} BatchNorm layers, got {len(layers)}")
+    params = []
     for layer in layers:
-        _check_batch_norm(op, layer)
+        tensors = _check_batch_norm(op, layer)
         if layer._act != "relu":
             raise ValueError(f"{op}: BatchNorm must have act='relu', got act={layer._act!r}")
-        if channels >= 0 and layer.weight.shape[0] != channels:
-            raise ValueError(f"{op}: BatchNorm has {layer.weight.shape[0]} channels, the concat "
+        if channels >= 0 and tensors[0].shape[0] != channels:
+            raise ValueError(f"{op}: BatchNorm has {tensors[0].shape[0]} channels, the concat "
                              f"has {channels}")
-    return layers
+        params += tensors
+    return layers, params
 
 
 def _resolve(backend, resid, op):
@@ -329,12 +334,11 @@ def _single(outputs):
 
 
 def _bn_relu(op, resid, dense, y, bn, training, backend):
-    layers = _batch_norms(op, bn, _concat_channels(resid, dense, y))
+    layers, params = _batch_norms(op, bn, _concat_channels(resid, dense, y))
     if training is None:
         training = layers[0].training
     backend = _resolve(backend, resid, op)
-    if (training or backend == "reference"
-            or _needs_grad(*(t for l in layers for t in (l.weight, l.bias)))):
+    if training or backend == "reference" or _needs_grad(*params[0::4], *params[1::4]):
         # Paddle's batch_norm where it must run: training statistics, or gradients for the BN
         # parameters (eval-mode BN with trainable weight/bias), which the fused head lacks.
         return _bn_relu_paddle(resid, dense, y, layers, bn, backend, training)
@@ -342,7 +346,6 @@ def _bn_relu(op, resid, dense, y, bn, training, backend):
         scale, shift = zip(*(fold_batch_norm(layer) for layer in layers))
         outs = _triton_merge(resid, dense, y, paddle.stack(scale), paddle.stack(shift))
         return _with_acts(outs[:-1], paddle.unbind(outs[-1], 0), bn)
-    params = [t for l in layers for t in (l.weight, l.bias, l._mean, l._variance)]
     epsilons = [float(layer._epsilon) for layer in layers]
     if y is None:
         act = _single(run_op("dpn_fast_concat_bn_relu", resid, dense, params, epsilons))
