@@ -1,4 +1,6 @@
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "dual_path_merge.h"
 
@@ -54,6 +56,28 @@ void backward_row(const float* __restrict__ x, const float* __restrict__ g_out,
   }
 }
 
+// Raw BatchNorm parameters folded to scale/shift for all channels up front (a vectorised loop),
+// so rows of small planes (7x7) don't each pay a sqrt and a division.
+ChannelAffine folded(const ChannelAffine& affine, int64_t channels, std::vector<float>& storage) {
+  ChannelAffine out = affine;
+  for (int a = 0; a < affine.num_acts; ++a) {
+    if (affine.var[a] == nullptr) continue;
+    storage.resize(2 * kMaxActs * channels);
+    float* __restrict__ scale = storage.data() + 2 * a * channels;
+    float* __restrict__ shift = scale + channels;
+    const float *w = affine.scale[a], *b = affine.shift[a], *m = affine.mean[a], *v = affine.var[a];
+    const float eps = affine.eps[a];
+    for (int64_t c = 0; c < channels; ++c) {
+      scale[c] = w[c] / std::sqrt(v[c] + eps);
+      shift[c] = b[c] - m[c] * scale[c];
+    }
+    out.scale[a] = scale;
+    out.shift[a] = shift;
+    out.mean[a] = out.var[a] = nullptr;
+  }
+  return out;
+}
+
 using BackwardRow = void (*)(const float*, const float*, const float*, const float*, float*,
                              float*, const float*, const float*, int64_t);
 
@@ -69,9 +93,11 @@ BackwardRow pick_backward_row(int num_acts) {
 }  // namespace
 
 void dual_path_merge_forward_cpu(const float* resid, const float* dense, const float* y,
-                                 const ChannelAffine& affine, float* resid_out, float* dense_out,
-                                 float* const* act, const MergeShape& s) {
+                                 const ChannelAffine& raw_affine, float* resid_out,
+                                 float* dense_out, float* const* act, const MergeShape& s) {
   const int64_t channels = s.channels(), cy = s.r + s.inc;
+  std::vector<float> storage;
+  const ChannelAffine affine = folded(raw_affine, channels, storage);
   const int num_acts = affine.num_acts;
   const bool merge = y != nullptr;
   const ForwardRow add_row = merge ? pick_forward_row<true, true>(num_acts) : nullptr;
@@ -110,10 +136,12 @@ void dual_path_merge_forward_cpu(const float* resid, const float* dense, const f
 
 void dual_path_merge_backward_cpu(const float* x_resid, const float* x_dense,
                                   const float* g_resid_out, const float* g_dense_out,
-                                  const float* const* g_act, const ChannelAffine& affine,
+                                  const float* const* g_act, const ChannelAffine& raw_affine,
                                   float* g_resid, float* g_dense, float* g_y, const MergeShape& s) {
   const int64_t channels = s.channels(), cy = s.r + s.inc, cd = s.d + s.inc;
   // An unused BN output has no gradient: drop it from the sum (compact the live ones first).
+  std::vector<float> storage;
+  const ChannelAffine affine = folded(raw_affine, channels, storage);
   ChannelAffine live;
   const float* g_live[kMaxActs] = {};
   for (int a = 0; a < affine.num_acts; ++a) {
