@@ -396,6 +396,20 @@ def test_to_static():
         np.testing.assert_allclose(a.numpy(), e, rtol=1e-6, atol=1e-6)
 
 
+def test_to_static_scale_shift_forms():
+    arrays = rng_inputs(2, 4, 3, 2, 3, 3)
+    scale, shift = rng_affine(9, 2)
+    tensors = to_pd(*arrays, scale, shift)
+
+    def fn(resid, dense, y, scale, shift):
+        resid_out, dense_out, act = ops.dual_path_merge(resid, dense, y, scale, shift)
+        return act, ops.concat_bn_relu(resid_out, dense_out, scale[0], shift[0])
+
+    eager = [o.numpy() for o in fn(*tensors)]
+    for a, e in zip(paddle.jit.to_static(fn, full_graph=True)(*tensors), eager):
+        np.testing.assert_allclose(a.numpy(), e, rtol=1e-6, atol=1e-6)
+
+
 def test_to_static_training_step():
     """Training under to_static: outputs, gradients and running statistics as in eager mode."""
     results = []

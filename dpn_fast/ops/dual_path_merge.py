@@ -263,7 +263,7 @@ def _check_scale_shift(op, resid, channels, scale, shift):
     for name, t in (("scale", scale), ("shift", shift)):
         if not isinstance(t, _TENSOR_TYPES):
             raise TypeError(f"{op}: '{name}' must be a paddle.Tensor, got {type(t).__name__}")
-        if t.dtype is not paddle.float32:
+        if t.dtype is not paddle.float32 and t.dtype != paddle.float32:
             raise TypeError(f"{op}: '{name}' must be float32 (whatever the activation dtype), "
                             f"got {t.dtype}")
     shape = scale.shape
