@@ -1,1 +1,4 @@
 """Fused operators of dpn_fast."""
+from dpn_fast.ops.dual_path_merge import (  # noqa: F401
+    concat_bn_relu, dual_path_merge, dual_path_merge_bn_relu, dual_path_merge_into,
+    fold_batch_norm)
