@@ -1,0 +1,211 @@
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "grouped_conv_bn_relu.h"
+
+namespace dpn_fast {
+namespace {
+
+struct ConvArgs {
+  const float* x;
+  const float* w;     // [c_out][c / groups][3][3]
+  const float* bias;  // [c_out] or null
+  float* out;
+  bool relu;
+  GroupedConvShape shape;
+};
+
+// Layout of one task's zero-padded input copy: per input channel `phases` planes of hq x wq
+// (stride 2 splits rows and columns by parity), plus slack so whole-vector reads past the last
+// output position stay inside the buffer.
+struct PlaneGeometry {
+  int64_t wq, hq, plane_size, ic_stride;
+};
+
+constexpr int64_t kMaxFloatsPerVector = 16;
+
+PlaneGeometry plane_geometry(const GroupedConvShape& s, int64_t rows) {
+  PlaneGeometry pg;
+  const int64_t phases = s.stride == 1 ? 1 : 4;
+  pg.wq = s.stride == 1 ? s.w + 2 : (s.w + 3) / 2;
+  pg.hq = s.stride == 1 ? rows + 2 : rows + 1;
+  pg.plane_size = pg.hq * pg.wq + 2 * kMaxFloatsPerVector;
+  pg.ic_stride = phases * pg.plane_size;
+  return pg;
+}
+
+int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
+  return (rows * pg.wq + kMaxFloatsPerVector - 1) / kMaxFloatsPerVector * kMaxFloatsPerVector;
+}
+
+}  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+namespace isa_avx512 {
+#define DPN_VL 16
+#include "grouped_conv_bn_relu_tile.inc"
+#undef DPN_VL
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#define DPN_VL 8
+#include "grouped_conv_bn_relu_tile.inc"
+#undef DPN_VL
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#define DPN_FAST_HAVE_X86_VARIANTS 1
+#endif
+namespace isa_baseline {
+#define DPN_VL 4
+#include "grouped_conv_bn_relu_tile.inc"
+#undef DPN_VL
+}  // namespace isa_baseline
+
+namespace {
+
+using TaskFn = void (*)(const ConvArgs&, int64_t, int64_t, int64_t, int64_t, float*, double*);
+
+TaskFn select_task_fn() {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return isa_avx512::run_task;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return isa_avx2::run_task;
+#endif
+  return isa_baseline::run_task;
+}
+
+// Runs the convolution over tasks (batch item, group, block of output rows). Batch x groups
+// already balances 2..8 threads; output rows are split further only when there are too few.
+// task_sums (optional): per task, per output channel of the group, sum then sum of squares.
+void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_blocks_out) {
+  static const TaskFn task_fn = select_task_fn();
+  const GroupedConvShape& s = a.shape;
+  const int64_t threads = omp_get_max_threads();
+  const int64_t base_tasks = s.n * s.groups;
+  const int64_t row_blocks =
+      std::min<int64_t>(s.h_out, std::max<int64_t>(1, (4 * threads + base_tasks - 1) / base_tasks));
+  const int64_t tasks = base_tasks * row_blocks;
+  const int64_t cin = s.c / s.groups, cout = s.c_out / s.groups;
+  const int64_t max_rows = (s.h_out + row_blocks - 1) / row_blocks;
+  const PlaneGeometry pg = plane_geometry(s, max_rows);
+  const int64_t scratch_floats = cin * pg.ic_stride + 4 * accumulator_pitch(pg, max_rows);
+  if (task_sums) task_sums->assign(tasks * 2 * cout, 0.0);
+  if (row_blocks_out) *row_blocks_out = row_blocks;
+#pragma omp parallel
+  {
+    std::vector<float> scratch(scratch_floats);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t rb = t % row_blocks, g = (t / row_blocks) % s.groups, b = t / (row_blocks * s.groups);
+      const int64_t r0 = rb * s.h_out / row_blocks, r1 = (rb + 1) * s.h_out / row_blocks;
+      if (r0 == r1) continue;
+      task_fn(a, b, g, r0, r1, scratch.data(), task_sums ? task_sums->data() + t * 2 * cout : nullptr);
+    }
+  }
+}
+
+}  // namespace
+
+void fold_bn_into_conv_cpu(const float* w, const float* gamma, const float* beta, const float* mean,
+                           const float* var, float epsilon, int64_t c_out, int64_t taps_per_oc,
+                           float* w_folded, float* bias) {
+  for (int64_t oc = 0; oc < c_out; ++oc) {
+    const float scale = gamma[oc] / std::sqrt(var[oc] + epsilon);
+    for (int64_t i = 0; i < taps_per_oc; ++i)
+      w_folded[oc * taps_per_oc + i] = w[oc * taps_per_oc + i] * scale;
+    bias[oc] = beta[oc] - mean[oc] * scale;
+  }
+}
+
+void grouped_conv3x3_bias_relu_cpu(const float* x, const float* w_folded, const float* bias,
+                                   float* out, const GroupedConvShape& s) {
+  run_conv(ConvArgs{x, w_folded, bias, out, true, s}, nullptr, nullptr);
+}
+
+void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const float* gamma,
+                                       const float* beta, float* running_mean, float* running_var,
+                                       float epsilon, float momentum, float* y, float* out,
+                                       float* saved_mean, float* saved_invstd,
+                                       const GroupedConvShape& s) {
+  std::vector<double> task_sums;
+  int64_t row_blocks = 1;
+  run_conv(ConvArgs{x, w, nullptr, y, false, s}, &task_sums, &row_blocks);
+
+  // Reduce the per-task partial sums in a fixed order (deterministic across thread counts).
+  const int64_t cout = s.c_out / s.groups, hw = s.h_out * s.w_out;
+  const double count = double(s.n) * hw;
+  std::vector<float> scale(s.c_out), shift(s.c_out);
+  for (int64_t c = 0; c < s.c_out; ++c) {
+    const int64_t g = c / cout, o = c % cout;
+    double sum = 0.0, sumsq = 0.0;
+    for (int64_t b = 0; b < s.n; ++b)
+      for (int64_t rb = 0; rb < row_blocks; ++rb) {
+        const double* ts = task_sums.data() + ((b * s.groups + g) * row_blocks + rb) * 2 * cout;
+        sum += ts[o];
+        sumsq += ts[cout + o];
+      }
+    const double mean = sum / count;
+    const double var = std::max(0.0, sumsq / count - mean * mean);
+    const double invstd = 1.0 / std::sqrt(var + epsilon);
+    saved_mean[c] = float(mean);
+    saved_invstd[c] = float(invstd);
+    scale[c] = float(gamma[c] * invstd);
+    shift[c] = float(beta[c] - mean * gamma[c] * invstd);
+    running_mean[c] = float(momentum * running_mean[c] + (1.0 - momentum) * mean);
+    running_var[c] = float(momentum * running_var[c] + (1.0 - momentum) * var);
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t nc = 0; nc < s.n * s.c_out; ++nc) {
+    const float a = scale[nc % s.c_out], b = shift[nc % s.c_out];
+    const float* yc = y + nc * hw;
+    float* oc = out + nc * hw;
+    for (int64_t i = 0; i < hw; ++i) oc[i] = std::max(yc[i] * a + b, 0.0f);
+  }
+}
+
+void bn_relu_train_backward_cpu(const float* y, const float* out, const float* dout,
+                                const float* gamma, const float* saved_mean,
+                                const float* saved_invstd, float* dy, float* dgamma, float* dbeta,
+                                int64_t n, int64_t c, int64_t hw) {
+  // dz = dout * (out > 0); dbeta = sum dz; dgamma = sum dz * xhat;
+  // dy = gamma * invstd * (dz - dbeta / M - xhat * dgamma / M).
+#pragma omp parallel for schedule(static)
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float mean = saved_mean[ch], invstd = saved_invstd[ch];
+    double sum_dz = 0.0, sum_dz_xhat = 0.0;
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t off = (b * c + ch) * hw;
+      float s = 0.0f, sx = 0.0f;
+      for (int64_t i = 0; i < hw; ++i) {
+        const float dz = out[off + i] > 0.0f ? dout[off + i] : 0.0f;
+        s += dz;
+        sx += dz * (y[off + i] - mean);
+      }
+      sum_dz += s;
+      sum_dz_xhat += double(sx) * invstd;
+    }
+    dbeta[ch] = float(sum_dz);
+    dgamma[ch] = float(sum_dz_xhat);
+    const double count = double(n) * hw;
+    const float k = gamma[ch] * invstd;
+    const float mean_dz = float(sum_dz / count), mean_dz_xhat = float(sum_dz_xhat / count);
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t off = (b * c + ch) * hw;
+      for (int64_t i = 0; i < hw; ++i) {
+        const float dz = out[off + i] > 0.0f ? dout[off + i] : 0.0f;
+        const float xhat = (y[off + i] - mean) * invstd;
+        dy[off + i] = k * (dz - mean_dz - xhat * mean_dz_xhat);
+      }
+    }
+  }
+}
+
+}  // namespace dpn_fast

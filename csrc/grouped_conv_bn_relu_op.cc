@@ -1,0 +1,242 @@
+// Paddle binding of the grouped 3x3 conv + BatchNorm + ReLU.
+//   dpn_fast_grouped_conv_bn_relu_infer  eval: BN folded into the conv in the op
+//   dpn_fast_grouped_conv_bias_relu      eval with weights/bias folded by the caller (cached)
+//   dpn_fast_grouped_conv_bn_relu_train  training: batch statistics, running statistics updated
+//                                        in place; backward = fused BN+ReLU grad + Paddle's conv grad
+#include "binding.h"
+#include "common.h"
+#include "grouped_conv_bn_relu.h"
+
+namespace paddle {
+namespace experimental {
+// Paddle's own conv2d backward (exported by libphi_core; its header is not shipped).
+void conv2d_grad(const Tensor& input, const Tensor& filter, const Tensor& out_grad,
+                 const std::vector<int>& strides, const std::vector<int>& paddings,
+                 const std::string& padding_algorithm, const std::vector<int>& dilations,
+                 int groups, const std::string& data_format, Tensor* input_grad,
+                 Tensor* filter_grad);
+}  // namespace experimental
+}  // namespace paddle
+
+namespace {
+
+constexpr const char* kOp = "dpn_fast_grouped_conv_bn_relu";
+
+dpn_fast::GroupedConvShape check_conv(const paddle::Tensor& x, const paddle::Tensor& weight,
+                                      int stride, int groups) {
+  using dpn_fast::check_rank;
+  using dpn_fast::shape_str;
+  check_rank(x, 4, kOp, "x");
+  check_rank(weight, 4, kOp, "weight");
+  dpn_fast::check_plain_layout(x, kOp, "x");
+  dpn_fast::check_plain_layout(weight, kOp, "weight");
+  dpn_fast::check_same_dtype(x, weight, kOp, "x", "weight");
+  dpn_fast::check_same_place(x, weight, kOp, "x", "weight");
+  const auto& xs = x.shape();
+  const auto& ws = weight.shape();
+  PD_CHECK(stride == 1 || stride == 2, kOp, ": stride must be 1 or 2, got ", stride);
+  PD_CHECK(groups > 0 && xs[1] % groups == 0, kOp, ": input channels ", xs[1],
+           " are not divisible by groups=", groups);
+  PD_CHECK(ws[2] == 3 && ws[3] == 3, kOp, ": kernel must be 3x3, weight has shape ", shape_str(ws));
+  PD_CHECK(ws[0] % groups == 0, kOp, ": output channels ", ws[0], " are not divisible by groups=",
+           groups);
+  PD_CHECK(ws[1] == xs[1] / groups, kOp, ": weight must have shape [C_out, ", xs[1] / groups,
+           ", 3, 3] for ", xs[1], " input channels and groups=", groups, ", got ", shape_str(ws));
+  PD_CHECK(xs[2] > 0 && xs[3] > 0, kOp, ": empty spatial size ", shape_str(xs));
+  if (x.is_cpu()) {
+    PD_CHECK(x.dtype() == paddle::DataType::FLOAT32, kOp, ": CPU supports float32 only, got ",
+             phi::DataTypeToString(x.dtype()));
+  }
+  return {xs[0], xs[1], xs[2], xs[3], ws[0], groups, stride,
+          dpn_fast::conv3x3_out_size(xs[2], stride), dpn_fast::conv3x3_out_size(xs[3], stride)};
+}
+
+void check_channel_vector(const paddle::Tensor& t, const paddle::Tensor& x, int64_t c_out,
+                          const char* name) {
+  dpn_fast::check_plain_layout(t, kOp, name);
+  dpn_fast::check_same_place(x, t, kOp, "x", name);
+  PD_CHECK(t.shape().size() == 1 && t.shape()[0] == c_out, kOp, ": '", name, "' must have shape [",
+           c_out, "], got ", dpn_fast::shape_str(t.shape()));
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, kOp, ": '", name, "' must be float32, got ",
+           phi::DataTypeToString(t.dtype()));
+}
+
+void check_bn(const paddle::Tensor& x, int64_t c_out, const paddle::Tensor& bn_weight,
+              const paddle::Tensor& bn_bias, const paddle::Tensor& bn_mean,
+              const paddle::Tensor& bn_var) {
+  check_channel_vector(bn_weight, x, c_out, "bn_weight");
+  check_channel_vector(bn_bias, x, c_out, "bn_bias");
+  check_channel_vector(bn_mean, x, c_out, "bn_mean");
+  check_channel_vector(bn_var, x, c_out, "bn_var");
+}
+
+void require_cpu(const paddle::Tensor& x) {
+  PD_CHECK(x.is_cpu(), kOp, ": tensors on ", x.place().DebugString(),
+           " are not supported by this build");
+}
+
+paddle::Tensor empty_out(const paddle::Tensor& x, const dpn_fast::GroupedConvShape& s) {
+  return paddle::empty({s.n, s.c_out, s.h_out, s.w_out}, x.dtype(), x.place());
+}
+
+std::vector<paddle::Tensor> GroupedConvBiasReluForward(const paddle::Tensor& x,
+                                                       const paddle::Tensor& weight,
+                                                       const paddle::Tensor& bias, int stride,
+                                                       int groups) {
+  const auto s = check_conv(x, weight, stride, groups);
+  check_channel_vector(bias, x, s.c_out, "bias");
+  require_cpu(x);
+  auto out = empty_out(x, s);
+  dpn_fast::grouped_conv3x3_bias_relu_cpu(x.data<float>(), weight.data<float>(),
+                                          bias.data<float>(), out.data<float>(), s);
+  return {out};
+}
+
+std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x,
+                                                   const paddle::Tensor& weight,
+                                                   const paddle::Tensor& bn_weight,
+                                                   const paddle::Tensor& bn_bias,
+                                                   const paddle::Tensor& bn_mean,
+                                                   const paddle::Tensor& bn_var, int stride,
+                                                   int groups, float epsilon) {
+  const auto s = check_conv(x, weight, stride, groups);
+  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
+  require_cpu(x);
+  const int64_t taps_per_oc = s.c / s.groups * 9;
+  std::vector<float> w_folded(s.c_out * taps_per_oc), bias(s.c_out);
+  dpn_fast::fold_bn_into_conv_cpu(weight.data<float>(), bn_weight.data<float>(),
+                                  bn_bias.data<float>(), bn_mean.data<float>(),
+                                  bn_var.data<float>(), epsilon, s.c_out, taps_per_oc,
+                                  w_folded.data(), bias.data());
+  auto out = empty_out(x, s);
+  dpn_fast::grouped_conv3x3_bias_relu_cpu(x.data<float>(), w_folded.data(), bias.data(),
+                                          out.data<float>(), s);
+  return {out};
+}
+
+// Outputs besides the in-place running statistics: out, conv_out (y, kept for backward),
+// saved_mean, saved_invstd.
+std::vector<paddle::Tensor> GroupedConvBnReluTrain(const paddle::Tensor& x,
+                                                   const paddle::Tensor& weight,
+                                                   const paddle::Tensor& bn_weight,
+                                                   const paddle::Tensor& bn_bias,
+                                                   paddle::Tensor& bn_mean, paddle::Tensor& bn_var,
+                                                   int stride, int groups, float epsilon,
+                                                   float momentum) {
+  const auto s = check_conv(x, weight, stride, groups);
+  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
+  require_cpu(x);
+  auto out = empty_out(x, s);
+  auto conv_out = empty_out(x, s);
+  auto saved_mean = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
+  auto saved_invstd = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
+  dpn_fast::grouped_conv3x3_bn_relu_train_cpu(
+      x.data<float>(), weight.data<float>(), bn_weight.data<float>(), bn_bias.data<float>(),
+      bn_mean.data<float>(), bn_var.data<float>(), epsilon, momentum, conv_out.data<float>(),
+      out.data<float>(), saved_mean.data<float>(), saved_invstd.data<float>(), s);
+  return {out, conv_out, saved_mean, saved_invstd};
+}
+
+std::vector<paddle::Tensor> GroupedConvBnReluTrainBackward(
+    const paddle::Tensor& x, const paddle::Tensor& weight, const paddle::Tensor& bn_weight,
+    const paddle::Tensor& out, const paddle::Tensor& conv_out, const paddle::Tensor& saved_mean,
+    const paddle::Tensor& saved_invstd, const paddle::Tensor& grad_out, int stride, int groups,
+    float epsilon, float momentum) {
+  require_cpu(x);
+  const auto& ys = conv_out.shape();
+  auto grad_conv_out = paddle::empty(ys, conv_out.dtype(), conv_out.place());
+  auto grad_bn_weight = paddle::empty({ys[1]}, paddle::DataType::FLOAT32, x.place());
+  auto grad_bn_bias = paddle::empty({ys[1]}, paddle::DataType::FLOAT32, x.place());
+  dpn_fast::bn_relu_train_backward_cpu(
+      conv_out.data<float>(), out.data<float>(), grad_out.data<float>(), bn_weight.data<float>(),
+      saved_mean.data<float>(), saved_invstd.data<float>(), grad_conv_out.data<float>(),
+      grad_bn_weight.data<float>(), grad_bn_bias.data<float>(), ys[0], ys[1], ys[2] * ys[3]);
+  paddle::Tensor grad_x, grad_weight;
+  paddle::experimental::conv2d_grad(x, weight, grad_conv_out, {stride, stride}, {1, 1},
+                                    "EXPLICIT", {1, 1}, groups, "NCHW", &grad_x, &grad_weight);
+  return {grad_x, grad_weight, grad_bn_weight, grad_bn_bias};
+}
+
+std::vector<int64_t> out_shape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
+                               int stride) {
+  return {x[0], w[0], dpn_fast::conv3x3_out_size(x[2], stride),
+          dpn_fast::conv3x3_out_size(x[3], stride)};
+}
+
+std::vector<std::vector<int64_t>> InferOutShape(const std::vector<int64_t>& x,
+                                                const std::vector<int64_t>& w,
+                                                const std::vector<int64_t>& /*bias*/, int stride,
+                                                int /*groups*/) {
+  return {out_shape(x, w, stride)};
+}
+
+std::vector<std::vector<int64_t>> InferInferShape(
+    const std::vector<int64_t>& x, const std::vector<int64_t>& w, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    int stride, int, float) {
+  return {out_shape(x, w, stride)};
+}
+
+std::vector<std::vector<int64_t>> TrainInferShape(
+    const std::vector<int64_t>& x, const std::vector<int64_t>& w, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>& mean, const std::vector<int64_t>& var,
+    int stride, int, float, float) {
+  const auto out = out_shape(x, w, stride);
+  return {out, out, {w[0]}, {w[0]}, mean, var};
+}
+
+std::vector<paddle::DataType> TrainInferDtype(paddle::DataType x, paddle::DataType,
+                                              paddle::DataType, paddle::DataType,
+                                              paddle::DataType mean, paddle::DataType var) {
+  return {x, x, paddle::DataType::FLOAT32, paddle::DataType::FLOAT32, mean, var};
+}
+
+std::vector<std::vector<int64_t>> TrainBackwardInferShape(
+    const std::vector<int64_t>& x, const std::vector<int64_t>& w,
+    const std::vector<int64_t>& bn_weight, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, int, int, float, float) {
+  return {x, w, bn_weight, bn_weight};
+}
+
+std::vector<paddle::DataType> TrainBackwardInferDtype(paddle::DataType x, paddle::DataType w,
+                                                      paddle::DataType bn_weight, paddle::DataType,
+                                                      paddle::DataType, paddle::DataType,
+                                                      paddle::DataType, paddle::DataType) {
+  return {x, w, bn_weight, bn_weight};
+}
+
+}  // namespace
+
+PD_BUILD_OP(dpn_fast_grouped_conv_bias_relu)
+    .Inputs({"x", "weight", "bias"})
+    .Outputs({"out"})
+    .Attrs({"stride: int", "groups: int"})
+    .SetKernelFn(PD_KERNEL(GroupedConvBiasReluForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(InferOutShape));
+
+PD_BUILD_OP(dpn_fast_grouped_conv_bn_relu_infer)
+    .Inputs({"x", "weight", "bn_weight", "bn_bias", "bn_mean", "bn_var"})
+    .Outputs({"out"})
+    .Attrs({"stride: int", "groups: int", "epsilon: float"})
+    .SetKernelFn(PD_KERNEL(GroupedConvBnReluInfer))
+    .SetInferShapeFn(PD_INFER_SHAPE(InferInferShape));
+
+PD_BUILD_OP(dpn_fast_grouped_conv_bn_relu_train)
+    .Inputs({"x", "weight", "bn_weight", "bn_bias", "bn_mean", "bn_var"})
+    .Outputs({"out", "conv_out", "saved_mean", "saved_invstd", "bn_mean_out", "bn_var_out"})
+    .Attrs({"stride: int", "groups: int", "epsilon: float", "momentum: float"})
+    .SetInplaceMap({{"bn_mean", "bn_mean_out"}, {"bn_var", "bn_var_out"}})
+    .SetKernelFn(PD_KERNEL(GroupedConvBnReluTrain))
+    .SetInferShapeFn(PD_INFER_SHAPE(TrainInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(TrainInferDtype));
+
+PD_BUILD_GRAD_OP(dpn_fast_grouped_conv_bn_relu_train)
+    .Inputs({"x", "weight", "bn_weight", "out", "conv_out", "saved_mean", "saved_invstd",
+             paddle::Grad("out")})
+    .Outputs({paddle::Grad("x"), paddle::Grad("weight"), paddle::Grad("bn_weight"),
+              paddle::Grad("bn_bias")})
+    .Attrs({"stride: int", "groups: int", "epsilon: float", "momentum: float"})
+    .SetKernelFn(PD_KERNEL(GroupedConvBnReluTrainBackward))
+    .SetInferShapeFn(PD_INFER_SHAPE(TrainBackwardInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(TrainBackwardInferDtype));
