@@ -177,6 +177,17 @@ std::vector<std::vector<int64_t>> InferInferShape(
   return {out_shape(x, w, stride)};
 }
 
+std::vector<paddle::DataType> BiasReluInferDtype(paddle::DataType x, paddle::DataType,
+                                                 paddle::DataType) {
+  return {x};
+}
+
+std::vector<paddle::DataType> InferInferDtype(paddle::DataType x, paddle::DataType, paddle::DataType,
+                                              paddle::DataType, paddle::DataType,
+                                              paddle::DataType) {
+  return {x};
+}
+
 std::vector<std::vector<int64_t>> TrainInferShape(
     const std::vector<int64_t>& x, const std::vector<int64_t>& w, const std::vector<int64_t>&,
     const std::vector<int64_t>&, const std::vector<int64_t>& mean, const std::vector<int64_t>& var,
@@ -213,14 +224,16 @@ PD_BUILD_OP(dpn_fast_grouped_conv_bias_relu)
     .Outputs({"out"})
     .Attrs({"stride: int", "groups: int"})
     .SetKernelFn(PD_KERNEL(GroupedConvBiasReluForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(InferOutShape));
+    .SetInferShapeFn(PD_INFER_SHAPE(InferOutShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(BiasReluInferDtype));
 
 PD_BUILD_OP(dpn_fast_grouped_conv_bn_relu_infer)
     .Inputs({"x", "weight", "bn_weight", "bn_bias", "bn_mean", "bn_var"})
     .Outputs({"out"})
     .Attrs({"stride: int", "groups: int", "epsilon: float"})
     .SetKernelFn(PD_KERNEL(GroupedConvBnReluInfer))
-    .SetInferShapeFn(PD_INFER_SHAPE(InferInferShape));
+    .SetInferShapeFn(PD_INFER_SHAPE(InferInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(InferInferDtype));
 
 PD_BUILD_OP(dpn_fast_grouped_conv_bn_relu_train)
     .Inputs({"x", "weight", "bn_weight", "bn_bias", "bn_mean", "bn_var"})
