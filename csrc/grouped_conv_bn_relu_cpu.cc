@@ -117,6 +117,7 @@ void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_bl
 void fold_bn_into_conv_cpu(const float* w, const float* gamma, const float* beta, const float* mean,
                            const float* var, float epsilon, int64_t c_out, int64_t taps_per_oc,
                            float* w_folded, float* bias) {
+#pragma omp parallel for schedule(static) if (c_out * taps_per_oc > 32768)
   for (int64_t oc = 0; oc < c_out; ++oc) {
     const float scale = gamma[oc] / std::sqrt(var[oc] + epsilon);
     for (int64_t i = 0; i < taps_per_oc; ++i)

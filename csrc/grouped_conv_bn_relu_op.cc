@@ -103,7 +103,10 @@ std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x,
   check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
   require_cpu(x);
   const int64_t taps_per_oc = s.c / s.groups * 9;
-  std::vector<float> w_folded(s.c_out * taps_per_oc), bias(s.c_out);
+  // Reused across calls: a fresh multi-MB allocation per call costs page faults on every call.
+  thread_local std::vector<float> w_folded, bias;
+  w_folded.resize(s.c_out * taps_per_oc);
+  bias.resize(s.c_out);
   dpn_fast::fold_bn_into_conv_cpu(weight.data<float>(), bn_weight.data<float>(),
                                   bn_bias.data<float>(), bn_mean.data<float>(),
                                   bn_var.data<float>(), epsilon, s.c_out, taps_per_oc,
