@@ -42,3 +42,38 @@ void bn_relu_train_backward_cpu(const float* y, const float* out, const float* d
                                 int64_t n, int64_t c, int64_t hw);
 
 }  // namespace dpn_fast
+
+// CUDA launchers (csrc/grouped_conv_bn_relu.cu), C ABI so they can be called without Paddle.
+// x/w/out/y/dout/dy have dtype `dtype` (dpn_fast::DType); BN vectors, folded weights/bias and
+// saved statistics are fp32. Up to 42 input channels per group. `stream` is a cudaStream_t.
+// Return a dpn_fast::Status.
+extern "C" {
+// Eval with caller-folded weights (dtype `dtype`) and fp32 bias.
+int dpn_fast_grouped_conv_bias_relu_cuda(const void* x, const void* w, const float* bias,
+                                         void* out, int64_t n, int64_t c, int64_t h, int64_t w_in,
+                                         int64_t c_out, int64_t groups, int64_t stride, int dtype,
+                                         void* stream);
+// Eval folding BN on the device into the fp32 workspaces w_folded [c_out, c/groups, 3, 3] and
+// bias [c_out].
+int dpn_fast_grouped_conv_bn_relu_infer_cuda(const void* x, const void* w, const float* gamma,
+                                             const float* beta, const float* mean,
+                                             const float* var, float epsilon, float* w_folded,
+                                             float* bias, void* out, int64_t n, int64_t c,
+                                             int64_t h, int64_t w_in, int64_t c_out,
+                                             int64_t groups, int64_t stride, int dtype,
+                                             void* stream);
+// Training forward: y = conv(x, w); batch statistics; out = relu(bn(y)); running stats in place.
+int dpn_fast_grouped_conv_bn_relu_train_cuda(const void* x, const void* w, const float* gamma,
+                                             const float* beta, float* running_mean,
+                                             float* running_var, float epsilon, float momentum,
+                                             void* y, void* out, float* saved_mean,
+                                             float* saved_invstd, int64_t n, int64_t c, int64_t h,
+                                             int64_t w_in, int64_t c_out, int64_t groups,
+                                             int64_t stride, int dtype, void* stream);
+// Backward of relu(bn(y)) with batch statistics.
+int dpn_fast_bn_relu_train_backward_cuda(const void* y, const void* out, const void* dout,
+                                         const float* gamma, const float* saved_mean,
+                                         const float* saved_invstd, void* dy, float* dgamma,
+                                         float* dbeta, int64_t n, int64_t c, int64_t hw, int dtype,
+                                         void* stream);
+}

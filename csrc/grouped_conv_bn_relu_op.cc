@@ -75,6 +75,24 @@ void require_cpu(const paddle::Tensor& x) {
            " are not supported by this build");
 }
 
+#ifdef DPN_FAST_WITH_CUDA
+dpn_fast::DType c_dtype(const paddle::Tensor& t) {
+  switch (t.dtype()) {
+    case paddle::DataType::FLOAT32: return dpn_fast::kFloat32;
+    case paddle::DataType::FLOAT16: return dpn_fast::kFloat16;
+    case paddle::DataType::BFLOAT16: return dpn_fast::kBFloat16;
+    default:
+      PD_THROW(kOp, ": GPU supports float32, float16 and bfloat16, got ",
+               phi::DataTypeToString(t.dtype()));
+  }
+}
+
+void check_cuda_status(int status) {
+  PD_CHECK(status == dpn_fast::kOk, kOp, ": CUDA launch failed (status ", status,
+           "; at most 42 input channels per group are supported)");
+}
+#endif
+
 paddle::Tensor empty_out(const paddle::Tensor& x, const dpn_fast::GroupedConvShape& s) {
   return paddle::empty({s.n, s.c_out, s.h_out, s.w_out}, x.dtype(), x.place());
 }
@@ -85,8 +103,16 @@ std::vector<paddle::Tensor> GroupedConvBiasReluForward(const paddle::Tensor& x,
                                                        int groups) {
   const auto s = check_conv(x, weight, stride, groups);
   check_channel_vector(bias, x, s.c_out, "bias");
-  require_cpu(x);
   auto out = empty_out(x, s);
+#ifdef DPN_FAST_WITH_CUDA
+  if (x.is_gpu()) {
+    check_cuda_status(dpn_fast_grouped_conv_bias_relu_cuda(
+        x.data(), weight.data(), bias.data<float>(), out.data(), s.n, s.c, s.h, s.w, s.c_out,
+        s.groups, s.stride, c_dtype(x), x.stream()));
+    return {out};
+  }
+#endif
+  require_cpu(x);
   dpn_fast::grouped_conv3x3_bias_relu_cpu(x.data<float>(), weight.data<float>(),
                                           bias.data<float>(), out.data<float>(), s);
   return {out};
@@ -101,8 +127,21 @@ std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x,
                                                    int groups, float epsilon) {
   const auto s = check_conv(x, weight, stride, groups);
   check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
-  require_cpu(x);
   const int64_t taps_per_oc = s.c / s.groups * 9;
+#ifdef DPN_FAST_WITH_CUDA
+  if (x.is_gpu()) {
+    auto w_folded = paddle::empty({s.c_out * taps_per_oc}, paddle::DataType::FLOAT32, x.place());
+    auto bias = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
+    auto out = empty_out(x, s);
+    check_cuda_status(dpn_fast_grouped_conv_bn_relu_infer_cuda(
+        x.data(), weight.data(), bn_weight.data<float>(), bn_bias.data<float>(),
+        bn_mean.data<float>(), bn_var.data<float>(), epsilon, w_folded.data<float>(),
+        bias.data<float>(), out.data(), s.n, s.c, s.h, s.w, s.c_out, s.groups, s.stride,
+        c_dtype(x), x.stream()));
+    return {out};
+  }
+#endif
+  require_cpu(x);
   // Reused across calls: a fresh multi-MB allocation per call costs page faults on every call.
   thread_local std::vector<float> w_folded, bias;
   w_folded.resize(s.c_out * taps_per_oc);
@@ -128,11 +167,21 @@ std::vector<paddle::Tensor> GroupedConvBnReluTrain(const paddle::Tensor& x,
                                                    float momentum) {
   const auto s = check_conv(x, weight, stride, groups);
   check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
-  require_cpu(x);
   auto out = empty_out(x, s);
   auto conv_out = empty_out(x, s);
   auto saved_mean = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
   auto saved_invstd = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
+#ifdef DPN_FAST_WITH_CUDA
+  if (x.is_gpu()) {
+    check_cuda_status(dpn_fast_grouped_conv_bn_relu_train_cuda(
+        x.data(), weight.data(), bn_weight.data<float>(), bn_bias.data<float>(),
+        bn_mean.data<float>(), bn_var.data<float>(), epsilon, momentum, conv_out.data(),
+        out.data(), saved_mean.data<float>(), saved_invstd.data<float>(), s.n, s.c, s.h, s.w,
+        s.c_out, s.groups, s.stride, c_dtype(x), x.stream()));
+    return {out, conv_out, saved_mean, saved_invstd};
+  }
+#endif
+  require_cpu(x);
   dpn_fast::grouped_conv3x3_bn_relu_train_cpu(
       x.data<float>(), weight.data<float>(), bn_weight.data<float>(), bn_bias.data<float>(),
       bn_mean.data<float>(), bn_var.data<float>(), epsilon, momentum, conv_out.data<float>(),
@@ -140,20 +189,40 @@ std::vector<paddle::Tensor> GroupedConvBnReluTrain(const paddle::Tensor& x,
   return {out, conv_out, saved_mean, saved_invstd};
 }
 
+// dy (grad_conv_out), dgamma, dbeta of relu(bn(y)) with batch statistics.
+void bn_relu_backward(const paddle::Tensor& y, const paddle::Tensor& out,
+                      const paddle::Tensor& grad_out, const paddle::Tensor& bn_weight,
+                      const paddle::Tensor& saved_mean, const paddle::Tensor& saved_invstd,
+                      paddle::Tensor& grad_y, paddle::Tensor& grad_bn_weight,
+                      paddle::Tensor& grad_bn_bias) {
+  const auto& ys = y.shape();
+#ifdef DPN_FAST_WITH_CUDA
+  if (y.is_gpu()) {
+    check_cuda_status(dpn_fast_bn_relu_train_backward_cuda(
+        y.data(), out.data(), grad_out.data(), bn_weight.data<float>(), saved_mean.data<float>(),
+        saved_invstd.data<float>(), grad_y.data(), grad_bn_weight.data<float>(),
+        grad_bn_bias.data<float>(), ys[0], ys[1], ys[2] * ys[3], c_dtype(y), y.stream()));
+    return;
+  }
+#endif
+  require_cpu(y);
+  dpn_fast::bn_relu_train_backward_cpu(
+      y.data<float>(), out.data<float>(), grad_out.data<float>(), bn_weight.data<float>(),
+      saved_mean.data<float>(), saved_invstd.data<float>(), grad_y.data<float>(),
+      grad_bn_weight.data<float>(), grad_bn_bias.data<float>(), ys[0], ys[1], ys[2] * ys[3]);
+}
+
 std::vector<paddle::Tensor> GroupedConvBnReluTrainBackward(
     const paddle::Tensor& x, const paddle::Tensor& weight, const paddle::Tensor& bn_weight,
     const paddle::Tensor& out, const paddle::Tensor& conv_out, const paddle::Tensor& saved_mean,
     const paddle::Tensor& saved_invstd, const paddle::Tensor& grad_out, int stride, int groups,
     float epsilon, float momentum) {
-  require_cpu(x);
   const auto& ys = conv_out.shape();
   auto grad_conv_out = paddle::empty(ys, conv_out.dtype(), conv_out.place());
   auto grad_bn_weight = paddle::empty({ys[1]}, paddle::DataType::FLOAT32, x.place());
   auto grad_bn_bias = paddle::empty({ys[1]}, paddle::DataType::FLOAT32, x.place());
-  dpn_fast::bn_relu_train_backward_cpu(
-      conv_out.data<float>(), out.data<float>(), grad_out.data<float>(), bn_weight.data<float>(),
-      saved_mean.data<float>(), saved_invstd.data<float>(), grad_conv_out.data<float>(),
-      grad_bn_weight.data<float>(), grad_bn_bias.data<float>(), ys[0], ys[1], ys[2] * ys[3]);
+  bn_relu_backward(conv_out, out, grad_out, bn_weight, saved_mean, saved_invstd, grad_conv_out,
+                   grad_bn_weight, grad_bn_bias);
   paddle::Tensor grad_x, grad_weight;
   paddle::experimental::conv2d_grad(x, weight, grad_conv_out, {stride, stride}, {1, 1},
                                     "EXPLICIT", {1, 1}, groups, "NCHW", &grad_x, &grad_weight);
