@@ -35,6 +35,10 @@ void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const flo
                                        float* saved_mean, float* saved_invstd,
                                        const GroupedConvShape& s);
 
+// Gradients of y = conv(x, w) (no bias): dx and dw from dy.
+void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* dy, float* dx,
+                                  float* dw, const GroupedConvShape& s);
+
 // Backward of relu(bn(y)) with batch statistics: dy from dout, and dgamma, dbeta.
 void bn_relu_train_backward_cpu(const float* y, const float* out, const float* dout,
                                 const float* gamma, const float* saved_mean,

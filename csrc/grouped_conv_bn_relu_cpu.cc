@@ -16,6 +16,15 @@ struct ConvArgs {
   float* out;
   bool relu;
   GroupedConvShape shape;
+  int64_t upsample = 1;  // 2: x holds the even rows/columns of a zero-inserted h x w input
+};
+
+struct WeightGradArgs {
+  const float* x;
+  const float* dy;
+  float* dw;
+  GroupedConvShape shape;  // of the forward convolution
+  int64_t rows_per_block;
 };
 
 // Layout of one task's zero-padded input copy: per input channel `phases` planes of hq x wq
@@ -72,14 +81,38 @@ namespace {
 
 using TaskFn = void (*)(const ConvArgs&, int64_t, int64_t, int64_t, int64_t, float*, double*);
 
-TaskFn select_task_fn() {
+using WeightGradFn = void (*)(const WeightGradArgs&, int64_t, float*);
+
+enum class Isa { kAvx512, kAvx2, kBaseline };
+
+Isa detect_isa() {
 #ifdef DPN_FAST_HAVE_X86_VARIANTS
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq"))
-    return isa_avx512::run_task;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return isa_avx2::run_task;
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
-  return isa_baseline::run_task;
+  return Isa::kBaseline;
+}
+
+TaskFn select_task_fn() {
+  switch (detect_isa()) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+    case Isa::kAvx512: return isa_avx512::run_task;
+    case Isa::kAvx2: return isa_avx2::run_task;
+#endif
+    default: return isa_baseline::run_task;
+  }
+}
+
+WeightGradFn select_weight_grad_fn() {
+  switch (detect_isa()) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+    case Isa::kAvx512: return isa_avx512::weight_grad_group;
+    case Isa::kAvx2: return isa_avx2::weight_grad_group;
+#endif
+    default: return isa_baseline::weight_grad_group;
+  }
 }
 
 // Runs the convolution over tasks (batch item, group, block of output rows). Batch x groups
@@ -169,6 +202,36 @@ void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const flo
     const float* yc = y + nc * hw;
     float* oc = out + nc * hw;
     for (int64_t i = 0; i < hw; ++i) oc[i] = std::max(yc[i] * a + b, 0.0f);
+  }
+}
+
+void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* dy, float* dx,
+                                  float* dw, const GroupedConvShape& s) {
+  const int64_t cin = s.c / s.groups, cout = s.c_out / s.groups;
+  // dx: stride-1 grouped conv of dy (zero-inserted for stride 2) with the weights transposed per
+  // group (in <-> out channels) and flipped.
+  std::vector<float> w_t(s.c * cout * 9);
+  for (int64_t g = 0; g < s.groups; ++g)
+    for (int64_t oc = 0; oc < cout; ++oc)
+      for (int64_t ic = 0; ic < cin; ++ic)
+        for (int t = 0; t < 9; ++t)
+          w_t[((g * cin + ic) * cout + oc) * 9 + t] = w[((g * cout + oc) * cin + ic) * 9 + 8 - t];
+  const GroupedConvShape dx_shape{s.n, s.c_out, s.h, s.w, s.c, s.groups, 1, s.h, s.w};
+  ConvArgs dx_args{dy, w_t.data(), nullptr, dx, false, dx_shape};
+  dx_args.upsample = s.stride;
+  run_conv(dx_args, nullptr, nullptr);
+
+  // dw: one task per group over the whole batch, in blocks of rows that keep a task in L2.
+  static const WeightGradFn weight_grad_fn = select_weight_grad_fn();
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(s.h_out, 8192 / (s.w_out + 2)));
+  const PlaneGeometry pg = plane_geometry(s, rows);
+  const int64_t scratch_floats = cin * pg.ic_stride + cout * accumulator_pitch(pg, rows);
+  const WeightGradArgs args{x, dy, dw, s, rows};
+#pragma omp parallel
+  {
+    std::vector<float> scratch(scratch_floats);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < s.groups; ++g) weight_grad_fn(args, g, scratch.data());
   }
 }
 

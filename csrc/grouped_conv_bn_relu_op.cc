@@ -2,11 +2,13 @@
 //   dpn_fast_grouped_conv_bn_relu_infer  eval: BN folded into the conv in the op
 //   dpn_fast_grouped_conv_bias_relu      eval with weights/bias folded by the caller (cached)
 //   dpn_fast_grouped_conv_bn_relu_train  training: batch statistics, running statistics updated
-//                                        in place; backward = fused BN+ReLU grad + Paddle's conv grad
+//                                        in place; backward = fused BN+ReLU grad + direct conv
+//                                        grads on CPU (Paddle's conv2d_grad on GPU)
 #include "binding.h"
 #include "common.h"
 #include "grouped_conv_bn_relu.h"
 
+#ifdef DPN_FAST_WITH_CUDA
 namespace paddle {
 namespace experimental {
 // Paddle's own conv2d backward (exported by libphi_core; its header is not shipped).
@@ -17,6 +19,7 @@ void conv2d_grad(const Tensor& input, const Tensor& filter, const Tensor& out_gr
                  Tensor* filter_grad);
 }  // namespace experimental
 }  // namespace paddle
+#endif
 
 namespace {
 
@@ -223,9 +226,20 @@ std::vector<paddle::Tensor> GroupedConvBnReluTrainBackward(
   auto grad_bn_bias = paddle::empty({ys[1]}, paddle::DataType::FLOAT32, x.place());
   bn_relu_backward(conv_out, out, grad_out, bn_weight, saved_mean, saved_invstd, grad_conv_out,
                    grad_bn_weight, grad_bn_bias);
-  paddle::Tensor grad_x, grad_weight;
-  paddle::experimental::conv2d_grad(x, weight, grad_conv_out, {stride, stride}, {1, 1},
-                                    "EXPLICIT", {1, 1}, groups, "NCHW", &grad_x, &grad_weight);
+#ifdef DPN_FAST_WITH_CUDA
+  if (x.is_gpu()) {
+    paddle::Tensor grad_x, grad_weight;
+    paddle::experimental::conv2d_grad(x, weight, grad_conv_out, {stride, stride}, {1, 1},
+                                      "EXPLICIT", {1, 1}, groups, "NCHW", &grad_x, &grad_weight);
+    return {grad_x, grad_weight, grad_bn_weight, grad_bn_bias};
+  }
+#endif
+  const auto s = check_conv(x, weight, stride, groups);
+  auto grad_x = paddle::empty(x.shape(), x.dtype(), x.place());
+  auto grad_weight = paddle::empty(weight.shape(), weight.dtype(), weight.place());
+  dpn_fast::grouped_conv3x3_backward_cpu(x.data<float>(), weight.data<float>(),
+                                         grad_conv_out.data<float>(), grad_x.data<float>(),
+                                         grad_weight.data<float>(), s);
   return {grad_x, grad_weight, grad_bn_weight, grad_bn_bias};
 }
 
