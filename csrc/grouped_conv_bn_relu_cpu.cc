@@ -248,6 +248,7 @@ void bn_relu_train_backward_cpu(const float* y, const float* out, const float* d
     for (int64_t b = 0; b < n; ++b) {
       const int64_t off = (b * c + ch) * hw;
       float s = 0.0f, sx = 0.0f;
+#pragma omp simd reduction(+ : s, sx)
       for (int64_t i = 0; i < hw; ++i) {
         const float dz = out[off + i] > 0.0f ? dout[off + i] : 0.0f;
         s += dz;
@@ -263,6 +264,7 @@ void bn_relu_train_backward_cpu(const float* y, const float* out, const float* d
     const float mean_dz = float(sum_dz / count), mean_dz_xhat = float(sum_dz_xhat / count);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t off = (b * c + ch) * hw;
+#pragma omp simd
       for (int64_t i = 0; i < hw; ++i) {
         const float dz = out[off + i] > 0.0f ? dout[off + i] : 0.0f;
         const float xhat = (y[off + i] - mean) * invstd;
