@@ -27,7 +27,7 @@ CASES += [(3, 96, 96, 9, 11, 32, 1), (3, 40, 40, 7, 5, 8, 2), (1, 15, 20, 6, 13,
 
 
 def build_library(arch):
-    build = os.path.join(ROOT, "build-gpu-check")
+    build = os.path.join(ROOT, "build", "gpu-check")
     subprocess.run(["cmake", "-S", ROOT, "-B", build, "-DDPN_FAST_WITH_PADDLE=OFF",
                     "-DDPN_FAST_WITH_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}"], check=True)
     subprocess.run(["cmake", "--build", build, "--target", "dpn_fast_kernels", "-j"], check=True)
@@ -59,11 +59,20 @@ def make(case, dtype, seed=0):
 
 
 def reference(t, stride, groups, training, dtype=torch.float64):
+    """(y, out, running mean, running var) in float64; running stats as Paddle updates them
+    (momentum 0.9, biased batch variance; torch would use the unbiased one)."""
     x, w = t["x"].to(dtype), t["weight"].to(dtype)
-    mean, var = t["mean"].double().clone(), t["var"].double().clone()
+    mean, var = t["mean"].double(), t["var"].double()
     y = F.conv2d(x, w, stride=stride, padding=1, groups=groups)
-    out = F.relu(F.batch_norm(y, mean, var, t["gamma"].to(dtype), t["beta"].to(dtype),
-                              training=training, momentum=0.1, eps=1e-5))
+    if training:
+        batch_mean, batch_var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+        mean, var = 0.9 * mean + 0.1 * batch_mean, 0.9 * var + 0.1 * batch_var
+        norm_mean, norm_var = batch_mean, batch_var
+    else:
+        norm_mean, norm_var = mean, var
+    shape = (1, -1, 1, 1)
+    out = F.relu((y - norm_mean.view(shape)) / torch.sqrt(norm_var.view(shape) + 1e-5)
+                 * t["gamma"].double().view(shape) + t["beta"].double().view(shape))
     return y, out, mean, var
 
 
