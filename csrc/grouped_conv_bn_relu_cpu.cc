@@ -16,8 +16,23 @@ struct ConvArgs {
   float* out;
   bool relu;
   GroupedConvShape shape;
-  int64_t upsample = 1;  // 2: x holds the even rows/columns of a zero-inserted h x w input
 };
+
+// Input gradient of a stride-2 conv, by input parity phase (a, c) = (row, column) parity.
+struct InputGradArgs {
+  const float* dy;
+  const float* w_phase[4];  // [phase]: [c][c_out / groups][taps of the phase]
+  float* dx;
+  GroupedConvShape shape;  // of the forward convolution
+};
+
+// Stride-2 3x3 conv with padding 1, seen from the input: row 2i + parity receives w[k] * dy[i + shift]
+// for each {k, shift} of its parity (columns alike).
+struct PhaseTap {
+  int k, shift;
+};
+constexpr PhaseTap kPhaseTaps[2][2] = {{{1, 0}, {0, 0}}, {{0, 1}, {2, 0}}};
+constexpr int kPhaseTapCount[2] = {1, 2};
 
 struct WeightGradArgs {
   const float* x;
@@ -82,6 +97,7 @@ namespace {
 using TaskFn = void (*)(const ConvArgs&, int64_t, int64_t, int64_t, int64_t, float*, double*);
 
 using WeightGradFn = void (*)(const WeightGradArgs&, int64_t, float*);
+using InputGradFn = void (*)(const InputGradArgs&, int64_t, int64_t, float*);
 
 enum class Isa { kAvx512, kAvx2, kBaseline };
 
@@ -102,6 +118,16 @@ TaskFn select_task_fn() {
     case Isa::kAvx2: return isa_avx2::run_task;
 #endif
     default: return isa_baseline::run_task;
+  }
+}
+
+InputGradFn select_input_grad_fn() {
+  switch (detect_isa()) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+    case Isa::kAvx512: return isa_avx512::input_grad_stride2_task;
+    case Isa::kAvx2: return isa_avx2::input_grad_stride2_task;
+#endif
+    default: return isa_baseline::input_grad_stride2_task;
   }
 }
 
@@ -208,18 +234,47 @@ void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const flo
 void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* dy, float* dx,
                                   float* dw, const GroupedConvShape& s) {
   const int64_t cin = s.c / s.groups, cout = s.c_out / s.groups;
-  // dx: stride-1 grouped conv of dy (zero-inserted for stride 2) with the weights transposed per
-  // group (in <-> out channels) and flipped.
-  std::vector<float> w_t(s.c * cout * 9);
-  for (int64_t g = 0; g < s.groups; ++g)
-    for (int64_t oc = 0; oc < cout; ++oc)
-      for (int64_t ic = 0; ic < cin; ++ic)
-        for (int t = 0; t < 9; ++t)
-          w_t[((g * cin + ic) * cout + oc) * 9 + t] = w[((g * cout + oc) * cin + ic) * 9 + 8 - t];
-  const GroupedConvShape dx_shape{s.n, s.c_out, s.h, s.w, s.c, s.groups, 1, s.h, s.w};
-  ConvArgs dx_args{dy, w_t.data(), nullptr, dx, false, dx_shape};
-  dx_args.upsample = s.stride;
-  run_conv(dx_args, nullptr, nullptr);
+  if (s.stride == 1) {
+    // dx: stride-1 grouped conv of dy with the weights transposed per group (in <-> out
+    // channels) and flipped.
+    std::vector<float> w_t(s.c * cout * 9);
+    for (int64_t g = 0; g < s.groups; ++g)
+      for (int64_t oc = 0; oc < cout; ++oc)
+        for (int64_t ic = 0; ic < cin; ++ic)
+          for (int t = 0; t < 9; ++t)
+            w_t[((g * cin + ic) * cout + oc) * 9 + t] = w[((g * cout + oc) * cin + ic) * 9 + 8 - t];
+    const GroupedConvShape dx_shape{s.n, s.c_out, s.h, s.w, s.c, s.groups, 1, s.h, s.w};
+    run_conv(ConvArgs{dy, w_t.data(), nullptr, dx, false, dx_shape}, nullptr, nullptr);
+  } else {
+    // dx by input parity phase: four stride-1 correlations of dy with 1, 2, 2 and 4 taps.
+    std::vector<float> w_phase[4];
+    InputGradArgs args{dy, {}, dx, s};
+    for (int pa = 0; pa < 2; ++pa)
+      for (int pc = 0; pc < 2; ++pc) {
+        const int nt = kPhaseTapCount[pa] * kPhaseTapCount[pc];
+        std::vector<float>& wp = w_phase[pa * 2 + pc];
+        wp.resize(s.c * cout * nt);
+        for (int64_t g = 0; g < s.groups; ++g)
+          for (int64_t oc = 0; oc < cout; ++oc)
+            for (int64_t ic = 0; ic < cin; ++ic)
+              for (int r = 0; r < kPhaseTapCount[pa]; ++r)
+                for (int q = 0; q < kPhaseTapCount[pc]; ++q)
+                  wp[((g * cin + ic) * cout + oc) * nt + r * kPhaseTapCount[pc] + q] =
+                      w[((g * cout + oc) * cin + ic) * 9 + kPhaseTaps[pa][r].k * 3 + kPhaseTaps[pc][q].k];
+        args.w_phase[pa * 2 + pc] = wp.data();
+      }
+    static const InputGradFn input_grad_fn = select_input_grad_fn();
+    const int64_t wq = s.w_out + 1;
+    const int64_t scratch_floats = cout * ((s.h_out + 1) * wq + 2 * kMaxFloatsPerVector) +
+                                   4 * (s.h_out * wq + kMaxFloatsPerVector);
+#pragma omp parallel
+    {
+      std::vector<float> scratch(scratch_floats);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < s.n * s.groups; ++t)
+        input_grad_fn(args, t / s.groups, t % s.groups, scratch.data());
+    }
+  }
 
   // dw: one task per group over the whole batch, in blocks of rows that keep a task in L2.
   static const WeightGradFn weight_grad_fn = select_weight_grad_fn();
