@@ -232,6 +232,16 @@ def test_jit_save_load(tmp_path):
     loaded = paddle.jit.load(path)
     loaded.eval()
     np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    # Paddle Inference too, with oneDNN on (its CPU default) and off.
+    from paddle import inference
+    for onednn in (True, False):
+        config = inference.Config(path + ".json", path + ".pdiparams")
+        config.enable_mkldnn() if onednn else config.disable_mkldnn()
+        predictor = inference.create_predictor(config)
+        predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(x.numpy())
+        predictor.run()
+        out = predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def bad_call(**overrides):
