@@ -39,7 +39,7 @@ struct WeightGradArgs {
   const float* dy;
   float* dw;
   GroupedConvShape shape;  // of the forward convolution
-  int64_t rows_per_block;
+  int64_t rows_per_block, images_per_block;
 };
 
 // Layout of one task's zero-padded input copy: per input channel `phases` planes of hq x wq
@@ -276,12 +276,17 @@ void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* d
     }
   }
 
-  // dw: one task per group over the whole batch, in blocks of rows that keep a task in L2.
+  // dw: one task per group over the whole batch, in blocks of rows and images whose planes
+  // stay in L2 (~512 KiB).
   static const WeightGradFn weight_grad_fn = select_weight_grad_fn();
+  const int64_t budget_floats = 128 * 1024;
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(s.h_out, 8192 / (s.w_out + 2)));
   const PlaneGeometry pg = plane_geometry(s, rows);
-  const int64_t scratch_floats = cin * pg.ic_stride + cout * accumulator_pitch(pg, rows);
-  const WeightGradArgs args{x, dy, dw, s, rows};
+  const int64_t floats_per_image = cin * pg.ic_stride + cout * accumulator_pitch(pg, rows);
+  const int64_t images =
+      rows < s.h_out ? 1 : std::max<int64_t>(1, std::min<int64_t>(s.n, budget_floats / floats_per_image));
+  const int64_t scratch_floats = images * floats_per_image + cout * cin * 9 * kMaxFloatsPerVector;
+  const WeightGradArgs args{x, dy, dw, s, rows, images};
 #pragma omp parallel
   {
     std::vector<float> scratch(scratch_floats);
