@@ -26,9 +26,14 @@ def reference_grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, bn_mean, bn_va
 
 
 def fold_bn_into_conv(weight, bn_weight, bn_bias, bn_mean, bn_var, epsilon=1e-5):
-    """(weight * scale, bn_bias - bn_mean * scale) with scale = bn_weight / sqrt(bn_var + eps)."""
+    """(weight * scale, bn_bias - bn_mean * scale) with scale = bn_weight / sqrt(bn_var + eps).
+
+    Computed in float32 (the BN tensors are float32 also in fp16/bf16 models); the folded weight
+    keeps the weight's dtype, the bias stays float32.
+    """
     scale = bn_weight / paddle.sqrt(bn_var + epsilon)
-    return weight * scale.reshape([-1, 1, 1, 1]), bn_bias - bn_mean * scale
+    w_folded = weight.astype("float32") * scale.reshape([-1, 1, 1, 1])
+    return w_folded.astype(weight.dtype), bn_bias - bn_mean * scale
 
 
 def _check_python_args(x, weight, stride, groups):
