@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "grouped_conv_bn_relu.h"
@@ -50,6 +51,18 @@ struct PlaneGeometry {
 };
 
 constexpr int64_t kMaxFloatsPerVector = 16;
+
+// Threads of the OpenMP regions: DPN_FAST_NUM_THREADS, else every core available to the process.
+// Not omp_get_max_threads(): Paddle sets its (shared libiomp5) runtime to 1 thread by default
+// (FLAGS_paddle_num_threads), which would leave the other cores idle.
+int cpu_threads() {
+  static const int threads = [] {
+    const char* env = std::getenv("DPN_FAST_NUM_THREADS");
+    const int requested = env ? std::atoi(env) : 0;
+    return requested > 0 ? requested : omp_get_num_procs();
+  }();
+  return threads;
+}
 
 PlaneGeometry plane_geometry(const GroupedConvShape& s, int64_t rows) {
   PlaneGeometry pg;
@@ -143,11 +156,13 @@ WeightGradFn select_weight_grad_fn() {
 
 // Runs the convolution over tasks (batch item, group, block of output rows). Batch x groups
 // already balances 2..8 threads; output rows are split further only when there are too few.
+// Tasks are handed out dynamically (a thread slowed by another process on its core does fewer);
+// each writes only its own outputs and partial sums, so results do not depend on the schedule.
 // task_sums (optional): per task, per output channel of the group, sum then sum of squares.
 void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_blocks_out) {
   static const TaskFn task_fn = select_task_fn();
   const GroupedConvShape& s = a.shape;
-  const int64_t threads = omp_get_max_threads();
+  const int64_t threads = cpu_threads();
   const int64_t base_tasks = s.n * s.groups;
   const int64_t row_blocks =
       std::min<int64_t>(s.h_out, std::max<int64_t>(1, (4 * threads + base_tasks - 1) / base_tasks));
@@ -158,10 +173,10 @@ void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_bl
   const int64_t scratch_floats = cin * pg.ic_stride + 4 * accumulator_pitch(pg, max_rows);
   if (task_sums) task_sums->assign(tasks * 2 * cout, 0.0);
   if (row_blocks_out) *row_blocks_out = row_blocks;
-#pragma omp parallel
+#pragma omp parallel num_threads(cpu_threads())
   {
     std::vector<float> scratch(scratch_floats);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t rb = t % row_blocks, g = (t / row_blocks) % s.groups, b = t / (row_blocks * s.groups);
       const int64_t r0 = rb * s.h_out / row_blocks, r1 = (rb + 1) * s.h_out / row_blocks;
@@ -176,7 +191,7 @@ void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_bl
 void fold_bn_into_conv_cpu(const float* w, const float* gamma, const float* beta, const float* mean,
                            const float* var, float epsilon, int64_t c_out, int64_t taps_per_oc,
                            float* w_folded, float* bias) {
-#pragma omp parallel for schedule(static) if (c_out * taps_per_oc > 32768)
+#pragma omp parallel for num_threads(cpu_threads()) schedule(static) if (c_out * taps_per_oc > 32768)
   for (int64_t oc = 0; oc < c_out; ++oc) {
     const float scale = gamma[oc] / std::sqrt(var[oc] + epsilon);
     for (int64_t i = 0; i < taps_per_oc; ++i)
@@ -222,7 +237,7 @@ void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const flo
     running_mean[c] = float(momentum * running_mean[c] + (1.0 - momentum) * mean);
     running_var[c] = float(momentum * running_var[c] + (1.0 - momentum) * var);
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(cpu_threads()) schedule(static)
   for (int64_t nc = 0; nc < s.n * s.c_out; ++nc) {
     const float a = scale[nc % s.c_out], b = shift[nc % s.c_out];
     const float* yc = y + nc * hw;
@@ -267,10 +282,10 @@ void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* d
     const int64_t wq = s.w_out + 1;
     const int64_t scratch_floats = cout * ((s.h_out + 1) * wq + 2 * kMaxFloatsPerVector) +
                                    4 * (s.h_out * wq + kMaxFloatsPerVector);
-#pragma omp parallel
+#pragma omp parallel num_threads(cpu_threads())
     {
       std::vector<float> scratch(scratch_floats);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
       for (int64_t t = 0; t < s.n * s.groups; ++t)
         input_grad_fn(args, t / s.groups, t % s.groups, scratch.data());
     }
@@ -287,10 +302,10 @@ void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* d
       rows < s.h_out ? 1 : std::max<int64_t>(1, std::min<int64_t>(s.n, budget_floats / floats_per_image));
   const int64_t scratch_floats = images * floats_per_image + cout * cin * 9 * kMaxFloatsPerVector;
   const WeightGradArgs args{x, dy, dw, s, rows, images};
-#pragma omp parallel
+#pragma omp parallel num_threads(cpu_threads())
   {
     std::vector<float> scratch(scratch_floats);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t g = 0; g < s.groups; ++g) weight_grad_fn(args, g, scratch.data());
   }
 }
@@ -301,7 +316,7 @@ void bn_relu_train_backward_cpu(const float* y, const float* out, const float* d
                                 int64_t n, int64_t c, int64_t hw) {
   // dz = dout * (out > 0); dbeta = sum dz; dgamma = sum dz * xhat;
   // dy = gamma * invstd * (dz - dbeta / M - xhat * dgamma / M).
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(cpu_threads()) schedule(static)
   for (int64_t ch = 0; ch < c; ++ch) {
     const float mean = saved_mean[ch], invstd = saved_invstd[ch];
     double sum_dz = 0.0, sum_dz_xhat = 0.0;
