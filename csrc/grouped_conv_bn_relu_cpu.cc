@@ -51,6 +51,7 @@ struct PlaneGeometry {
 };
 
 constexpr int64_t kMaxFloatsPerVector = 16;
+constexpr int64_t kMaxChannelBlock = 6;  // output channels computed together (preferred_ocb)
 
 // Threads of the OpenMP regions: DPN_FAST_NUM_THREADS, else every core available to the process.
 // Not omp_get_max_threads(): Paddle sets its (shared libiomp5) runtime to 1 thread by default
@@ -170,7 +171,7 @@ void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_bl
   const int64_t cin = s.c / s.groups, cout = s.c_out / s.groups;
   const int64_t max_rows = (s.h_out + row_blocks - 1) / row_blocks;
   const PlaneGeometry pg = plane_geometry(s, max_rows);
-  const int64_t scratch_floats = cin * pg.ic_stride + 4 * accumulator_pitch(pg, max_rows);
+  const int64_t scratch_floats = cin * pg.ic_stride + kMaxChannelBlock * accumulator_pitch(pg, max_rows);
   if (task_sums) task_sums->assign(tasks * 2 * cout, 0.0);
   if (row_blocks_out) *row_blocks_out = row_blocks;
 #pragma omp parallel num_threads(cpu_threads())
@@ -281,7 +282,7 @@ void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* d
     static const InputGradFn input_grad_fn = select_input_grad_fn();
     const int64_t wq = s.w_out + 1;
     const int64_t scratch_floats = cout * ((s.h_out + 1) * wq + 2 * kMaxFloatsPerVector) +
-                                   4 * (s.h_out * wq + kMaxFloatsPerVector);
+                                   kMaxChannelBlock * (s.h_out * wq + kMaxFloatsPerVector);
 #pragma omp parallel num_threads(cpu_threads())
     {
       std::vector<float> scratch(scratch_floats);
