@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "grouped_conv_bn_relu.h"
@@ -115,12 +116,17 @@ using InputGradFn = void (*)(const InputGradArgs&, int64_t, int64_t, float*);
 
 enum class Isa { kAvx512, kAvx2, kBaseline };
 
+// The widest instruction set the CPU supports, capped by DPN_FAST_CPU_ISA ("avx2", "baseline";
+// lets the tests run every variant on one machine).
 Isa detect_isa() {
+  const char* cap = std::getenv("DPN_FAST_CPU_ISA");
+  const std::string limit = cap ? cap : "";
 #ifdef DPN_FAST_HAVE_X86_VARIANTS
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+  if (limit.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq"))
     return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  if (limit != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return Isa::kAvx2;
 #endif
   return Isa::kBaseline;
 }

@@ -303,6 +303,27 @@ def test_folder_rejects_unsupported_layers():
                                 paddle.nn.BatchNorm(8))
 
 
+ISA_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests_dir!r})
+    from test_grouped_conv_bn_relu import ODD_CASES, check_against_reference
+    for case in ODD_CASES + [(1, 192, 192, 14, 14, 32, 2), (2, 384, 384, 7, 7, 32, 1)]:
+        check_against_reference(case, training=False)
+        check_against_reference(case, training=True, with_grads=True)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_narrower_instruction_sets(isa):
+    """The AVX2 and SSE variants of the CPU core (this machine would pick AVX-512)."""
+    env = dict(os.environ, DPN_FAST_CPU_ISA=isa)
+    script = ISA_SCRIPT.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+
+
 TRITON_SCRIPT = textwrap.dedent("""
     import os, sys
     assert os.environ["TRITON_INTERPRET"] == "1"
