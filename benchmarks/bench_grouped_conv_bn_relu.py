@@ -1,6 +1,9 @@
 """Paddle conv2d + BatchNorm + ReLU vs the fused grouped_conv_bn_relu backends at DPN92's shapes.
 
     pytest benchmarks/bench_grouped_conv_bn_relu.py --benchmark-group-by=group
+
+Threads: Paddle's CPU kernels run on 1 thread by default (FLAGS_paddle_num_threads); the fused
+CPU op uses every core unless DPN_FAST_NUM_THREADS says otherwise (=1 compares like for like).
 """
 import numpy as np
 import paddle
