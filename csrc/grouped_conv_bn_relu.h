@@ -1,6 +1,6 @@
 // Grouped 3x3 convolution (padding 1, stride 1 or 2) fused with BatchNorm and ReLU,
 // framework-free cores.
-//   eval:      out = relu(conv(x, w * scale) + (beta - mean * scale)),  scale = gamma / sqrt(var + eps)
+//   eval:      out = relu(conv(x, w) * scale + (beta - mean * scale)),  scale = gamma / sqrt(var + eps)
 //   training:  y = conv(x, w) with per-channel sum / sum of squares of y computed in the epilogue,
 //              then out = relu((y - mean) * gamma / sqrt(var + eps) + beta) in a second pass.
 #pragma once
@@ -16,14 +16,15 @@ struct GroupedConvShape {
 
 inline int64_t conv3x3_out_size(int64_t in, int64_t stride) { return (in - 1) / stride + 1; }
 
-// BN folded into the convolution: w_folded = w * scale[oc], bias = beta - mean * scale.
-void fold_bn_into_conv_cpu(const float* w, const float* gamma, const float* beta, const float* mean,
-                           const float* var, float epsilon, int64_t c_out, int64_t taps_per_oc,
-                           float* w_folded, float* bias);
-
-// Eval forward: out = relu(conv(x, w_folded) + bias), one pass.
+// Eval forward with caller-folded weights: out = relu(conv(x, w_folded) + bias), one pass.
 void grouped_conv3x3_bias_relu_cpu(const float* x, const float* w_folded, const float* bias,
                                    float* out, const GroupedConvShape& s);
+
+// Eval forward folding BN per output channel in the epilogue, one pass:
+// out = relu(conv(x, w) * scale + (beta - mean * scale)), scale = gamma / sqrt(var + eps).
+void grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w, const float* gamma,
+                                       const float* beta, const float* mean, const float* var,
+                                       float epsilon, float* out, const GroupedConvShape& s);
 
 // Training forward. Writes y = conv(x, w) and out = relu(bn(y)) with batch statistics; returns the
 // batch mean and 1/sqrt(biased var + eps) in saved_mean / saved_invstd and updates the running

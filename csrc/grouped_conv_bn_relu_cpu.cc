@@ -11,10 +11,12 @@
 namespace dpn_fast {
 namespace {
 
+// out = act(conv(x, w) * scale + bias) per output channel; scale and bias may be null (1, 0).
 struct ConvArgs {
   const float* x;
-  const float* w;     // [c_out][c / groups][3][3]
-  const float* bias;  // [c_out] or null
+  const float* w;      // [c_out][c / groups][3][3]
+  const float* scale;  // [c_out] or null
+  const float* bias;   // [c_out] or null
   float* out;
   bool relu;
   GroupedConvShape shape;
@@ -195,21 +197,22 @@ void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_bl
 
 }  // namespace
 
-void fold_bn_into_conv_cpu(const float* w, const float* gamma, const float* beta, const float* mean,
-                           const float* var, float epsilon, int64_t c_out, int64_t taps_per_oc,
-                           float* w_folded, float* bias) {
-#pragma omp parallel for num_threads(cpu_threads()) schedule(static) if (c_out * taps_per_oc > 32768)
-  for (int64_t oc = 0; oc < c_out; ++oc) {
-    const float scale = gamma[oc] / std::sqrt(var[oc] + epsilon);
-    for (int64_t i = 0; i < taps_per_oc; ++i)
-      w_folded[oc * taps_per_oc + i] = w[oc * taps_per_oc + i] * scale;
-    bias[oc] = beta[oc] - mean[oc] * scale;
-  }
-}
-
 void grouped_conv3x3_bias_relu_cpu(const float* x, const float* w_folded, const float* bias,
                                    float* out, const GroupedConvShape& s) {
-  run_conv(ConvArgs{x, w_folded, bias, out, true, s}, nullptr, nullptr);
+  run_conv(ConvArgs{x, w_folded, nullptr, bias, out, true, s}, nullptr, nullptr);
+}
+
+void grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w, const float* gamma,
+                                       const float* beta, const float* mean, const float* var,
+                                       float epsilon, float* out, const GroupedConvShape& s) {
+  // Folding applied per output channel in the epilogue: scaling the weights instead would write
+  // a weight-sized copy on every call.
+  std::vector<float> scale(s.c_out), shift(s.c_out);
+  for (int64_t oc = 0; oc < s.c_out; ++oc) {
+    scale[oc] = gamma[oc] / std::sqrt(var[oc] + epsilon);
+    shift[oc] = beta[oc] - mean[oc] * scale[oc];
+  }
+  run_conv(ConvArgs{x, w, scale.data(), shift.data(), out, true, s}, nullptr, nullptr);
 }
 
 void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const float* gamma,
@@ -219,7 +222,7 @@ void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const flo
                                        const GroupedConvShape& s) {
   std::vector<double> task_sums;
   int64_t row_blocks = 1;
-  run_conv(ConvArgs{x, w, nullptr, y, false, s}, &task_sums, &row_blocks);
+  run_conv(ConvArgs{x, w, nullptr, nullptr, y, false, s}, &task_sums, &row_blocks);
 
   // Reduce the per-task partial sums in a fixed order (deterministic across thread counts).
   const int64_t cout = s.c_out / s.groups, hw = s.h_out * s.w_out;
@@ -266,7 +269,7 @@ void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* d
           for (int t = 0; t < 9; ++t)
             w_t[((g * cin + ic) * cout + oc) * 9 + t] = w[((g * cout + oc) * cin + ic) * 9 + 8 - t];
     const GroupedConvShape dx_shape{s.n, s.c_out, s.h, s.w, s.c, s.groups, 1, s.h, s.w};
-    run_conv(ConvArgs{dy, w_t.data(), nullptr, dx, false, dx_shape}, nullptr, nullptr);
+    run_conv(ConvArgs{dy, w_t.data(), nullptr, nullptr, dx, false, dx_shape}, nullptr, nullptr);
   } else {
     // dx by input parity phase: four stride-1 correlations of dy with 1, 2, 2 and 4 taps.
     std::vector<float> w_phase[4];

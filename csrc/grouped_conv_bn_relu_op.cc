@@ -1,5 +1,5 @@
 // Paddle binding of the grouped 3x3 conv + BatchNorm + ReLU.
-//   dpn_fast_grouped_conv_bn_relu_infer  eval: BN folded into the conv in the op
+//   dpn_fast_grouped_conv_bn_relu_infer  eval: BN applied per channel in the conv epilogue
 //   dpn_fast_grouped_conv_bias_relu      eval with weights/bias folded by the caller (cached)
 //   dpn_fast_grouped_conv_bn_relu_train  training: batch statistics, running statistics updated
 //                                        in place; backward = fused BN+ReLU grad + direct conv
@@ -130,9 +130,9 @@ std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x,
                                                    int groups, float epsilon) {
   const auto s = check_conv(x, weight, stride, groups);
   check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
-  const int64_t taps_per_oc = s.c / s.groups * 9;
 #ifdef DPN_FAST_WITH_CUDA
   if (x.is_gpu()) {
+    const int64_t taps_per_oc = s.c / s.groups * 9;
     auto w_folded = paddle::empty({s.c_out * taps_per_oc}, paddle::DataType::FLOAT32, x.place());
     auto bias = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
     auto out = empty_out(x, s);
@@ -145,17 +145,10 @@ std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x,
   }
 #endif
   require_cpu(x);
-  // Reused across calls: a fresh multi-MB allocation per call costs page faults on every call.
-  thread_local std::vector<float> w_folded, bias;
-  w_folded.resize(s.c_out * taps_per_oc);
-  bias.resize(s.c_out);
-  dpn_fast::fold_bn_into_conv_cpu(weight.data<float>(), bn_weight.data<float>(),
-                                  bn_bias.data<float>(), bn_mean.data<float>(),
-                                  bn_var.data<float>(), epsilon, s.c_out, taps_per_oc,
-                                  w_folded.data(), bias.data());
   auto out = empty_out(x, s);
-  dpn_fast::grouped_conv3x3_bias_relu_cpu(x.data<float>(), w_folded.data(), bias.data(),
-                                          out.data<float>(), s);
+  dpn_fast::grouped_conv3x3_bn_relu_infer_cpu(
+      x.data<float>(), weight.data<float>(), bn_weight.data<float>(), bn_bias.data<float>(),
+      bn_mean.data<float>(), bn_var.data<float>(), epsilon, out.data<float>(), s);
   return {out};
 }
 
