@@ -75,7 +75,7 @@ def test_dpn92_eval_at_224():
 def train_steps(model, x, labels, steps, dtype):
     """SGD steps; returns (losses, last gradients by name)."""
     model.train()
-    optimizer = paddle.optimizer.Momentum(learning_rate=0.05, momentum=0.9,
+    optimizer = paddle.optimizer.Momentum(learning_rate=0.01, momentum=0.9,
                                           parameters=model.parameters())
     losses = []
     for _ in range(steps):
@@ -95,11 +95,14 @@ def trainable(model):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_training_matches_reference(name):
-    """Losses, gradients and BN running statistics after a few momentum-SGD steps."""
+    """Losses, gradients and BN running statistics after a few momentum-SGD steps.
+
+    96x96 leaves 3x3 maps in the last stage: batch statistics over fewer values are so
+    ill-conditioned that float32 and float64 training drift apart within a step."""
     reference, fused, reference64 = build_trio(name, seed=5)
-    x = images((3, 3, 32, 32), seed=6)
+    x = images((3, 3, 96, 96), seed=6)
     labels = np.random.default_rng(7).integers(0, 1000, (3, 1))
-    results = [train_steps(m, x, labels, 3, d) for m, d in
+    results = [train_steps(m, x, labels, 2, d) for m, d in
                ((reference, "float32"), (fused, "float32"), (reference64, "float64"))]
     (loss32, grads32), (loss_fused, grads_fused), (loss64, grads64) = results
     assert_matches_reference(loss_fused, loss64, loss32, name=f"{name} losses")
