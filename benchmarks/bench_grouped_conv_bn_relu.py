@@ -2,8 +2,8 @@
 
     pytest benchmarks/bench_grouped_conv_bn_relu.py --benchmark-group-by=group
 
-Threads: Paddle's CPU kernels run on 1 thread by default (FLAGS_paddle_num_threads); the fused
-CPU op uses every core unless DPN_FAST_NUM_THREADS says otherwise (=1 compares like for like).
+Threads: the fused CPU op uses Paddle's CPU thread setting (FLAGS_paddle_num_threads, default 1)
+unless DPN_FAST_NUM_THREADS says otherwise, so by default both sides run on 1 thread.
 """
 import numpy as np
 import paddle

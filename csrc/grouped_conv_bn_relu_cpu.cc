@@ -56,16 +56,17 @@ struct PlaneGeometry {
 constexpr int64_t kMaxFloatsPerVector = 16;
 constexpr int64_t kMaxChannelBlock = 6;  // output channels computed together (preferred_ocb)
 
-// Threads of the OpenMP regions: DPN_FAST_NUM_THREADS, else every core available to the process.
-// Not omp_get_max_threads(): Paddle sets its (shared libiomp5) runtime to 1 thread by default
-// (FLAGS_paddle_num_threads), which would leave the other cores idle.
+// Threads of the OpenMP regions: DPN_FAST_NUM_THREADS, else Paddle's CPU thread setting (the
+// library shares Paddle's libiomp5, whose default Paddle sets from FLAGS_paddle_num_threads = 1,
+// or Paddle Inference from set_cpu_math_library_num_threads). Staying within Paddle's budget
+// matters on small machines: with another busy process on one of 2 cores, a 2-thread region
+// waits for its descheduled half and ran 2-5x slower than 1 thread.
 int cpu_threads() {
-  static const int threads = [] {
+  static const int requested = [] {
     const char* env = std::getenv("DPN_FAST_NUM_THREADS");
-    const int requested = env ? std::atoi(env) : 0;
-    return requested > 0 ? requested : omp_get_num_procs();
+    return env ? std::atoi(env) : 0;
   }();
-  return threads;
+  return requested > 0 ? requested : omp_get_max_threads();
 }
 
 PlaneGeometry plane_geometry(const GroupedConvShape& s, int64_t rows) {
@@ -153,13 +154,21 @@ InputGradFn select_input_grad_fn() {
   }
 }
 
-WeightGradFn select_weight_grad_fn() {
+// Per group weight-gradient routine for shape s: vectorised over output channels on small
+// planes, over positions otherwise.
+WeightGradFn select_weight_grad_fn(const GroupedConvShape& s) {
   switch (detect_isa()) {
 #ifdef DPN_FAST_HAVE_X86_VARIANTS
-    case Isa::kAvx512: return isa_avx512::weight_grad_group;
-    case Isa::kAvx2: return isa_avx2::weight_grad_group;
+    case Isa::kAvx512:
+      return isa_avx512::weight_grad_by_channels(s) ? isa_avx512::weight_grad_group_small
+                                                    : isa_avx512::weight_grad_group;
+    case Isa::kAvx2:
+      return isa_avx2::weight_grad_by_channels(s) ? isa_avx2::weight_grad_group_small
+                                                  : isa_avx2::weight_grad_group;
 #endif
-    default: return isa_baseline::weight_grad_group;
+    default:
+      return isa_baseline::weight_grad_by_channels(s) ? isa_baseline::weight_grad_group_small
+                                                      : isa_baseline::weight_grad_group;
   }
 }
 
@@ -303,14 +312,19 @@ void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* d
 
   // dw: one task per group over the whole batch, in blocks of rows and images whose planes
   // stay in L2 (~512 KiB).
-  static const WeightGradFn weight_grad_fn = select_weight_grad_fn();
+  const WeightGradFn weight_grad_fn = select_weight_grad_fn(s);
   const int64_t budget_floats = 128 * 1024;
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(s.h_out, 8192 / (s.w_out + 2)));
   const PlaneGeometry pg = plane_geometry(s, rows);
   const int64_t floats_per_image = cin * pg.ic_stride + cout * accumulator_pitch(pg, rows);
   const int64_t images =
       rows < s.h_out ? 1 : std::max<int64_t>(1, std::min<int64_t>(s.n, budget_floats / floats_per_image));
-  const int64_t scratch_floats = images * floats_per_image + cout * cin * 9 * kMaxFloatsPerVector;
+  // Enough for either routine (the channel-vectorised one needs at most 2 vectors of channels).
+  const PlaneGeometry pg_image = plane_geometry(s, s.h_out);
+  const int64_t small_floats = cin * pg_image.ic_stride +
+                               (s.h_out * pg_image.wq + cin * 9) * 2 * kMaxFloatsPerVector;
+  const int64_t scratch_floats = std::max(
+      images * floats_per_image + cout * cin * 9 * kMaxFloatsPerVector, small_floats);
   const WeightGradArgs args{x, dy, dw, s, rows, images};
 #pragma omp parallel num_threads(cpu_threads())
   {

@@ -314,10 +314,13 @@ ISA_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_narrower_instruction_sets(isa):
-    """The AVX2 and SSE variants of the CPU core (this machine would pick AVX-512)."""
-    env = dict(os.environ, DPN_FAST_CPU_ISA=isa)
+@pytest.mark.parametrize("variable,value", [
+    ("DPN_FAST_CPU_ISA", "avx2"), ("DPN_FAST_CPU_ISA", "baseline"),  # this machine: AVX-512
+    ("DPN_FAST_NUM_THREADS", "3"),  # several threads: output rows split into blocks
+])
+def test_cpu_core_variants(variable, value):
+    """The AVX2 and SSE variants of the CPU core, and its multi-threaded task split."""
+    env = dict(os.environ, **{variable: value})
     script = ISA_SCRIPT.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600)

@@ -6,6 +6,9 @@ Eval folds the BN into the convolution (scaled weights + bias) and applies ReLU 
 so the unnormalised conv output is never written. Training normalises with the batch statistics
 (biased variance, over N, H, W) and updates the running statistics in place the way
 paddle.nn.BatchNorm does: running = momentum * running + (1 - momentum) * batch.
+
+CPU threads: Paddle's CPU thread setting (FLAGS_paddle_num_threads, default 1; Paddle Inference's
+set_cpu_math_library_num_threads), or DPN_FAST_NUM_THREADS when set.
 """
 import paddle
 import paddle.nn.functional as F
