@@ -152,11 +152,17 @@ std::vector<void*> act_planes(paddle::Tensor& act, int num_acts, int64_t plane_e
 // The shared forward of the three ops; y == nullptr for the head-only form.
 // dense_channels >= 0: `dense` is a stage-wide buffer whose first dense_channels channels are the
 // old dense part; the new channels are written into it (it is then also dense_out, not returned).
-std::vector<paddle::Tensor> forward(const paddle::Tensor& resid, const paddle::Tensor& dense,
-                                    const paddle::Tensor* y,
+// Inputs in oneDNN layout (Paddle Inference) are reordered to NCHW first, except the buffer,
+// which is written in place (check_tensors refuses it clearly).
+std::vector<paddle::Tensor> forward(const paddle::Tensor& resid_in, const paddle::Tensor& dense_in,
+                                    const paddle::Tensor* y_in,
                                     const std::vector<paddle::Tensor>& params,
                                     const std::vector<float>& epsilons, const char* op,
                                     int64_t dense_channels = -1) {
+  const paddle::Tensor resid = dpn_fast::to_plain_layout(resid_in);
+  const paddle::Tensor dense = dense_channels >= 0 ? dense_in : dpn_fast::to_plain_layout(dense_in);
+  const paddle::Tensor y_plain = y_in ? dpn_fast::to_plain_layout(*y_in) : paddle::Tensor();
+  const paddle::Tensor* y = y_in ? &y_plain : nullptr;
   const Shape ys = y ? y->shape() : Shape{};
   dpn_fast::MergeShape s = merge_shape(resid.shape(), dense.shape(), y ? &ys : nullptr, op);
   const bool into_buffer = dense_channels >= 0;

@@ -100,10 +100,11 @@ paddle::Tensor empty_out(const paddle::Tensor& x, const dpn_fast::GroupedConvSha
   return paddle::empty({s.n, s.c_out, s.h_out, s.w_out}, x.dtype(), x.place());
 }
 
-std::vector<paddle::Tensor> GroupedConvBiasReluForward(const paddle::Tensor& x,
+std::vector<paddle::Tensor> GroupedConvBiasReluForward(const paddle::Tensor& x_in,
                                                        const paddle::Tensor& weight,
                                                        const paddle::Tensor& bias, int stride,
                                                        int groups) {
+  const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
   const auto s = check_conv(x, weight, stride, groups);
   check_channel_vector(bias, x, s.c_out, "bias");
   auto out = empty_out(x, s);
@@ -121,13 +122,14 @@ std::vector<paddle::Tensor> GroupedConvBiasReluForward(const paddle::Tensor& x,
   return {out};
 }
 
-std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x,
+std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x_in,
                                                    const paddle::Tensor& weight,
                                                    const paddle::Tensor& bn_weight,
                                                    const paddle::Tensor& bn_bias,
                                                    const paddle::Tensor& bn_mean,
                                                    const paddle::Tensor& bn_var, int stride,
                                                    int groups, float epsilon) {
+  const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
   const auto s = check_conv(x, weight, stride, groups);
   check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
 #ifdef DPN_FAST_WITH_CUDA
