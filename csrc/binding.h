@@ -22,6 +22,13 @@ inline std::string shape_str(const std::vector<int64_t>& shape) {
 // reordered to plain NCHW, any other tensor unchanged (csrc/onednn_layout.cc).
 paddle::Tensor to_plain_layout(const paddle::Tensor& t);
 
+// For tensors that cannot be reordered (written in place): refuse oneDNN layout clearly.
+inline void check_plain_layout(const paddle::Tensor& t, const char* op, const char* name) {
+  PD_CHECK(t.layout() != phi::DataLayout::ONEDNN, op, ": input '", name,
+           "' is in oneDNN layout; run this model with oneDNN disabled "
+           "(dpn_fast.inference.create_predictor(path, use_onednn=False))");
+}
+
 inline void check_rank(const paddle::Tensor& t, size_t rank, const char* op, const char* name) {
   PD_CHECK(t.shape().size() == rank, op, ": '", name, "' must have rank ", rank, ", got shape ",
            shape_str(t.shape()));

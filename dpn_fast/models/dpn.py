@@ -123,6 +123,20 @@ class DPN(nn.Layer):
         self.out = nn.Linear(out_channels, class_num,
                              weight_attr=paddle.ParamAttr(initializer=nn.initializer.Uniform(-stdv, stdv)))
 
+    def refold(self):
+        """Drops cached BN folds. Needed only after changing parameters in place outside
+        set_state_dict and training (e.g. param.set_value) on a fused model used in eval."""
+        if self.fused:
+            for block in self.blocks:
+                block.conv_bn_relu.refold()
+
+    def set_state_dict(self, state_dict, use_structured_name=True):
+        # Paddle's set_state_dict writes in place without bumping tensor versions, so cached
+        # folds cannot see it.
+        result = super().set_state_dict(state_dict, use_structured_name=use_structured_name)
+        self.refold()
+        return result
+
     def _check_input(self, x):
         if len(x.shape) != 4:
             raise ValueError(f"{self.model_name}: input must be 4-D [N, 3, H, W], got shape "

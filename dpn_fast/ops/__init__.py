@@ -1,1 +1,6 @@
 """Fused operators of dpn_fast."""
+from dpn_fast.ops.dual_path_merge import (  # noqa: F401
+    concat_bn_relu, dual_path_merge, dual_path_merge_bn_relu, dual_path_merge_into,
+    fold_batch_norm)
+from dpn_fast.ops.grouped_conv_bn_relu import (  # noqa: F401
+    GroupedConvBNReLUFolder, grouped_conv_bn_relu)

@@ -20,11 +20,18 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _on_gpu(tensor):
+    place = tensor.place
+    if place is None:  # a static-graph Value (paddle.jit.to_static) has no place: default device
+        return paddle.device.get_device().startswith("gpu")
+    return place.is_gpu_place()
+
+
 def resolve_backend(backend, tensor, op):
     """Returns the concrete backend ("cpu", "cuda", "triton" or "reference") for `tensor`."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    on_gpu = tensor.place.is_gpu_place()
+    on_gpu = _on_gpu(tensor)
     if backend == "auto":
         if not on_gpu:
             return "cpu"

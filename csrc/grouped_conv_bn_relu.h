@@ -1,0 +1,84 @@
+// Grouped 3x3 convolution (padding 1, stride 1 or 2) fused with BatchNorm and ReLU,
+// framework-free cores.
+//   eval:      out = relu(conv(x, w) * scale + (beta - mean * scale)),  scale = gamma / sqrt(var + eps)
+//   training:  y = conv(x, w) with per-channel sum / sum of squares of y computed in the epilogue,
+//              then out = relu((y - mean) * gamma / sqrt(var + eps) + beta) in a second pass.
+#pragma once
+#include <cstdint>
+
+namespace dpn_fast {
+
+struct GroupedConvShape {
+  int64_t n, c, h, w;  // input
+  int64_t c_out, groups, stride;
+  int64_t h_out, w_out;
+};
+
+inline int64_t conv3x3_out_size(int64_t in, int64_t stride) { return (in - 1) / stride + 1; }
+
+// Eval forward with caller-folded weights: out = relu(conv(x, w_folded) + bias), one pass.
+void grouped_conv3x3_bias_relu_cpu(const float* x, const float* w_folded, const float* bias,
+                                   float* out, const GroupedConvShape& s);
+
+// Eval forward folding BN per output channel in the epilogue, one pass:
+// out = relu(conv(x, w) * scale + (beta - mean * scale)), scale = gamma / sqrt(var + eps).
+void grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w, const float* gamma,
+                                       const float* beta, const float* mean, const float* var,
+                                       float epsilon, float* out, const GroupedConvShape& s);
+
+// Training forward. Writes y = conv(x, w) and out = relu(bn(y)) with batch statistics; returns the
+// batch mean and 1/sqrt(biased var + eps) in saved_mean / saved_invstd and updates the running
+// statistics in place: running = momentum * running + (1 - momentum) * batch (biased variance,
+// as paddle.nn.BatchNorm does).
+void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const float* gamma,
+                                       const float* beta, float* running_mean, float* running_var,
+                                       float epsilon, float momentum, float* y, float* out,
+                                       float* saved_mean, float* saved_invstd,
+                                       const GroupedConvShape& s);
+
+// Gradients of y = conv(x, w) (no bias): dx and dw from dy.
+void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* dy, float* dx,
+                                  float* dw, const GroupedConvShape& s);
+
+// Backward of relu(bn(y)) with batch statistics: dy from dout, and dgamma, dbeta.
+void bn_relu_train_backward_cpu(const float* y, const float* out, const float* dout,
+                                const float* gamma, const float* saved_mean,
+                                const float* saved_invstd, float* dy, float* dgamma, float* dbeta,
+                                int64_t n, int64_t c, int64_t hw);
+
+}  // namespace dpn_fast
+
+// CUDA launchers (csrc/grouped_conv_bn_relu.cu), C ABI so they can be called without Paddle.
+// x/w/out/y/dout/dy have dtype `dtype` (dpn_fast::DType); BN vectors, folded weights/bias and
+// saved statistics are fp32. Up to 42 input channels per group. `stream` is a cudaStream_t.
+// Return a dpn_fast::Status.
+extern "C" {
+// Eval with caller-folded weights (dtype `dtype`) and fp32 bias.
+int dpn_fast_grouped_conv_bias_relu_cuda(const void* x, const void* w, const float* bias,
+                                         void* out, int64_t n, int64_t c, int64_t h, int64_t w_in,
+                                         int64_t c_out, int64_t groups, int64_t stride, int dtype,
+                                         void* stream);
+// Eval folding BN on the device into the fp32 workspaces w_folded [c_out, c/groups, 3, 3] and
+// bias [c_out].
+int dpn_fast_grouped_conv_bn_relu_infer_cuda(const void* x, const void* w, const float* gamma,
+                                             const float* beta, const float* mean,
+                                             const float* var, float epsilon, float* w_folded,
+                                             float* bias, void* out, int64_t n, int64_t c,
+                                             int64_t h, int64_t w_in, int64_t c_out,
+                                             int64_t groups, int64_t stride, int dtype,
+                                             void* stream);
+// Training forward: y = conv(x, w); batch statistics; out = relu(bn(y)); running stats in place.
+int dpn_fast_grouped_conv_bn_relu_train_cuda(const void* x, const void* w, const float* gamma,
+                                             const float* beta, float* running_mean,
+                                             float* running_var, float epsilon, float momentum,
+                                             void* y, void* out, float* saved_mean,
+                                             float* saved_invstd, int64_t n, int64_t c, int64_t h,
+                                             int64_t w_in, int64_t c_out, int64_t groups,
+                                             int64_t stride, int dtype, void* stream);
+// Backward of relu(bn(y)) with batch statistics.
+int dpn_fast_bn_relu_train_backward_cuda(const void* y, const void* out, const void* dout,
+                                         const float* gamma, const float* saved_mean,
+                                         const float* saved_invstd, void* dy, float* dgamma,
+                                         float* dbeta, int64_t n, int64_t c, int64_t hw, int dtype,
+                                         void* stream);
+}

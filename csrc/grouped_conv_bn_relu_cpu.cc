@@ -1,0 +1,376 @@
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "grouped_conv_bn_relu.h"
+
+namespace dpn_fast {
+namespace {
+
+// out = act(conv(x, w) * scale + bias) per output channel; scale and bias may be null (1, 0).
+struct ConvArgs {
+  const float* x;
+  const float* w;      // [c_out][c / groups][3][3]
+  const float* scale;  // [c_out] or null
+  const float* bias;   // [c_out] or null
+  float* out;
+  bool relu;
+  GroupedConvShape shape;
+};
+
+// Input gradient of a stride-2 conv, by input parity phase (a, c) = (row, column) parity.
+struct InputGradArgs {
+  const float* dy;
+  const float* w_phase[4];  // [phase]: [c][c_out / groups][taps of the phase]
+  float* dx;
+  GroupedConvShape shape;  // of the forward convolution
+};
+
+// Stride-2 3x3 conv with padding 1, seen from the input: row 2i + parity receives w[k] * dy[i + shift]
+// for each {k, shift} of its parity (columns alike).
+struct PhaseTap {
+  int k, shift;
+};
+constexpr PhaseTap kPhaseTaps[2][2] = {{{1, 0}, {0, 0}}, {{0, 1}, {2, 0}}};
+constexpr int kPhaseTapCount[2] = {1, 2};
+
+struct WeightGradArgs {
+  const float* x;
+  const float* dy;
+  float* dw;
+  GroupedConvShape shape;  // of the forward convolution
+  int64_t rows_per_block, images_per_block;
+};
+
+// Layout of one task's zero-padded input copy: per input channel `phases` planes of hq x wq
+// (stride 2 splits rows and columns by parity), plus slack so whole-vector reads past the last
+// output position stay inside the buffer.
+struct PlaneGeometry {
+  int64_t wq, hq, plane_size, ic_stride;
+};
+
+constexpr int64_t kMaxFloatsPerVector = 16;
+constexpr int64_t kMaxChannelBlock = 6;  // output channels computed together (preferred_ocb)
+
+// Threads of the OpenMP regions: DPN_FAST_NUM_THREADS, else Paddle's CPU thread setting (the
+// library shares Paddle's libiomp5, whose default Paddle sets from FLAGS_paddle_num_threads = 1,
+// or Paddle Inference from set_cpu_math_library_num_threads). Staying within Paddle's budget
+// matters on small machines: with another busy process on one of 2 cores, a 2-thread region
+// waits for its descheduled half and ran 2-5x slower than 1 thread.
+int cpu_threads() {
+  static const int requested = [] {
+    const char* env = std::getenv("DPN_FAST_NUM_THREADS");
+    return env ? std::atoi(env) : 0;
+  }();
+  return requested > 0 ? requested : omp_get_max_threads();
+}
+
+PlaneGeometry plane_geometry(const GroupedConvShape& s, int64_t rows) {
+  PlaneGeometry pg;
+  const int64_t phases = s.stride == 1 ? 1 : 4;
+  pg.wq = s.stride == 1 ? s.w + 2 : (s.w + 3) / 2;
+  pg.hq = s.stride == 1 ? rows + 2 : rows + 1;
+  pg.plane_size = pg.hq * pg.wq + 2 * kMaxFloatsPerVector;
+  pg.ic_stride = phases * pg.plane_size;
+  return pg;
+}
+
+int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
+  return (rows * pg.wq + kMaxFloatsPerVector - 1) / kMaxFloatsPerVector * kMaxFloatsPerVector;
+}
+
+}  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+namespace isa_avx512 {
+#define DPN_VL 16
+#include "grouped_conv_bn_relu_tile.inc"
+#undef DPN_VL
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#define DPN_VL 8
+#include "grouped_conv_bn_relu_tile.inc"
+#undef DPN_VL
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#define DPN_FAST_HAVE_X86_VARIANTS 1
+#endif
+namespace isa_baseline {
+#define DPN_VL 4
+#include "grouped_conv_bn_relu_tile.inc"
+#undef DPN_VL
+}  // namespace isa_baseline
+
+namespace {
+
+using TaskFn = void (*)(const ConvArgs&, int64_t, int64_t, int64_t, int64_t, float*, double*);
+
+using WeightGradFn = void (*)(const WeightGradArgs&, int64_t, float*);
+using InputGradFn = void (*)(const InputGradArgs&, int64_t, int64_t, float*);
+
+enum class Isa { kAvx512, kAvx2, kBaseline };
+
+// The widest instruction set the CPU supports, capped by DPN_FAST_CPU_ISA ("avx2", "baseline";
+// lets the tests run every variant on one machine).
+Isa detect_isa() {
+  const char* cap = std::getenv("DPN_FAST_CPU_ISA");
+  const std::string limit = cap ? cap : "";
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+  if (limit.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (limit != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+TaskFn select_task_fn() {
+  switch (detect_isa()) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+    case Isa::kAvx512: return isa_avx512::run_task;
+    case Isa::kAvx2: return isa_avx2::run_task;
+#endif
+    default: return isa_baseline::run_task;
+  }
+}
+
+InputGradFn select_input_grad_fn() {
+  switch (detect_isa()) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+    case Isa::kAvx512: return isa_avx512::input_grad_stride2_task;
+    case Isa::kAvx2: return isa_avx2::input_grad_stride2_task;
+#endif
+    default: return isa_baseline::input_grad_stride2_task;
+  }
+}
+
+// Per group weight-gradient routine for shape s: vectorised over output channels on small
+// planes, over positions otherwise.
+WeightGradFn select_weight_grad_fn(const GroupedConvShape& s) {
+  switch (detect_isa()) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+    case Isa::kAvx512:
+      return isa_avx512::weight_grad_by_channels(s) ? isa_avx512::weight_grad_group_small
+                                                    : isa_avx512::weight_grad_group;
+    case Isa::kAvx2:
+      return isa_avx2::weight_grad_by_channels(s) ? isa_avx2::weight_grad_group_small
+                                                  : isa_avx2::weight_grad_group;
+#endif
+    default:
+      return isa_baseline::weight_grad_by_channels(s) ? isa_baseline::weight_grad_group_small
+                                                      : isa_baseline::weight_grad_group;
+  }
+}
+
+// Runs the convolution over tasks (batch item, group, block of output rows). Batch x groups
+// already balances 2..8 threads; output rows are split further only when there are too few.
+// Tasks are handed out dynamically (a thread slowed by another process on its core does fewer);
+// each writes only its own outputs and partial sums, so results do not depend on the schedule.
+// task_sums (optional): per task, per output channel of the group, sum then sum of squares.
+void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_blocks_out) {
+  static const TaskFn task_fn = select_task_fn();
+  const GroupedConvShape& s = a.shape;
+  const int64_t threads = cpu_threads();
+  const int64_t base_tasks = s.n * s.groups;
+  const int64_t row_blocks =
+      std::min<int64_t>(s.h_out, std::max<int64_t>(1, (4 * threads + base_tasks - 1) / base_tasks));
+  const int64_t tasks = base_tasks * row_blocks;
+  const int64_t cin = s.c / s.groups, cout = s.c_out / s.groups;
+  const int64_t max_rows = (s.h_out + row_blocks - 1) / row_blocks;
+  const PlaneGeometry pg = plane_geometry(s, max_rows);
+  const int64_t scratch_floats = cin * pg.ic_stride + kMaxChannelBlock * accumulator_pitch(pg, max_rows);
+  if (task_sums) task_sums->assign(tasks * 2 * cout, 0.0);
+  if (row_blocks_out) *row_blocks_out = row_blocks;
+#pragma omp parallel num_threads(cpu_threads())
+  {
+    std::vector<float> scratch(scratch_floats);
+#pragma omp for schedule(dynamic)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t rb = t % row_blocks, g = (t / row_blocks) % s.groups, b = t / (row_blocks * s.groups);
+      const int64_t r0 = rb * s.h_out / row_blocks, r1 = (rb + 1) * s.h_out / row_blocks;
+      if (r0 == r1) continue;
+      task_fn(a, b, g, r0, r1, scratch.data(), task_sums ? task_sums->data() + t * 2 * cout : nullptr);
+    }
+  }
+}
+
+}  // namespace
+
+void grouped_conv3x3_bias_relu_cpu(const float* x, const float* w_folded, const float* bias,
+                                   float* out, const GroupedConvShape& s) {
+  run_conv(ConvArgs{x, w_folded, nullptr, bias, out, true, s}, nullptr, nullptr);
+}
+
+void grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w, const float* gamma,
+                                       const float* beta, const float* mean, const float* var,
+                                       float epsilon, float* out, const GroupedConvShape& s) {
+  // Folding applied per output channel in the epilogue: scaling the weights instead would write
+  // a weight-sized copy on every call.
+  std::vector<float> scale(s.c_out), shift(s.c_out);
+  for (int64_t oc = 0; oc < s.c_out; ++oc) {
+    scale[oc] = gamma[oc] / std::sqrt(var[oc] + epsilon);
+    shift[oc] = beta[oc] - mean[oc] * scale[oc];
+  }
+  run_conv(ConvArgs{x, w, scale.data(), shift.data(), out, true, s}, nullptr, nullptr);
+}
+
+void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const float* gamma,
+                                       const float* beta, float* running_mean, float* running_var,
+                                       float epsilon, float momentum, float* y, float* out,
+                                       float* saved_mean, float* saved_invstd,
+                                       const GroupedConvShape& s) {
+  std::vector<double> task_sums;
+  int64_t row_blocks = 1;
+  run_conv(ConvArgs{x, w, nullptr, nullptr, y, false, s}, &task_sums, &row_blocks);
+
+  // Reduce the per-task partial sums in a fixed order (deterministic across thread counts).
+  const int64_t cout = s.c_out / s.groups, hw = s.h_out * s.w_out;
+  const double count = double(s.n) * hw;
+  std::vector<float> scale(s.c_out), shift(s.c_out);
+  for (int64_t c = 0; c < s.c_out; ++c) {
+    const int64_t g = c / cout, o = c % cout;
+    double sum = 0.0, sumsq = 0.0;
+    for (int64_t b = 0; b < s.n; ++b)
+      for (int64_t rb = 0; rb < row_blocks; ++rb) {
+        const double* ts = task_sums.data() + ((b * s.groups + g) * row_blocks + rb) * 2 * cout;
+        sum += ts[o];
+        sumsq += ts[cout + o];
+      }
+    const double mean = sum / count;
+    const double var = std::max(0.0, sumsq / count - mean * mean);
+    const double invstd = 1.0 / std::sqrt(var + epsilon);
+    saved_mean[c] = float(mean);
+    saved_invstd[c] = float(invstd);
+    scale[c] = float(gamma[c] * invstd);
+    shift[c] = float(beta[c] - mean * gamma[c] * invstd);
+    running_mean[c] = float(momentum * running_mean[c] + (1.0 - momentum) * mean);
+    running_var[c] = float(momentum * running_var[c] + (1.0 - momentum) * var);
+  }
+#pragma omp parallel for num_threads(cpu_threads()) schedule(static)
+  for (int64_t nc = 0; nc < s.n * s.c_out; ++nc) {
+    const float a = scale[nc % s.c_out], b = shift[nc % s.c_out];
+    const float* yc = y + nc * hw;
+    float* oc = out + nc * hw;
+    for (int64_t i = 0; i < hw; ++i) oc[i] = std::max(yc[i] * a + b, 0.0f);
+  }
+}
+
+void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* dy, float* dx,
+                                  float* dw, const GroupedConvShape& s) {
+  const int64_t cin = s.c / s.groups, cout = s.c_out / s.groups;
+  if (s.stride == 1) {
+    // dx: stride-1 grouped conv of dy with the weights transposed per group (in <-> out
+    // channels) and flipped.
+    std::vector<float> w_t(s.c * cout * 9);
+    for (int64_t g = 0; g < s.groups; ++g)
+      for (int64_t oc = 0; oc < cout; ++oc)
+        for (int64_t ic = 0; ic < cin; ++ic)
+          for (int t = 0; t < 9; ++t)
+            w_t[((g * cin + ic) * cout + oc) * 9 + t] = w[((g * cout + oc) * cin + ic) * 9 + 8 - t];
+    const GroupedConvShape dx_shape{s.n, s.c_out, s.h, s.w, s.c, s.groups, 1, s.h, s.w};
+    run_conv(ConvArgs{dy, w_t.data(), nullptr, nullptr, dx, false, dx_shape}, nullptr, nullptr);
+  } else {
+    // dx by input parity phase: four stride-1 correlations of dy with 1, 2, 2 and 4 taps.
+    std::vector<float> w_phase[4];
+    InputGradArgs args{dy, {}, dx, s};
+    for (int pa = 0; pa < 2; ++pa)
+      for (int pc = 0; pc < 2; ++pc) {
+        const int nt = kPhaseTapCount[pa] * kPhaseTapCount[pc];
+        std::vector<float>& wp = w_phase[pa * 2 + pc];
+        wp.resize(s.c * cout * nt);
+        for (int64_t g = 0; g < s.groups; ++g)
+          for (int64_t oc = 0; oc < cout; ++oc)
+            for (int64_t ic = 0; ic < cin; ++ic)
+              for (int r = 0; r < kPhaseTapCount[pa]; ++r)
+                for (int q = 0; q < kPhaseTapCount[pc]; ++q)
+                  wp[((g * cin + ic) * cout + oc) * nt + r * kPhaseTapCount[pc] + q] =
+                      w[((g * cout + oc) * cin + ic) * 9 + kPhaseTaps[pa][r].k * 3 + kPhaseTaps[pc][q].k];
+        args.w_phase[pa * 2 + pc] = wp.data();
+      }
+    static const InputGradFn input_grad_fn = select_input_grad_fn();
+    const int64_t wq = s.w_out + 1;
+    const int64_t scratch_floats = cout * ((s.h_out + 1) * wq + 2 * kMaxFloatsPerVector) +
+                                   kMaxChannelBlock * (s.h_out * wq + kMaxFloatsPerVector);
+#pragma omp parallel num_threads(cpu_threads())
+    {
+      std::vector<float> scratch(scratch_floats);
+#pragma omp for schedule(dynamic)
+      for (int64_t t = 0; t < s.n * s.groups; ++t)
+        input_grad_fn(args, t / s.groups, t % s.groups, scratch.data());
+    }
+  }
+
+  // dw: one task per group over the whole batch, in blocks of rows and images whose planes
+  // stay in L2 (~512 KiB).
+  const WeightGradFn weight_grad_fn = select_weight_grad_fn(s);
+  const int64_t budget_floats = 128 * 1024;
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(s.h_out, 8192 / (s.w_out + 2)));
+  const PlaneGeometry pg = plane_geometry(s, rows);
+  const int64_t floats_per_image = cin * pg.ic_stride + cout * accumulator_pitch(pg, rows);
+  const int64_t images =
+      rows < s.h_out ? 1 : std::max<int64_t>(1, std::min<int64_t>(s.n, budget_floats / floats_per_image));
+  // Enough for either routine (the channel-vectorised one needs at most 2 vectors of channels).
+  const PlaneGeometry pg_image = plane_geometry(s, s.h_out);
+  const int64_t small_floats = cin * pg_image.ic_stride +
+                               (s.h_out * pg_image.wq + cin * 9) * 2 * kMaxFloatsPerVector;
+  const int64_t scratch_floats = std::max(
+      images * floats_per_image + cout * cin * 9 * kMaxFloatsPerVector, small_floats);
+  const WeightGradArgs args{x, dy, dw, s, rows, images};
+#pragma omp parallel num_threads(cpu_threads())
+  {
+    std::vector<float> scratch(scratch_floats);
+#pragma omp for schedule(dynamic)
+    for (int64_t g = 0; g < s.groups; ++g) weight_grad_fn(args, g, scratch.data());
+  }
+}
+
+void bn_relu_train_backward_cpu(const float* y, const float* out, const float* dout,
+                                const float* gamma, const float* saved_mean,
+                                const float* saved_invstd, float* dy, float* dgamma, float* dbeta,
+                                int64_t n, int64_t c, int64_t hw) {
+  // dz = dout * (out > 0); dbeta = sum dz; dgamma = sum dz * xhat;
+  // dy = gamma * invstd * (dz - dbeta / M - xhat * dgamma / M).
+#pragma omp parallel for num_threads(cpu_threads()) schedule(static)
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float mean = saved_mean[ch], invstd = saved_invstd[ch];
+    double sum_dz = 0.0, sum_dz_xhat = 0.0;
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t off = (b * c + ch) * hw;
+      float s = 0.0f, sx = 0.0f;
+#pragma omp simd reduction(+ : s, sx)
+      for (int64_t i = 0; i < hw; ++i) {
+        const float dz = out[off + i] > 0.0f ? dout[off + i] : 0.0f;
+        s += dz;
+        sx += dz * (y[off + i] - mean);
+      }
+      sum_dz += s;
+      sum_dz_xhat += double(sx) * invstd;
+    }
+    dbeta[ch] = float(sum_dz);
+    dgamma[ch] = float(sum_dz_xhat);
+    const double count = double(n) * hw;
+    const float k = gamma[ch] * invstd;
+    const float mean_dz = float(sum_dz / count), mean_dz_xhat = float(sum_dz_xhat / count);
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t off = (b * c + ch) * hw;
+#pragma omp simd
+      for (int64_t i = 0; i < hw; ++i) {
+        const float dz = out[off + i] > 0.0f ? dout[off + i] : 0.0f;
+        const float xhat = (y[off + i] - mean) * invstd;
+        dy[off + i] = k * (dz - mean_dz - xhat * mean_dz_xhat);
+      }
+    }
+  }
+}
+
+}  // namespace dpn_fast
