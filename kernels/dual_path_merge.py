@@ -123,3 +123,30 @@ def merge_backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shi
         g_resid, g_dense, g_y if g_y is not None else fill, n, r, d, inc, hw,
         HAS_Y=g_y is not None, HAS_G_OUT=has_g_out, NUM_ACTS=num_acts, BLOCK=block,
         num_warps=warps)
+
+
+def _aot_specs():
+    """(kernel, signature, constexprs, options) per dtype at the largest BLOCK (and its warps) with
+    both BN outputs, with and without y, for tests/test_gpu_compile.py's ahead-of-time compile."""
+    ints = {name: "i32" for name in ("N", "R", "D", "INC", "HW")}
+    _, block, warps = _launch(1, 1, _BLOCK_MAX)
+    options = {"num_warps": warps}
+    specs = []
+    for dt in ("fp32", "fp16", "bf16"):
+        act, par = f"*{dt}", "*fp32"
+        forward = {"resid": act, "dense": act, "y": act, "scale": par, "shift": par,
+                   "resid_out": act, "dense_out": act, "act": act, **ints,
+                   "HAS_Y": "constexpr", "NUM_ACTS": "constexpr", "BLOCK": "constexpr"}
+        backward = {"x_resid": act, "x_dense": act, "g_resid_out": act, "g_dense_out": act,
+                    "g_act": act, "scale": par, "shift": par, "g_resid": act, "g_dense": act,
+                    "g_y": act, **ints, "HAS_Y": "constexpr", "HAS_G_OUT": "constexpr",
+                    "NUM_ACTS": "constexpr", "BLOCK": "constexpr"}
+        for has_y in (True, False):
+            specs.append((_merge_forward_kernel, forward,
+                          {"HAS_Y": has_y, "NUM_ACTS": 2, "BLOCK": block}, options))
+        specs.append((_merge_backward_kernel, backward,
+                      {"HAS_Y": True, "HAS_G_OUT": True, "NUM_ACTS": 2, "BLOCK": block}, options))
+    return specs
+
+
+AOT_SPECS = _aot_specs()  # see tests/_triton_aot.py

@@ -5,7 +5,8 @@ Run as a separate process (tests/test_gpu_compile.py does) so that TRITON_INTERP
 test suite may set for the interpreter tests, cannot turn @triton.jit kernels into interpreted
 functions here.
 
-Convention: kernels/<op>.py defines AOT_SPECS, a list of (kernel, signature, constexprs):
+Convention: kernels/<op>.py defines AOT_SPECS, a list of (kernel, signature, constexprs) or
+(kernel, signature, constexprs, options) with options as the launcher passes them (num_warps...):
 signature maps every parameter name to a Triton type string ("*fp16", "i32", ... and "constexpr"
 for constexpr parameters), constexprs gives their values. Every @triton.jit function named
 *_kernel needs at least one spec per activation dtype (fp32, fp16, bf16), at the launchers'
@@ -101,18 +102,19 @@ def main():
             print(json.dumps({"op": op, "ok": False, "error": "no AOT_SPECS", "kernels": sorted(kernels)}),
                   flush=True)
             continue
-        missing = sorted(kernels - {k.fn.__name__ for k, _, _ in specs})
+        missing = sorted(kernels - {spec[0].fn.__name__ for spec in specs})
         if missing:
             print(json.dumps({"op": op, "ok": False, "error": f"kernels without AOT_SPECS: {missing}"}),
                   flush=True)
-        for kernel, signature, constexprs in specs:
+        for kernel, signature, constexprs, *options in specs:
+            options = options[0] if options else {}
             for cc in archs:
                 row = {"op": op, "kernel": kernel.fn.__name__, "dtype": spec_dtype(signature),
                        "constexprs": {k: v for k, v in constexprs.items()}, "cc": cc}
                 t0 = time.monotonic()
                 try:
                     compiled = triton.compile(ASTSource(kernel, signature, constexprs),
-                                              target=GPUTarget("cuda", cc, 32))
+                                              target=GPUTarget("cuda", cc, 32), options=options)
                     row.update(ok=True, num_warps=compiled.metadata.num_warps,
                                shared=compiled.metadata.shared,
                                **resource_usage(compiled.asm["ptx"], ptxas_for(cc)))
