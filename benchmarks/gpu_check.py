@@ -174,7 +174,12 @@ class ConvCase:
     c: int
     groups: int
     stride: int
-    hw: int      # input spatial side
+    hw: int      # input height (and width unless `w` is given)
+    w: int = 0   # input width of a non-square case
+
+    @property
+    def width(self):
+        return self.w or self.hw
 
 
 def dpn92_cases():
@@ -488,7 +493,8 @@ class ConvTorch:
 SMALL_MERGES = [MergeCase("odd", 8, 5, 3, 7, 2), MergeCase("vec", 16, 8, 8, 8, 1),
                 MergeCase("plain", 8, 4, 4, 5, 0), MergeCase("head", 12, 0, 0, 6, 2)]
 SMALL_CONVS = [ConvCase("s1", 64, 32, 1, 9), ConvCase("s2", 64, 32, 2, 9),
-               ConvCase("g3", 96, 32, 1, 5)]
+               ConvCase("g3", 96, 32, 1, 5), ConvCase("odd-s2", 40, 8, 2, 7, w=5),
+               ConvCase("odd-s1", 15, 5, 1, 6, w=13)]
 
 
 def TORCH_ONLY():  # noqa: N802 - a constant that needs torch imported
@@ -710,7 +716,7 @@ def check_merge_case(backend, case, n, dtype, device, gen, report, section):
 
 def conv_inputs(case, n, dtype, device, gen):
     cin_per_group = case.c // case.groups
-    x = randn((n, case.c, case.hw, case.hw), gen, device, dtype)
+    x = randn((n, case.c, case.hw, case.width), gen, device, dtype)
     weight = randn((case.c, cin_per_group, 3, 3), gen, device, torch.float32,
                    scale=1.0 / math.sqrt(9 * cin_per_group))
     bn = random_bn(case.c, gen, device)
@@ -722,10 +728,10 @@ def conv_inputs(case, n, dtype, device, gen):
 def check_conv_case(backend, case, n, dtype, device, gen, report, section):
     dn = str(dtype).replace("torch.", "")
     x, weight, bn, w_folded, bias = conv_inputs(case, n, dtype, device, gen)
-    c, hw, groups, stride = case.c, case.hw, case.groups, case.stride
-    h_out = (hw - 1) // stride + 1
-    out_shape = (n, c, h_out, h_out)
-    shape_args = (n, c, hw, hw, c, groups, stride)
+    c, groups, stride = case.c, case.groups, case.stride
+    h_out, w_out = (case.hw - 1) // stride + 1, (case.width - 1) // stride + 1
+    out_shape = (n, c, h_out, w_out)
+    shape_args = (n, c, case.hw, case.width, c, groups, stride)
 
     def add(pass_name, out_name, actual, ref64, plain, ignore=None):
         report.add(section, {"op": "conv", "backend": backend.name, "case": case.label, "n": n,
@@ -769,7 +775,7 @@ def check_conv_case(backend, case, n, dtype, device, gen, report, section):
         dy = nan_like(out_shape, device, dtype)
         dgamma, dbeta = (nan_like((c,), device, torch.float32) for _ in range(2))
         backend.bn_relu_backward(y, out, dout, bn.weight, saved_mean, saved_invstd, dy, dgamma,
-                                 dbeta, n, c, h_out * h_out)
+                                 dbeta, n, c, h_out * w_out)
         args = (y, out, dout, bn.weight, saved_mean, saved_invstd)
         g64 = bn_relu_backward_reference(*(t.double() for t in args))
         g_plain = bn_relu_backward_reference(*(t.to(dtype) if t.dim() == 4 else t for t in args))
@@ -1597,8 +1603,11 @@ def main(argv=None):
                 run_correctness(report, TORCH_ONLY(), merges[:3] + merges[-2:], convs,
                                 [torch.float32], 1, device)
             else:
-                run_correctness(report, backends, timed_merges if args.quick else merges, convs,
-                                dtypes, 2, device, first=timed_merges)
+                # DPN92's shapes plus small odd ones (odd sizes, non-square, few channels).
+                run_correctness(report, backends,
+                                (timed_merges if args.quick else merges) + SMALL_MERGES,
+                                convs + SMALL_CONVS, dtypes, 2, device,
+                                first=timed_merges + SMALL_MERGES)
             summarize_correctness(report)
 
     if sanitizer is not None:
