@@ -57,28 +57,32 @@ def images(shape, seed=1):
     return np.random.default_rng(seed).standard_normal(shape).astype("float32")
 
 
+def eval_logits(trio, x):
+    """(fused, reference fp32, reference fp64) logits in eval mode."""
+    reference, fused, reference64 = trio
+    for model in trio:
+        model.eval()
+    return (fused(paddle.to_tensor(x)).numpy(), reference(paddle.to_tensor(x)).numpy(),
+            reference64(paddle.to_tensor(x.astype("float64"))).numpy())
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_eval_matches_float64_reference(name):
-    reference, fused, reference64 = build_trio(name)
-    x = images((3, 3, 64, 64))
-    for model in (reference, fused, reference64):
-        model.eval()
+    """Under no_grad: the inference path (stage dense buffers appended in place)."""
     with paddle.no_grad():
-        ref32 = reference(paddle.to_tensor(x)).numpy()
-        ref64 = reference64(paddle.to_tensor(x.astype("float64"))).numpy()
-        out = fused(paddle.to_tensor(x)).numpy()
+        out, ref32, ref64 = eval_logits(build_trio(name), images((3, 3, 64, 64)))
     assert_matches_reference(out, ref64, ref32, name=f"{name} fused logits")
 
 
+def test_eval_with_gradients_enabled():
+    """Eval with autograd on uses the differentiable merge instead of the in-place buffers."""
+    out, ref32, ref64 = eval_logits(build_trio("DPN68", seed=2), images((3, 3, 64, 64), seed=2))
+    assert_matches_reference(out, ref64, ref32, name="DPN68 fused logits, grad enabled")
+
+
 def test_dpn92_eval_at_224():
-    reference, fused, reference64 = build_trio("DPN92", seed=3)
-    x = images((1, 3, 224, 224), seed=4)
-    for model in (reference, fused, reference64):
-        model.eval()
     with paddle.no_grad():
-        ref32 = reference(paddle.to_tensor(x)).numpy()
-        ref64 = reference64(paddle.to_tensor(x.astype("float64"))).numpy()
-        out = fused(paddle.to_tensor(x)).numpy()
+        out, ref32, ref64 = eval_logits(build_trio("DPN92", seed=3), images((1, 3, 224, 224), seed=4))
     assert_matches_reference(out, ref64, ref32, name="DPN92 fused logits at 224")
     assert (np.argsort(-out[0])[:5] == np.argsort(-ref64[0])[:5]).all()
 

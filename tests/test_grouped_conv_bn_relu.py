@@ -314,6 +314,14 @@ ISA_SCRIPT = textwrap.dedent("""
 """)
 
 
+def run_script(script, env):
+    """Runs `script` in a fresh interpreter; it must print "ok". The working directory is this
+    folder, so `import dpn_fast` finds the installed package, not a source checkout."""
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+
+
 @pytest.mark.parametrize("variable,value", [
     ("DPN_FAST_CPU_ISA", "avx2"), ("DPN_FAST_CPU_ISA", "baseline"),  # this machine: AVX-512
     ("DPN_FAST_NUM_THREADS", "3"),  # several threads: output rows split into blocks
@@ -322,9 +330,7 @@ def test_cpu_core_variants(variable, value):
     """The AVX2 and SSE variants of the CPU core, and its multi-threaded task split."""
     env = dict(os.environ, **{variable: value})
     script = ISA_SCRIPT.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+    run_script(script, env)
 
 
 TRITON_SCRIPT = textwrap.dedent("""
@@ -365,9 +371,7 @@ def test_triton_kernel_under_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     script = TRITON_SCRIPT.format(tests_dir=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+    run_script(script, env)
 
 
 TRITON_AOT_SCRIPT = textwrap.dedent("""
@@ -392,6 +396,4 @@ def test_triton_kernel_compiles_for_gpus():
     """Ahead-of-time compile (no GPU needed) for sm_75/80/90 in fp32/fp16/bf16."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", TRITON_AOT_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+    run_script(TRITON_AOT_SCRIPT, env)

@@ -9,12 +9,15 @@ models can live in one process.
       projection block, the final BN after the last block)  ->  dual_path_merge_bn_relu
   c3x3_b's grouped conv + c1x1_c's BN + ReLU                 ->  GroupedConvBNReLUFolder
 The 1x1 convolutions, the stem and the BN + ReLU between c1x1_a and c3x3_b stay Paddle ops.
+For inference (eval, no gradients) each stage keeps its dense path in one preallocated buffer
+that the merges append to in place (dual_path_merge_into), so old dense channels are not copied
+again in every block.
 """
 import paddle
 import paddle.nn as nn
 
 from dpn_fast.models.config import CONFIGS, block_shapes
-from dpn_fast.ops import GroupedConvBNReLUFolder, dual_path_merge_bn_relu
+from dpn_fast.ops import GroupedConvBNReLUFolder, dual_path_merge_bn_relu, dual_path_merge_into
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
@@ -54,9 +57,10 @@ class DualPathBlock(nn.Layer):
     """One DPN block. Input and output are (resid, dense) pairs; the stage-0 projection block
     takes the stem's output as a single tensor."""
 
-    def __init__(self, shape, fused):
+    def __init__(self, shape, fused, stage_dense=0):
         super().__init__()
         self.shape = shape
+        self.stage_dense = stage_dense  # dense channels at the end of the stage (first blocks)
         in_channels = shape.in_resid + shape.in_dense
         r, bw, inc = shape.bottleneck, shape.resid, shape.inc
         self.has_proj = shape.kind != "normal"
@@ -75,17 +79,26 @@ class DualPathBlock(nn.Layer):
         bn_a = self.c1x1_a_func._batch_norm
         return (self.c1x1_w_func._batch_norm, bn_a) if self.has_proj else bn_a
 
-    def forward_fused(self, resid, dense, acts, next_batch_norms):
+    def forward_fused(self, resid, dense, acts, next_batch_norms, into_buffer):
         """`acts`: head_batch_norms() applied to the block's input, computed by the previous
-        merge. Returns (resid, dense, next block's acts)."""
+        merge. Returns (resid, dense, next block's acts). into_buffer: `dense` is the stage's
+        dense buffer (inference only), appended to in place."""
         if self.has_proj:
             act_w, act_a = acts
             resid, dense = paddle.split(self.c1x1_w_func._conv(act_w),
                                         [self.shape.resid, 2 * self.shape.inc], axis=1)
+            if into_buffer:
+                n, _, h, w = dense.shape
+                buffer = paddle.empty([n, self.stage_dense, h, w], dtype=dense.dtype)
+                buffer[:, :2 * self.shape.inc] = dense
+                dense = buffer
         else:
             act_a = acts
         a = self.c3x3_b_func._batch_norm(self.c1x1_a_func._conv(act_a))
         y = self.c1x1_c_func._conv(self.conv_bn_relu(a))
+        if into_buffer:
+            return dual_path_merge_into(resid, dense, self.shape.dense_before, y,
+                                        bn=next_batch_norms)
         return dual_path_merge_bn_relu(resid, dense, y, next_batch_norms)
 
     def forward(self, x):
@@ -113,8 +126,10 @@ class DPN(nn.Layer):
                                           padding=cfg.stem_kernel // 2)
         self.pool2d_max = nn.MaxPool2D(kernel_size=3, stride=2, padding=1)
         self.blocks = []
-        for i, shape in enumerate(block_shapes(model_name), start=1):
-            self.blocks.append(self.add_sublayer(f"dpn{i}", DualPathBlock(shape, fused)))
+        shapes = block_shapes(model_name)
+        for i, shape in enumerate(shapes, start=1):
+            stage_dense = 2 * shape.inc + cfg.blocks[shape.stage] * shape.inc
+            self.blocks.append(self.add_sublayer(f"dpn{i}", DualPathBlock(shape, fused, stage_dense)))
         last = self.blocks[-1].shape
         out_channels = last.resid + last.dense_before + last.inc
         self.conv5_x_x_bn = _batch_norm(out_channels)
@@ -165,8 +180,12 @@ class DPN(nn.Layer):
         """Blocks + final concat/BN/ReLU; each merge also computes the next block's head."""
         bn_w, bn_a = self.blocks[0].head_batch_norms()
         acts = (bn_w(stem), bn_a(stem))
+        # The in-place stage buffers have no backward: only when no gradient can be wanted.
+        into_buffer = not self.training and (not paddle.in_dynamic_mode()
+                                             or not paddle.is_grad_enabled())
         resid = dense = None
         heads = [block.head_batch_norms() for block in self.blocks[1:]] + [self.conv5_x_x_bn]
         for block, next_batch_norms in zip(self.blocks, heads):
-            resid, dense, acts = block.forward_fused(resid, dense, acts, next_batch_norms)
+            resid, dense, acts = block.forward_fused(resid, dense, acts, next_batch_norms,
+                                                     into_buffer)
         return acts
