@@ -26,7 +26,7 @@ void grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w, const flo
                                        const float* beta, const float* mean, const float* var,
                                        float epsilon, float* out, const GroupedConvShape& s);
 
-// Raw parameters of an eval BatchNorm over `channels`: y = (x - mean) * gamma / sqrt(var + eps) + beta.
+// Raw parameters of an eval BatchNorm: y = (x - mean) * gamma / sqrt(var + eps) + beta.
 struct BatchNormParams {
   const float *gamma, *beta, *mean, *var;
   float epsilon;

@@ -2,11 +2,12 @@
 
 out = relu(conv(x', w_folded, stride, padding=1, groups) + bias), x' = x, or with the optional
 input prologue x' = relu(x * in_scale + in_shift) per input channel (an eval BatchNorm + ReLU on
-the input, applied to loaded pixels only: the zero padding pads x'). One program computes a block of
-output channels of one group for a block of output positions of one image; each (input channel,
-tap) step is an outer product of a weight column and a row of shifted inputs (plain FMAs: the
-groups hold only 3..32 channels, too few for tensor-core tiles). fp32 accumulation; x and out
-fp32/fp16/bf16, folded weights and bias fp32.
+the input, applied to loaded pixels only: the zero padding pads x').
+
+One program computes a block of output channels of one group for a block of output positions of
+one image; each (input channel, tap) step is an outer product of a weight column and a row of
+shifted inputs (plain FMAs: the groups hold only 3..32 channels, too few for tensor-core tiles).
+fp32 accumulation; x and out fp32/fp16/bf16, folded weights, bias and in_scale/in_shift fp32.
 
 Framework-free: tensors are anything Triton accepts as a pointer argument; `out` is preallocated.
 """
@@ -67,7 +68,8 @@ def grouped_conv_bias_relu_forward(x, w_folded, bias, out, n, c, h, w, c_out, gr
     """
     in_affine = in_scale is not None
     if in_affine != (in_shift is not None):
-        raise ValueError("grouped_conv_bias_relu_forward: give both in_scale and in_shift or neither")
+        raise ValueError("grouped_conv_bias_relu_forward: give both in_scale and in_shift or "
+                         "neither")
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     cin_g, cout_g = c // groups, c_out // groups
     block_oc = min(triton.next_power_of_2(cout_g), 32)

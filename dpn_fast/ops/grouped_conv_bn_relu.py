@@ -92,8 +92,9 @@ def _triton_forward(x, weight_folded, bias, stride, groups, in_scale_shift=None)
     c_out = weight_folded.shape[0]
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     out = paddle.empty([n, c_out, h_out, w_out], dtype=x.dtype)
-    in_scale, in_shift = (triton_arg(t.astype("float32")) for t in in_scale_shift) \
-        if in_scale_shift is not None else (None, None)
+    in_scale = in_shift = None
+    if in_scale_shift is not None:
+        in_scale, in_shift = (triton_arg(t.astype("float32")) for t in in_scale_shift)
     grouped_conv_bias_relu_forward(triton_arg(x), triton_arg(weight_folded.astype("float32")),
                                    triton_arg(bias.astype("float32")), triton_arg(out),
                                    n, c, h, w, c_out, groups, stride, in_scale, in_shift)
