@@ -69,6 +69,41 @@ def test_eval(benchmark, n, c, groups, stride, hw, impl):
         benchmark.pedantic(fn, warmup_rounds=3, rounds=30, iterations=3)
 
 
+def make_input_bn(c):
+    rng = np.random.default_rng(1)
+    input_bn = paddle.nn.BatchNorm(c, act="relu")
+    with paddle.no_grad():
+        input_bn.bias.set_value(0.2 * rng.standard_normal(c).astype("float32"))
+        input_bn._mean.set_value(0.1 * rng.standard_normal(c).astype("float32"))
+        input_bn._variance.set_value(rng.uniform(0.5, 2.0, c).astype("float32"))
+    input_bn.eval()
+    return input_bn
+
+
+@pytest.mark.parametrize("impl", ["reference"] + fused_backends() + ["paddle-bn-then-cpu"])
+@pytest.mark.parametrize("n,c,groups,stride,hw", CASES, ids=IDS)
+def test_eval_with_input_bn(benchmark, n, c, groups, stride, hw, impl):
+    """relu(bn(conv(relu(input_bn(x))))): Paddle's BN+ReLU, conv2d, BN, ReLU ("reference") vs the
+    fused op with the input BN+ReLU as its prologue, and vs Paddle's BN+ReLU layer followed by
+    the fused op without prologue (the DPN blocks before the prologue existed)."""
+    conv, bn, x = make_layers(c, groups, stride, n, hw, training=False)
+    input_bn = make_input_bn(c)
+    args = (x, conv.weight, bn.weight, bn.bias, bn._mean, bn._variance)
+    in_params = (input_bn.weight, input_bn.bias, input_bn._mean, input_bn._variance,
+                 input_bn._epsilon)
+    if impl == "paddle-bn-then-cpu":
+        def fn():
+            return grouped_conv_bn_relu(input_bn(x), *args[1:], stride=stride, groups=groups,
+                                        backend="cpu")
+    else:
+        def fn():
+            return grouped_conv_bn_relu(*args, stride=stride, groups=groups, backend=impl,
+                                        input_bn=in_params)
+    benchmark.group = f"eval+input_bn n={n} C={c} g={groups} stride={stride} {hw}x{hw}"
+    with paddle.no_grad():
+        benchmark.pedantic(fn, warmup_rounds=3, rounds=30, iterations=3)
+
+
 @pytest.mark.parametrize("impl", ["reference"] + fused_backends())
 @pytest.mark.parametrize("n,c,groups,stride,hw", CASES, ids=IDS)
 def test_train_step(benchmark, n, c, groups, stride, hw, impl):

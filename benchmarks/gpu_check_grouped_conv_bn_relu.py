@@ -38,6 +38,9 @@ def build_library(arch):
     lib.dpn_fast_grouped_conv_bn_relu_train_cuda.argtypes = (
         [ptr] * 6 + [ctypes.c_float] * 2 + [ptr] * 4 + [i64] * 7 + [ctypes.c_int, ptr])
     lib.dpn_fast_bn_relu_train_backward_cuda.argtypes = [ptr] * 9 + [i64] * 3 + [ctypes.c_int, ptr]
+    lib.dpn_fast_bn_relu_grouped_conv_bn_relu_infer_cuda.argtypes = (
+        [ptr] * 6 + [ctypes.c_float] + [ptr] * 4 + [ctypes.c_float] + [ptr] * 4 + [i64] * 7
+        + [ctypes.c_int, ptr])
     return lib
 
 
@@ -58,10 +61,24 @@ def make(case, dtype, seed=0):
                 var=r(c_out).abs() + 0.5)
 
 
-def reference(t, stride, groups, training, dtype=torch.float64):
+def make_input_bn(c, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    return dict(gamma=r(c).abs() + 0.5, beta=r(c) * 0.5 + 0.3, mean=r(c) * 0.2, var=r(c).abs() + 0.5)
+
+
+def input_bn_relu(x, ib):
+    """relu(eval BN(x)) in float64: the prologue's reference (padding pads its result)."""
+    shape = (1, -1, 1, 1)
+    return F.relu((x.double() - ib["mean"].double().view(shape))
+                  / torch.sqrt(ib["var"].double().view(shape) + 1e-5)
+                  * ib["gamma"].double().view(shape) + ib["beta"].double().view(shape))
+
+
+def reference(t, stride, groups, training, dtype=torch.float64, x=None):
     """(y, out, running mean, running var) in float64; running stats as Paddle updates them
     (momentum 0.9, biased batch variance; torch would use the unbiased one)."""
-    x, w = t["x"].to(dtype), t["weight"].to(dtype)
+    x, w = (t["x"] if x is None else x).to(dtype), t["weight"].to(dtype)
     mean, var = t["mean"].double(), t["var"].double()
     y = F.conv2d(x, w, stride=stride, padding=1, groups=groups)
     if training:
@@ -94,6 +111,18 @@ def run_infer(lib, t, case, out):
         stream())
 
 
+def run_prologue_infer(lib, t, ib, case, out):
+    n, c, c_out, h, w, groups, stride = case
+    in_scale_shift = torch.empty(2 * c, device="cuda")
+    w_folded = torch.empty(t["weight"].numel(), device="cuda")
+    bias = torch.empty(c_out, device="cuda")
+    return lib.dpn_fast_bn_relu_grouped_conv_bn_relu_infer_cuda(
+        p(t["x"]), p(t["weight"]), p(ib["gamma"]), p(ib["beta"]), p(ib["mean"]), p(ib["var"]),
+        1e-5, p(t["gamma"]), p(t["beta"]), p(t["mean"]), p(t["var"]), 1e-5, p(in_scale_shift),
+        p(w_folded), p(bias), p(out), n, c, h, w, c_out, groups, stride, DTYPES[t["x"].dtype],
+        stream())
+
+
 def time_ms(fn, iters=50):
     for _ in range(5):
         fn()
@@ -122,6 +151,13 @@ def main():
             out = torch.full((n, c_out, ho, wo), float("nan"), device="cuda", dtype=dtype)
             assert run_infer(lib, t, case, out) == 0
             ok &= check("eval out", out, ref_out, dtype)
+            # Eval with the input BN + ReLU prologue.
+            ib = make_input_bn(c)
+            _, ref_pro, _, _ = reference(t, stride, groups, training=False,
+                                         x=input_bn_relu(t["x"], ib))
+            out_pro = torch.full_like(out, float("nan"))
+            assert run_prologue_infer(lib, t, ib, case, out_pro) == 0
+            ok &= check("eval out with input BN+ReLU", out_pro, ref_pro, dtype)
             # Training forward + BN/ReLU backward.
             y = torch.full_like(out, float("nan"))
             out_t = torch.full_like(out, float("nan"))
@@ -159,6 +195,14 @@ def main():
                 F.conv2d(t["x"], t["weight"], stride=stride, padding=1, groups=groups), mean, var,
                 t["gamma"], t["beta"], training=False, eps=1e-5)))
             line = f"  time fp32 eval: cuDNN+BN+ReLU {cudnn:.4f} ms, fused cuda {fused:.4f} ms"
+            fused_pro = time_ms(lambda: run_prologue_infer(lib, t, ib, case, out_pro))
+            in_mean, in_var = ib["mean"].clone(), ib["var"].clone()
+            cudnn_pro = time_ms(lambda: F.relu(F.batch_norm(F.conv2d(F.relu(F.batch_norm(
+                t["x"], in_mean, in_var, ib["gamma"], ib["beta"], training=False, eps=1e-5)),
+                t["weight"], stride=stride, padding=1, groups=groups), mean, var, t["gamma"],
+                t["beta"], training=False, eps=1e-5)))
+            line += (f"; with input BN+ReLU: torch {cudnn_pro:.4f} ms, fused cuda "
+                     f"{fused_pro:.4f} ms")
             try:
                 sys.path.insert(0, os.path.join(ROOT, "kernels"))
                 from grouped_conv_bn_relu import grouped_conv_bias_relu_forward

@@ -41,12 +41,14 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16(v);
 }
 
-// out[b, g*cout_g + oc, p] = act(bias + sum_{ic, tap} w[oc][ic][tap] * x[b, g*cin_g + ic, tap(p)])
-// grid: (position blocks, groups * oc chunks, batch).
+// out[b, g*cout_g + oc, p] = act(bias + sum_{ic, tap} w[oc][ic][tap] * x'[b, g*cin_g + ic, tap(p)])
+// x' = relu(x * in_scale + in_shift) per input channel when in_scale is set (input pixels only:
+// the zero padding pads x'), else x. grid: (position blocks, groups * oc chunks, batch).
 template <typename T, typename TW>
 __global__ void __launch_bounds__(kConvThreads)
     grouped_conv3x3_kernel(const T* __restrict__ x, const TW* __restrict__ w,
-                           const float* __restrict__ bias, T* __restrict__ out, int c, int h,
+                           const float* __restrict__ bias, const float* __restrict__ in_scale,
+                           const float* __restrict__ in_shift, T* __restrict__ out, int c, int h,
                            int wd, int c_out, int h_out, int w_out, int groups, int stride,
                            int cin_g, int cout_g, bool relu) {
   extern __shared__ float w_smem[];  // [kOcChunk][cin_g][9]
@@ -71,6 +73,9 @@ __global__ void __launch_bounds__(kConvThreads)
   const T* x_group = x + (b * c + (int64_t)g * cin_g) * h * wd;
   for (int ic = 0; ic < cin_g; ++ic) {
     const T* xc = x_group + (int64_t)ic * h * wd;
+    const bool activate = in_scale != nullptr;
+    const float scale = activate ? in_scale[g * cin_g + ic] : 1.0f;
+    const float shift = activate ? in_shift[g * cin_g + ic] : 0.0f;
     float xv[9];
 #pragma unroll
     for (int kh = 0; kh < 3; ++kh) {
@@ -78,8 +83,12 @@ __global__ void __launch_bounds__(kConvThreads)
 #pragma unroll
       for (int kw = 0; kw < 3; ++kw) {
         const int iw = iw0 + kw;
-        xv[kh * 3 + kw] =
-            (ih >= 0 && ih < h && iw >= 0 && iw < wd) ? to_float(__ldg(xc + ih * wd + iw)) : 0.0f;
+        float v = 0.0f;
+        if (ih >= 0 && ih < h && iw >= 0 && iw < wd) {
+          v = to_float(__ldg(xc + ih * wd + iw));
+          if (activate) v = fmaxf(fmaf(v, scale, shift), 0.0f);
+        }
+        xv[kh * 3 + kw] = v;
       }
     }
     const float* w_ic = w_smem + ic * 9;
@@ -106,7 +115,8 @@ __global__ void __launch_bounds__(kConvThreads)
 template <typename T, typename TW>
 cudaError_t launch_conv(const void* x, const void* w, const float* bias, void* out, int64_t n,
                         int64_t c, int64_t h, int64_t wd, int64_t c_out, int64_t groups,
-                        int64_t stride, bool relu, cudaStream_t stream) {
+                        int64_t stride, bool relu, cudaStream_t stream,
+                        const float* in_scale = nullptr, const float* in_shift = nullptr) {
   const int64_t h_out = dpn_fast::conv3x3_out_size(h, stride);
   const int64_t w_out = dpn_fast::conv3x3_out_size(wd, stride);
   const int cin_g = (int)(c / groups), cout_g = (int)(c_out / groups);
@@ -116,7 +126,8 @@ cudaError_t launch_conv(const void* x, const void* w, const float* bias, void* o
   const dim3 grid((unsigned)((h_out * w_out + kConvThreads - 1) / kConvThreads),
                   (unsigned)(groups * chunks), (unsigned)n);
   grouped_conv3x3_kernel<T, TW><<<grid, kConvThreads, smem, stream>>>(
-      static_cast<const T*>(x), static_cast<const TW*>(w), bias, static_cast<T*>(out), (int)c,
+      static_cast<const T*>(x), static_cast<const TW*>(w), bias, in_scale, in_shift,
+      static_cast<T*>(out), (int)c,
       (int)h, (int)wd, (int)c_out, (int)h_out, (int)w_out, (int)groups, (int)stride, cin_g, cout_g,
       relu);
   return cudaGetLastError();
@@ -135,6 +146,19 @@ __global__ void fold_bn_kernel(const TW* __restrict__ w, const float* __restrict
     const float scale = gamma[oc] * rsqrtf(var[oc] + eps);
     w_folded[i] = to_float(w[i]) * scale;
     if (i % taps == 0) bias[oc] = beta[oc] - mean[oc] * scale;
+  }
+}
+
+// scale[ch] = gamma / sqrt(var + eps); shift[ch] = beta - mean * scale (input-side BN).
+__global__ void fold_input_bn_kernel(const float* __restrict__ gamma,
+                                     const float* __restrict__ beta,
+                                     const float* __restrict__ mean,
+                                     const float* __restrict__ var, float eps, int64_t c,
+                                     float* __restrict__ scale, float* __restrict__ shift) {
+  for (int64_t ch = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; ch < c;
+       ch += (int64_t)gridDim.x * blockDim.x) {
+    scale[ch] = gamma[ch] * rsqrtf(var[ch] + eps);
+    shift[ch] = beta[ch] - mean[ch] * scale[ch];
   }
 }
 
@@ -266,6 +290,27 @@ int infer_impl(const void* x, const void* w, const float* gamma, const float* be
 }
 
 template <typename T>
+int bn_relu_infer_impl(const void* x, const void* w, const float* in_gamma, const float* in_beta,
+                       const float* in_mean, const float* in_var, float in_eps,
+                       const float* gamma, const float* beta, const float* mean, const float* var,
+                       float eps, float* in_scale_shift, float* w_folded, float* bias, void* out,
+                       int64_t n, int64_t c, int64_t h, int64_t wd, int64_t c_out, int64_t groups,
+                       int64_t stride, cudaStream_t stream) {
+  const int64_t taps = c / groups * 9;
+  float* in_scale = in_scale_shift;
+  float* in_shift = in_scale_shift + c;
+  fold_input_bn_kernel<<<elementwise_blocks(c), 256, 0, stream>>>(in_gamma, in_beta, in_mean,
+                                                                   in_var, in_eps, c, in_scale,
+                                                                   in_shift);
+  fold_bn_kernel<T><<<elementwise_blocks(c_out * taps), 256, 0, stream>>>(
+      static_cast<const T*>(w), gamma, beta, mean, var, eps, c_out, taps, w_folded, bias);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return dpn_fast::kCudaError;
+  return status(launch_conv<T, float>(x, w_folded, bias, out, n, c, h, wd, c_out, groups, stride,
+                                      true, stream, in_scale, in_shift));
+}
+
+template <typename T>
 int train_impl(const void* x, const void* w, const float* gamma, const float* beta,
                float* running_mean, float* running_var, float eps, float momentum, void* y,
                void* out, float* saved_mean, float* saved_invstd, int64_t n, int64_t c,
@@ -336,6 +381,19 @@ extern "C" int dpn_fast_grouped_conv_bn_relu_infer_cuda(
   if (!shape_ok(c, c_out, groups, stride)) return dpn_fast::kInvalidArgument;
   DPN_FAST_DISPATCH_DTYPE(dtype, infer_impl, x, w, gamma, beta, mean, var, epsilon, w_folded, bias,
                           out, n, c, h, w_in, c_out, groups, stride,
+                          static_cast<cudaStream_t>(stream));
+}
+
+extern "C" int dpn_fast_bn_relu_grouped_conv_bn_relu_infer_cuda(
+    const void* x, const void* w, const float* in_gamma, const float* in_beta,
+    const float* in_mean, const float* in_var, float in_epsilon, const float* gamma,
+    const float* beta, const float* mean, const float* var, float epsilon, float* in_scale_shift,
+    float* w_folded, float* bias, void* out, int64_t n, int64_t c, int64_t h, int64_t w_in,
+    int64_t c_out, int64_t groups, int64_t stride, int dtype, void* stream) {
+  if (!shape_ok(c, c_out, groups, stride)) return dpn_fast::kInvalidArgument;
+  DPN_FAST_DISPATCH_DTYPE(dtype, bn_relu_infer_impl, x, w, in_gamma, in_beta, in_mean, in_var,
+                          in_epsilon, gamma, beta, mean, var, epsilon, in_scale_shift, w_folded,
+                          bias, out, n, c, h, w_in, c_out, groups, stride,
                           static_cast<cudaStream_t>(stream));
 }
 

@@ -26,6 +26,19 @@ void grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w, const flo
                                        const float* beta, const float* mean, const float* var,
                                        float epsilon, float* out, const GroupedConvShape& s);
 
+// Raw parameters of an eval BatchNorm: y = (x - mean) * gamma / sqrt(var + eps) + beta.
+struct BatchNormParams {
+  const float *gamma, *beta, *mean, *var;
+  float epsilon;
+};
+
+// Eval forward with the input's BatchNorm + ReLU applied while the input is loaded, one pass:
+// out = relu(bn(conv(relu(in_bn(x)), w))). The zero padding stays 0 (it pads the activated input).
+void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
+                                               const BatchNormParams& in_bn,
+                                               const BatchNormParams& bn, float* out,
+                                               const GroupedConvShape& s);
+
 // Training forward. Writes y = conv(x, w) and out = relu(bn(y)) with batch statistics; returns the
 // batch mean and 1/sqrt(biased var + eps) in saved_mean / saved_invstd and updates the running
 // statistics in place: running = momentum * running + (1 - momentum) * batch (biased variance,
@@ -67,6 +80,15 @@ int dpn_fast_grouped_conv_bn_relu_infer_cuda(const void* x, const void* w, const
                                              int64_t h, int64_t w_in, int64_t c_out,
                                              int64_t groups, int64_t stride, int dtype,
                                              void* stream);
+// Eval with the input's BatchNorm + ReLU applied as x is loaded: out = relu(bn(conv(relu(in_bn(x))))).
+// Both BNs are folded on the device: into w_folded / bias as above and the fp32 workspace
+// in_scale_shift [2, c] (scale, then shift per input channel).
+int dpn_fast_bn_relu_grouped_conv_bn_relu_infer_cuda(
+    const void* x, const void* w, const float* in_gamma, const float* in_beta,
+    const float* in_mean, const float* in_var, float in_epsilon, const float* gamma,
+    const float* beta, const float* mean, const float* var, float epsilon, float* in_scale_shift,
+    float* w_folded, float* bias, void* out, int64_t n, int64_t c, int64_t h, int64_t w_in,
+    int64_t c_out, int64_t groups, int64_t stride, int dtype, void* stream);
 // Training forward: y = conv(x, w); batch statistics; out = relu(bn(y)); running stats in place.
 int dpn_fast_grouped_conv_bn_relu_train_cuda(const void* x, const void* w, const float* gamma,
                                              const float* beta, float* running_mean,

@@ -11,7 +11,9 @@
 namespace dpn_fast {
 namespace {
 
-// out = act(conv(x, w) * scale + bias) per output channel; scale and bias may be null (1, 0).
+// out = act(conv(x', w) * scale + bias) per output channel; scale and bias may be null (1, 0).
+// x' = relu(x * in_scale + in_shift) per input channel when in_scale is set (applied while the
+// input is copied into a task's zero-padded planes), else x.
 struct ConvArgs {
   const float* x;
   const float* w;      // [c_out][c / groups][3][3]
@@ -20,6 +22,8 @@ struct ConvArgs {
   float* out;
   bool relu;
   GroupedConvShape shape;
+  const float* in_scale = nullptr;  // [c] or null
+  const float* in_shift = nullptr;  // [c], with in_scale
 };
 
 // Input gradient of a stride-2 conv, by input parity phase (a, c) = (row, column) parity.
@@ -77,6 +81,14 @@ PlaneGeometry plane_geometry(const GroupedConvShape& s, int64_t rows) {
   pg.plane_size = pg.hq * pg.wq + 2 * kMaxFloatsPerVector;
   pg.ic_stride = phases * pg.plane_size;
   return pg;
+}
+
+// scale = gamma / sqrt(var + eps), shift = beta - mean * scale.
+void fold_batch_norm(const BatchNormParams& bn, int64_t channels, float* scale, float* shift) {
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    scale[ch] = bn.gamma[ch] / std::sqrt(bn.var[ch] + bn.epsilon);
+    shift[ch] = bn.beta[ch] - bn.mean[ch] * scale[ch];
+  }
 }
 
 int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
@@ -217,11 +229,21 @@ void grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w, const flo
   // Folding applied per output channel in the epilogue: scaling the weights instead would write
   // a weight-sized copy on every call.
   std::vector<float> scale(s.c_out), shift(s.c_out);
-  for (int64_t oc = 0; oc < s.c_out; ++oc) {
-    scale[oc] = gamma[oc] / std::sqrt(var[oc] + epsilon);
-    shift[oc] = beta[oc] - mean[oc] * scale[oc];
-  }
+  fold_batch_norm({gamma, beta, mean, var, epsilon}, s.c_out, scale.data(), shift.data());
   run_conv(ConvArgs{x, w, scale.data(), shift.data(), out, true, s}, nullptr, nullptr);
+}
+
+void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
+                                               const BatchNormParams& in_bn,
+                                               const BatchNormParams& bn, float* out,
+                                               const GroupedConvShape& s) {
+  std::vector<float> in_scale(s.c), in_shift(s.c), scale(s.c_out), shift(s.c_out);
+  fold_batch_norm(in_bn, s.c, in_scale.data(), in_shift.data());
+  fold_batch_norm(bn, s.c_out, scale.data(), shift.data());
+  ConvArgs args{x, w, scale.data(), shift.data(), out, true, s};
+  args.in_scale = in_scale.data();
+  args.in_shift = in_shift.data();
+  run_conv(args, nullptr, nullptr);
 }
 
 void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const float* gamma,

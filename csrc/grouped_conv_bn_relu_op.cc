@@ -1,6 +1,9 @@
 // Paddle binding of the grouped 3x3 conv + BatchNorm + ReLU.
 //   dpn_fast_grouped_conv_bn_relu_infer  eval: BN applied per channel in the conv epilogue
 //   dpn_fast_grouped_conv_bias_relu      eval with weights/bias folded by the caller (cached)
+//   dpn_fast_bn_relu_grouped_conv_bn_relu_infer
+//                                        eval with the input's BN + ReLU applied as x is loaded
+//                                        (both BNs folded per call)
 //   dpn_fast_grouped_conv_bn_relu_train  training: batch statistics, running statistics updated
 //                                        in place; backward = fused BN+ReLU grad + direct conv
 //                                        grads on CPU (Paddle's conv2d_grad on GPU)
@@ -71,6 +74,15 @@ void check_bn(const paddle::Tensor& x, int64_t c_out, const paddle::Tensor& bn_w
   check_channel_vector(bn_bias, x, c_out, "bn_bias");
   check_channel_vector(bn_mean, x, c_out, "bn_mean");
   check_channel_vector(bn_var, x, c_out, "bn_var");
+}
+
+void check_input_bn(const paddle::Tensor& x, int64_t c, const paddle::Tensor& in_bn_weight,
+                    const paddle::Tensor& in_bn_bias, const paddle::Tensor& in_bn_mean,
+                    const paddle::Tensor& in_bn_var) {
+  check_channel_vector(in_bn_weight, x, c, "in_bn_weight");
+  check_channel_vector(in_bn_bias, x, c, "in_bn_bias");
+  check_channel_vector(in_bn_mean, x, c, "in_bn_mean");
+  check_channel_vector(in_bn_var, x, c, "in_bn_var");
 }
 
 void require_cpu(const paddle::Tensor& x) {
@@ -151,6 +163,43 @@ std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x_in,
   dpn_fast::grouped_conv3x3_bn_relu_infer_cpu(
       x.data<float>(), weight.data<float>(), bn_weight.data<float>(), bn_bias.data<float>(),
       bn_mean.data<float>(), bn_var.data<float>(), epsilon, out.data<float>(), s);
+  return {out};
+}
+
+std::vector<paddle::Tensor> BnReluGroupedConvBnReluInfer(
+    const paddle::Tensor& x_in, const paddle::Tensor& weight, const paddle::Tensor& in_bn_weight,
+    const paddle::Tensor& in_bn_bias, const paddle::Tensor& in_bn_mean,
+    const paddle::Tensor& in_bn_var, const paddle::Tensor& bn_weight,
+    const paddle::Tensor& bn_bias, const paddle::Tensor& bn_mean, const paddle::Tensor& bn_var,
+    int stride, int groups, float in_epsilon, float epsilon) {
+  const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
+  const auto s = check_conv(x, weight, stride, groups);
+  check_input_bn(x, s.c, in_bn_weight, in_bn_bias, in_bn_mean, in_bn_var);
+  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
+  auto out = empty_out(x, s);
+#ifdef DPN_FAST_WITH_CUDA
+  if (x.is_gpu()) {
+    const int64_t taps_per_oc = s.c / s.groups * 9;
+    auto in_scale_shift = paddle::empty({2 * s.c}, paddle::DataType::FLOAT32, x.place());
+    auto w_folded = paddle::empty({s.c_out * taps_per_oc}, paddle::DataType::FLOAT32, x.place());
+    auto bias = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
+    check_cuda_status(dpn_fast_bn_relu_grouped_conv_bn_relu_infer_cuda(
+        x.data(), weight.data(), in_bn_weight.data<float>(), in_bn_bias.data<float>(),
+        in_bn_mean.data<float>(), in_bn_var.data<float>(), in_epsilon, bn_weight.data<float>(),
+        bn_bias.data<float>(), bn_mean.data<float>(), bn_var.data<float>(), epsilon,
+        in_scale_shift.data<float>(), w_folded.data<float>(), bias.data<float>(), out.data(),
+        s.n, s.c, s.h, s.w, s.c_out, s.groups, s.stride, c_dtype(x), x.stream()));
+    return {out};
+  }
+#endif
+  require_cpu(x);
+  const dpn_fast::BatchNormParams in_bn{in_bn_weight.data<float>(), in_bn_bias.data<float>(),
+                                        in_bn_mean.data<float>(), in_bn_var.data<float>(),
+                                        in_epsilon};
+  const dpn_fast::BatchNormParams bn{bn_weight.data<float>(), bn_bias.data<float>(),
+                                     bn_mean.data<float>(), bn_var.data<float>(), epsilon};
+  dpn_fast::bn_relu_grouped_conv3x3_bn_relu_infer_cpu(x.data<float>(), weight.data<float>(), in_bn,
+                                                      bn, out.data<float>(), s);
   return {out};
 }
 
@@ -269,6 +318,22 @@ std::vector<paddle::DataType> InferInferDtype(paddle::DataType x, paddle::DataTy
   return {x};
 }
 
+std::vector<std::vector<int64_t>> BnReluInferInferShape(
+    const std::vector<int64_t>& x, const std::vector<int64_t>& w, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+    const std::vector<int64_t>&, int stride, int, float, float) {
+  return {out_shape(x, w, stride)};
+}
+
+std::vector<paddle::DataType> BnReluInferInferDtype(paddle::DataType x, paddle::DataType,
+                                                    paddle::DataType, paddle::DataType,
+                                                    paddle::DataType, paddle::DataType,
+                                                    paddle::DataType, paddle::DataType,
+                                                    paddle::DataType, paddle::DataType) {
+  return {x};
+}
+
 std::vector<std::vector<int64_t>> TrainInferShape(
     const std::vector<int64_t>& x, const std::vector<int64_t>& w, const std::vector<int64_t>&,
     const std::vector<int64_t>&, const std::vector<int64_t>& mean, const std::vector<int64_t>& var,
@@ -315,6 +380,15 @@ PD_BUILD_OP(dpn_fast_grouped_conv_bn_relu_infer)
     .SetKernelFn(PD_KERNEL(GroupedConvBnReluInfer))
     .SetInferShapeFn(PD_INFER_SHAPE(InferInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(InferInferDtype));
+
+PD_BUILD_OP(dpn_fast_bn_relu_grouped_conv_bn_relu_infer)
+    .Inputs({"x", "weight", "in_bn_weight", "in_bn_bias", "in_bn_mean", "in_bn_var", "bn_weight",
+             "bn_bias", "bn_mean", "bn_var"})
+    .Outputs({"out"})
+    .Attrs({"stride: int", "groups: int", "in_epsilon: float", "epsilon: float"})
+    .SetKernelFn(PD_KERNEL(BnReluGroupedConvBnReluInfer))
+    .SetInferShapeFn(PD_INFER_SHAPE(BnReluInferInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(BnReluInferInferDtype));
 
 PD_BUILD_OP(dpn_fast_grouped_conv_bn_relu_train)
     .Inputs({"x", "weight", "bn_weight", "bn_bias", "bn_mean", "bn_var"})

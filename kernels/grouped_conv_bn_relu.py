@@ -1,10 +1,13 @@
 """Triton eval forward of grouped 3x3 conv (padding 1) + folded BatchNorm + ReLU.
 
-out = relu(conv(x, w_folded, stride, padding=1, groups) + bias). One program computes a block of
-output channels of one group for a block of output positions of one image; each (input channel,
-tap) step is an outer product of a weight column and a row of shifted inputs (plain FMAs: the
-groups hold only 3..32 channels, too few for tensor-core tiles). fp32 accumulation; x and out
-fp32/fp16/bf16, folded weights and bias fp32.
+out = relu(conv(x', w_folded, stride, padding=1, groups) + bias), x' = x, or with the optional
+input prologue x' = relu(x * in_scale + in_shift) per input channel (an eval BatchNorm + ReLU on
+the input, applied to loaded pixels only: the zero padding pads x').
+
+One program computes a block of output channels of one group for a block of output positions of
+one image; each (input channel, tap) step is an outer product of a weight column and a row of
+shifted inputs (plain FMAs: the groups hold only 3..32 channels, too few for tensor-core tiles).
+fp32 accumulation; x and out fp32/fp16/bf16, folded weights, bias and in_scale/in_shift fp32.
 
 Framework-free: tensors are anything Triton accepts as a pointer argument; `out` is preallocated.
 """
@@ -15,9 +18,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _grouped_conv_bias_relu_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, C, H, W, C_OUT, H_OUT, W_OUT,
-                                   GROUPS, COUT_G, STRIDE: tl.constexpr, CIN_G: tl.constexpr,
-                                   BLOCK_OC: tl.constexpr, BLOCK_P: tl.constexpr):
+def _grouped_conv_bias_relu_kernel(x_ptr, w_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, out_ptr,
+                                   C, H, W, C_OUT, H_OUT, W_OUT, GROUPS, COUT_G,
+                                   STRIDE: tl.constexpr, CIN_G: tl.constexpr,
+                                   IN_AFFINE: tl.constexpr, BLOCK_OC: tl.constexpr,
+                                   BLOCK_P: tl.constexpr):
     pid_image_group = tl.program_id(0)
     b = (pid_image_group // GROUPS).to(tl.int64)
     g = pid_image_group % GROUPS
@@ -34,6 +39,9 @@ def _grouped_conv_bias_relu_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, C, H, W, C_O
     for ic in range(CIN_G):
         x_channel = x_group + ic * H * W
         w_channel = w_ptr + (channel * CIN_G + ic) * 9
+        if IN_AFFINE:
+            in_scale = tl.load(in_scale_ptr + g * CIN_G + ic)
+            in_shift = tl.load(in_shift_ptr + g * CIN_G + ic)
         for kh in tl.static_range(3):
             ih = oh * STRIDE + (kh - 1)
             row_ok = p_mask & (ih >= 0) & (ih < H)
@@ -41,6 +49,8 @@ def _grouped_conv_bias_relu_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, C, H, W, C_O
                 iw = ow * STRIDE + (kw - 1)
                 ok = row_ok & (iw >= 0) & (iw < W)
                 xv = tl.load(x_channel + ih * W + iw, mask=ok, other=0.0).to(tl.float32)
+                if IN_AFFINE:
+                    xv = tl.where(ok, tl.maximum(xv * in_scale + in_shift, 0.0), 0.0)
                 wv = tl.load(w_channel + kh * 3 + kw, mask=oc_mask, other=0.0).to(tl.float32)
                 acc += wv[:, None] * xv[None, :]
     bias = tl.load(bias_ptr + channel, mask=oc_mask, other=0.0).to(tl.float32)
@@ -50,8 +60,16 @@ def _grouped_conv_bias_relu_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, C, H, W, C_O
              mask=oc_mask[:, None] & p_mask[None, :])
 
 
-def grouped_conv_bias_relu_forward(x, w_folded, bias, out, n, c, h, w, c_out, groups, stride):
-    """out[n, c_out, h_out, w_out] = relu(grouped_conv3x3(x, w_folded) + bias); out preallocated."""
+def grouped_conv_bias_relu_forward(x, w_folded, bias, out, n, c, h, w, c_out, groups, stride,
+                                   in_scale=None, in_shift=None):
+    """out[n, c_out, h_out, w_out] = relu(grouped_conv3x3(x', w_folded) + bias); out preallocated.
+
+    x' = relu(x * in_scale + in_shift) (fp32 [c] each) when in_scale is given, else x.
+    """
+    in_affine = in_scale is not None
+    if in_affine != (in_shift is not None):
+        raise ValueError("grouped_conv_bias_relu_forward: give both in_scale and in_shift or "
+                         "neither")
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     cin_g, cout_g = c // groups, c_out // groups
     block_oc = min(triton.next_power_of_2(cout_g), 32)
@@ -59,9 +77,11 @@ def grouped_conv_bias_relu_forward(x, w_folded, bias, out, n, c, h, w, c_out, gr
     max_block_p = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 128
     block_p = min(triton.next_power_of_2(h_out * w_out), max_block_p)
     grid = (n * groups, triton.cdiv(cout_g, block_oc), triton.cdiv(h_out * w_out, block_p))
-    _grouped_conv_bias_relu_kernel[grid](x, w_folded, bias, out, c, h, w, c_out, h_out, w_out,
-                                         groups, cout_g, STRIDE=stride, CIN_G=cin_g,
-                                         BLOCK_OC=block_oc, BLOCK_P=block_p)
+    # Without the prologue the scale/shift pointers are never read: pass bias in their place.
+    _grouped_conv_bias_relu_kernel[grid](x, w_folded, bias, in_scale if in_affine else bias,
+                                         in_shift if in_affine else bias, out, c, h, w, c_out,
+                                         h_out, w_out, groups, cout_g, STRIDE=stride, CIN_G=cin_g,
+                                         IN_AFFINE=in_affine, BLOCK_OC=block_oc, BLOCK_P=block_p)
     return out
 
 

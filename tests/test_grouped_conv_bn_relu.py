@@ -1,5 +1,6 @@
 """grouped_conv_bn_relu vs a float64 reference: eval, training (outputs, running statistics,
-gradients), the BN-folding cache, to_static, jit.save/load, bad inputs and the Triton kernel."""
+gradients), the input BN+ReLU prologue (eval), the BN-folding cache, to_static, jit.save/load,
+bad inputs and the Triton kernel."""
 import os
 import subprocess
 import sys
@@ -141,6 +142,61 @@ def test_training_dpn92_shapes(c, hw, stride):
 @pytest.mark.parametrize("c,hw,stride", [(192, 56, 2), (192, 28, 1), (384, 14, 1), (768, 14, 2)])
 def test_training_dpn92_shapes_batch3(c, hw, stride):
     check_against_reference((3, c, c, hw, hw, 32, stride), training=True, with_grads=True)
+
+
+def make_input_bn(rng, c):
+    """Raw parameters of the input's BN; shifts mostly > 0, so a padding wrongly run through
+    relu(x * scale + shift) would show."""
+    return {"in_bn_weight": rng.uniform(0.5, 1.5, c),
+            "in_bn_bias": 0.3 + 0.5 * rng.standard_normal(c),
+            "in_bn_mean": 0.2 * rng.standard_normal(c),
+            "in_bn_var": rng.uniform(0.5, 2.0, c)}
+
+
+def run_prologue(arrays, dtype, stride, groups, backend):
+    """Eval output of relu(bn(conv(relu(in_bn(x))))) as float64 numpy."""
+    t = {k: paddle.to_tensor(v.astype(dtype)) for k, v in arrays.items()}
+    input_bn = (t["in_bn_weight"], t["in_bn_bias"], t["in_bn_mean"], t["in_bn_var"], 1e-5)
+    n, _, h, w = arrays["x"].shape
+    out_shape = [n, arrays["weight"].shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1]
+    poison_allocator(out_shape, out_shape, arrays["x"].shape)
+    out = grouped_conv_bn_relu(t["x"], t["weight"], t["bn_weight"], t["bn_bias"], t["bn_mean"],
+                               t["bn_var"], stride=stride, groups=groups, backend=backend,
+                               input_bn=input_bn)
+    return out.numpy().astype(np.float64)
+
+
+def check_prologue_against_reference(case, seed=0):
+    n, c, c_out, h, w, groups, stride = case
+    rng = np.random.default_rng(seed)
+    arrays = {**make_inputs(rng, n, c, c_out, h, w, groups), **make_input_bn(rng, c)}
+    ref64 = run_prologue(arrays, "float64", stride, groups, "reference")
+    ref32 = run_prologue(arrays, "float32", stride, groups, "reference")
+    fused = run_prologue(arrays, "float32", stride, groups, "cpu")
+    assert_matches_reference(fused, ref64, ref32, "float32")
+
+
+@pytest.mark.parametrize("n,c,c_out,h,w,groups,stride", dpn_cases())
+def test_prologue_eval_dpn_shapes(n, c, c_out, h, w, groups, stride):
+    check_prologue_against_reference((n, c, c_out, h, w, groups, stride))
+
+
+@pytest.mark.parametrize("case", ODD_CASES)
+def test_prologue_eval_odd_shapes(case):
+    check_prologue_against_reference(case)
+
+
+def test_prologue_reference_is_the_paddle_sequence():
+    """backend='reference' with input_bn = Paddle's eval BatchNorm(act='relu') layer first."""
+    conv, bn = make_layers(32, 8, 1)
+    _, input_bn = make_layers(32, 8, 1, seed=1)
+    input_bn.eval()
+    bn.eval()
+    x = paddle.to_tensor(np.random.default_rng(8).standard_normal((2, 32, 6, 6)).astype("float32"))
+    params = (input_bn.weight, input_bn.bias, input_bn._mean, input_bn._variance, 1e-5)
+    out = grouped_conv_bn_relu(x, conv.weight, bn.weight, bn.bias, bn._mean, bn._variance,
+                               groups=8, backend="reference", input_bn=params)
+    np.testing.assert_allclose(out.numpy(), bn(conv(input_bn(x))).numpy(), rtol=1e-6, atol=1e-6)
 
 
 def make_layers(c, groups, stride, seed=0):
@@ -303,13 +359,125 @@ def test_folder_rejects_unsupported_layers():
                                 paddle.nn.BatchNorm(8))
 
 
+class PrologueBlock(paddle.nn.Layer):
+    """input BN(act='relu') -> grouped conv -> BN(act='relu'), run through the Folder."""
+
+    def __init__(self, c, groups, stride, seed=0):
+        super().__init__()
+        _, self.input_bn = make_layers(c, groups, stride, seed=seed + 1)
+        self.conv, self.bn = make_layers(c, groups, stride, seed=seed)
+        self.fused = GroupedConvBNReLUFolder(self.conv, self.bn, input_bn=self.input_bn)
+
+    def forward(self, x):
+        return self.fused(x)
+
+    def unfused(self, x):
+        return self.bn(self.conv(self.input_bn(x)))
+
+
+def test_prologue_folder_eval_follows_new_parameters_and_training_is_unchanged():
+    rng = np.random.default_rng(9)
+    x = paddle.to_tensor(rng.standard_normal((2, 32, 9, 9)).astype("float32"))
+    block, twin = PrologueBlock(32, 8, 2), PrologueBlock(32, 8, 2)
+    block.eval()
+    np.testing.assert_allclose(block(x).numpy(), block.unfused(x).numpy(), rtol=1e-5, atol=1e-5)
+    # Both BNs are folded on every call: set_state_dict needs no refold().
+    block.set_state_dict(PrologueBlock(32, 8, 2, seed=5).state_dict())
+    np.testing.assert_allclose(block(x).numpy(), block.unfused(x).numpy(), rtol=1e-5, atol=1e-5)
+    # Training: Paddle's BN layer (batch statistics) then the fused training op, as before.
+    block.set_state_dict(twin.state_dict())
+    block.train()
+    twin.train()
+    np.testing.assert_array_equal(
+        block(x).numpy(), GroupedConvBNReLUFolder(twin.conv, twin.bn)(twin.input_bn(x)).numpy())
+    for name in ("_mean", "_variance"):
+        for layer in ("input_bn", "bn"):
+            np.testing.assert_array_equal(getattr(getattr(block, layer), name).numpy(),
+                                          getattr(getattr(twin, layer), name).numpy())
+
+
+def test_prologue_to_static_and_jit_save(tmp_path):
+    rng = np.random.default_rng(10)
+    x = paddle.to_tensor(rng.standard_normal((2, 32, 10, 10)).astype("float32"))
+    eager, static = PrologueBlock(32, 8, 2), PrologueBlock(32, 8, 2)
+    static.set_state_dict(eager.state_dict())
+    static = paddle.jit.to_static(static, full_graph=True)
+    for mode in ("train", "eval", "train", "eval"):
+        getattr(eager, mode)()
+        getattr(static, mode)()
+        np.testing.assert_allclose(static(x).numpy(), eager(x).numpy(), rtol=1e-5, atol=1e-5)
+    for layer in ("input_bn", "bn"):
+        np.testing.assert_allclose(getattr(static, layer)._mean.numpy(),
+                                   getattr(eager, layer)._mean.numpy(), rtol=1e-6, atol=1e-6)
+
+    block = PrologueBlock(32, 8, 1)
+    block.eval()
+    x = paddle.to_tensor(rng.standard_normal((1, 32, 7, 7)).astype("float32"))
+    expected = block.unfused(x).numpy()
+    path = str(tmp_path / "block")
+    paddle.jit.save(block, path, input_spec=[paddle.static.InputSpec([None, 32, 7, 7], "float32")])
+    assert "dpn_fast_bn_relu_grouped_conv_bn_relu_infer" in open(path + ".json").read()
+    loaded = paddle.jit.load(path)
+    loaded.eval()
+    np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    from paddle import inference
+    for onednn in (True, False):
+        config = inference.Config(path + ".json", path + ".pdiparams")
+        config.enable_mkldnn() if onednn else config.disable_mkldnn()
+        predictor = inference.create_predictor(config)
+        predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(x.numpy())
+        predictor.run()
+        out = predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def input_bn_tensors(c, **overrides):
+    t = {k: paddle.to_tensor(v.astype("float32"))
+         for k, v in make_input_bn(np.random.default_rng(11), c).items()}
+    t.update(overrides)
+    return t["in_bn_weight"], t["in_bn_bias"], t["in_bn_mean"], t["in_bn_var"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"in_bn_mean": paddle.randn([32])}, "in_bn_mean' must have shape [64]"),
+    ({"in_bn_weight": paddle.randn([128])}, "in_bn_weight' must have shape [64]"),
+    ({"in_bn_var": paddle.randn([64, 1])}, "in_bn_var' must have shape [64]"),
+])
+def test_prologue_bad_input_bn(overrides, message):
+    params = input_bn_tensors(64, **overrides)
+    with pytest.raises((ValueError, RuntimeError, OSError)) as info:
+        bad_call(input_bn=params + (1e-5,))
+    assert message in str(info.value)
+    # The C++ op checks too (the Python checks are skipped by a direct op call).
+    t = as_tensors(make_inputs(np.random.default_rng(7), 1, 64, 64, 8, 8, 32), "float32")
+    with pytest.raises((ValueError, RuntimeError, OSError)) as info:
+        dpn_fast._extension.run_op("dpn_fast_bn_relu_grouped_conv_bn_relu_infer", t["x"],
+                                   t["weight"], *params, t["bn_weight"], t["bn_bias"],
+                                   t["bn_mean"], t["bn_var"], 1, 32, 1e-5, 1e-5)
+    assert message in str(info.value)
+
+
+def test_prologue_bad_input_bn_tuple_and_layers():
+    with pytest.raises(ValueError, match="input_bn must be"):
+        bad_call(input_bn=input_bn_tensors(64))  # epsilon missing
+    conv = paddle.nn.Conv2D(8, 8, 3, padding=1, groups=2, bias_attr=False)
+    with pytest.raises(ValueError, match="input_bn must be BatchNorm"):
+        GroupedConvBNReLUFolder(conv, paddle.nn.BatchNorm(8, act="relu"),
+                                input_bn=paddle.nn.BatchNorm(8))
+    with pytest.raises(ValueError, match="input_bn has 16 channels"):
+        GroupedConvBNReLUFolder(conv, paddle.nn.BatchNorm(8, act="relu"),
+                                input_bn=paddle.nn.BatchNorm(16, act="relu"))
+
+
 ISA_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests_dir!r})
-    from test_grouped_conv_bn_relu import ODD_CASES, check_against_reference
+    from test_grouped_conv_bn_relu import (ODD_CASES, check_against_reference,
+                                           check_prologue_against_reference)
     for case in ODD_CASES + [(1, 192, 192, 14, 14, 32, 2), (2, 384, 384, 7, 7, 32, 1)]:
         check_against_reference(case, training=False)
         check_against_reference(case, training=True, with_grads=True)
+        check_prologue_against_reference(case)
     print("ok")
 """)
 
@@ -342,11 +510,13 @@ TRITON_SCRIPT = textwrap.dedent("""
     from dpn_fast.ops.grouped_conv_bn_relu import fold_bn_into_conv, reference_grouped_conv_bn_relu
     from dpn_fast.ops._backend import triton_arg
     from dpn_fast.kernels.grouped_conv_bn_relu import grouped_conv_bias_relu_forward
-    from test_grouped_conv_bn_relu import as_tensors, make_inputs
+    from test_grouped_conv_bn_relu import as_tensors, make_input_bn, make_inputs
     from utils import assert_matches_reference
     for n, c, c_out, h, w, groups, stride in [(2, 12, 12, 5, 7, 4, 1), (1, 24, 16, 7, 6, 4, 2),
                                               (1, 96, 96, 4, 4, 32, 2)]:
-        arrays = make_inputs(np.random.default_rng(0), n, c, c_out, h, w, groups)
+        rng = np.random.default_rng(0)
+        arrays = make_inputs(rng, n, c, c_out, h, w, groups)
+        in_arrays = make_input_bn(rng, c)
         ref = {{}}
         for dt in ("float64", "float32"):
             t = as_tensors(arrays, dt)
@@ -362,6 +532,29 @@ TRITON_SCRIPT = textwrap.dedent("""
                                      dtype)
         t = as_tensors(arrays, "float32")
         out = grouped_conv_bn_relu(*t.values(), stride=stride, groups=groups, backend="triton")
+        assert_matches_reference(out.numpy(), ref["float64"], ref["float32"])
+
+        # Input BN + ReLU prologue: relu(x * in_scale + in_shift) on loaded pixels only.
+        def as_input_bn(dt):
+            return {{k: paddle.to_tensor(v.astype(dt)) for k, v in in_arrays.items()}}
+        for dt in ("float64", "float32"):
+            t, ti = as_tensors(arrays, dt), as_input_bn(dt)
+            ref[dt] = reference_grouped_conv_bn_relu(*t.values(), stride=stride, groups=groups,
+                                                     input_bn=(*ti.values(), 1e-5)).numpy()
+        t, ti = as_tensors(arrays, "float32"), as_input_bn("float32")
+        in_scale = ti["in_bn_weight"] / paddle.sqrt(ti["in_bn_var"] + 1e-5)
+        in_shift = ti["in_bn_bias"] - ti["in_bn_mean"] * in_scale
+        w_folded, bias = fold_bn_into_conv(*list(t.values())[1:])
+        for dtype in ("float32", "float16"):
+            out = paddle.full(ref["float64"].shape, float("nan"), dtype=dtype)
+            grouped_conv_bias_relu_forward(triton_arg(t["x"].astype(dtype)), triton_arg(w_folded),
+                                           triton_arg(bias), triton_arg(out), n, c, h, w, c_out,
+                                           groups, stride, triton_arg(in_scale),
+                                           triton_arg(in_shift))
+            assert_matches_reference(out.astype("float32").numpy(), ref["float64"], ref["float32"],
+                                     dtype)
+        out = grouped_conv_bn_relu(*t.values(), stride=stride, groups=groups, backend="triton",
+                                   input_bn=(*ti.values(), 1e-5))
         assert_matches_reference(out.numpy(), ref["float64"], ref["float32"])
     print("ok")
 """)
@@ -380,14 +573,16 @@ TRITON_AOT_SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from dpn_fast.kernels.grouped_conv_bn_relu import _grouped_conv_bias_relu_kernel as kernel
     ints = ["C", "H", "W", "C_OUT", "H_OUT", "W_OUT", "GROUPS", "COUT_G"]
-    consts = {"STRIDE": 2, "CIN_G": 24, "BLOCK_OC": 32, "BLOCK_P": 128}
-    for dtype, cc in [("fp32", 75), ("fp16", 80), ("bf16", 90)]:
+    for dtype, cc, in_affine in [("fp32", 75, True), ("fp16", 80, False), ("bf16", 90, True)]:
+        consts = {"STRIDE": 2, "CIN_G": 24, "IN_AFFINE": in_affine, "BLOCK_OC": 32,
+                  "BLOCK_P": 128}
         signature = {"x_ptr": "*" + dtype, "w_ptr": "*fp32", "bias_ptr": "*fp32",
+                     "in_scale_ptr": "*fp32", "in_shift_ptr": "*fp32",
                      "out_ptr": "*" + dtype, **{k: "i32" for k in ints},
                      **{k: "constexpr" for k in consts}}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
                                   target=GPUTarget("cuda", cc, 32))
-        assert compiled.asm["cubin"], (dtype, cc)
+        assert compiled.asm["cubin"], (dtype, cc, in_affine)
     print("ok")
 """)
 

@@ -7,8 +7,9 @@ models can live in one process.
 `fused=True` runs the same layers and parameters through the fused ops:
   block tail + next block's head: split + add + concat + concat + BN + ReLU (two BNs before a
       projection block, the final BN after the last block)  ->  dual_path_merge_bn_relu
-  c3x3_b's grouped conv + c1x1_c's BN + ReLU                 ->  GroupedConvBNReLUFolder
-The 1x1 convolutions, the stem and the BN + ReLU between c1x1_a and c3x3_b stay Paddle ops.
+  c3x3_b's BN + ReLU + grouped conv + c1x1_c's BN + ReLU     ->  GroupedConvBNReLUFolder
+      (eval: c3x3_b's BN + ReLU applied as the conv loads c1x1_a's output; training: Paddle BN)
+The 1x1 convolutions and the stem stay Paddle ops.
 For inference (eval, no gradients) each stage keeps its dense path in one preallocated buffer
 that the merges append to in place (dual_path_merge_into), so old dense channels are not copied
 again in every block.
@@ -72,7 +73,8 @@ class DualPathBlock(nn.Layer):
         self.c1x1_c_func = BNACConvLayer(r, bw + inc, 1)
         if fused:
             self.conv_bn_relu = GroupedConvBNReLUFolder(self.c3x3_b_func._conv,
-                                                        self.c1x1_c_func._batch_norm)
+                                                        self.c1x1_c_func._batch_norm,
+                                                        input_bn=self.c3x3_b_func._batch_norm)
 
     def head_batch_norms(self):
         """The BN(s) applied to this block's input concat: (c1x1_w's, c1x1_a's) or c1x1_a's."""
@@ -94,8 +96,7 @@ class DualPathBlock(nn.Layer):
                 dense = buffer
         else:
             act_a = acts
-        a = self.c3x3_b_func._batch_norm(self.c1x1_a_func._conv(act_a))
-        y = self.c1x1_c_func._conv(self.conv_bn_relu(a))
+        y = self.c1x1_c_func._conv(self.conv_bn_relu(self.c1x1_a_func._conv(act_a)))
         if into_buffer:
             return dual_path_merge_into(resid, dense, self.shape.dense_before, y,
                                         bn=next_batch_norms)

@@ -2,6 +2,10 @@
 
     out = relu(batch_norm(conv2d(x, weight, stride=stride, padding=1, groups=groups)))
 
+optionally preceded by the input's own BatchNorm + ReLU (`input_bn`): x -> relu(input_bn(x)).
+In eval that prologue is applied while the kernel loads x (real pixels only; the conv's zero
+padding pads the activated tensor), saving a read and a write of x.
+
 Eval folds the BN into the convolution (scaled weights + bias) and applies ReLU in the epilogue,
 so the unnormalised conv output is never written. Training normalises with the batch statistics
 (biased variance, over N, H, W) and updates the running statistics in place the way
@@ -19,9 +23,18 @@ from dpn_fast.ops._backend import resolve_backend, triton_arg
 OP = "grouped_conv_bn_relu"
 
 
+def _input_bn_relu(x, input_bn, momentum, training):
+    weight, bias, mean, var, epsilon = input_bn
+    return F.relu(F.batch_norm(x, mean, var, weight=weight, bias=bias, training=training,
+                               momentum=momentum, epsilon=epsilon))
+
+
 def reference_grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=1,
-                                   groups=32, epsilon=1e-5, momentum=0.9, training=False):
+                                   groups=32, epsilon=1e-5, momentum=0.9, training=False,
+                                   input_bn=None):
     """The plain-Paddle sequence the fused op replaces (the benchmarks' and tests' baseline)."""
+    if input_bn is not None:
+        x = _input_bn_relu(x, input_bn, momentum, training)
     y = F.conv2d(x, weight, stride=stride, padding=1, groups=groups)
     y = F.batch_norm(y, bn_mean, bn_var, weight=bn_weight, bias=bn_bias, training=training,
                      momentum=momentum, epsilon=epsilon)
@@ -57,37 +70,66 @@ def _check_python_args(x, weight, stride, groups):
                          f"{weight.dtype}")
 
 
-def _triton_forward(x, weight_folded, bias, stride, groups):
+def _fold_input_bn(input_bn):
+    weight, bias, mean, var, epsilon = input_bn
+    scale = weight / paddle.sqrt(var + epsilon)
+    return scale, bias - mean * scale
+
+
+def _check_input_bn(x, input_bn):
+    if len(input_bn) != 5:
+        raise ValueError(f"{OP}: input_bn must be (weight, bias, mean, variance, epsilon), got "
+                         f"{len(input_bn)} items")
+    c = x.shape[1]
+    for name, t in zip(("in_bn_weight", "in_bn_bias", "in_bn_mean", "in_bn_var"), input_bn[:4]):
+        if list(t.shape) != [c]:
+            raise ValueError(f"{OP}: '{name}' must have shape [{c}], got {list(t.shape)}")
+
+
+def _triton_forward(x, weight_folded, bias, stride, groups, in_scale_shift=None):
     from dpn_fast.kernels.grouped_conv_bn_relu import grouped_conv_bias_relu_forward
     n, c, h, w = x.shape
     c_out = weight_folded.shape[0]
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     out = paddle.empty([n, c_out, h_out, w_out], dtype=x.dtype)
+    in_scale = in_shift = None
+    if in_scale_shift is not None:
+        in_scale, in_shift = (triton_arg(t.astype("float32")) for t in in_scale_shift)
     grouped_conv_bias_relu_forward(triton_arg(x), triton_arg(weight_folded.astype("float32")),
                                    triton_arg(bias.astype("float32")), triton_arg(out),
-                                   n, c, h, w, c_out, groups, stride)
+                                   n, c, h, w, c_out, groups, stride, in_scale, in_shift)
     return out
 
 
 def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=1, groups=32,
-                         epsilon=1e-5, momentum=0.9, training=False, backend="auto"):
-    """relu(batch_norm(conv2d(x, weight, stride, padding=1, groups))), fused.
+                         epsilon=1e-5, momentum=0.9, training=False, backend="auto",
+                         input_bn=None):
+    """relu(batch_norm(conv2d(x', weight, stride, padding=1, groups))), fused.
 
     x: [N, C, H, W]; weight: [C_out, C / groups, 3, 3]; bn_*: [C_out] (float32). In training,
     bn_mean / bn_var are the BN's running statistics and are updated in place.
+    input_bn: None (x' = x) or (weight, bias, mean, variance, epsilon) of a BatchNorm over x's C
+    channels followed by ReLU: x' = relu(batch_norm(x)). Eval applies it inside the fused op;
+    training runs it as Paddle's batch_norm (batch statistics, `momentum`) before the fused op.
     backend: "auto", "cpu", "cuda", "triton" (eval only) or "reference" (plain Paddle).
     """
     backend = resolve_backend(backend, x, OP)
     if backend == "reference":
         return reference_grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, bn_mean, bn_var,
-                                              stride, groups, epsilon, momentum, training)
+                                              stride, groups, epsilon, momentum, training,
+                                              input_bn)
     _check_python_args(x, weight, stride, groups)
+    if input_bn is not None:
+        _check_input_bn(x, input_bn)
+        if training:
+            x = _input_bn_relu(x, input_bn, momentum, training)
     if backend == "triton":
         if training:
             raise NotImplementedError(f"{OP}: backend='triton' implements eval only; use "
                                       "backend='cuda' or 'reference' for training")
         w_folded, bias = fold_bn_into_conv(weight, bn_weight, bn_bias, bn_mean, bn_var, epsilon)
-        return _triton_forward(x, w_folded, bias, stride, groups)
+        in_scale_shift = _fold_input_bn(input_bn) if input_bn is not None else None
+        return _triton_forward(x, w_folded, bias, stride, groups, in_scale_shift)
     if training:
         # The op updates bn_mean / bn_var in place; Paddle then marks them as needing gradients,
         # which would forbid the next in-place update: restore their flags.
@@ -97,6 +139,11 @@ def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=
                                 float(momentum))[0]
         bn_mean.stop_gradient, bn_var.stop_gradient = stop_gradient
         return out
+    if input_bn is not None:
+        in_weight, in_bias, in_mean, in_var, in_epsilon = input_bn
+        return _extension.run_op("dpn_fast_bn_relu_grouped_conv_bn_relu_infer", x, weight,
+                                 in_weight, in_bias, in_mean, in_var, bn_weight, bn_bias, bn_mean,
+                                 bn_var, stride, groups, float(in_epsilon), float(epsilon))[0]
     return _extension.run_op("dpn_fast_grouped_conv_bn_relu_infer", x, weight, bn_weight, bn_bias,
                              bn_mean, bn_var, stride, groups, float(epsilon))[0]
 
@@ -106,7 +153,8 @@ def _signature(tensor):
 
 
 class GroupedConvBNReLUFolder:
-    """Runs a PaddleClas-style (paddle.nn.Conv2D, paddle.nn.BatchNorm(act="relu")) pair fused.
+    """Runs a PaddleClas-style (paddle.nn.Conv2D, paddle.nn.BatchNorm(act="relu")) pair fused,
+    optionally preceded by the input's BatchNorm(act="relu") layer `input_bn`.
 
     Eval reuses BN-folded weights/bias cached across calls. Refolding happens when
       - any of the five source tensors is replaced or changed by an in-place Paddle op
@@ -117,9 +165,14 @@ class GroupedConvBNReLUFolder:
     set_state_dict() (verified with paddle 3.3), so after loading new values into a model that
     has already run in eval mode, call refold(). Under paddle.jit.to_static the BN is folded
     inside the graph on every call (a saved program must not capture a stale fold).
+
+    With `input_bn`, eval (both BNs in eval mode) runs one op that folds both BNs on every call
+    (no cache, so new parameters are always seen) and applies relu(input_bn(x)) as x is loaded;
+    otherwise input_bn(x) runs as the Paddle layer first (batch statistics in training) and the
+    rest is as without it.
     """
 
-    def __init__(self, conv, bn):
+    def __init__(self, conv, bn, input_bn=None):
         stride = [int(v) for v in conv._stride]
         if (list(conv._kernel_size) != [3, 3] or list(conv._updated_padding) != [1, 1]
                 or list(conv._dilation) != [1, 1] or stride[0] != stride[1]
@@ -130,7 +183,14 @@ class GroupedConvBNReLUFolder:
                              f"stride {conv._stride}, data_format {conv._data_format}")
         if getattr(bn, "_act", "relu") != "relu":
             raise ValueError(f"{OP}: bn must be BatchNorm(act='relu'), got act={bn._act!r}")
-        self.conv, self.bn = conv, bn
+        if input_bn is not None:
+            if getattr(input_bn, "_act", None) != "relu":
+                raise ValueError(f"{OP}: input_bn must be BatchNorm(act='relu'), got "
+                                 f"act={getattr(input_bn, '_act', None)!r}")
+            if list(input_bn.weight.shape) != [conv._in_channels]:
+                raise ValueError(f"{OP}: input_bn has {input_bn.weight.shape[0]} channels, the "
+                                 f"conv takes {conv._in_channels}")
+        self.conv, self.bn, self.input_bn = conv, bn, input_bn
         self.stride, self.groups = stride[0], int(conv._groups)
         self._folded = None
         self._folded_for = None
@@ -150,15 +210,25 @@ class GroupedConvBNReLUFolder:
             self._folded_for = signature
         return self._folded
 
+    def _input_bn_params(self):
+        ibn = self.input_bn
+        return ibn.weight, ibn.bias, ibn._mean, ibn._variance, ibn._epsilon
+
     def __call__(self, x, backend="auto"):
         bn = self.bn
         training = bn.training
-        if training or not paddle.in_dynamic_mode():
+        input_bn = None
+        if self.input_bn is not None:
+            if self.input_bn.training or training or backend == "reference":
+                x = self.input_bn(x)
+            else:
+                input_bn = self._input_bn_params()
+        if training or not paddle.in_dynamic_mode() or input_bn is not None:
             if training:
                 self._folded = None
             return grouped_conv_bn_relu(x, self.conv.weight, bn.weight, bn.bias, bn._mean,
                                         bn._variance, self.stride, self.groups, bn._epsilon,
-                                        bn._momentum, training, backend)
+                                        bn._momentum, training, backend, input_bn)
         backend = resolve_backend(backend, x, OP)
         if backend == "reference":
             return reference_grouped_conv_bn_relu(x, self.conv.weight, bn.weight, bn.bias,
