@@ -375,11 +375,16 @@ class MergeTorch:
 # Eval, BN folded by the caller: forward(x, w, bias, out, n, c, h, w_in, c_out, groups, stride):
 #   out = relu(grouped_conv3x3(x, w, stride, padding 1) + bias); w = weight(w_folded_fp32, dtype)
 #   in the form the backend takes (CUDA: the activation dtype; Triton: fp32), bias fp32.
+# Eval with the input's BN + ReLU as a prologue (c3x3_b's BN in DPN):
+#   state = prepare_prologue(w, in_bn, bn, dtype) once; prologue(state, x, out, n, c, h, w_in,
+#   c_out, groups, stride): out = relu(bn(conv(relu(in_bn(x))))); w fp32 [c_out, c/groups, 3, 3],
+#   in_bn/bn BatchNormParams (fp32).
 # CUDA only: forward_bn (eval, BN folded on the device into fp32 workspaces), train (batch-stat
 # BN, running stats updated in place) and bn_relu_backward (of relu(bn(y)) with batch stats).
 
 CONV_SYMBOLS = {"forward": "dpn_fast_grouped_conv_bias_relu_cuda",
                 "forward_bn": "dpn_fast_grouped_conv_bn_relu_infer_cuda",
+                "prologue": "dpn_fast_bn_relu_grouped_conv_bn_relu_infer_cuda",
                 "train": "dpn_fast_grouped_conv_bn_relu_train_cuda",
                 "bn_relu_backward": "dpn_fast_bn_relu_train_backward_cuda"}
 
@@ -392,6 +397,7 @@ class ConvCuda:
         shape = [i64] * 7 + [i32, p]  # n, c, h, w, c_out, groups, stride, dtype, stream
         signatures = {"forward": [p] * 4 + shape,
                       "forward_bn": [p] * 6 + [f32] + [p] * 3 + shape,
+                      "prologue": [p] * 6 + [f32] + [p] * 4 + [f32] + [p] * 4 + shape,
                       "train": [p] * 6 + [f32, f32] + [p] * 4 + shape,
                       "bn_relu_backward": [p] * 9 + [i64] * 3 + [i32, p]}
         self.fns = _bind(lib, CONV_SYMBOLS, signatures)
@@ -416,6 +422,23 @@ class ConvCuda:
                    eps, _ptr(w_ws), _ptr(bias_ws), _ptr(out), n, c, h, w_in, c_out, groups, stride,
                    _dtype_code(x), _stream())
 
+    @staticmethod
+    def prepare_prologue(w, in_bn, bn, dtype):
+        """Raw weights and BNs: the launcher folds both on the device into fp32 workspaces."""
+        c = in_bn.weight.numel()
+        return {"w": w.to(dtype).contiguous(), "in_bn": in_bn.float(), "bn": bn.float(),
+                "in_scale_shift": torch.empty((2, c), device=w.device),
+                "w_folded": torch.empty(w.shape, device=w.device),
+                "bias": torch.empty((w.shape[0],), device=w.device)}
+
+    def prologue(self, state, x, out, n, c, h, w_in, c_out, groups, stride):
+        i, o = state["in_bn"], state["bn"]
+        self._call("prologue", _ptr(x), _ptr(state["w"]), _ptr(i.weight), _ptr(i.bias),
+                   _ptr(i.mean), _ptr(i.var), i.eps, _ptr(o.weight), _ptr(o.bias), _ptr(o.mean),
+                   _ptr(o.var), o.eps, _ptr(state["in_scale_shift"]), _ptr(state["w_folded"]),
+                   _ptr(state["bias"]), _ptr(out), n, c, h, w_in, c_out, groups, stride,
+                   _dtype_code(x), _stream())
+
     def train(self, x, w, gamma, beta, running_mean, running_var, eps, momentum, y, out,
               saved_mean, saved_invstd, n, c, h, w_in, c_out, groups, stride):
         self._call("train", _ptr(x), _ptr(w), _ptr(gamma), _ptr(beta), _ptr(running_mean),
@@ -430,6 +453,15 @@ class ConvCuda:
                    n, c, hw, _dtype_code(y), _stream())
 
 
+def _folded_prologue(w, in_bn, bn):
+    """fp32 (w * scale, bias) of bn and (scale, shift) of in_bn, folded in float64."""
+    scale, shift = bn.folded()
+    w_folded = (w.double() * scale.double().view(-1, 1, 1, 1)).float().contiguous()
+    in_scale, in_shift = in_bn.folded()
+    return {"w_folded": w_folded, "bias": shift.contiguous(), "in_scale": in_scale.contiguous(),
+            "in_shift": in_shift.contiguous()}
+
+
 class ConvTriton:
     name = "triton"
 
@@ -438,7 +470,7 @@ class ConvTriton:
 
     @staticmethod
     def has(method):
-        return method == "forward"
+        return method in ("forward", "prologue")
 
     @staticmethod
     def weight(w_folded, dtype):
@@ -446,6 +478,15 @@ class ConvTriton:
 
     def forward(self, *args):
         self.module.grouped_conv_bias_relu_forward(*args)
+
+    @staticmethod
+    def prepare_prologue(w, in_bn, bn, dtype):
+        return _folded_prologue(w, in_bn, bn)
+
+    def prologue(self, state, x, out, n, c, h, w_in, c_out, groups, stride):
+        self.module.grouped_conv_bias_relu_forward(
+            x, state["w_folded"], state["bias"], out, n, c, h, w_in, c_out, groups, stride,
+            in_scale=state["in_scale"], in_shift=state["in_shift"])
 
 
 class ConvTorch:
@@ -463,6 +504,18 @@ class ConvTorch:
     def forward(self, x, w, bias, out, n, c, h, w_in, c_out, groups, stride):
         y = F.conv2d(x, w, bias.to(x.dtype), stride=stride, padding=1, groups=groups)
         out.copy_(torch.relu_(y))
+
+    @staticmethod
+    def prepare_prologue(w, in_bn, bn, dtype):
+        state = _folded_prologue(w, in_bn, bn)
+        state["w_folded"] = state["w_folded"].to(dtype)
+        return state
+
+    def prologue(self, state, x, out, n, c, h, w_in, c_out, groups, stride):
+        xp = torch.relu(x.float() * state["in_scale"].view(1, -1, 1, 1)
+                        + state["in_shift"].view(1, -1, 1, 1)).to(x.dtype)
+        self.forward(xp, state["w_folded"], state["bias"], out, n, c, h, w_in, c_out, groups,
+                     stride)
 
     def forward_bn(self, x, w, gamma, beta, mean, var, eps, w_ws, bias_ws, out, n, c, h, w_in,
                    c_out, groups, stride):
@@ -536,7 +589,8 @@ def probe_c_abi(lib):
                                       1, 1, 1, 1, 1, 99, None)
     conv = ConvCuda(lib)
     dummy = {"forward": (None,) * 4, "forward_bn": (None,) * 6 + (1e-3,) + (None,) * 3,
-             "train": (None,) * 6 + (1e-3, 0.9) + (None,) * 4}
+             "train": (None,) * 6 + (1e-3, 0.9) + (None,) * 4,
+             "prologue": (None,) * 6 + (1e-3,) + (None,) * 4 + (1e-3,) + (None,) * 4}
     for method, symbol in CONV_SYMBOLS.items():
         if not conv.has(method):
             found[symbol] = "absent"
@@ -559,6 +613,11 @@ class BatchNormParams:
     mean: object
     var: object
     eps: float = BN_EPS
+
+    def float(self):
+        """fp32 contiguous copies (the C ABI's BN parameters are fp32 whatever the activations)."""
+        return BatchNormParams(*(t.detach().float().contiguous()
+                                 for t in (self.weight, self.bias, self.mean, self.var)), self.eps)
 
     def folded(self):
         """(scale, shift) fp32, folded in float64."""
@@ -749,6 +808,14 @@ def check_conv_case(backend, case, n, dtype, device, gen, report, section):
         backend.forward_bn(x, weight.to(dtype), bn.weight, bn.bias, bn.mean, bn.var, bn.eps,
                            w_ws, bias_ws, out, *shape_args)
         add("eval-bn", "out", out, ref64, plain)
+    if backend.has("prologue"):
+        in_bn = random_bn(c, gen, device)
+        state = backend.prepare_prologue(weight, in_bn, bn, dtype)
+        out = nan_like(out_shape, device, dtype)
+        backend.prologue(state, x, out, *shape_args)
+        ref64_p = conv_unfused(in_bn.apply_relu(x.double()), weight.double(), bn, stride, groups)
+        plain_p = conv_unfused(in_bn.apply_relu(x), weight.to(dtype), bn, stride, groups)
+        add("eval-prologue", "out", out, ref64_p, plain_p)
     if backend.has("train"):
         momentum = 0.9
         y, out = nan_like(out_shape, device, dtype), nan_like(out_shape, device, dtype)
@@ -1058,6 +1125,12 @@ def time_convs(report, backends, convs, batches, dtypes, device, quick):
                 graph = device == "cuda"
                 row["cudnn_conv_bn_relu_graph_ms"] = _timed(report, unfused, iters, graph=graph)
                 row["cudnn_folded_conv_relu_graph_ms"] = _timed(report, folded, iters, graph=graph)
+                # With the input's BN + ReLU too (DPN's c3x3_b head): the prologue form.
+                in_bn = random_bn(case.c, gen, device)
+                unfused_p = lambda: conv_unfused(in_bn.apply_relu(x), w_dt, bn, case.stride,  # noqa: E731
+                                                 case.groups)
+                row["cudnn_bn_relu_conv_bn_relu_graph_ms"] = _timed(report, unfused_p, iters,
+                                                                    graph=graph)
                 for backend in backends["conv"]:
                     def fused(b=backend, w=backend.weight(w_folded, dtype)):
                         b.forward(x, w, bias, out, n, case.c, case.hw, case.hw, case.c,
@@ -1068,6 +1141,17 @@ def time_convs(report, backends, convs, batches, dtypes, device, quick):
                     base = row["cudnn_conv_bn_relu_graph_ms"]
                     if ms and base:
                         row[f"{backend.name}_speedup"] = base / ms
+                    if backend.has("prologue"):
+                        state = backend.prepare_prologue(weight, in_bn, bn, dtype)
+
+                        def fused_p(b=backend, state=state):
+                            b.prologue(state, x, out, n, case.c, case.hw, case.hw, case.c,
+                                       case.groups, case.stride)
+                        ms = _timed(report, fused_p, iters, graph=graph)
+                        row[f"{backend.name}_prologue_graph_ms"] = ms
+                        base = row["cudnn_bn_relu_conv_bn_relu_graph_ms"]
+                        if ms and base:
+                            row[f"{backend.name}_prologue_vs_unfused"] = base / ms
                 report.add("conv timing", row)
 
 
@@ -1157,13 +1241,13 @@ class FusedOps:
                                 n, r, d, inc, h * w, acts, buffer.shape[1])
         return resid_out, act
 
-    def conv(self, x, weight, bias, stride, groups):
-        """weight: as the conv backend takes it (its .weight(w_folded, dtype))."""
+    def conv(self, x, state, stride, groups):
+        """The prologue form: state from the conv backend's prepare_prologue."""
         n, c, h, w = x.shape
-        c_out = weight.shape[0]
+        c_out = state["w_folded"].shape[0]
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
         out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype)
-        self.conv_impl.forward(x, weight, bias, out, n, c, h, w, c_out, groups, stride)
+        self.conv_impl.prologue(state, x, out, n, c, h, w, c_out, groups, stride)
         return out
 
 
@@ -1173,15 +1257,6 @@ def _bn_of(module):
     assert isinstance(getattr(bn, "act", None), torch.nn.ReLU), f"expected BN+ReLU, got {bn}"
     assert isinstance(getattr(bn, "drop", torch.nn.Identity()), torch.nn.Identity)
     return BatchNormParams(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-
-
-def _fold_into_conv(weight, conv_bias, bn):
-    """conv then BN == conv with scaled weights and a bias (float64 folding)."""
-    s = bn.weight.double() / torch.sqrt(bn.var.double() + bn.eps)
-    b = bn.bias.double() - bn.mean.double() * s
-    if conv_bias is not None:
-        b = b + s * conv_bias.double()
-    return weight.double() * s.view(-1, 1, 1, 1), b
 
 
 class FusedBlock:
@@ -1198,17 +1273,15 @@ class FusedBlock:
             self.w_proj = (w[:self.r].to(dtype).contiguous(), w[self.r:].to(dtype).contiguous())
         else:
             self.w_proj = None
-        # c1x1_a's conv with c3x3_b's BN folded in (conv -> BN is exact as scaled conv + bias).
-        w_a, b_a = _fold_into_conv(blk.c1x1_a.conv.weight, blk.c1x1_a.conv.bias, _bn_of(blk.c3x3_b))
-        self.w_a, self.b_a = w_a.to(dtype), b_a.to(dtype)
-        # c3x3_b's grouped conv with c1x1_c's BN + ReLU: the fused conv kernel.
+        assert blk.c1x1_a.conv.bias is None and blk.c1x1_c.conv.bias is None
+        self.w_a = blk.c1x1_a.conv.weight.detach().to(dtype)
+        # c3x3_b's BN + ReLU (prologue), grouped conv, c1x1_c's BN + ReLU: one fused conv.
         conv_b = blk.c3x3_b.conv
         assert conv_b.bias is None and conv_b.padding == (1, 1) and conv_b.kernel_size == (3, 3)
         self.groups = conv_b.groups
-        w_b, b_b = _fold_into_conv(conv_b.weight, None, _bn_of(blk.c1x1_c))
-        self.w_b = conv_impl.weight(w_b.float(), dtype)  # the form the conv backend takes
-        self.b_b = b_b.float().contiguous()
-        assert blk.c1x1_c.conv.bias is None
+        self.conv_state = conv_impl.prepare_prologue(conv_b.weight.detach().float(),
+                                                     _bn_of(blk.c3x3_b).float(),
+                                                     _bn_of(blk.c1x1_c).float(), dtype)
         self.w_c = blk.c1x1_c.conv.weight.detach().to(dtype)
         folded = [bn.folded() for bn in self.head_bns]
         self.head_scale = torch.stack([s for s, _ in folded]).contiguous()
@@ -1260,8 +1333,8 @@ class FusedDPN:
                     buffer = dense.new_empty((dense.shape[0], blk.stage_capacity, *dense.shape[2:]))
                     buffer[:, :d] = dense
                     dense = buffer
-            h = torch.relu_(F.conv2d(acts[0], blk.w_a, blk.b_a))
-            h = self.ops.conv(h, blk.w_b, blk.b_b, blk.stride, blk.groups)
+            h = F.conv2d(acts[0], blk.w_a)
+            h = self.ops.conv(h, blk.conv_state, blk.stride, blk.groups)
             y = F.conv2d(h, blk.w_c)
             nxt = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
             scale = None if nxt is None else nxt.head_scale

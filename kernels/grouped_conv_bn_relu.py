@@ -87,17 +87,19 @@ def grouped_conv_bias_relu_forward(x, w_folded, bias, out, n, c, h, w, c_out, gr
 
 def _aot_specs():
     """(kernel, signature, constexprs) per dtype for tests/test_gpu_compile.py's ahead-of-time
-    compile: DPN92's widest group (24 channels, 32-channel output block) at stride 1 and its
-    narrowest (3 channels) at stride 2, with the GPU position block."""
+    compile: DPN92's widest group (24 channels, 32-channel output block) at stride 1 with the
+    input prologue, and its narrowest (3 channels) at stride 2 without, at the GPU position block."""
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
-        signature = {"x_ptr": f"*{dt}", "w_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{dt}",
+        signature = {"x_ptr": f"*{dt}", "w_ptr": "*fp32", "bias_ptr": "*fp32",
+                     "in_scale_ptr": "*fp32", "in_shift_ptr": "*fp32", "out_ptr": f"*{dt}",
                      **{k: "i32" for k in ("C", "H", "W", "C_OUT", "H_OUT", "W_OUT", "GROUPS",
                                            "COUT_G")},
-                     **{k: "constexpr" for k in ("STRIDE", "CIN_G", "BLOCK_OC", "BLOCK_P")}}
-        for stride, cin_g in ((1, 24), (2, 3)):
+                     **{k: "constexpr" for k in ("STRIDE", "CIN_G", "IN_AFFINE", "BLOCK_OC",
+                                                 "BLOCK_P")}}
+        for stride, cin_g, in_affine in ((1, 24, True), (2, 3, False)):
             specs.append((_grouped_conv_bias_relu_kernel, signature,
-                          {"STRIDE": stride, "CIN_G": cin_g,
+                          {"STRIDE": stride, "CIN_G": cin_g, "IN_AFFINE": in_affine,
                            "BLOCK_OC": min(triton.next_power_of_2(cin_g), 32), "BLOCK_P": 128}))
     return specs
 
