@@ -2,6 +2,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_threads.h"
 #include "dual_path_merge.h"
 
 namespace dpn_fast {
@@ -104,7 +105,8 @@ void dual_path_merge_forward_cpu(const float* resid, const float* dense, const f
   const ForwardRow copy_row = pick_forward_row<false, true>(num_acts);
   const ForwardRow read_row = pick_forward_row<false, false>(num_acts);
   const int64_t rows = s.n * channels;
-#pragma omp parallel for schedule(static) if (rows * s.hw >= kParallelMinElements)
+#pragma omp parallel for num_threads(cpu_threads()) schedule(static) \
+    if (rows * s.hw >= kParallelMinElements)
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t b = row / channels, c = row % channels;
     float sc[kMaxActs] = {}, sh[kMaxActs] = {};
@@ -158,7 +160,8 @@ void dual_path_merge_backward_cpu(const float* x_resid, const float* x_dense,
   const BackwardRow with_out = pick_backward_row<true>(num_acts);
   const BackwardRow without_out = pick_backward_row<false>(num_acts);
   const int64_t rows = s.n * channels;
-#pragma omp parallel for schedule(static) if (rows * s.hw >= kParallelMinElements)
+#pragma omp parallel for num_threads(cpu_threads()) schedule(static) \
+    if (rows * s.hw >= kParallelMinElements)
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t b = row / channels, c = row % channels;
     float sc[kMaxActs] = {}, sh[kMaxActs] = {};
