@@ -80,3 +80,26 @@ def test_info_prints_counts(capsys):
     assert main(["info", "DPN68"]) == 0
     out = capsys.readouterr().out
     assert "DPN68" in out and "12.61" in out and "2.33" in out
+
+
+def test_demo_compares_fused_and_reference(capsys):
+    assert main(["demo", "--model", "DPN68", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    diff = float(out.split("max |fused - reference| logits:")[1].split()[0])
+    assert diff < 1e-3
+    assert "top-5 agreement: 5/5" in out and "speedup" in out
+
+
+def test_bench_and_export(tmp_path, capsys):
+    assert main(["bench", "--model", "DPN68", "--image-size", "64", "--batch-size", "2",
+                 "--repeat", "1"]) == 0
+    assert "speedup" in capsys.readouterr().out
+    assert main(["export", "--model", "DPN68", "--fused", "--image-size", "64",
+                 "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "DPN68_fused.pdiparams").exists()
+    assert "dpn_fast_" in (tmp_path / "DPN68_fused.json").read_text()
+
+
+def test_bad_option_values(capsys):
+    assert main(["bench", "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
