@@ -290,26 +290,26 @@ def test_to_static_eval_and_train():
                                atol=1e-6)
 
 
+def check_saved_block(block, x, expected, path, op=None):
+    """jit.save + jit.load, and Paddle Inference with oneDNN on (its CPU default) and off."""
+    from dpn_fast.inference import create_predictor, run_predictor
+    paddle.jit.save(block, path, input_spec=[paddle.static.InputSpec([None, 32, 7, 7], "float32")])
+    if op:
+        assert op in open(path + ".json").read()
+    loaded = paddle.jit.load(path)
+    loaded.eval()
+    np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    for onednn in (True, False):
+        out = run_predictor(create_predictor(path, use_onednn=onednn), x.numpy())
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_jit_save_load(tmp_path):
     block = Block(32, 8, 1)
     block.eval()
     x = paddle.to_tensor(np.random.default_rng(5).standard_normal((1, 32, 7, 7)).astype("float32"))
     expected = eval_expected(block.conv, block.bn, x)
-    path = str(tmp_path / "block")
-    paddle.jit.save(block, path, input_spec=[paddle.static.InputSpec([None, 32, 7, 7], "float32")])
-    loaded = paddle.jit.load(path)
-    loaded.eval()
-    np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
-    # Paddle Inference too, with oneDNN on (its CPU default) and off.
-    from paddle import inference
-    for onednn in (True, False):
-        config = inference.Config(path + ".json", path + ".pdiparams")
-        config.enable_mkldnn() if onednn else config.disable_mkldnn()
-        predictor = inference.create_predictor(config)
-        predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(x.numpy())
-        predictor.run()
-        out = predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    check_saved_block(block, x, expected, str(tmp_path / "block"))
 
 
 def bad_call(**overrides):
@@ -414,21 +414,8 @@ def test_prologue_to_static_and_jit_save(tmp_path):
     block.eval()
     x = paddle.to_tensor(rng.standard_normal((1, 32, 7, 7)).astype("float32"))
     expected = block.unfused(x).numpy()
-    path = str(tmp_path / "block")
-    paddle.jit.save(block, path, input_spec=[paddle.static.InputSpec([None, 32, 7, 7], "float32")])
-    assert "dpn_fast_bn_relu_grouped_conv_bn_relu_infer" in open(path + ".json").read()
-    loaded = paddle.jit.load(path)
-    loaded.eval()
-    np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
-    from paddle import inference
-    for onednn in (True, False):
-        config = inference.Config(path + ".json", path + ".pdiparams")
-        config.enable_mkldnn() if onednn else config.disable_mkldnn()
-        predictor = inference.create_predictor(config)
-        predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(x.numpy())
-        predictor.run()
-        out = predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    check_saved_block(block, x, expected, str(tmp_path / "block"),
+                      op="dpn_fast_bn_relu_grouped_conv_bn_relu_infer")
 
 
 def input_bn_tensors(c, **overrides):
