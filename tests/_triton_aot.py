@@ -12,7 +12,7 @@ for constexpr parameters), constexprs gives their values. Every @triton.jit func
 *_kernel needs at least one spec per activation dtype (fp32, fp16, bf16), at the launchers'
 largest configuration (the one most likely to spill).
 
-    python tests/_triton_aot.py --archs 75,80,90 [--dump DIR]
+    python tests/_triton_aot.py --archs 75,80,90
 """
 import argparse
 import importlib.util
@@ -30,6 +30,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+
+from test_gpu_compile import parse_ptxas  # noqa: E402  (this script runs from tests/)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,15 +76,8 @@ def resource_usage(ptx, tool):
         src.write_text(ptx)
         result = subprocess.run([str(tool), f"-arch={arch}", "-v", str(src), "-o",
                                  str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
-    out = result.stdout + result.stderr
-    usage = {}
-    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
-    if m:
-        usage["stack"], usage["spill_stores"], usage["spill_loads"] = map(int, m.groups())
-    m = re.search(r"Used (\d+) registers", out)
-    if m:
-        usage["regs"] = int(m.group(1))
-    return usage
+    rows = parse_ptxas(result.stdout + result.stderr)
+    return {k: rows[0][k] for k in ("regs", "stack", "spill_stores", "spill_loads")} if rows else {}
 
 
 def spec_dtype(signature):
