@@ -275,19 +275,26 @@ class Block(paddle.nn.Layer):
         return self.fused(x)
 
 
-def test_to_static_eval_and_train():
-    rng = np.random.default_rng(4)
+def check_to_static_tracks_eager(block_class, rng, bn_layers):
+    """A to_static copy of block_class(32, 8, 2) matches the eager one across train/eval switches:
+    outputs, and the running statistics of `bn_layers`."""
     x = paddle.to_tensor(rng.standard_normal((2, 32, 10, 10)).astype("float32"))
-    eager, static = Block(32, 8, 2), Block(32, 8, 2)
+    eager, static = block_class(32, 8, 2), block_class(32, 8, 2)
     static.set_state_dict(eager.state_dict())
     static = paddle.jit.to_static(static, full_graph=True)
     for mode in ("train", "eval", "train", "eval"):
         getattr(eager, mode)()
         getattr(static, mode)()
         np.testing.assert_allclose(static(x).numpy(), eager(x).numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(static.bn._mean.numpy(), eager.bn._mean.numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(static.bn._variance.numpy(), eager.bn._variance.numpy(), rtol=1e-6,
-                               atol=1e-6)
+    for layer in bn_layers:
+        for stat in ("_mean", "_variance"):
+            np.testing.assert_allclose(getattr(getattr(static, layer), stat).numpy(),
+                                       getattr(getattr(eager, layer), stat).numpy(),
+                                       rtol=1e-6, atol=1e-6)
+
+
+def test_to_static_eval_and_train():
+    check_to_static_tracks_eager(Block, np.random.default_rng(4), ["bn"])
 
 
 def check_saved_block(block, x, expected, path, op=None):
@@ -398,17 +405,7 @@ def test_prologue_folder_eval_follows_new_parameters_and_training_is_unchanged()
 
 def test_prologue_to_static_and_jit_save(tmp_path):
     rng = np.random.default_rng(10)
-    x = paddle.to_tensor(rng.standard_normal((2, 32, 10, 10)).astype("float32"))
-    eager, static = PrologueBlock(32, 8, 2), PrologueBlock(32, 8, 2)
-    static.set_state_dict(eager.state_dict())
-    static = paddle.jit.to_static(static, full_graph=True)
-    for mode in ("train", "eval", "train", "eval"):
-        getattr(eager, mode)()
-        getattr(static, mode)()
-        np.testing.assert_allclose(static(x).numpy(), eager(x).numpy(), rtol=1e-5, atol=1e-5)
-    for layer in ("input_bn", "bn"):
-        np.testing.assert_allclose(getattr(static, layer)._mean.numpy(),
-                                   getattr(eager, layer)._mean.numpy(), rtol=1e-6, atol=1e-6)
+    check_to_static_tracks_eager(PrologueBlock, rng, ["input_bn", "bn"])
 
     block = PrologueBlock(32, 8, 1)
     block.eval()
