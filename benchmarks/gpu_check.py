@@ -44,7 +44,7 @@ EPS_OF = {"float32": 1.2e-7, "float16": 9.8e-4, "bfloat16": 7.9e-3}
 BN_EPS = 1e-3  # timm's DPN BatchNorm epsilon
 # Share of the time budget by which each phase stops starting new work (the rest is skipped with
 # a note). torch.compile goes last: it starts only while COMPILE_MIN_LEFT_S seconds remain.
-PHASE_END = {"correctness": 0.40, "convs": 0.50, "kernels": 0.58, "e2e": 0.82}
+PHASE_END = {"correctness": 0.40, "convs": 0.50, "kernels": 0.58, "sweep": 0.66, "e2e": 0.82}
 COMPILE_MIN_LEFT_S = 75
 
 torch = F = None  # imported in main(), after TRITON_INTERPRET is settled
@@ -125,6 +125,9 @@ class Report:
         lines += [f"- {k}: {_fmt(v)}" for k, v in self.info.items()]
         lines += [f"- stage seconds: {self.stage_times}", ""]
         for section, rows in self.tables.items():
+            if section == "correctness":  # thousands of rows: their summary (all are in the JSON)
+                section, rows = "correctness (summary; every check in gpu_check.json)", \
+                    _correctness_summary(rows)
             lines += [f"## {section}", "", *_markdown_table(rows), ""]
         if self.notes:
             lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
@@ -133,6 +136,21 @@ class Report:
             for stage, tb in self.errors:
                 lines += [f"### {stage}", "```", tb.rstrip(), "```", ""]
         (self.out_dir / "gpu_check.md").write_text("\n".join(lines))
+
+
+def _correctness_summary(rows):
+    """One row per (op, backend, dtype, pass): checks, passed, and the worst err / bound."""
+    groups = {}
+    for r in rows:
+        key = tuple(r.get(k, "") for k in ("op", "backend", "dtype", "pass"))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (op, backend, dtype, pass_name), group in groups.items():
+        ratios = [r["err"] / r["bound"] for r in group if r.get("bound")]
+        out.append({"op": op or "(error)", "backend": backend, "dtype": dtype, "pass": pass_name,
+                    "checks": len(group), "passed": sum(bool(r.get("ok")) for r in group),
+                    "worst err/bound": max(ratios) if ratios else None})
+    return out
 
 
 def _fmt(v):
@@ -1155,6 +1173,69 @@ def time_convs(report, backends, convs, batches, dtypes, device, quick):
                 report.add("conv timing", row)
 
 
+def sweep_conv_tiles(report, module, convs, batches, forms, device):
+    """The Triton conv's tile choices side by side (fp16, graph replay), against the unfused cuDNN
+    sequence: the data behind kernels/grouped_conv_bn_relu.py's choose_tiles. Each form in `forms`:
+    `plain` (conv + BN + ReLU) and `prologue` (the input's BN + ReLU fused too; there `split`
+    runs that BN + ReLU as its own torch pass before the plain-form kernel instead). Each choice's
+    output is also checked against float64 (`<choice> ok`), so a fast wrong one can't be picked."""
+    gen = torch.Generator().manual_seed(7)
+    dtype = torch.float16
+    for n in batches:
+        for case in convs:
+            x, weight, bn, w_folded, bias = conv_inputs(case, n, dtype, device, gen)
+            in_bn = random_bn(case.c, gen, device)
+            prologue = _folded_prologue(weight, in_bn, bn)
+            cg = case.c // case.groups
+            h_out = (case.hw - 1) // case.stride + 1
+            out = torch.empty((n, case.c, h_out, h_out), device=device, dtype=dtype)
+            iters = iters_for(n, False) if device == "cuda" else 1
+            w_dt = weight.to(dtype)
+            bn_dot = min(64, max(16, 1 << (cg - 1).bit_length()))
+            choices = (("fma", module.choose_tiles(cg, cg, h_out * h_out, half=False)),
+                       ("dot m32", module.Tiles(True, 32, bn_dot, 32, 4)),
+                       ("dot m64", module.Tiles(True, 64, bn_dot, 32, 4)),
+                       ("dot m64 k16", module.Tiles(True, 64, bn_dot, 16, 4)))
+            for form in forms:
+                if report.past(PHASE_END["sweep"]):
+                    report.note("conv tile sweep: budget reached, remaining shapes skipped")
+                    return
+                if form == "plain":
+                    unfused = lambda: conv_unfused(x, w_dt, bn, case.stride, case.groups)  # noqa: E731
+                else:
+                    unfused = lambda: conv_unfused(in_bn.apply_relu(x), w_dt, bn,  # noqa: E731
+                                                   case.stride, case.groups)
+                plain = unfused()
+                x64 = x.double() if form == "plain" else in_bn.apply_relu(x.double())
+                ref64 = conv_unfused(x64, weight.double(), bn, case.stride, case.groups)
+                base = _timed(report, unfused, iters, graph=device == "cuda")
+                row = {"case": case.label, "n": n, "form": form, "cudnn_ms": base}
+                def conv(x_in, w, b, tiles, **prologue_args):
+                    return lambda: module.grouped_conv_bias_relu_forward(
+                        x_in, w, b, out, n, case.c, case.hw, case.hw, case.c, case.groups,
+                        case.stride, tiles=tiles, **prologue_args)
+                runs = []
+                for name, tiles in choices:
+                    if form == "plain":
+                        runs.append((name, conv(x, w_folded, bias, tiles)))
+                        continue
+                    runs.append((name, conv(x, prologue["w_folded"], prologue["bias"], tiles,
+                                            in_scale=prologue["in_scale"],
+                                            in_shift=prologue["in_shift"])))
+                    if tiles.use_dot:  # the input's BN + ReLU as its own pass, then the plain form
+                        runs.append((f"split {name}", lambda tiles=tiles: conv(
+                            in_bn.apply_relu(x), prologue["w_folded"], prologue["bias"], tiles)()))
+                for name, run in runs:
+                    out.fill_(float("nan"))
+                    run()
+                    row[f"{name} ok"] = compare(out, ref64, plain, "float16")["ok"]
+                    ms = _timed(report, run, iters, graph=device == "cuda")
+                    row[f"{name} ms"] = ms
+                    if ms and base:
+                        row[f"{name} x"] = base / ms
+                report.add("conv tile sweep (Triton, fp16)", row)
+
+
 # =================================================================================================
 # End to end: timm dpn92 with its blocks on the fused kernels
 # =================================================================================================
@@ -1351,7 +1432,8 @@ class FusedDPN:
 
 
 def e2e_pairs(backends):
-    """Fused-op combinations for the e2e model: each backend where both ops have it."""
+    """Fused-op combinations for the e2e model: each backend where both ops have it, and the
+    CUDA merge with the Triton conv."""
     by_name = {}
     for kind in ("merge", "conv"):
         for b in backends[kind]:
@@ -1362,6 +1444,9 @@ def e2e_pairs(backends):
             pairs.append(FusedOps(ops["merge"], ops["conv"]))
             if ops["merge"].has("buffer"):
                 pairs.append(FusedOps(ops["merge"], ops["conv"], buffered=True))
+    # The CUDA merge (it has the stage-buffer form) with the Triton conv.
+    if "merge" in by_name.get("cuda", {}) and "conv" in by_name.get("triton", {}):
+        pairs.append(FusedOps(by_name["cuda"]["merge"], by_name["triton"]["conv"], buffered=True))
     return pairs
 
 
@@ -1590,7 +1675,9 @@ def parse_args(argv=None):
     p.add_argument("--build-dir", default=str(REPO / "build" / "gpu_check"))
     p.add_argument("--lib", help="prebuilt libdpn_fast_kernels.so (skips the build)")
     p.add_argument("--skip", default="", help="comma-separated stages to skip: "
-                   "build,correct,sanitize,kernels,e2e,compile")
+                   "build,correct,sanitize,kernels,sweep,e2e,compile")
+    p.add_argument("--timing-dtypes", default="float16,float32",
+                   help="dtypes of the kernel and end-to-end timings (GPU)")
     p.add_argument("--sanitize-case", help=argparse.SUPPRESS)  # child mode under compute-sanitizer
     return p.parse_args(argv)
 
@@ -1692,7 +1779,8 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True  # timings: torch's defaults for the baselines
     torch.backends.cudnn.allow_tf32 = True
     batches = [1, 8, 64] if device == "cuda" else [1]
-    timing_dtypes = [torch.float16, torch.float32] if device == "cuda" else [torch.float32]
+    timing_dtypes = ([getattr(torch, name) for name in args.timing_dtypes.split(",")]
+                     if device == "cuda" else [torch.float32])
     timing_backends = TORCH_ONLY() if args.dry_run else backends
     if "kernels" not in skip:
         with report.stage("kernel timing"):
@@ -1703,6 +1791,12 @@ def main(argv=None):
             time_merges(report, timing_backends,
                         timed_merges if device == "cuda" else timed_merges[:3], batches,
                         timing_dtypes, device, args.quick, copy_gbs)
+    conv_module = load_kernel_module("grouped_conv_bn_relu")
+    if "sweep" not in skip and conv_module is not None and (device == "cuda" or args.dry_run):
+        with report.stage("conv tile sweep"):
+            # Dry run: one small shape through the interpreter, to exercise the code path.
+            sweep_conv_tiles(report, conv_module, convs if device == "cuda" else SMALL_CONVS[:1],
+                             [1, 64] if device == "cuda" else [1], ["plain", "prologue"], device)
 
     if "e2e" not in skip:
         e2e = None

@@ -1,12 +1,17 @@
 // CUDA cores of the dual-path merge (see csrc/dual_path_merge.h for the maths).
-// Each (batch, channel) plane of hw elements resolves its source/destination pointers and BN
-// affine once, then threads stride over hw, with 16-byte loads/stores where every plane
-// involved is aligned (hw * sizeof(T) a multiple of 16 bytes). fp32 math for fp16/bf16 I/O.
+// Per batch item the BN'd concat is three contiguous runs of the tensors involved: channels
+// [0, r) (resid, y's first r), [r, r + d) (old dense) and [r + d, C) (y's new dense channels).
+// A thread takes kWidth consecutive elements of one item, so 7x7 and 14x14 planes keep every
+// thread busy and vectorise like large ones; the BN affine is re-read only where the elements
+// cross into the next channel. kWidth is the widest (up to 16 bytes) that every run length and
+// base pointer allows. fp32 math for fp16/bf16 I/O.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
+#include <type_traits>
 
 #include "common.h"
 #include "dual_path_merge.h"
@@ -29,14 +34,11 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { retur
 
 __device__ __forceinline__ float relu(float v) { return v > 0.0f ? v : 0.0f; }
 
-// kWidth consecutive elements, loaded/stored as one access (16 bytes when vectorised).
+// kWidth consecutive elements, loaded/stored as one access.
 template <typename T, int kWidth>
 struct alignas(sizeof(T) * kWidth) Pack {
   T v[kWidth];
 };
-
-template <typename T>
-constexpr int kVectorWidth = 16 / sizeof(T);
 
 struct ActPlanes {
   void* p[kMaxActs];
@@ -45,62 +47,80 @@ struct ConstActPlanes {
   const void* p[kMaxActs];
 };
 
-// Block (x, y): x threads stride over the packs of a plane, y planes per block (small planes,
-// e.g. 7x7, share a block); the grid's y strides over the n * C (batch, channel) planes.
+// Element offsets of one batch item's runs: [0, resid_end) resid, [resid_end, dense_end) old
+// dense, [dense_end, total) new dense. 32-bit: the launchers refuse items of 2^31 elements.
+struct ItemRuns {
+  int resid_end, dense_end, total;
+  __device__ explicit ItemRuns(const MergeShape& s)
+      : resid_end(static_cast<int>(s.r * s.hw)),
+        dense_end(static_cast<int>((s.r + s.d) * s.hw)),
+        total(static_cast<int>(s.channels() * s.hw)) {}
+};
+
+// The BN affines of channel c, kept in registers while a pack stays in that channel.
+struct AffineCache {
+  float sc[kMaxActs] = {}, sh[kMaxActs] = {};
+  __device__ void load(const ChannelAffine& affine, int64_t c) {
+#pragma unroll  // constant indices keep the parameter struct out of local memory
+    for (int a = 0; a < kMaxActs; ++a) {
+      if (a < affine.num_acts) affine.at(a, c, &sc[a], &sh[a]);
+    }
+  }
+};
+
+// grid.x covers an item's packs, grid.y strides over the batch.
 template <typename T, int kWidth>
 __global__ void merge_forward_kernel(const T* __restrict__ resid, const T* __restrict__ dense,
                                      const T* __restrict__ y, ChannelAffine affine,
                                      T* __restrict__ resid_out, T* __restrict__ dense_out,
                                      ActPlanes act, MergeShape s) {
   using P = Pack<T, kWidth>;
-  const int64_t channels = s.channels(), cy = s.r + s.inc;
-  const int64_t planes = s.n * channels, packs = s.hw / kWidth;
-  for (int64_t plane = blockIdx.y * (int64_t)blockDim.y + threadIdx.y; plane < planes;
-       plane += (int64_t)gridDim.y * blockDim.y) {
-    const int64_t b = plane / channels, c = plane % channels;
-    float sc[kMaxActs] = {}, sh[kMaxActs] = {};
-#pragma unroll  // constant indices keep the parameter struct out of local memory
-    for (int a = 0; a < kMaxActs; ++a) {
-      if (a < affine.num_acts) affine.at(a, c, &sc[a], &sh[a]);
-    }
+  const ItemRuns runs(s);
+  const int e = (blockIdx.x * blockDim.x + threadIdx.x) * kWidth;  // element within the item
+  if (e >= runs.total) return;
+  const int hw = static_cast<int>(s.hw);
+  const int64_t cy = s.r + s.inc;
+  for (int64_t b = blockIdx.y; b < s.n; b += gridDim.y) {
     const T *src, *add = nullptr;
     T* out = nullptr;
-    if (c < s.r) {
-      src = resid + (b * s.r + c) * s.hw;
+    if (e < runs.resid_end) {
+      src = resid + b * runs.resid_end + e;
       if (y != nullptr) {
-        add = y + (b * cy + c) * s.hw;
-        out = resid_out + (b * s.r + c) * s.hw;
+        add = y + b * cy * s.hw + e;
+        out = resid_out + b * runs.resid_end + e;
       }
-    } else {
-      const int64_t k = c - s.r;  // channel within dense_out
-      src = k < s.d ? dense + (b * s.dense_in_stride() + k) * s.hw
-                    : y + (b * cy + s.r + k - s.d) * s.hw;
+    } else if (e < runs.dense_end) {
+      const int k = e - runs.resid_end;
+      src = dense + b * s.dense_in_stride() * s.hw + k;
       // Old channels already in a stage buffer are only read.
-      if (y != nullptr && !(s.dense_capacity && k < s.d)) {
-        out = dense_out + (b * s.dense_out_stride() + k) * s.hw;
-      }
+      if (y != nullptr && !s.dense_capacity) out = dense_out + b * s.dense_out_stride() * s.hw + k;
+    } else {
+      const int k = e - runs.dense_end;
+      src = y + (b * cy + s.r) * s.hw + k;
+      out = dense_out + (b * s.dense_out_stride() + s.d) * s.hw + k;
     }
-    P* act0 = affine.num_acts >= 1 ? reinterpret_cast<P*>(static_cast<T*>(act.p[0]) + plane * s.hw)
-                                   : nullptr;
-    P* act1 = affine.num_acts >= 2 ? reinterpret_cast<P*>(static_cast<T*>(act.p[1]) + plane * s.hw)
-                                   : nullptr;
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < packs;
-         i += (int64_t)gridDim.x * blockDim.x) {
-      const P xs = reinterpret_cast<const P*>(src)[i];
-      P ys;
-      if (add) ys = reinterpret_cast<const P*>(add)[i];
-      P o, a0, a1;
+    const P xs = *reinterpret_cast<const P*>(src);
+    P ys;
+    if (add) ys = *reinterpret_cast<const P*>(add);
+    P o, a0, a1;
+    int c = e / hw, pos = e - c * hw;
+    AffineCache aff;
+    aff.load(affine, c);
 #pragma unroll
-      for (int j = 0; j < kWidth; ++j) {
-        o.v[j] = add ? from_float<T>(to_float(xs.v[j]) + to_float(ys.v[j])) : xs.v[j];
-        const float x = to_float(o.v[j]);  // BN sees the rounded merge, as the unfused sequence
-        a0.v[j] = from_float<T>(relu(x * sc[0] + sh[0]));
-        a1.v[j] = from_float<T>(relu(x * sc[1] + sh[1]));
+    for (int j = 0; j < kWidth; ++j, ++pos) {
+      if (pos == hw) {  // the pack runs into the next channel
+        pos = 0;
+        aff.load(affine, ++c);
       }
-      if (out) reinterpret_cast<P*>(out)[i] = o;
-      if (act0) act0[i] = a0;
-      if (act1) act1[i] = a1;
+      o.v[j] = add ? from_float<T>(to_float(xs.v[j]) + to_float(ys.v[j])) : xs.v[j];
+      const float x = to_float(o.v[j]);  // BN sees the rounded merge, as the unfused sequence
+      a0.v[j] = from_float<T>(relu(x * aff.sc[0] + aff.sh[0]));
+      a1.v[j] = from_float<T>(relu(x * aff.sc[1] + aff.sh[1]));
     }
+    if (out) *reinterpret_cast<P*>(out) = o;
+    const int64_t act_offset = b * runs.total + e;
+    if (affine.num_acts >= 1) *reinterpret_cast<P*>(static_cast<T*>(act.p[0]) + act_offset) = a0;
+    if (affine.num_acts >= 2) *reinterpret_cast<P*>(static_cast<T*>(act.p[1]) + act_offset) = a1;
   }
 }
 
@@ -111,82 +131,91 @@ __global__ void merge_backward_kernel(const T* __restrict__ x_resid, const T* __
                                       ChannelAffine affine, T* __restrict__ g_resid,
                                       T* __restrict__ g_dense, T* __restrict__ g_y, MergeShape s) {
   using P = Pack<T, kWidth>;
-  const int64_t channels = s.channels(), cy = s.r + s.inc, cd = s.d + s.inc;
-  const int64_t planes = s.n * channels, packs = s.hw / kWidth;
-  for (int64_t plane = blockIdx.y * (int64_t)blockDim.y + threadIdx.y; plane < planes;
-       plane += (int64_t)gridDim.y * blockDim.y) {
-    const int64_t b = plane / channels, c = plane % channels;
-    float sc[kMaxActs] = {}, sh[kMaxActs] = {};
-#pragma unroll  // constant indices keep the parameter struct out of local memory
-    for (int a = 0; a < kMaxActs; ++a) {
-      if (a < affine.num_acts) affine.at(a, c, &sc[a], &sh[a]);
-    }
-    const T *x = nullptr, *g_out;
+  const ItemRuns runs(s);
+  const int e = (blockIdx.x * blockDim.x + threadIdx.x) * kWidth;
+  if (e >= runs.total) return;
+  const int hw = static_cast<int>(s.hw);
+  const int64_t cy = s.r + s.inc, dense_out_elems = (s.d + s.inc) * s.hw;
+  for (int64_t b = blockIdx.y; b < s.n; b += gridDim.y) {
+    // x and g_out: the forward's resid_out / dense_out parts (dense_out holds old + new).
+    int64_t out_offset;
+    const T *x_base, *g_out_base;
     T *dst0, *dst1 = nullptr;
-    if (c < s.r) {
-      const int64_t off = (b * s.r + c) * s.hw;
-      if (affine.num_acts) x = x_resid + off;
-      g_out = g_resid_out ? g_resid_out + off : nullptr;
-      dst0 = g_resid + off;
-      if (g_y != nullptr) dst1 = g_y + (b * cy + c) * s.hw;
+    if (e < runs.resid_end) {
+      out_offset = b * runs.resid_end + e;
+      x_base = x_resid;
+      g_out_base = g_resid_out;
+      dst0 = g_resid + out_offset;
+      if (g_y != nullptr) dst1 = g_y + b * cy * s.hw + e;
     } else {
-      const int64_t k = c - s.r, off = (b * cd + k) * s.hw;
-      if (affine.num_acts) x = x_dense + off;
-      g_out = g_dense_out ? g_dense_out + off : nullptr;
-      dst0 = k < s.d ? g_dense + (b * s.d + k) * s.hw : g_y + (b * cy + s.r + k - s.d) * s.hw;
+      const int k = e - runs.resid_end;
+      out_offset = b * dense_out_elems + k;
+      x_base = x_dense;
+      g_out_base = g_dense_out;
+      dst0 = e < runs.dense_end ? g_dense + b * s.d * s.hw + k
+                                : g_y + (b * cy + s.r) * s.hw + (e - runs.dense_end);
     }
-    const P* ga[kMaxActs];
+    P xs, go, g0, g1, res;
+    if (affine.num_acts) xs = *reinterpret_cast<const P*>(x_base + out_offset);
+    if (g_out_base) go = *reinterpret_cast<const P*>(g_out_base + out_offset);
+    const int64_t act_offset = b * runs.total + e;
+    const bool has_g0 = affine.num_acts >= 1 && g_act.p[0];
+    const bool has_g1 = affine.num_acts >= 2 && g_act.p[1];
+    if (has_g0) g0 = *reinterpret_cast<const P*>(static_cast<const T*>(g_act.p[0]) + act_offset);
+    if (has_g1) g1 = *reinterpret_cast<const P*>(static_cast<const T*>(g_act.p[1]) + act_offset);
+    int c = e / hw, pos = e - c * hw;
+    AffineCache aff;
+    aff.load(affine, c);
 #pragma unroll
-    for (int a = 0; a < kMaxActs; ++a) {
-      ga[a] = a < affine.num_acts && g_act.p[a]
-                  ? reinterpret_cast<const P*>(static_cast<const T*>(g_act.p[a]) + plane * s.hw)
-                  : nullptr;
-    }
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < packs;
-         i += (int64_t)gridDim.x * blockDim.x) {
-      P xs, go, g0, g1, res;
-      if (x) xs = reinterpret_cast<const P*>(x)[i];
-      if (g_out) go = reinterpret_cast<const P*>(g_out)[i];
-      if (ga[0]) g0 = ga[0][i];
-      if (ga[1]) g1 = ga[1][i];
-#pragma unroll
-      for (int j = 0; j < kWidth; ++j) {
-        float g = g_out ? to_float(go.v[j]) : 0.0f;
-        if (ga[0] && to_float(xs.v[j]) * sc[0] + sh[0] > 0.0f) g += to_float(g0.v[j]) * sc[0];
-        if (ga[1] && to_float(xs.v[j]) * sc[1] + sh[1] > 0.0f) g += to_float(g1.v[j]) * sc[1];
-        res.v[j] = from_float<T>(g);
+    for (int j = 0; j < kWidth; ++j, ++pos) {
+      if (pos == hw) {
+        pos = 0;
+        aff.load(affine, ++c);
       }
-      reinterpret_cast<P*>(dst0)[i] = res;
-      if (dst1) reinterpret_cast<P*>(dst1)[i] = res;
+      float g = g_out_base ? to_float(go.v[j]) : 0.0f;
+      const float x = affine.num_acts ? to_float(xs.v[j]) : 0.0f;
+      if (has_g0 && x * aff.sc[0] + aff.sh[0] > 0.0f) g += to_float(g0.v[j]) * aff.sc[0];
+      if (has_g1 && x * aff.sc[1] + aff.sh[1] > 0.0f) g += to_float(g1.v[j]) * aff.sc[1];
+      res.v[j] = from_float<T>(g);
     }
+    *reinterpret_cast<P*>(dst0) = res;
+    if (dst1) *reinterpret_cast<P*>(dst1) = res;
   }
 }
 
-// Planes are vector-aligned when the base pointers are and each plane's byte size is a multiple
-// of 16 (cudaMalloc'd tensors are 256-byte aligned). At DPN's 224x224 shapes fp32 vectorises
-// everywhere but 7x7; fp16/bf16 at 56x56 and 28x28.
-bool vector_aligned(const void* const* ptrs, int count, int64_t hw, int elem_bytes) {
-  if ((hw * elem_bytes) % 16 != 0) return false;
-  for (int i = 0; i < count; ++i) {
-    if (ptrs[i] != nullptr && reinterpret_cast<uintptr_t>(ptrs[i]) % 16 != 0) return false;
+// The widest pack (elements, at most 16 bytes) that divides every run length (channels * hw,
+// so no pack straddles two tensors) and to whose size every base pointer is aligned.
+template <typename T>
+int pack_width(const MergeShape& s, const void* const* ptrs, int count) {
+  const int64_t runs[] = {s.r * s.hw, s.d * s.hw, s.inc * s.hw, s.dense_capacity * s.hw};
+  for (int width = 16 / static_cast<int>(sizeof(T)); width > 1; width /= 2) {
+    bool ok = true;
+    for (int64_t run : runs) ok = ok && run % width == 0;
+    for (int i = 0; i < count; ++i) {
+      ok = ok && reinterpret_cast<uintptr_t>(ptrs[i]) % (width * sizeof(T)) == 0;
+    }
+    if (ok) return width;
   }
-  return true;
+  return 1;
 }
 
-struct Launch {
-  dim3 grid, block;
-};
+constexpr int kThreads = 256;
 
-// 256 threads a block: up to 256 along a plane's packs, the rest over further planes.
-Launch launch_for(const MergeShape& s, int64_t packs) {
-  const int threads_x = packs >= 256 ? 256 : packs >= 128 ? 128 : packs >= 64 ? 64 : 32;
-  const int threads_y = 256 / threads_x;
-  const int64_t planes = s.n * s.channels();
-  const int64_t grid_x = std::min<int64_t>((packs + threads_x - 1) / threads_x, 64);
-  const int64_t grid_y = std::min<int64_t>((planes + threads_y - 1) / threads_y, 65535);
-  return {dim3(static_cast<unsigned>(std::max<int64_t>(grid_x, 1)),
-               static_cast<unsigned>(std::max<int64_t>(grid_y, 1))),
-          dim3(threads_x, threads_y)};
+// Runs launch(std::integral_constant<int, width>) for a width pack_width<T> returned.
+template <typename T, typename Launch>
+void dispatch_width(int width, Launch&& launch) {
+  if constexpr (sizeof(T) <= 2) {
+    if (width == 8) return launch(std::integral_constant<int, 8>{});
+  }
+  if (width == 4) return launch(std::integral_constant<int, 4>{});
+  if (width == 2) return launch(std::integral_constant<int, 2>{});
+  launch(std::integral_constant<int, 1>{});
+}
+
+dim3 grid_for(const MergeShape& s, int width) {
+  const int64_t packs = s.channels() * s.hw / width;
+  return dim3(static_cast<unsigned>((packs + kThreads - 1) / kThreads),
+              static_cast<unsigned>(std::min<int64_t>(s.n, 65535)));
 }
 
 template <typename T>
@@ -196,18 +225,12 @@ int forward_typed(const void* resid, const void* dense, const void* y, const Cha
   ActPlanes planes{};
   for (int a = 0; a < aff.num_acts; ++a) planes.p[a] = act[a];
   const void* ptrs[] = {resid, dense, y, resid_out, dense_out, planes.p[0], planes.p[1]};
-  constexpr int kWide = kVectorWidth<T>;
-  if (vector_aligned(ptrs, 7, s.hw, sizeof(T))) {
-    const Launch l = launch_for(s, s.hw / kWide);
-    merge_forward_kernel<T, kWide><<<l.grid, l.block, 0, stream>>>(
+  const int width = pack_width<T>(s, ptrs, 7);
+  dispatch_width<T>(width, [&](auto w) {
+    merge_forward_kernel<T, decltype(w)::value><<<grid_for(s, w), kThreads, 0, stream>>>(
         static_cast<const T*>(resid), static_cast<const T*>(dense), static_cast<const T*>(y), aff,
         static_cast<T*>(resid_out), static_cast<T*>(dense_out), planes, s);
-  } else {
-    const Launch l = launch_for(s, s.hw);
-    merge_forward_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(
-        static_cast<const T*>(resid), static_cast<const T*>(dense), static_cast<const T*>(y), aff,
-        static_cast<T*>(resid_out), static_cast<T*>(dense_out), planes, s);
-  }
+  });
   return cudaGetLastError() == cudaSuccess ? dpn_fast::kOk : dpn_fast::kCudaError;
 }
 
@@ -220,25 +243,20 @@ int backward_typed(const void* x_resid, const void* x_dense, const void* g_resid
   for (int a = 0; a < aff.num_acts; ++a) planes.p[a] = g_act[a];
   const void* ptrs[] = {x_resid, x_dense, g_resid_out, g_dense_out, planes.p[0], planes.p[1],
                         g_resid, g_dense, g_y};
-  constexpr int kWide = kVectorWidth<T>;
-  if (vector_aligned(ptrs, 9, s.hw, sizeof(T))) {
-    const Launch l = launch_for(s, s.hw / kWide);
-    merge_backward_kernel<T, kWide><<<l.grid, l.block, 0, stream>>>(
+  const int width = pack_width<T>(s, ptrs, 9);
+  dispatch_width<T>(width, [&](auto w) {
+    merge_backward_kernel<T, decltype(w)::value><<<grid_for(s, w), kThreads, 0, stream>>>(
         static_cast<const T*>(x_resid), static_cast<const T*>(x_dense),
         static_cast<const T*>(g_resid_out), static_cast<const T*>(g_dense_out), planes, aff,
         static_cast<T*>(g_resid), static_cast<T*>(g_dense), static_cast<T*>(g_y), s);
-  } else {
-    const Launch l = launch_for(s, s.hw);
-    merge_backward_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(
-        static_cast<const T*>(x_resid), static_cast<const T*>(x_dense),
-        static_cast<const T*>(g_resid_out), static_cast<const T*>(g_dense_out), planes, aff,
-        static_cast<T*>(g_resid), static_cast<T*>(g_dense), static_cast<T*>(g_y), s);
-  }
+  });
   return cudaGetLastError() == cudaSuccess ? dpn_fast::kOk : dpn_fast::kCudaError;
 }
 
+// Item offsets are 32-bit (an item of 2^31 elements is far beyond DPN's sizes).
 bool valid(const MergeShape& s, const ChannelAffine* aff) {
   return s.n >= 0 && s.r > 0 && s.d >= 0 && s.inc >= 0 && s.hw >= 0 && s.dense_capacity >= 0 &&
+         std::max(s.channels(), s.dense_capacity) * s.hw < INT_MAX &&
          (aff == nullptr || (aff->num_acts >= 0 && aff->num_acts <= kMaxActs));
 }
 

@@ -1,7 +1,9 @@
 // CUDA cores of the grouped 3x3 conv + BatchNorm + ReLU (no Paddle headers; C ABI launchers).
-// Conv: one thread per output position computes up to 32 output channels of its group, the
-// chunk's weights staged in shared memory (fp32) and read as warp-wide broadcasts; fp32
-// accumulation, fp32/fp16/bf16 activations.
+// Conv: one thread per output position computes up to 32 output channels of its group (8 where
+// that leaves fewer blocks than a GPU has SMs' worth, e.g. 7x7 at batch 1), the chunk's weights
+// staged in shared memory (fp32) and read as warp-wide broadcasts; fp32
+// accumulation, fp32/fp16/bf16 activations. Positions are numbered across the batch, so the
+// 7x7 and 14x14 planes of DPN's late stages fill whole blocks.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -12,7 +14,8 @@
 namespace {
 
 constexpr int kConvThreads = 128;
-constexpr int kOcChunk = 32;
+constexpr int kOcChunk = 32;       // output channels a thread computes (at most)
+constexpr int kSmallOcChunk = 8;   // ... when the grid is too small to fill the GPU
 constexpr int kReduceThreads = 256;
 
 template <typename T>
@@ -43,33 +46,37 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 
 // out[b, g*cout_g + oc, p] = act(bias + sum_{ic, tap} w[oc][ic][tap] * x'[b, g*cin_g + ic, tap(p)])
 // x' = relu(x * in_scale + in_shift) per input channel when in_scale is set (input pixels only:
-// the zero padding pads x'), else x. grid: (position blocks, groups * oc chunks, batch).
-template <typename T, typename TW>
+// the zero padding pads x'), else x. grid: (blocks of n * h_out * w_out positions, groups * oc
+// chunks).
+template <typename T, typename TW, int kChunk>
 __global__ void __launch_bounds__(kConvThreads)
     grouped_conv3x3_kernel(const T* __restrict__ x, const TW* __restrict__ w,
                            const float* __restrict__ bias, const float* __restrict__ in_scale,
-                           const float* __restrict__ in_shift, T* __restrict__ out, int c, int h,
+                           const float* __restrict__ in_shift, T* __restrict__ out, int64_t n,
+                           int c, int h,
                            int wd, int c_out, int h_out, int w_out, int groups, int stride,
                            int cin_g, int cout_g, bool relu) {
-  extern __shared__ float w_smem[];  // [kOcChunk][cin_g][9]
-  const int chunks = (cout_g + kOcChunk - 1) / kOcChunk;
+  extern __shared__ float w_smem[];  // [kChunk][cin_g][9]
+  const int chunks = (cout_g + kChunk - 1) / kChunk;
   const int g = blockIdx.y / chunks;
-  const int oc0 = (blockIdx.y % chunks) * kOcChunk;
-  const int nc = min(kOcChunk, cout_g - oc0);
-  const int64_t b = blockIdx.z;
+  const int oc0 = (blockIdx.y % chunks) * kChunk;
+  const int nc = min(kChunk, cout_g - oc0);
   const int taps = cin_g * 9;
   const TW* w_chunk = w + (int64_t)(g * cout_g + oc0) * taps;
   for (int i = threadIdx.x; i < nc * taps; i += blockDim.x) w_smem[i] = to_float(w_chunk[i]);
   __syncthreads();
 
-  const int p = blockIdx.x * kConvThreads + threadIdx.x;
-  if (p >= h_out * w_out) return;
+  const int64_t hw_out = (int64_t)h_out * w_out;
+  const int64_t position = (int64_t)blockIdx.x * kConvThreads + threadIdx.x;
+  if (position >= n * hw_out) return;
+  const int64_t b = position / hw_out;
+  const int p = (int)(position - b * hw_out);
   const int oh = p / w_out, ow = p % w_out;
   const int ih0 = oh * stride - 1, iw0 = ow * stride - 1;
 
-  float acc[kOcChunk];
+  float acc[kChunk];
 #pragma unroll
-  for (int o = 0; o < kOcChunk; ++o) acc[o] = 0.0f;
+  for (int o = 0; o < kChunk; ++o) acc[o] = 0.0f;
   const T* x_group = x + (b * c + (int64_t)g * cin_g) * h * wd;
   for (int ic = 0; ic < cin_g; ++ic) {
     const T* xc = x_group + (int64_t)ic * h * wd;
@@ -93,16 +100,15 @@ __global__ void __launch_bounds__(kConvThreads)
     }
     const float* w_ic = w_smem + ic * 9;
 #pragma unroll
-    for (int o = 0; o < kOcChunk; ++o) {
+    for (int o = 0; o < kChunk; ++o) {
       if (o < nc) {
 #pragma unroll
         for (int t = 0; t < 9; ++t) acc[o] = fmaf(w_ic[o * taps + t], xv[t], acc[o]);
       }
     }
   }
-  const int64_t hw_out = (int64_t)h_out * w_out;
 #pragma unroll
-  for (int o = 0; o < kOcChunk; ++o) {
+  for (int o = 0; o < kChunk; ++o) {
     if (o < nc) {
       const int ch = g * cout_g + oc0 + o;
       float v = acc[o] + (bias ? bias[ch] : 0.0f);
@@ -120,14 +126,21 @@ cudaError_t launch_conv(const void* x, const void* w, const float* bias, void* o
   const int64_t h_out = dpn_fast::conv3x3_out_size(h, stride);
   const int64_t w_out = dpn_fast::conv3x3_out_size(wd, stride);
   const int cin_g = (int)(c / groups), cout_g = (int)(c_out / groups);
-  const int chunks = (cout_g + kOcChunk - 1) / kOcChunk;
-  const size_t smem = sizeof(float) * kOcChunk * cin_g * 9;
+  const int64_t position_blocks = (n * h_out * w_out + kConvThreads - 1) / kConvThreads;
+  int sms = 0, device = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const bool small = position_blocks * groups * ((cout_g + kOcChunk - 1) / kOcChunk) < sms;
+  const int chunk = small ? kSmallOcChunk : kOcChunk;
+  const int chunks = (cout_g + chunk - 1) / chunk;
+  const size_t smem = sizeof(float) * chunk * cin_g * 9;
   if (smem > 48 * 1024) return cudaErrorInvalidValue;  // > 42 input channels per group
-  const dim3 grid((unsigned)((h_out * w_out + kConvThreads - 1) / kConvThreads),
-                  (unsigned)(groups * chunks), (unsigned)n);
-  grouped_conv3x3_kernel<T, TW><<<grid, kConvThreads, smem, stream>>>(
+  const dim3 grid((unsigned)position_blocks, (unsigned)(groups * chunks));
+  auto kernel = small ? grouped_conv3x3_kernel<T, TW, kSmallOcChunk>
+                      : grouped_conv3x3_kernel<T, TW, kOcChunk>;
+  kernel<<<grid, kConvThreads, smem, stream>>>(
       static_cast<const T*>(x), static_cast<const TW*>(w), bias, in_scale, in_shift,
-      static_cast<T*>(out), (int)c,
+      static_cast<T*>(out), n, (int)c,
       (int)h, (int)wd, (int)c_out, (int)h_out, (int)w_out, (int)groups, (int)stride, cin_g, cout_g,
       relu);
   return cudaGetLastError();

@@ -5,67 +5,67 @@ dpn_fast.ops._backend.triton_arg), PREALLOCATED contiguous outputs and plain int
 fp32/fp16/bf16 (math in fp32); scale/shift are folded fp32 [num_acts, C]; act / g_act are
 [num_acts, n, C, hw]. A missing optional tensor is None.
 
-One program covers BLOCK elements of one (batch, channel) plane of the concat
-C = r + d + inc: each channel comes from exactly one source (resid + y, dense, or y), chosen with
-masks rather than branches, so every input element is read once and every output written once.
+Per batch item the BN'd concat C = r + d + inc is three contiguous runs of the tensors involved:
+resid (+ y's first r channels), the old dense channels, y's new dense channels. One program covers
+BLOCK consecutive elements of one item's C * hw, so 7x7 and 14x14 planes fill programs like large
+ones; each element's source is chosen with masks rather than branches, so every input element is
+read once and every output written once. The run lengths are passed as ints (r * hw, ...), which
+Triton specialises when they are multiples of 16: then the accesses vectorise.
 """
 import triton
 import triton.language as tl
 
-_BLOCK_MAX = 1024
+_BLOCK = 1024
+_WARPS = 4
+_MAX_BATCH = 65535  # grid axis 1
 
 
 @triton.jit
 def _merge_forward_kernel(resid, dense, y, scale, shift, resid_out, dense_out, act,
-                          N, R, D, INC, HW,
+                          N, HW, RHW, DHW, INCHW,
                           HAS_Y: tl.constexpr, NUM_ACTS: tl.constexpr, BLOCK: tl.constexpr):
-    plane = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < HW
-    C = R + D + INC
-    b = plane // C
-    c = plane % C
-    k = c - R  # channel within dense_out
-    # Masks from a block-shaped copy of c (the interpreter rejects scalar & block bool masks).
-    c_blk = c + tl.zeros([BLOCK], tl.int64)
-    in_resid = c_blk < R
-    in_dense = (c_blk >= R) & (c_blk < R + D)
-    x = tl.load(resid + (b * R + c) * HW + offs, mask=m & in_resid, other=0.0).to(tl.float32)
-    x += tl.load(dense + (b * D + k) * HW + offs, mask=m & in_dense, other=0.0).to(tl.float32)
+    b = tl.program_id(1).to(tl.int64)
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # element within the item's C * hw
+    CHW = RHW + DHW + INCHW
+    m = e < CHW
+    in_resid = e < RHW
+    in_dense = (e >= RHW) & (e < RHW + DHW)
+    in_new = e >= RHW + DHW
+    k = e - RHW  # element within dense_out
+    x = tl.load(resid + b * RHW + e, mask=m & in_resid, other=0.0).to(tl.float32)
+    x += tl.load(dense + b * DHW + k, mask=m & in_dense, other=0.0).to(tl.float32)
     if HAS_Y:
-        y_channel = tl.where(in_resid, c, R + k - D)
-        x += tl.load(y + (b * (R + INC) + y_channel) * HW + offs, mask=m & ~in_dense,
-                     other=0.0).to(tl.float32)
+        y_item = y + b * (RHW + INCHW)
+        x += tl.load(y_item + e, mask=m & in_resid, other=0.0).to(tl.float32)
+        x += tl.load(y_item + (e - DHW), mask=m & in_new, other=0.0).to(tl.float32)
         out_ty = resid_out.dtype.element_ty
-        tl.store(resid_out + (b * R + c) * HW + offs, x.to(out_ty), mask=m & in_resid)
-        tl.store(dense_out + (b * (D + INC) + k) * HW + offs, x.to(out_ty), mask=m & ~in_resid)
+        tl.store(resid_out + b * RHW + e, x.to(out_ty), mask=m & in_resid)
+        tl.store(dense_out + b * (DHW + INCHW) + k, x.to(out_ty), mask=m & ~in_resid)
         x = x.to(out_ty).to(tl.float32)  # BN sees the rounded merge, as in the unfused sequence
+    c = e // HW
+    C = CHW // HW
     for a in tl.static_range(NUM_ACTS):
-        s = tl.load(scale + a * C + c)
-        t = tl.load(shift + a * C + c)
+        s = tl.load(scale + a * C + c, mask=m, other=0.0)
+        t = tl.load(shift + a * C + c, mask=m, other=0.0)
         v = x * s + t
         v = tl.where(v > 0.0, v, 0.0)
-        dst = act + (a * N * C + plane) * HW + offs
-        tl.store(dst, v.to(act.dtype.element_ty), mask=m)
+        tl.store(act + (a * N + b) * CHW + e, v.to(act.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _merge_backward_kernel(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift,
-                           g_resid, g_dense, g_y, N, R, D, INC, HW,
+                           g_resid, g_dense, g_y, N, HW, RHW, DHW, INCHW,
                            HAS_Y: tl.constexpr, HAS_G_OUT: tl.constexpr, NUM_ACTS: tl.constexpr,
                            BLOCK: tl.constexpr):
-    plane = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < HW
-    C = R + D + INC
-    b = plane // C
-    c = plane % C
-    k = c - R
-    c_blk = c + tl.zeros([BLOCK], tl.int64)
-    in_resid = c_blk < R
-    in_dense = (c_blk >= R) & (c_blk < R + D)
-    resid_off = (b * R + c) * HW + offs
-    dense_off = (b * (D + INC) + k) * HW + offs
+    b = tl.program_id(1).to(tl.int64)
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    CHW = RHW + DHW + INCHW
+    m = e < CHW
+    in_resid = e < RHW
+    in_dense = (e >= RHW) & (e < RHW + DHW)
+    in_new = e >= RHW + DHW
+    resid_off = b * RHW + e
+    dense_off = b * (DHW + INCHW) + (e - RHW)  # in the forward's dense_out (old + new)
     g = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_G_OUT:
         g += tl.load(g_resid_out + resid_off, mask=m & in_resid, other=0.0).to(tl.float32)
@@ -73,23 +73,27 @@ def _merge_backward_kernel(x_resid, x_dense, g_resid_out, g_dense_out, g_act, sc
     if NUM_ACTS > 0:
         x = tl.load(x_resid + resid_off, mask=m & in_resid, other=0.0).to(tl.float32)
         x += tl.load(x_dense + dense_off, mask=m & ~in_resid, other=0.0).to(tl.float32)
+        c = e // HW
+        C = CHW // HW
         for a in tl.static_range(NUM_ACTS):
-            s = tl.load(scale + a * C + c)
-            t = tl.load(shift + a * C + c)
-            ga = tl.load(g_act + (a * N * C + plane) * HW + offs, mask=m, other=0.0)
+            s = tl.load(scale + a * C + c, mask=m, other=0.0)
+            t = tl.load(shift + a * C + c, mask=m, other=0.0)
+            ga = tl.load(g_act + (a * N + b) * CHW + e, mask=m, other=0.0)
             g += tl.where(x * s + t > 0.0, ga.to(tl.float32) * s, 0.0)
     out_ty = g_resid.dtype.element_ty
     tl.store(g_resid + resid_off, g.to(out_ty), mask=m & in_resid)
-    tl.store(g_dense + (b * D + k) * HW + offs, g.to(out_ty), mask=m & in_dense)
+    tl.store(g_dense + b * DHW + (e - RHW), g.to(out_ty), mask=m & in_dense)
     if HAS_Y:
-        y_channel = tl.where(in_resid, c, R + k - D)
-        tl.store(g_y + (b * (R + INC) + y_channel) * HW + offs, g.to(out_ty), mask=m & ~in_dense)
+        y_item = g_y + b * (RHW + INCHW)
+        tl.store(y_item + e, g.to(out_ty), mask=m & in_resid)
+        tl.store(y_item + (e - DHW), g.to(out_ty), mask=m & in_new)
 
 
-def _launch(n, channels, hw):
-    """Grid, BLOCK and warps: one program per (plane, BLOCK elements), ~4 elements a thread."""
-    block = min(_BLOCK_MAX, triton.next_power_of_2(max(hw, 1)))
-    return (n * channels, triton.cdiv(hw, block)), block, max(1, min(8, block // 128))
+def _launch(n, r, d, inc, hw):
+    """Grid and the run lengths: one program per BLOCK elements of one batch item."""
+    if n > _MAX_BATCH:
+        raise ValueError(f"dual_path_merge (Triton): batch {n} exceeds {_MAX_BATCH}")
+    return (triton.cdiv((r + d + inc) * hw, _BLOCK), n), (hw, r * hw, d * hw, inc * hw)
 
 
 def merge_forward(resid, dense, y, scale, shift, resid_out, dense_out, act, n, r, d, inc, hw,
@@ -97,14 +101,14 @@ def merge_forward(resid, dense, y, scale, shift, resid_out, dense_out, act, n, r
     """Writes resid_out/dense_out (when y is given) and act[a] for a < num_acts."""
     if n * hw == 0:
         return
-    grid, block, warps = _launch(n, r + d + inc, hw)
+    grid, runs = _launch(n, r, d, inc, hw)
     # Absent tensors are never dereferenced (masked or compiled out); pass a live pointer.
     fill = resid
     _merge_forward_kernel[grid](
         resid, dense, y if y is not None else fill, scale if num_acts else fill,
         shift if num_acts else fill, resid_out if y is not None else fill,
         dense_out if y is not None else fill, act if num_acts else fill,
-        n, r, d, inc, hw, HAS_Y=y is not None, NUM_ACTS=num_acts, BLOCK=block, num_warps=warps)
+        n, *runs, HAS_Y=y is not None, NUM_ACTS=num_acts, BLOCK=_BLOCK, num_warps=_WARPS)
 
 
 def merge_backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift, g_resid,
@@ -113,24 +117,23 @@ def merge_backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shi
     given or both None; x_resid/x_dense/g_act/scale/shift are read when num_acts > 0."""
     if n * hw == 0:
         return
-    grid, block, warps = _launch(n, r + d + inc, hw)
+    grid, runs = _launch(n, r, d, inc, hw)
     fill = g_resid
     has_g_out = g_resid_out is not None and g_dense_out is not None
     _merge_backward_kernel[grid](
         x_resid if num_acts else fill, x_dense if num_acts else fill,
         g_resid_out if has_g_out else fill, g_dense_out if has_g_out else fill,
         g_act if num_acts else fill, scale if num_acts else fill, shift if num_acts else fill,
-        g_resid, g_dense, g_y if g_y is not None else fill, n, r, d, inc, hw,
-        HAS_Y=g_y is not None, HAS_G_OUT=has_g_out, NUM_ACTS=num_acts, BLOCK=block,
-        num_warps=warps)
+        g_resid, g_dense, g_y if g_y is not None else fill, n, *runs,
+        HAS_Y=g_y is not None, HAS_G_OUT=has_g_out, NUM_ACTS=num_acts, BLOCK=_BLOCK,
+        num_warps=_WARPS)
 
 
 def _aot_specs():
-    """(kernel, signature, constexprs, options) per dtype at the largest BLOCK (and its warps) with
+    """(kernel, signature, constexprs, options) per dtype at the launchers' BLOCK and warps, with
     both BN outputs, with and without y, for tests/test_gpu_compile.py's ahead-of-time compile."""
-    ints = {name: "i32" for name in ("N", "R", "D", "INC", "HW")}
-    _, block, warps = _launch(1, 1, _BLOCK_MAX)
-    options = {"num_warps": warps}
+    ints = {name: "i32" for name in ("N", "HW", "RHW", "DHW", "INCHW")}
+    block, options = _BLOCK, {"num_warps": _WARPS}
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
         act, par = f"*{dt}", "*fp32"

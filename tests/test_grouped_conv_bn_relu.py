@@ -496,8 +496,10 @@ TRITON_SCRIPT = textwrap.dedent("""
     from dpn_fast.kernels.grouped_conv_bn_relu import grouped_conv_bias_relu_forward
     from test_grouped_conv_bn_relu import as_tensors, make_input_bn, make_inputs
     from utils import assert_matches_reference
+    # 3-6 input channels a group: the FMA kernel; 12 and 24 in float16: the tl.dot kernel.
     for n, c, c_out, h, w, groups, stride in [(2, 12, 12, 5, 7, 4, 1), (1, 24, 16, 7, 6, 4, 2),
-                                              (1, 96, 96, 4, 4, 32, 2)]:
+                                              (1, 96, 96, 4, 4, 32, 2), (2, 24, 24, 5, 7, 2, 1),
+                                              (1, 48, 96, 6, 5, 2, 2)]:
         rng = np.random.default_rng(0)
         arrays = make_inputs(rng, n, c, c_out, h, w, groups)
         in_arrays = make_input_bn(rng, c)
