@@ -3,6 +3,8 @@
 `pytest benchmarks/bench_models.py` groups each (model, device, batch) so the two variants sit
 side by side; `--benchmark-autosave` then `--benchmark-compare` tracks them across commits.
 """
+import os
+
 import numpy as np
 import paddle
 import pytest
@@ -43,6 +45,27 @@ def test_eval(benchmark, name, device, batch, variant):
         synchronize(device)
 
     benchmark.pedantic(run, rounds=3 if batch > 1 else 5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("variant", ["reference", "fused"])
+def test_eval_all_cores(benchmark, variant):
+    """DPN92 batch 1 on CPU with every core for reference and fused alike (Paddle's default is
+    1 thread; dpn_fast's ops follow Paddle's setting)."""
+    reference, fused = model_pair("DPN92", "cpu")
+    model = fused if variant == "fused" else reference
+    model.eval()
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((1, 3, 224, 224)), "float32")
+    benchmark.group = f"eval DPN92 cpu batch 1, {os.cpu_count()} threads"
+
+    def run():
+        with paddle.no_grad():
+            model(x)
+
+    paddle.base.core.set_num_threads(os.cpu_count())
+    try:
+        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    finally:
+        paddle.base.core.set_num_threads(1)
 
 
 @pytest.mark.parametrize("variant", ["reference", "fused"])

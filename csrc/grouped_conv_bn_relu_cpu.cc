@@ -174,6 +174,9 @@ WeightGradFn select_weight_grad_fn(const GroupedConvShape& s) {
 // already balances 2..8 threads; output rows are split further only when there are too few.
 // Tasks are handed out dynamically (a thread slowed by another process on its core does fewer);
 // each writes only its own outputs and partial sums, so results do not depend on the schedule.
+// `monotonic`: GCC's default dynamic schedule calls GOMP_loop_nonmonotonic_dynamic_*, which
+// Paddle's libiomp5 lacks; bound to libgomp instead, inside libiomp5's team, every thread ran
+// every task (2 threads were no faster than 1).
 // task_sums (optional): per task, per output channel of the group, sum then sum of squares.
 void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_blocks_out) {
   static const TaskFn task_fn = select_task_fn();
@@ -192,7 +195,7 @@ void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_bl
 #pragma omp parallel num_threads(cpu_threads())
   {
     std::vector<float> scratch(scratch_floats);
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(monotonic : dynamic)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t rb = t % row_blocks, g = (t / row_blocks) % s.groups, b = t / (row_blocks * s.groups);
       const int64_t r0 = rb * s.h_out / row_blocks, r1 = (rb + 1) * s.h_out / row_blocks;
@@ -312,7 +315,7 @@ void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* d
 #pragma omp parallel num_threads(cpu_threads())
     {
       std::vector<float> scratch(scratch_floats);
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(monotonic : dynamic)
       for (int64_t t = 0; t < s.n * s.groups; ++t)
         input_grad_fn(args, t / s.groups, t % s.groups, scratch.data());
     }
@@ -337,7 +340,7 @@ void grouped_conv3x3_backward_cpu(const float* x, const float* w, const float* d
 #pragma omp parallel num_threads(cpu_threads())
   {
     std::vector<float> scratch(scratch_floats);
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(monotonic : dynamic)
     for (int64_t g = 0; g < s.groups; ++g) weight_grad_fn(args, g, scratch.data());
   }
 }

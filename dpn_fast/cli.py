@@ -17,14 +17,18 @@ def _model(name, fused, weights, seed=0):
     return model
 
 
-def _median_ms(fn, repeat):
-    fn()  # warm-up
-    times = []
+def _median_ms(fns, repeat):
+    """Median ms of each of `fns`, run in turn each round: drift on a shared machine (another
+    process, clock changes) then hits all of them alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            fn_times.append((time.perf_counter() - start) * 1e3)
+    return [float(np.median(t)) for t in times]
 
 
 def cmd_predict(args):
@@ -50,8 +54,8 @@ def _compare(name, weights, images, repeat):
     with paddle.no_grad():
         ref_logits = reference(images).numpy()
         fused_logits = fused(images).numpy()
-        ref_ms = _median_ms(lambda: reference(images).numpy(), repeat)
-        fused_ms = _median_ms(lambda: fused(images).numpy(), repeat)
+        ref_ms, fused_ms = _median_ms([lambda: reference(images).numpy(),
+                                       lambda: fused(images).numpy()], repeat)
     return ref_logits, fused_logits, ref_ms, fused_ms
 
 
@@ -61,10 +65,20 @@ def _print_timing(ref_logits, fused_logits, ref_ms, fused_ms, repeat):
           f"speedup {ref_ms / fused_ms:.2f}x")
 
 
+def _set_threads(threads):
+    """CPU threads for Paddle's kernels; dpn_fast's ops follow Paddle's setting."""
+    if threads is not None:
+        import paddle
+
+        paddle.base.core.set_num_threads(threads)
+
+
 def cmd_demo(args):
     import paddle
 
     from dpn_fast.predict import SAMPLE_IMAGE, class_names, preprocess
+
+    _set_threads(args.threads)
 
     ref_logits, fused_logits, ref_ms, fused_ms = _compare(
         args.model, args.weights, preprocess(args.image)[None], args.repeat)
@@ -82,6 +96,7 @@ def cmd_bench(args):
     import paddle
 
     paddle.set_device(args.device)
+    _set_threads(args.threads)
     images = np.random.default_rng(0).standard_normal(
         (args.batch_size, 3, args.image_size, args.image_size)).astype("float32")
     print(f"{args.model} eval, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
@@ -108,6 +123,10 @@ def cmd_info(args):
         print(f"{name:8s} {count_parameters(model) / 1e6:10.2f} {count_macs(model) / 1e9:7.2f}")
 
 
+THREADS_HELP = ("CPU threads for reference and fused alike (default: Paddle's setting, 1 unless "
+                "changed)")
+
+
 def build_parser():
     from dpn_fast.models import MODEL_NAMES
     from dpn_fast.predict import SAMPLE_IMAGE
@@ -128,6 +147,7 @@ def build_parser():
     p.add_argument("--weights")
     p.add_argument("--image", default=SAMPLE_IMAGE)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="time reference vs fused on random images")
@@ -137,6 +157,7 @@ def build_parser():
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--device", default="cpu", help="cpu or gpu")
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="save a model for Paddle Inference")
@@ -155,8 +176,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for option in ("topk", "repeat", "batch_size", "image_size"):
-        if getattr(args, option, 1) < 1:
+    for option in ("topk", "repeat", "batch_size", "image_size", "threads"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
             print(f"dpn-fast: error: --{option.replace('_', '-')} must be at least 1",
                   file=sys.stderr)
             return 2

@@ -100,6 +100,17 @@ def test_bench_and_export(tmp_path, capsys):
     assert "dpn_fast_" in (tmp_path / "DPN68_fused.json").read_text()
 
 
+def test_bench_threads(capsys):
+    try:
+        assert main(["bench", "--model", "DPN68", "--image-size", "64", "--repeat", "1",
+                     "--threads", "2"]) == 0
+        assert "speedup" in capsys.readouterr().out
+    finally:
+        paddle.base.core.set_num_threads(1)  # Paddle's default, which the other tests assume
+
+
 def test_bad_option_values(capsys):
     assert main(["bench", "--batch-size", "0"]) == 2
     assert "--batch-size must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
