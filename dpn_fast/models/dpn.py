@@ -10,15 +10,18 @@ models can live in one process.
   c3x3_b's BN + ReLU + grouped conv + c1x1_c's BN + ReLU     ->  GroupedConvBNReLUFolder
       (eval: c3x3_b's BN + ReLU applied as the conv loads c1x1_a's output; training: Paddle BN)
 The 1x1 convolutions and the stem stay Paddle ops.
-For inference (eval, no gradients) each stage keeps its dense path in one preallocated buffer
-that the merges append to in place (dual_path_merge_into), so old dense channels are not copied
-again in every block.
+For inference (eval, no gradients, on the custom ops) each stage keeps its dense path in one
+preallocated buffer that the merges append to in place (dual_path_merge_into's op), so old dense
+channels are not copied again in every block, and each block is nothing but op launches.
 """
 import paddle
 import paddle.nn as nn
+import paddle.nn.functional as F
 
 from dpn_fast.models.config import CONFIGS, block_shapes
-from dpn_fast.ops import GroupedConvBNReLUFolder, dual_path_merge_bn_relu, dual_path_merge_into
+from dpn_fast.ops import GroupedConvBNReLUFolder, dual_path_merge_bn_relu
+from dpn_fast.ops._backend import resolve_backend
+from dpn_fast.ops.dual_path_merge import batch_norm_params, merge_into_launch
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
@@ -83,24 +86,37 @@ class DualPathBlock(nn.Layer):
 
     def forward_fused(self, resid, dense, acts, next_batch_norms, into_buffer):
         """`acts`: head_batch_norms() applied to the block's input, computed by the previous
-        merge. Returns (resid, dense, next block's acts). into_buffer: `dense` is the stage's
-        dense buffer (inference only), appended to in place."""
-        if self.has_proj:
-            act_w, act_a = acts
-            resid, dense = paddle.split(self.c1x1_w_func._conv(act_w),
-                                        [self.shape.resid, 2 * self.shape.inc], axis=1)
-            if into_buffer:
-                n, _, h, w = dense.shape
-                buffer = paddle.empty([n, self.stage_dense, h, w], dtype=dense.dtype)
-                buffer[:, :2 * self.shape.inc] = dense
-                dense = buffer
-        else:
-            act_a = acts
-        y = self.c1x1_c_func._conv(self.conv_bn_relu(self.c1x1_a_func._conv(act_a)))
+        merge. Returns (resid, dense, next block's acts). into_buffer: inference on the custom
+        ops (see _forward_inference); `dense` is then the stage's dense buffer."""
         if into_buffer:
-            return dual_path_merge_into(resid, dense, self.shape.dense_before, y,
-                                        bn=next_batch_norms)
+            return self._forward_inference(resid, dense, acts, next_batch_norms)
+        if self.has_proj:
+            act_w, acts = acts
+            resid, dense = self._split_projection(self.c1x1_w_func._conv(act_w))
+        y = self.c1x1_c_func._conv(self.conv_bn_relu(self.c1x1_a_func._conv(acts)))
         return dual_path_merge_bn_relu(resid, dense, y, next_batch_norms)
+
+    def _forward_inference(self, resid, dense, acts, next_batch_norms):
+        """Eval without gradients on the custom ops (CPU float32, or a CUDA build): nothing but
+        op launches. The shapes are the architecture's (the model checks its input), parameters
+        are read live (nothing cached can go stale), and the dense path lives in one buffer per
+        stage that each merge appends to in place. The sublayers' forward hooks do not run."""
+        if self.has_proj:
+            act_w, acts = acts
+            resid, new_dense = self._split_projection(
+                F.conv2d(act_w, self.c1x1_w_func._conv.weight, stride=self.shape.stride))
+            n, _, h, w = new_dense.shape
+            dense = paddle.empty([n, self.stage_dense, h, w], dtype=new_dense.dtype)
+            dense[:, :2 * self.shape.inc] = new_dense
+        y = F.conv2d(self.conv_bn_relu.infer(F.conv2d(acts, self.c1x1_a_func._conv.weight)),
+                     self.c1x1_c_func._conv.weight)
+        layers = next_batch_norms if isinstance(next_batch_norms, tuple) else (next_batch_norms,)
+        resid, dense, act = merge_into_launch(resid, dense, self.shape.dense_before, y,
+                                              *batch_norm_params(layers))
+        return resid, dense, act if len(layers) == 1 else tuple(paddle.unbind(act, 0))
+
+    def _split_projection(self, projected):
+        return paddle.split(projected, [self.shape.resid, 2 * self.shape.inc], axis=1)
 
     def forward(self, x):
         data_in = paddle.concat(x, axis=1) if isinstance(x, (list, tuple)) else x
@@ -112,6 +128,12 @@ class DualPathBlock(nn.Layer):
         y = self.c1x1_c_func(self.c3x3_b_func(self.c1x1_a_func(data_in)))
         y_resid, y_dense = paddle.split(y, [self.shape.resid, self.shape.inc], axis=1)
         return [resid + y_resid, paddle.concat([dense, y_dense], axis=1)]
+
+
+def _custom_ops_run(x):
+    """Whether the ops' "auto" backend runs the custom ops themselves for `x`."""
+    backend = resolve_backend("auto", x, "DPN")
+    return backend == "cuda" or (backend == "cpu" and x.dtype == paddle.float32)
 
 
 class DPN(nn.Layer):
@@ -181,9 +203,11 @@ class DPN(nn.Layer):
         """Blocks + final concat/BN/ReLU; each merge also computes the next block's head."""
         bn_w, bn_a = self.blocks[0].head_batch_norms()
         acts = (bn_w(stem), bn_a(stem))
-        # The in-place stage buffers have no backward: only when no gradient can be wanted.
-        into_buffer = not self.training and (not paddle.in_dynamic_mode()
-                                             or not paddle.is_grad_enabled())
+        # The in-place stage buffers have no backward: only when no gradient can be wanted,
+        # and only on the custom ops (Triton has no stage-buffer merge).
+        into_buffer = (not self.training and (not paddle.in_dynamic_mode()
+                                              or not paddle.is_grad_enabled())
+                       and _custom_ops_run(stem))
         resid = dense = None
         heads = [block.head_batch_norms() for block in self.blocks[1:]] + [self.conv5_x_x_bn]
         for block, next_batch_norms in zip(self.blocks, heads):

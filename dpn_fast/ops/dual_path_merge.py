@@ -129,8 +129,7 @@ def dual_path_merge_into(resid, dense_buffer, dense_channels, y, scale=None, shi
     if bn is not None:
         if scale is not None or shift is not None:
             raise ValueError(f"{op}: pass either scale/shift or bn, not both")
-        layers, params = _batch_norms(op, bn, channels)
-        epsilons = [float(l._epsilon) for l in layers]
+        layers, params, epsilons = _batch_norms(op, bn, channels)
     else:
         if scale is None or shift is None:
             raise ValueError(f"{op}: needs scale and shift (or bn=)")
@@ -143,11 +142,27 @@ def dual_path_merge_into(resid, dense_buffer, dense_channels, y, scale=None, shi
         resid_out, act = reference_dual_path_merge_into(resid, dense_buffer, dense_channels, y,
                                                         params, epsilons)
     else:
-        resid_out, dense_buffer, act = run_op("dpn_fast_dual_path_merge_into", resid, dense_buffer,
-                                              y, params, epsilons, dense_channels)
+        resid_out, dense_buffer, act = merge_into_launch(resid, dense_buffer, dense_channels, y,
+                                                         params, epsilons)
     if bn is not None:
         act = _with_acts((), _split_acts(act, len(layers)), bn)
     return resid_out, dense_buffer, act
+
+
+def merge_into_launch(resid, dense_buffer, dense_channels, y, params, epsilons):
+    """dual_path_merge_into's custom op, unchecked (CPU float32 or a CUDA build): for callers
+    whose shapes are fixed by construction, such as the fused DPN's inference path. params:
+    scale, shift ([A, C] each), or per BN weight, bias, mean, variance with their `epsilons`.
+    Returns (resid_out, dense_buffer, act [A, N, C, H, W])."""
+    return run_op("dpn_fast_dual_path_merge_into", resid, dense_buffer, y, params, epsilons,
+                  dense_channels)
+
+
+def batch_norm_params(layers):
+    """The custom ops' BN arguments of eval BatchNorm `layers`: (params, epsilons)."""
+    return ([t for layer in layers for t in (layer.weight, layer.bias, layer._mean,
+                                             layer._variance)],
+            [float(layer._epsilon) for layer in layers])
 
 
 @paddle.no_grad()
@@ -296,20 +311,19 @@ def _check_batch_norm(op, bn):
 
 
 def _batch_norms(op, bn, channels):
-    """(layers, [weight, bias, mean, variance] of each, flattened as the custom ops take them)."""
+    """(layers, params, epsilons) of `bn` (one BatchNorm layer or a pair), checked; params and
+    epsilons as batch_norm_params gives them."""
     layers = tuple(bn) if isinstance(bn, (tuple, list)) else (bn,)
     if not 1 <= len(layers) <= _MAX_ACTS:
         raise ValueError(f"{op}: expects 1 or {_MAX_ACTS} BatchNorm layers, got {len(layers)}")
-    params = []
     for layer in layers:
-        tensors = _check_batch_norm(op, layer)
+        weight = _check_batch_norm(op, layer)[0]
         if layer._act != "relu":
             raise ValueError(f"{op}: BatchNorm must have act='relu', got act={layer._act!r}")
-        if channels >= 0 and tensors[0].shape[0] != channels:
-            raise ValueError(f"{op}: BatchNorm has {tensors[0].shape[0]} channels, the concat "
+        if channels >= 0 and weight.shape[0] != channels:
+            raise ValueError(f"{op}: BatchNorm has {weight.shape[0]} channels, the concat "
                              f"has {channels}")
-        params += tensors
-    return layers, params
+    return (layers, *batch_norm_params(layers))
 
 
 def _resolve(backend, resid, op):
@@ -334,7 +348,7 @@ def _single(outputs):
 
 
 def _bn_relu(op, resid, dense, y, bn, training, backend):
-    layers, params = _batch_norms(op, bn, _concat_channels(resid, dense, y))
+    layers, params, epsilons = _batch_norms(op, bn, _concat_channels(resid, dense, y))
     if training is None:
         training = layers[0].training
     backend = _resolve(backend, resid, op)
@@ -346,7 +360,6 @@ def _bn_relu(op, resid, dense, y, bn, training, backend):
         scale, shift = zip(*(fold_batch_norm(layer) for layer in layers))
         outs = _triton_merge(resid, dense, y, paddle.stack(scale), paddle.stack(shift))
         return _with_acts(outs[:-1], paddle.unbind(outs[-1], 0), bn)
-    epsilons = [float(layer._epsilon) for layer in layers]
     if y is None:
         act = _single(run_op("dpn_fast_concat_bn_relu", resid, dense, params, epsilons))
         return _with_acts((), _split_acts(act, len(layers)), bn)

@@ -101,6 +101,14 @@ def _triton_forward(x, weight_folded, bias, stride, groups, in_scale_shift=None)
     return out
 
 
+def _prologue_infer(x, weight, input_bn, bn, stride, groups):
+    """The eval custom op with the input's BN + ReLU as its prologue, unchecked. input_bn, bn:
+    (weight, bias, mean, variance, epsilon); both are folded inside the op."""
+    return _extension.run_op("dpn_fast_bn_relu_grouped_conv_bn_relu_infer", x, weight,
+                             *input_bn[:4], *bn[:4], stride, groups, float(input_bn[4]),
+                             float(bn[4]))[0]
+
+
 def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=1, groups=32,
                          epsilon=1e-5, momentum=0.9, training=False, backend="auto",
                          input_bn=None):
@@ -140,10 +148,8 @@ def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=
         bn_mean.stop_gradient, bn_var.stop_gradient = stop_gradient
         return out
     if input_bn is not None:
-        in_weight, in_bias, in_mean, in_var, in_epsilon = input_bn
-        return _extension.run_op("dpn_fast_bn_relu_grouped_conv_bn_relu_infer", x, weight,
-                                 in_weight, in_bias, in_mean, in_var, bn_weight, bn_bias, bn_mean,
-                                 bn_var, stride, groups, float(in_epsilon), float(epsilon))[0]
+        return _prologue_infer(x, weight, input_bn, (bn_weight, bn_bias, bn_mean, bn_var, epsilon),
+                               stride, groups)
     return _extension.run_op("dpn_fast_grouped_conv_bn_relu_infer", x, weight, bn_weight, bn_bias,
                              bn_mean, bn_var, stride, groups, float(epsilon))[0]
 
@@ -213,6 +219,15 @@ class GroupedConvBNReLUFolder:
     def _input_bn_params(self):
         ibn = self.input_bn
         return ibn.weight, ibn.bias, ibn._mean, ibn._variance, ibn._epsilon
+
+    def infer(self, x):
+        """Eval with input_bn, as a launch of the custom op (CPU float32 or a CUDA build) and no
+        checks: for callers whose shapes are fixed by construction, such as the fused DPN's
+        inference path. Parameters are read live (the op folds both BNs)."""
+        bn = self.bn
+        return _prologue_infer(x, self.conv.weight, self._input_bn_params(),
+                               (bn.weight, bn.bias, bn._mean, bn._variance, bn._epsilon),
+                               self.stride, self.groups)
 
     def __call__(self, x, backend="auto"):
         bn = self.bn
