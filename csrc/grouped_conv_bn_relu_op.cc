@@ -7,6 +7,8 @@
 //   dpn_fast_grouped_conv_bn_relu_train  training: batch statistics, running statistics updated
 //                                        in place; backward = fused BN+ReLU grad + direct conv
 //                                        grads on CPU (Paddle's conv2d_grad on GPU)
+#include <string>
+
 #include "binding.h"
 #include "common.h"
 #include "grouped_conv_bn_relu.h"
@@ -67,22 +69,14 @@ void check_channel_vector(const paddle::Tensor& t, const paddle::Tensor& x, int6
            phi::DataTypeToString(t.dtype()));
 }
 
-void check_bn(const paddle::Tensor& x, int64_t c_out, const paddle::Tensor& bn_weight,
-              const paddle::Tensor& bn_bias, const paddle::Tensor& bn_mean,
-              const paddle::Tensor& bn_var) {
-  check_channel_vector(bn_weight, x, c_out, "bn_weight");
-  check_channel_vector(bn_bias, x, c_out, "bn_bias");
-  check_channel_vector(bn_mean, x, c_out, "bn_mean");
-  check_channel_vector(bn_var, x, c_out, "bn_var");
-}
-
-void check_input_bn(const paddle::Tensor& x, int64_t c, const paddle::Tensor& in_bn_weight,
-                    const paddle::Tensor& in_bn_bias, const paddle::Tensor& in_bn_mean,
-                    const paddle::Tensor& in_bn_var) {
-  check_channel_vector(in_bn_weight, x, c, "in_bn_weight");
-  check_channel_vector(in_bn_bias, x, c, "in_bn_bias");
-  check_channel_vector(in_bn_mean, x, c, "in_bn_mean");
-  check_channel_vector(in_bn_var, x, c, "in_bn_var");
+// A BatchNorm's four [channels] float32 vectors, named prefix + "weight", ... in errors.
+void check_bn(const paddle::Tensor& x, int64_t channels, const paddle::Tensor& weight,
+              const paddle::Tensor& bias, const paddle::Tensor& mean, const paddle::Tensor& var,
+              const std::string& prefix) {
+  check_channel_vector(weight, x, channels, (prefix + "weight").c_str());
+  check_channel_vector(bias, x, channels, (prefix + "bias").c_str());
+  check_channel_vector(mean, x, channels, (prefix + "mean").c_str());
+  check_channel_vector(var, x, channels, (prefix + "var").c_str());
 }
 
 void require_cpu(const paddle::Tensor& x) {
@@ -143,7 +137,7 @@ std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x_in,
                                                    int groups, float epsilon) {
   const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
   const auto s = check_conv(x, weight, stride, groups);
-  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
+  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, "bn_");
 #ifdef DPN_FAST_WITH_CUDA
   if (x.is_gpu()) {
     const int64_t taps_per_oc = s.c / s.groups * 9;
@@ -174,8 +168,8 @@ std::vector<paddle::Tensor> BnReluGroupedConvBnReluInfer(
     int stride, int groups, float in_epsilon, float epsilon) {
   const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
   const auto s = check_conv(x, weight, stride, groups);
-  check_input_bn(x, s.c, in_bn_weight, in_bn_bias, in_bn_mean, in_bn_var);
-  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
+  check_bn(x, s.c, in_bn_weight, in_bn_bias, in_bn_mean, in_bn_var, "in_bn_");
+  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, "bn_");
   auto out = empty_out(x, s);
 #ifdef DPN_FAST_WITH_CUDA
   if (x.is_gpu()) {
@@ -213,7 +207,7 @@ std::vector<paddle::Tensor> GroupedConvBnReluTrain(const paddle::Tensor& x,
                                                    int stride, int groups, float epsilon,
                                                    float momentum) {
   const auto s = check_conv(x, weight, stride, groups);
-  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var);
+  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, "bn_");
   auto out = empty_out(x, s);
   auto conv_out = empty_out(x, s);
   auto saved_mean = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
