@@ -30,14 +30,12 @@ def model_pair(name, device):
     return _models[(name, device)]
 
 
-@pytest.mark.parametrize("variant", ["reference", "fused"])
-@pytest.mark.parametrize("name,device,batch", CASES)
-def test_eval(benchmark, name, device, batch, variant):
+def time_eval(benchmark, name, device, batch, variant, group):
     reference, fused = model_pair(name, device)
     model = fused if variant == "fused" else reference
     model.eval()
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)), "float32")
-    benchmark.group = f"eval {name} {device} batch {batch}"
+    benchmark.group = group
 
     def run():
         with paddle.no_grad():
@@ -48,22 +46,19 @@ def test_eval(benchmark, name, device, batch, variant):
 
 
 @pytest.mark.parametrize("variant", ["reference", "fused"])
+@pytest.mark.parametrize("name,device,batch", CASES)
+def test_eval(benchmark, name, device, batch, variant):
+    time_eval(benchmark, name, device, batch, variant, f"eval {name} {device} batch {batch}")
+
+
+@pytest.mark.parametrize("variant", ["reference", "fused"])
 def test_eval_all_cores(benchmark, variant):
     """DPN92 batch 1 on CPU with every core for reference and fused alike (Paddle's default is
     1 thread; dpn_fast's ops follow Paddle's setting)."""
-    reference, fused = model_pair("DPN92", "cpu")
-    model = fused if variant == "fused" else reference
-    model.eval()
-    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((1, 3, 224, 224)), "float32")
-    benchmark.group = f"eval DPN92 cpu batch 1, {os.cpu_count()} threads"
-
-    def run():
-        with paddle.no_grad():
-            model(x)
-
     paddle.base.core.set_num_threads(os.cpu_count())
     try:
-        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+        time_eval(benchmark, "DPN92", "cpu", 1, variant,
+                  f"eval DPN92 cpu batch 1, {os.cpu_count()} threads")
     finally:
         paddle.base.core.set_num_threads(1)
 

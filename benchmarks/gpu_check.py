@@ -1192,7 +1192,7 @@ def sweep_conv_tiles(report, module, convs, batches, forms, device):
             iters = iters_for(n, False) if device == "cuda" else 1
             w_dt = weight.to(dtype)
             bn_dot = min(64, max(16, 1 << (cg - 1).bit_length()))
-            choices = (("fma", module.choose_tiles(cg, cg, h_out * h_out, half=False)),
+            choices = (("fma", module.choose_tiles(cg, cg, n, h_out * h_out, half=False)),
                        ("dot m32", module.Tiles(True, 32, bn_dot, 32, 4)),
                        ("dot m64", module.Tiles(True, 64, bn_dot, 32, 4)),
                        ("dot m64 k16", module.Tiles(True, 64, bn_dot, 16, 4)))

@@ -123,19 +123,20 @@ class Tiles(NamedTuple):
     num_warps: int
 
 
-def choose_tiles(cin_g, cout_g, positions, half, interpret=False):
+def choose_tiles(cin_g, cout_g, n, image_positions, half, interpret=False):
     """From the H100 sweeps (docs/gpu_check.md): tl.dot pays from 12 input channels a group
     (K = 108) in fp16/bf16, in both forms and at batch 1 to 64, with 32-position tiles from 24
     channels and 16-wide K chunks up to 16; larger dot tiles spill (per-element addresses and
     masks). Narrower groups run faster as FMA outer products (3 and 6 channels: 1.5-3x ahead of
     tl.dot at batch 64 in the input-prologue form), whose block_n <= 16 keeps the accumulator in
-    registers. `positions`: of the dot kernel's M (n * h_out * w_out), else of one image."""
+    registers. image_positions: h_out * w_out (the dot kernel's M spans the n images)."""
     if half and cin_g >= 12:
+        positions = n * image_positions
         block_m = min(32 if cin_g >= 24 else 64, max(16, triton.next_power_of_2(positions)))
         block_n = min(64, max(16, triton.next_power_of_2(cout_g)))
         return Tiles(True, block_m, block_n, 16 if cin_g <= 16 else 32, 4)
     # The CPU interpreter pays per program: fewer, larger programs there.
-    block_p = min(triton.next_power_of_2(positions), 1024 if interpret else 128)
+    block_p = min(triton.next_power_of_2(image_positions), 1024 if interpret else 128)
     return Tiles(False, block_p, min(triton.next_power_of_2(cout_g), 16), 1, 4)
 
 
@@ -154,10 +155,9 @@ def grouped_conv_bias_relu_forward(x, w_folded, bias, out, n, c, h, w, c_out, gr
     if n * h_out * w_out == 0:
         return out
     cin_g, cout_g = c // groups, c_out // groups
-    half = "float32" not in str(x.dtype)
     if tiles is None:
-        tiles = choose_tiles(cin_g, cout_g, n * h_out * w_out if half and cin_g >= 12
-                             else h_out * w_out, half, os.environ.get("TRITON_INTERPRET") == "1")
+        tiles = choose_tiles(cin_g, cout_g, n, h_out * w_out, "float32" not in str(x.dtype),
+                             os.environ.get("TRITON_INTERPRET") == "1")
     # Without the prologue the scale/shift pointers are never read: pass bias in their place.
     args = (x, w_folded, bias, in_scale if in_affine else bias, in_shift if in_affine else bias,
             out)
@@ -200,12 +200,12 @@ def _aot_specs():
                                             "BLOCK_K")}}
         for stride, cin_g, in_affine in ((1, 24, True), (2, 12, True), (2, 3, False)):
             shape = {"STRIDE": stride, "CIN_G": cin_g, "IN_AFFINE": in_affine}
-            t = choose_tiles(cin_g, cin_g, 1 << 20, half=False)
+            t = choose_tiles(cin_g, cin_g, 1, 1 << 20, half=False)
             specs.append((_grouped_conv_fma_kernel, fma,
                           {**shape, "BLOCK_OC": t.block_n, "BLOCK_P": t.block_m},
                           {"num_warps": t.num_warps}))
             if cin_g >= 12:
-                t = choose_tiles(cin_g, cin_g, 1 << 20, half=True)
+                t = choose_tiles(cin_g, cin_g, 1, 1 << 20, half=True)
                 specs.append((_grouped_conv_dot_kernel, dot,
                               {**shape, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
                                "BLOCK_K": t.block_k}, {"num_warps": t.num_warps}))

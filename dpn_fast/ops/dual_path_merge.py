@@ -153,7 +153,8 @@ def merge_into_launch(resid, dense_buffer, dense_channels, y, params, epsilons):
     """dual_path_merge_into's custom op, unchecked (CPU float32 or a CUDA build): for callers
     whose shapes are fixed by construction, such as the fused DPN's inference path. params:
     scale, shift ([A, C] each), or per BN weight, bias, mean, variance with their `epsilons`.
-    Returns (resid_out, dense_buffer, act [A, N, C, H, W])."""
+    Returns (resid_out, dense_buffer, act): act [N, C, H, W] for one BN layer, else
+    [A, N, C, H, W] (split by _split_acts)."""
     return run_op("dpn_fast_dual_path_merge_into", resid, dense_buffer, y, params, epsilons,
                   dense_channels)
 
