@@ -22,6 +22,11 @@ inline std::string shape_str(const std::vector<int64_t>& shape) {
 // reordered to plain NCHW, any other tensor unchanged (csrc/onednn_layout.cc).
 paddle::Tensor to_plain_layout(const paddle::Tensor& t);
 
+// An uninitialised output tensor. On CPU, blocks of 128 KiB and more come from a cache of freed
+// blocks instead of Paddle's allocator (csrc/host_block_cache.cc).
+paddle::Tensor empty_output(const std::vector<int64_t>& shape, paddle::DataType dtype,
+                            const phi::Place& place);
+
 // For tensors that cannot be reordered (written in place): refuse oneDNN layout clearly.
 inline void check_plain_layout(const paddle::Tensor& t, const char* op, const char* name) {
   PD_CHECK(t.layout() != phi::DataLayout::ONEDNN, op, ": input '", name,
@@ -46,6 +51,27 @@ inline void check_same_place(const paddle::Tensor& a, const paddle::Tensor& b, c
   PD_CHECK(a.place() == b.place(), op, ": '", name_a, "' and '", name_b,
            "' must be on the same device, got ", a.place().DebugString(), " and ",
            b.place().DebugString());
+}
+
+// A [channels] float32 vector on x's device (BN parameters, biases).
+inline void check_channel_vector(const paddle::Tensor& t, const paddle::Tensor& x,
+                                 int64_t channels, const char* op, const std::string& name) {
+  check_plain_layout(t, op, name.c_str());
+  check_same_place(x, t, op, "x", name.c_str());
+  PD_CHECK(t.shape().size() == 1 && t.shape()[0] == channels, op, ": '", name,
+           "' must have shape [", channels, "], got ", shape_str(t.shape()));
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, op, ": '", name, "' must be float32, got ",
+           phi::DataTypeToString(t.dtype()));
+}
+
+// A BatchNorm's four [channels] float32 vectors, named prefix + "weight", ... in errors.
+inline void check_bn(const paddle::Tensor& x, int64_t channels, const paddle::Tensor& weight,
+                     const paddle::Tensor& bias, const paddle::Tensor& mean,
+                     const paddle::Tensor& var, const char* op, const std::string& prefix) {
+  check_channel_vector(weight, x, channels, op, prefix + "weight");
+  check_channel_vector(bias, x, channels, op, prefix + "bias");
+  check_channel_vector(mean, x, channels, op, prefix + "mean");
+  check_channel_vector(var, x, channels, op, prefix + "var");
 }
 
 }  // namespace dpn_fast

@@ -184,17 +184,17 @@ std::vector<paddle::Tensor> forward(const paddle::Tensor& resid_in, const paddle
   std::vector<paddle::Tensor> outs;
   paddle::Tensor resid_out, dense_out, act;
   if (y) {
-    resid_out = paddle::empty(resid.shape(), dtype, place);
+    resid_out = dpn_fast::empty_output(resid.shape(), dtype, place);
     outs.push_back(resid_out);
     if (into_buffer) {
       dense_out = dense;
     } else {
-      dense_out = paddle::empty({s.n, s.d + s.inc, ys[2], ys[3]}, dtype, place);
+      dense_out = dpn_fast::empty_output({s.n, s.d + s.inc, ys[2], ys[3]}, dtype, place);
       outs.push_back(dense_out);
     }
   }
   if (layout.num_acts) {
-    act = paddle::empty(act_shape(s, resid.shape(), layout), dtype, place);
+    act = dpn_fast::empty_output(act_shape(s, resid.shape(), layout), dtype, place);
     outs.push_back(act);
   }
   std::vector<void*> planes = act_planes(act, layout.num_acts, s.n * s.channels() * s.hw);
@@ -235,10 +235,10 @@ std::vector<paddle::Tensor> backward(const paddle::Tensor& like, const paddle::T
   const dpn_fast::ChannelAffine affine = channel_affine(params, epsilons, layout, s.channels());
   const auto dtype = like.dtype();
   const auto place = like.place();
-  auto g_resid = paddle::empty(like.shape(), dtype, place);
-  auto g_dense = paddle::empty(dense_shape, dtype, place);
+  auto g_resid = dpn_fast::empty_output(like.shape(), dtype, place);
+  auto g_dense = dpn_fast::empty_output(dense_shape, dtype, place);
   paddle::Tensor g_y;
-  if (y_shape) g_y = paddle::empty(*y_shape, dtype, place);
+  if (y_shape) g_y = dpn_fast::empty_output(*y_shape, dtype, place);
   std::vector<const void*> g_planes(layout.num_acts, nullptr);
   if (g_act.initialized()) {
     const size_t bytes = phi::SizeOf(dtype) * s.n * s.channels() * s.hw;

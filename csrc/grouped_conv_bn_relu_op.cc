@@ -59,26 +59,6 @@ dpn_fast::GroupedConvShape check_conv(const paddle::Tensor& x, const paddle::Ten
           dpn_fast::conv3x3_out_size(xs[2], stride), dpn_fast::conv3x3_out_size(xs[3], stride)};
 }
 
-void check_channel_vector(const paddle::Tensor& t, const paddle::Tensor& x, int64_t c_out,
-                          const char* name) {
-  dpn_fast::check_plain_layout(t, kOp, name);
-  dpn_fast::check_same_place(x, t, kOp, "x", name);
-  PD_CHECK(t.shape().size() == 1 && t.shape()[0] == c_out, kOp, ": '", name, "' must have shape [",
-           c_out, "], got ", dpn_fast::shape_str(t.shape()));
-  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, kOp, ": '", name, "' must be float32, got ",
-           phi::DataTypeToString(t.dtype()));
-}
-
-// A BatchNorm's four [channels] float32 vectors, named prefix + "weight", ... in errors.
-void check_bn(const paddle::Tensor& x, int64_t channels, const paddle::Tensor& weight,
-              const paddle::Tensor& bias, const paddle::Tensor& mean, const paddle::Tensor& var,
-              const std::string& prefix) {
-  check_channel_vector(weight, x, channels, (prefix + "weight").c_str());
-  check_channel_vector(bias, x, channels, (prefix + "bias").c_str());
-  check_channel_vector(mean, x, channels, (prefix + "mean").c_str());
-  check_channel_vector(var, x, channels, (prefix + "var").c_str());
-}
-
 void require_cpu(const paddle::Tensor& x) {
   PD_CHECK(x.is_cpu(), kOp, ": tensors on ", x.place().DebugString(),
            " are not supported by this build");
@@ -103,7 +83,7 @@ void check_cuda_status(int status) {
 #endif
 
 paddle::Tensor empty_out(const paddle::Tensor& x, const dpn_fast::GroupedConvShape& s) {
-  return paddle::empty({s.n, s.c_out, s.h_out, s.w_out}, x.dtype(), x.place());
+  return dpn_fast::empty_output({s.n, s.c_out, s.h_out, s.w_out}, x.dtype(), x.place());
 }
 
 std::vector<paddle::Tensor> GroupedConvBiasReluForward(const paddle::Tensor& x_in,
@@ -112,7 +92,7 @@ std::vector<paddle::Tensor> GroupedConvBiasReluForward(const paddle::Tensor& x_i
                                                        int groups) {
   const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
   const auto s = check_conv(x, weight, stride, groups);
-  check_channel_vector(bias, x, s.c_out, "bias");
+  dpn_fast::check_channel_vector(bias, x, s.c_out, kOp, "bias");
   auto out = empty_out(x, s);
 #ifdef DPN_FAST_WITH_CUDA
   if (x.is_gpu()) {
@@ -137,12 +117,12 @@ std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x_in,
                                                    int groups, float epsilon) {
   const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
   const auto s = check_conv(x, weight, stride, groups);
-  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, "bn_");
+  dpn_fast::check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, kOp, "bn_");
 #ifdef DPN_FAST_WITH_CUDA
   if (x.is_gpu()) {
     const int64_t taps_per_oc = s.c / s.groups * 9;
-    auto w_folded = paddle::empty({s.c_out * taps_per_oc}, paddle::DataType::FLOAT32, x.place());
-    auto bias = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
+    auto w_folded = dpn_fast::empty_output({s.c_out * taps_per_oc}, paddle::DataType::FLOAT32, x.place());
+    auto bias = dpn_fast::empty_output({s.c_out}, paddle::DataType::FLOAT32, x.place());
     auto out = empty_out(x, s);
     check_cuda_status(dpn_fast_grouped_conv_bn_relu_infer_cuda(
         x.data(), weight.data(), bn_weight.data<float>(), bn_bias.data<float>(),
@@ -168,15 +148,15 @@ std::vector<paddle::Tensor> BnReluGroupedConvBnReluInfer(
     int stride, int groups, float in_epsilon, float epsilon) {
   const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
   const auto s = check_conv(x, weight, stride, groups);
-  check_bn(x, s.c, in_bn_weight, in_bn_bias, in_bn_mean, in_bn_var, "in_bn_");
-  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, "bn_");
+  dpn_fast::check_bn(x, s.c, in_bn_weight, in_bn_bias, in_bn_mean, in_bn_var, kOp, "in_bn_");
+  dpn_fast::check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, kOp, "bn_");
   auto out = empty_out(x, s);
 #ifdef DPN_FAST_WITH_CUDA
   if (x.is_gpu()) {
     const int64_t taps_per_oc = s.c / s.groups * 9;
-    auto in_scale_shift = paddle::empty({2 * s.c}, paddle::DataType::FLOAT32, x.place());
-    auto w_folded = paddle::empty({s.c_out * taps_per_oc}, paddle::DataType::FLOAT32, x.place());
-    auto bias = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
+    auto in_scale_shift = dpn_fast::empty_output({2 * s.c}, paddle::DataType::FLOAT32, x.place());
+    auto w_folded = dpn_fast::empty_output({s.c_out * taps_per_oc}, paddle::DataType::FLOAT32, x.place());
+    auto bias = dpn_fast::empty_output({s.c_out}, paddle::DataType::FLOAT32, x.place());
     check_cuda_status(dpn_fast_bn_relu_grouped_conv_bn_relu_infer_cuda(
         x.data(), weight.data(), in_bn_weight.data<float>(), in_bn_bias.data<float>(),
         in_bn_mean.data<float>(), in_bn_var.data<float>(), in_epsilon, bn_weight.data<float>(),
@@ -207,11 +187,11 @@ std::vector<paddle::Tensor> GroupedConvBnReluTrain(const paddle::Tensor& x,
                                                    int stride, int groups, float epsilon,
                                                    float momentum) {
   const auto s = check_conv(x, weight, stride, groups);
-  check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, "bn_");
+  dpn_fast::check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, kOp, "bn_");
   auto out = empty_out(x, s);
   auto conv_out = empty_out(x, s);
-  auto saved_mean = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
-  auto saved_invstd = paddle::empty({s.c_out}, paddle::DataType::FLOAT32, x.place());
+  auto saved_mean = dpn_fast::empty_output({s.c_out}, paddle::DataType::FLOAT32, x.place());
+  auto saved_invstd = dpn_fast::empty_output({s.c_out}, paddle::DataType::FLOAT32, x.place());
 #ifdef DPN_FAST_WITH_CUDA
   if (x.is_gpu()) {
     check_cuda_status(dpn_fast_grouped_conv_bn_relu_train_cuda(
@@ -259,9 +239,9 @@ std::vector<paddle::Tensor> GroupedConvBnReluTrainBackward(
     const paddle::Tensor& saved_invstd, const paddle::Tensor& grad_out, int stride, int groups,
     float epsilon, float momentum) {
   const auto& ys = conv_out.shape();
-  auto grad_conv_out = paddle::empty(ys, conv_out.dtype(), conv_out.place());
-  auto grad_bn_weight = paddle::empty({ys[1]}, paddle::DataType::FLOAT32, x.place());
-  auto grad_bn_bias = paddle::empty({ys[1]}, paddle::DataType::FLOAT32, x.place());
+  auto grad_conv_out = dpn_fast::empty_output(ys, conv_out.dtype(), conv_out.place());
+  auto grad_bn_weight = dpn_fast::empty_output({ys[1]}, paddle::DataType::FLOAT32, x.place());
+  auto grad_bn_bias = dpn_fast::empty_output({ys[1]}, paddle::DataType::FLOAT32, x.place());
   bn_relu_backward(conv_out, out, grad_out, bn_weight, saved_mean, saved_invstd, grad_conv_out,
                    grad_bn_weight, grad_bn_bias);
 #ifdef DPN_FAST_WITH_CUDA
@@ -273,8 +253,8 @@ std::vector<paddle::Tensor> GroupedConvBnReluTrainBackward(
   }
 #endif
   const auto s = check_conv(x, weight, stride, groups);
-  auto grad_x = paddle::empty(x.shape(), x.dtype(), x.place());
-  auto grad_weight = paddle::empty(weight.shape(), weight.dtype(), weight.place());
+  auto grad_x = dpn_fast::empty_output(x.shape(), x.dtype(), x.place());
+  auto grad_weight = dpn_fast::empty_output(weight.shape(), weight.dtype(), weight.place());
   dpn_fast::grouped_conv3x3_backward_cpu(x.data<float>(), weight.data<float>(),
                                          grad_conv_out.data<float>(), grad_x.data<float>(),
                                          grad_weight.data<float>(), s);

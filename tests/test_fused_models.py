@@ -165,7 +165,8 @@ def test_fused_export_predictor_round_trip(tmp_path, use_onednn):
         ref64 = reference64(paddle.to_tensor(x.astype("float64"))).numpy()
     fused_prefix = export(fused, str(tmp_path / "dpn68_fused"), image_size=64)
     program = open(fused_prefix + ".json").read()
-    for op in ("dpn_fast_dual_path_merge", "dpn_fast_bn_relu_grouped_conv_bn_relu_infer"):
+    for op in ("dpn_fast_dual_path_merge", "dpn_fast_bn_relu_grouped_conv_bn_relu_infer",
+               "dpn_fast_stem_conv_bn_relu_pool"):
         assert op in program  # the fused ops were exported
     reference_prefix = export(reference, str(tmp_path / "dpn68"), image_size=64)
     outputs = [run_predictor(create_predictor(prefix, use_onednn=use_onednn), x)

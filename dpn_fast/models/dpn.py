@@ -9,10 +9,11 @@ models can live in one process.
       projection block, the final BN after the last block)  ->  dual_path_merge_bn_relu
   c3x3_b's BN + ReLU + grouped conv + c1x1_c's BN + ReLU     ->  GroupedConvBNReLUFolder
       (eval: c3x3_b's BN + ReLU applied as the conv loads c1x1_a's output; training: Paddle BN)
-The 1x1 convolutions and the stem stay Paddle ops.
+The 1x1 convolutions stay Paddle ops, and so does the stem except for CPU inference.
 For inference (eval, no gradients, on the custom ops) each stage keeps its dense path in one
 preallocated buffer that the merges append to in place (dual_path_merge_into's op), so old dense
-channels are not copied again in every block, and each block is nothing but op launches.
+channels are not copied again in every block, and each block is nothing but op launches; on CPU
+the stem's conv + BN + ReLU + max pool is one op (stem_conv_bn_relu_pool).
 """
 import paddle
 import paddle.nn as nn
@@ -22,6 +23,7 @@ from dpn_fast.models.config import CONFIGS, block_shapes
 from dpn_fast.ops import GroupedConvBNReLUFolder, dual_path_merge_bn_relu
 from dpn_fast.ops._backend import resolve_backend
 from dpn_fast.ops.dual_path_merge import batch_norm_params, merge_into_launch
+from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
@@ -190,24 +192,30 @@ class DPN(nn.Layer):
 
     def forward(self, x):
         self._check_input(x)
-        h = self.pool2d_max(self.conv1_x_1_func(x))
         if self.fused:
-            h = self._forward_blocks_fused(h)
+            h = self._forward_fused(x)
         else:
+            h = self.pool2d_max(self.conv1_x_1_func(x))
             for block in self.blocks:
                 h = block(h)
             h = self.conv5_x_x_bn(paddle.concat(h, axis=1))
         return self.out(paddle.flatten(self.pool2d_avg(h), start_axis=1))
 
-    def _forward_blocks_fused(self, stem):
-        """Blocks + final concat/BN/ReLU; each merge also computes the next block's head."""
-        bn_w, bn_a = self.blocks[0].head_batch_norms()
-        acts = (bn_w(stem), bn_a(stem))
-        # The in-place stage buffers have no backward: only when no gradient can be wanted,
-        # and only on the custom ops (Triton has no stage-buffer merge).
+    def _forward_fused(self, x):
+        """Stem, blocks and the final concat/BN/ReLU; each merge also computes the next
+        block's head."""
+        # The in-place stage buffers and the fused stem have no backward: only when no
+        # gradient can be wanted, and only on the custom ops (Triton has no stage-buffer merge;
+        # the stem op is CPU-only).
         into_buffer = (not self.training and (not paddle.in_dynamic_mode()
                                               or not paddle.is_grad_enabled())
-                       and _custom_ops_run(stem))
+                       and _custom_ops_run(x))
+        if into_buffer and resolve_backend("auto", x, "DPN") == "cpu":
+            stem = stem_launch(x, self.conv1_x_1_func._conv, self.conv1_x_1_func._batch_norm)
+        else:
+            stem = self.pool2d_max(self.conv1_x_1_func(x))
+        bn_w, bn_a = self.blocks[0].head_batch_norms()
+        acts = (bn_w(stem), bn_a(stem))
         resid = dense = None
         heads = [block.head_batch_norms() for block in self.blocks[1:]] + [self.conv5_x_x_bn]
         for block, next_batch_norms in zip(self.blocks, heads):

@@ -4,3 +4,4 @@ from dpn_fast.ops.dual_path_merge import (  # noqa: F401
     fold_batch_norm)
 from dpn_fast.ops.grouped_conv_bn_relu import (  # noqa: F401
     GroupedConvBNReLUFolder, grouped_conv_bn_relu)
+from dpn_fast.ops.stem_conv_bn_relu_pool import stem_conv_bn_relu_pool  # noqa: F401

@@ -1,0 +1,53 @@
+"""The DPN stem for inference, fused:
+
+    out = max_pool2d(relu(batch_norm(conv2d(x, weight, stride, padding=K // 2))), 3, 2, 1)
+
+with eval BatchNorm (running statistics) folded into the weights per call. CPU only, float32,
+no gradient: it serves the fused model's inference path. Paddle runs the stem as three ops, and
+its convolution writes (and page-faults) a fresh im2col buffer on every call: 4.2 ms for DPN92's
+7x7 stem on 2 threads, of which the GEMM is 0.9 ms. On GPU cuDNN serves the stem well, and this
+function runs the reference there.
+"""
+import paddle
+import paddle.nn.functional as F
+
+from dpn_fast import _extension
+from dpn_fast.ops._backend import resolve_backend
+
+OP = "stem_conv_bn_relu_pool"
+
+
+def reference_stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=2,
+                                     epsilon=1e-5):
+    """The plain-Paddle sequence the fused op replaces (the benchmarks' and tests' baseline)."""
+    y = F.conv2d(x, weight, stride=stride, padding=weight.shape[2] // 2)
+    y = F.batch_norm(y, bn_mean, bn_var, weight=bn_weight, bias=bn_bias, training=False,
+                     epsilon=epsilon)
+    return F.max_pool2d(F.relu(y), kernel_size=3, stride=2, padding=1)
+
+
+def stem_launch(x, conv, bn):
+    """The op on a Conv2D layer and an eval BatchNorm layer, unchecked (the model's inference
+    path; the op checks shapes itself)."""
+    return _extension.run_op(f"dpn_fast_{OP}", x, conv.weight, bn.weight, bn.bias, bn._mean,
+                             bn._variance, conv._stride[0], float(bn._epsilon))[0]
+
+
+def stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=2,
+                           epsilon=1e-5, backend="auto"):
+    """The fused stem; `backend`: "auto" (the op on CPU, the reference on GPU), "cpu" or
+    "reference". Has no backward: call it under paddle.no_grad() (or in a saved model)."""
+    if backend not in ("auto", "cpu", "reference"):
+        raise ValueError(f"{OP}: backend must be 'auto', 'cpu' or 'reference', got {backend!r}")
+    on_cpu = resolve_backend("auto", x, OP) == "cpu"
+    if backend == "cpu" and not on_cpu:
+        raise ValueError(f"{OP}: backend='cpu' got tensors on {x.place}")
+    if backend == "reference" or not on_cpu:
+        return reference_stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var,
+                                                stride, epsilon)
+    if paddle.in_dynamic_mode() and paddle.is_grad_enabled() and not all(
+            t.stop_gradient for t in (x, weight, bn_weight, bn_bias)):
+        raise RuntimeError(f"{OP}: the fused stem has no backward; call it under "
+                           "paddle.no_grad() or use backend='reference' for training")
+    return _extension.run_op(f"dpn_fast_{OP}", x, weight, bn_weight, bn_bias, bn_mean, bn_var,
+                             int(stride), float(epsilon))[0]

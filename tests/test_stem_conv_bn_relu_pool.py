@@ -1,0 +1,174 @@
+"""stem_conv_bn_relu_pool vs a float64 reference: the five DPN stems, odd shapes, thread counts,
+to_static + jit.save + Paddle Inference (oneDNN on and off), and bad inputs."""
+import os
+import sys
+import textwrap
+
+import numpy as np
+import paddle
+import pytest
+
+import dpn_fast
+from dpn_fast.models.config import CONFIGS
+from dpn_fast.ops import stem_conv_bn_relu_pool
+from dpn_fast.ops.stem_conv_bn_relu_pool import reference_stem_conv_bn_relu_pool
+from utils import assert_matches_reference
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+NAMES = ("x", "weight", "bn_weight", "bn_bias", "bn_mean", "bn_var")
+
+
+def dpn_stems():
+    """(c_out, kernel) of the five models' stems (stride 2, 3 input channels)."""
+    return sorted({(cfg.init_filters, cfg.stem_kernel) for cfg in CONFIGS.values()})
+
+
+# (n, c, h, w, c_out, kernel, stride): odd and tiny images, batch 3, output channels not a
+# multiple of the 8-channel register tile, a 5x5 kernel, stride 1 and 3, 4 input channels.
+ODD_CASES = [
+    (3, 3, 17, 23, 10, 3, 2),
+    (2, 3, 9, 8, 64, 7, 2),
+    (1, 3, 1, 1, 12, 7, 2),
+    (1, 4, 12, 13, 13, 5, 1),
+    (2, 3, 31, 40, 20, 7, 3),
+    (1, 3, 225, 225, 96, 7, 2),
+]
+
+
+def make_inputs(rng, n, c, h, w, c_out, kernel):
+    return {
+        "x": rng.standard_normal((n, c, h, w)),
+        "weight": rng.standard_normal((c_out, c, kernel, kernel)) / np.sqrt(c * kernel * kernel),
+        "bn_weight": rng.uniform(0.5, 1.5, c_out),
+        "bn_bias": 0.5 * rng.standard_normal(c_out),
+        "bn_mean": 0.2 * rng.standard_normal(c_out),
+        "bn_var": rng.uniform(0.5, 2.0, c_out),
+    }
+
+
+def as_tensors(arrays, dtype):
+    return [paddle.to_tensor(arrays[k].astype(dtype)) for k in NAMES]
+
+
+def check_against_reference(case, seed=0):
+    n, c, h, w, c_out, kernel, stride = case
+    arrays = make_inputs(np.random.default_rng(seed), n, c, h, w, c_out, kernel)
+    ref64 = reference_stem_conv_bn_relu_pool(*as_tensors(arrays, "float64"), stride=stride)
+    ref32 = reference_stem_conv_bn_relu_pool(*as_tensors(arrays, "float32"), stride=stride)
+    with paddle.no_grad():
+        fused = stem_conv_bn_relu_pool(*as_tensors(arrays, "float32"), stride=stride,
+                                       backend="cpu")
+    assert_matches_reference(fused.numpy(), ref64.numpy(), ref32.numpy(), name=f"stem {case}")
+
+
+@pytest.mark.parametrize("c_out,kernel", dpn_stems())
+@pytest.mark.parametrize("n", [1, 3])
+def test_dpn_stems(n, c_out, kernel):
+    check_against_reference((n, 3, 224, 224, c_out, kernel, 2))
+
+
+@pytest.mark.parametrize("case", ODD_CASES)
+def test_odd_shapes(case):
+    check_against_reference(case)
+
+
+def test_thread_counts():
+    """The op splits rows and channel blocks over threads: 1 and 3 threads give the same."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from test_stem_conv_bn_relu_pool import ODD_CASES, check_against_reference
+        for case in ODD_CASES + [(1, 3, 224, 224, 64, 7, 2)]:
+            check_against_reference(case)
+        print("ok")
+    """)
+    from test_grouped_conv_bn_relu import run_script
+    for threads in ("1", "3"):
+        run_script(script, dict(os.environ, DPN_FAST_NUM_THREADS=threads))
+
+
+def test_reference_backend_and_gpu_fallback_are_the_paddle_sequence():
+    arrays = make_inputs(np.random.default_rng(1), 1, 3, 20, 20, 16, 7)
+    tensors = as_tensors(arrays, "float32")
+    np.testing.assert_array_equal(
+        stem_conv_bn_relu_pool(*tensors, backend="reference").numpy(),
+        reference_stem_conv_bn_relu_pool(*tensors).numpy())
+
+
+class Stem(paddle.nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(3, 16, 7, stride=2, padding=3, bias_attr=False)
+        self.bn = paddle.nn.BatchNorm(16, act="relu")
+
+    def forward(self, x):
+        return stem_conv_bn_relu_pool(x, self.conv.weight, self.bn.weight, self.bn.bias,
+                                      self.bn._mean, self.bn._variance)
+
+
+def test_to_static_jit_save_and_predictor(tmp_path):
+    from test_grouped_conv_bn_relu import check_saved_block
+    stem = Stem()
+    rng = np.random.default_rng(2)
+    stem.bn._mean.set_value(rng.standard_normal(16).astype("float32"))
+    stem.bn._variance.set_value(rng.uniform(0.5, 2, 16).astype("float32"))
+    stem.eval()
+    x = paddle.to_tensor(rng.standard_normal((2, 3, 29, 30)).astype("float32"))
+    expected = reference_stem_conv_bn_relu_pool(x, stem.conv.weight, stem.bn.weight,
+                                                stem.bn.bias, stem.bn._mean,
+                                                stem.bn._variance).numpy()
+    with paddle.no_grad():
+        np.testing.assert_allclose(paddle.jit.to_static(stem, full_graph=True)(x).numpy(), expected,
+                                   rtol=1e-5, atol=1e-5)
+    check_saved_block(stem, x, expected, str(tmp_path / "stem"),
+                      op="dpn_fast_stem_conv_bn_relu_pool")
+
+
+def bad_call(backend="cpu", stride=2, **tensors):
+    arrays = make_inputs(np.random.default_rng(3), 1, 3, 16, 16, 8, 7)
+    args = dict(zip(NAMES, as_tensors(arrays, "float32")))
+    args.update(tensors)
+    with paddle.no_grad():
+        return stem_conv_bn_relu_pool(*(args[k] for k in NAMES), stride=stride, backend=backend)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"x": paddle.randn([1, 4, 16, 16])}, "for 3 input channels, x has shape [1, 4, 16, 16]"),
+    ({"x": paddle.randn([3, 16, 16])}, "'x' must have rank 4"),
+    ({"weight": paddle.randn([8, 3, 6, 6])}, "square and odd"),
+    ({"weight": paddle.randn([8, 3, 7, 5])}, "square and odd"),
+    ({"weight": paddle.randn([8, 3, 13, 13])}, "at most 11"),
+    ({"x": paddle.randn([1, 3, 16, 16]).astype("float64"),
+      "weight": paddle.randn([8, 3, 7, 7]).astype("float64")}, "float32 only"),
+    ({"weight": paddle.randn([8, 3, 7, 7]).astype("float64")}, "same dtype"),
+    ({"bn_var": paddle.rand([4])}, "'bn_var' must have shape [8]"),
+    ({"stride": 0}, "stride must be in [1, 7]"),
+    ({"backend": "triton"}, "backend must be"),
+])
+def test_bad_inputs(overrides, message):
+    with pytest.raises((ValueError, RuntimeError, OSError)) as info:
+        bad_call(**overrides)
+    assert message in str(info.value)
+
+
+def test_no_backward_is_a_clear_error():
+    arrays = make_inputs(np.random.default_rng(4), 1, 3, 16, 16, 8, 7)
+    tensors = as_tensors(arrays, "float32")
+    tensors[1].stop_gradient = False
+    with pytest.raises(RuntimeError, match="no backward"):
+        stem_conv_bn_relu_pool(*tensors)
+
+
+def test_outputs_are_not_shared_between_calls():
+    """Outputs come from a cache of freed blocks: live outputs must never share one."""
+    arrays = make_inputs(np.random.default_rng(5), 1, 3, 224, 224, 64, 7)
+    tensors = as_tensors(arrays, "float32")
+    with paddle.no_grad():
+        first = stem_conv_bn_relu_pool(*tensors)
+        expected = first.numpy().copy()
+        tensors[0] = tensors[0] * 2.0
+        second = stem_conv_bn_relu_pool(*tensors)
+    np.testing.assert_array_equal(first.numpy(), expected)
+    assert not np.array_equal(second.numpy(), expected)
+    assert first.data_ptr() != second.data_ptr()
