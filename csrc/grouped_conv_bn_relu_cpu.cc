@@ -1,9 +1,8 @@
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "cpu_threads.h"
 #include "grouped_conv_bn_relu.h"
 
@@ -83,7 +82,7 @@ int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
 
 }  // namespace
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
 namespace isa_avx512 {
@@ -100,7 +99,6 @@ namespace isa_avx2 {
 #undef DPN_VL
 }  // namespace isa_avx2
 #pragma GCC pop_options
-#define DPN_FAST_HAVE_X86_VARIANTS 1
 #endif
 namespace isa_baseline {
 #define DPN_VL 4
@@ -114,23 +112,6 @@ using TaskFn = void (*)(const ConvArgs&, int64_t, int64_t, int64_t, int64_t, flo
 
 using WeightGradFn = void (*)(const WeightGradArgs&, int64_t, float*);
 using InputGradFn = void (*)(const InputGradArgs&, int64_t, int64_t, float*);
-
-enum class Isa { kAvx512, kAvx2, kBaseline };
-
-// The widest instruction set the CPU supports, capped by DPN_FAST_CPU_ISA ("avx2", "baseline";
-// lets the tests run every variant on one machine).
-Isa detect_isa() {
-  const char* cap = std::getenv("DPN_FAST_CPU_ISA");
-  const std::string limit = cap ? cap : "";
-#ifdef DPN_FAST_HAVE_X86_VARIANTS
-  if (limit.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
-  if (limit != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return Isa::kAvx2;
-#endif
-  return Isa::kBaseline;
-}
 
 TaskFn select_task_fn() {
   switch (detect_isa()) {

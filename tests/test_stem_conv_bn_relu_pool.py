@@ -1,5 +1,5 @@
-"""stem_conv_bn_relu_pool vs a float64 reference: the five DPN stems, odd shapes, thread counts,
-to_static + jit.save + Paddle Inference (oneDNN on and off), and bad inputs."""
+"""stem_conv_bn_relu_pool vs a float64 reference: the five DPN stems, odd shapes, thread counts
+and ISA variants, to_static + jit.save + Paddle Inference (oneDNN on and off), and bad inputs."""
 import os
 import sys
 import textwrap
@@ -73,8 +73,13 @@ def test_odd_shapes(case):
     check_against_reference(case)
 
 
-def test_thread_counts():
-    """The op splits rows and channel blocks over threads: 1 and 3 threads give the same."""
+@pytest.mark.parametrize("variable,value", [
+    ("DPN_FAST_NUM_THREADS", "1"), ("DPN_FAST_NUM_THREADS", "3"),
+    ("DPN_FAST_CPU_ISA", "avx2"), ("DPN_FAST_CPU_ISA", "baseline"),  # this machine: AVX-512
+])
+def test_cpu_core_variants(variable, value):
+    """Thread counts (rows and channel blocks split over threads) and the AVX2 and SSE tiles
+    (8-channel tiles: other weight layouts and channel padding)."""
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
@@ -84,8 +89,7 @@ def test_thread_counts():
         print("ok")
     """)
     from test_grouped_conv_bn_relu import run_script
-    for threads in ("1", "3"):
-        run_script(script, dict(os.environ, DPN_FAST_NUM_THREADS=threads))
+    run_script(script, dict(os.environ, **{variable: value}))
 
 
 def test_reference_backend_and_gpu_fallback_are_the_paddle_sequence():

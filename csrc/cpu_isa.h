@@ -1,0 +1,32 @@
+// The CPU cores' per-instruction-set variants (framework-free). A core includes its register
+// tile once per ISA, in namespaces isa_avx512 / isa_avx2 / isa_baseline, each under a
+// `#pragma GCC target`, and picks one at run time with detect_isa(); so a library built without
+// -march=native (DPN_FAST_NATIVE=OFF) still runs AVX-512 code where the CPU has it.
+#pragma once
+#include <cstdlib>
+#include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DPN_FAST_HAVE_X86_VARIANTS 1
+#endif
+
+namespace dpn_fast {
+
+enum class Isa { kAvx512, kAvx2, kBaseline };
+
+// The widest instruction set the CPU supports, capped by DPN_FAST_CPU_ISA ("avx2", "baseline";
+// lets the tests run every variant on one machine).
+inline Isa detect_isa() {
+  const char* cap = std::getenv("DPN_FAST_CPU_ISA");
+  const std::string limit = cap ? cap : "";
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+  if (limit.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (limit != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+}  // namespace dpn_fast
