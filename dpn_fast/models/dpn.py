@@ -105,17 +105,38 @@ class DualPathBlock(nn.Layer):
         stage that each merge appends to in place. The sublayers' forward hooks do not run."""
         if self.has_proj:
             act_w, acts = acts
-            resid, new_dense = self._split_projection(
-                F.conv2d(act_w, self.c1x1_w_func._conv.weight, stride=self.shape.stride))
-            n, _, h, w = new_dense.shape
-            dense = paddle.empty([n, self.stage_dense, h, w], dtype=new_dense.dtype)
-            dense[:, :2 * self.shape.inc] = new_dense
+            weight = self.c1x1_w_func._conv.weight
+            if self.shape.stride == 1:
+                # One GEMM per path on the weight's row blocks (views, no copy) rather than
+                # one GEMM and a split that copies the residual part (stage 1: 1.7 -> 0.4 ms).
+                # With stride 2 Paddle subsamples the input per conv, so one conv is cheaper.
+                resid = F.conv2d(act_w, weight[:self.shape.resid])
+                new_dense = F.conv2d(act_w, weight[self.shape.resid:])
+            else:
+                resid, new_dense = self._split_projection(
+                    F.conv2d(act_w, weight, stride=self.shape.stride))
+            dense = self._stage_buffer(new_dense)
         y = F.conv2d(self.conv_bn_relu.infer(F.conv2d(acts, self.c1x1_a_func._conv.weight)),
                      self.c1x1_c_func._conv.weight)
         layers = next_batch_norms if isinstance(next_batch_norms, tuple) else (next_batch_norms,)
         resid, dense, act = merge_into_launch(resid, dense, self.shape.dense_before, y,
                                               *batch_norm_params(layers))
         return resid, dense, act if len(layers) == 1 else tuple(paddle.unbind(act, 0))
+
+    def _stage_buffer(self, new_dense):
+        """The stage's dense buffer: the projection's dense channels, then room for the other
+        blocks' (written in place by their merges)."""
+        n, _, h, w = new_dense.shape
+        if paddle.in_dynamic_mode():
+            # 5-10x faster than writing a slice of an empty buffer.
+            spare = paddle.empty([n, self.stage_dense - 2 * self.shape.inc, h, w],
+                                 dtype=new_dense.dtype)
+            return paddle.concat([new_dense, spare], axis=1)
+        # Exported: Paddle Inference runs concat on oneDNN, whose output layout the in-place
+        # merge cannot take.
+        dense = paddle.empty([n, self.stage_dense, h, w], dtype=new_dense.dtype)
+        dense[:, :2 * self.shape.inc] = new_dense
+        return dense
 
     def _split_projection(self, projected):
         return paddle.split(projected, [self.shape.resid, 2 * self.shape.inc], axis=1)
