@@ -92,7 +92,7 @@ def test_cpu_core_variants(variable, value):
     run_script(script, dict(os.environ, **{variable: value}))
 
 
-def test_reference_backend_and_gpu_fallback_are_the_paddle_sequence():
+def test_reference_backend_is_the_paddle_sequence():
     arrays = make_inputs(np.random.default_rng(1), 1, 3, 20, 20, 16, 7)
     tensors = as_tensors(arrays, "float32")
     np.testing.assert_array_equal(
