@@ -1,7 +1,7 @@
-// The CPU cores' per-instruction-set variants (framework-free). A core includes its register
-// tile once per ISA, in namespaces isa_avx512 / isa_avx2 / isa_baseline, each under a
-// `#pragma GCC target`, and picks one at run time with detect_isa(); so a library built without
-// -march=native (DPN_FAST_NATIVE=OFF) still runs AVX-512 code where the CPU has it.
+// The CPU cores' per-instruction-set variants (framework-free). A core compiles its register
+// tile once per ISA (cpu_isa_variants.inc: namespaces isa_avx512 / isa_avx2 / isa_baseline, each
+// under a `#pragma GCC target`) and picks one at run time with detect_isa(); so a library built
+// without -march=native (DPN_FAST_NATIVE=OFF) still runs AVX-512 code where the CPU has it.
 #pragma once
 #include <cstdlib>
 #include <string>

@@ -82,29 +82,8 @@ int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
 
 }  // namespace
 
-#ifdef DPN_FAST_HAVE_X86_VARIANTS
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
-namespace isa_avx512 {
-#define DPN_VL 16
-#include "grouped_conv_bn_relu_tile.inc"
-#undef DPN_VL
-}  // namespace isa_avx512
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace isa_avx2 {
-#define DPN_VL 8
-#include "grouped_conv_bn_relu_tile.inc"
-#undef DPN_VL
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#endif
-namespace isa_baseline {
-#define DPN_VL 4
-#include "grouped_conv_bn_relu_tile.inc"
-#undef DPN_VL
-}  // namespace isa_baseline
+#define DPN_TILE "grouped_conv_bn_relu_tile.inc"
+#include "cpu_isa_variants.inc"
 
 namespace {
 

@@ -24,35 +24,8 @@ struct StemRowArgs {
 
 }  // namespace
 
-#ifdef DPN_FAST_HAVE_X86_VARIANTS
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
-namespace isa_avx512 {
-#define DPN_VL 16
-#define DPN_OCB 16
-#include "stem_conv_bn_relu_pool_tile.inc"
-#undef DPN_OCB
-#undef DPN_VL
-}  // namespace isa_avx512
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace isa_avx2 {
-#define DPN_VL 8
-#define DPN_OCB 8
-#include "stem_conv_bn_relu_pool_tile.inc"
-#undef DPN_OCB
-#undef DPN_VL
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#endif
-namespace isa_baseline {
-#define DPN_VL 4
-#define DPN_OCB 8
-#include "stem_conv_bn_relu_pool_tile.inc"
-#undef DPN_OCB
-#undef DPN_VL
-}  // namespace isa_baseline
+#define DPN_TILE "stem_conv_bn_relu_pool_tile.inc"
+#include "cpu_isa_variants.inc"
 
 namespace {
 
