@@ -17,7 +17,8 @@ namespace dpn_fast {
 namespace {
 
 constexpr size_t kPage = 4096;
-// Smaller blocks come from malloc's own free lists, which do not page-fault.
+// Smaller ones come from Paddle's allocator: malloc serves them from its free lists, without
+// fresh pages.
 constexpr size_t kMinCachedBytes = 128 * 1024;
 
 // At most this many freed bytes are kept (DPN_FAST_HOST_CACHE_MB, default 1024); a block freed

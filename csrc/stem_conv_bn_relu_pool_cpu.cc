@@ -16,8 +16,8 @@ constexpr int64_t kMaxVector = 16;
 
 struct StemRowArgs {
   const StemShape* shape;
-  const float *planes, *w, *bias;
-  float* conv;
+  const float *w, *bias;
+  float *planes, *conv;
   int64_t plane_size, plane_cols;
   int64_t kx_offset[kMaxStemKernel];  // tap column kx: its phase plane and column shift
 };
@@ -77,9 +77,8 @@ StemRowArgs prepare(const float* w, const BatchNormParams& bn, float* workspace,
   a.shape = &s;
   a.w = w_folded;
   a.bias = bias;
-  float* planes = workspace + weights_size(s);
-  a.planes = planes;
-  a.conv = planes + planes_size(s);
+  a.planes = workspace + weights_size(s);
+  a.conv = a.planes + planes_size(s);
   a.plane_cols = plane_cols(s);
   a.plane_size = plane_rows(s) * a.plane_cols;
   for (int64_t kx = 0; kx < s.kernel; ++kx)
@@ -91,12 +90,11 @@ StemRowArgs prepare(const float* w, const BatchNormParams& bn, float* workspace,
 void run_image(const float* x, float* out, const StemShape& s, const StemRowArgs& a,
                const ConvVariant& variant) {
   const int64_t pad = s.kernel / 2;
-  float* planes = const_cast<float*>(a.planes);
 #pragma omp for collapse(2) schedule(static)
   for (int64_t plane = 0; plane < s.c * s.stride; ++plane) {
     for (int64_t r = 0; r < plane_rows(s); ++r) {
       const int64_t ci = plane / s.stride, phase = plane % s.stride, y = r - pad;
-      float* dst = planes + plane * a.plane_size + r * a.plane_cols;
+      float* dst = a.planes + plane * a.plane_size + r * a.plane_cols;
       for (int64_t j = 0; j < a.plane_cols; ++j) {
         const int64_t col = j * s.stride + phase - pad;
         dst[j] = y >= 0 && y < s.h && col >= 0 && col < s.w ? x[(ci * s.h + y) * s.w + col] : 0.f;

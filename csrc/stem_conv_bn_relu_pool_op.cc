@@ -23,8 +23,7 @@ dpn_fast::StemShape check_stem(const Shape& xs, const Shape& ws, int stride) {
            " input channels, x has shape ", shape_str(xs));
   PD_CHECK(stride >= 1 && stride <= ws[2], kOp, ": stride must be in [1, ", ws[2], "], got ",
            stride);
-  PD_CHECK(xs[2] > 0 && xs[3] > 0, kOp, ": empty image, x has shape ",
-           shape_str(xs));
+  PD_CHECK(xs[2] != 0 && xs[3] != 0, kOp, ": empty image, x has shape ", shape_str(xs));
   return dpn_fast::stem_shape(xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], stride);
 }
 
@@ -52,10 +51,11 @@ std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x_in, const paddle
   return {out};
 }
 
+// Sizes unknown when exporting (-1: a dynamic batch or image size) stay unknown.
 std::vector<Shape> StemInferShape(const Shape& xs, const Shape& ws, const Shape&, const Shape&,
                                   const Shape&, const Shape&, int stride, float) {
   const auto s = check_stem(xs, ws, stride);
-  return {{s.n, s.c_out, s.h_out, s.w_out}};
+  return {{s.n, s.c_out, xs[2] < 0 ? -1 : s.h_out, xs[3] < 0 ? -1 : s.w_out}};
 }
 
 std::vector<paddle::DataType> StemInferDtype(paddle::DataType x, paddle::DataType,

@@ -129,6 +129,22 @@ def test_to_static_jit_save_and_predictor(tmp_path):
                       op="dpn_fast_stem_conv_bn_relu_pool")
 
 
+def test_saved_with_dynamic_image_size(tmp_path):
+    stem = Stem()
+    stem.eval()
+    path = str(tmp_path / "stem_dynamic")
+    paddle.jit.save(stem, path, input_spec=[paddle.static.InputSpec([None, 3, None, None],
+                                                                    "float32")])
+    loaded = paddle.jit.load(path)
+    rng = np.random.default_rng(6)
+    for shape in [(1, 3, 33, 20), (2, 3, 64, 64)]:
+        x = paddle.to_tensor(rng.standard_normal(shape).astype("float32"))
+        expected = reference_stem_conv_bn_relu_pool(x, stem.conv.weight, stem.bn.weight,
+                                                    stem.bn.bias, stem.bn._mean,
+                                                    stem.bn._variance).numpy()
+        np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 def bad_call(backend="cpu", stride=2, **tensors):
     arrays = make_inputs(np.random.default_rng(3), 1, 3, 16, 16, 8, 7)
     args = dict(zip(NAMES, as_tensors(arrays, "float32")))
