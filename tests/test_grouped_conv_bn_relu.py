@@ -14,7 +14,7 @@ import dpn_fast
 from dpn_fast.models.config import CONFIGS, block_shapes
 from dpn_fast.ops import GroupedConvBNReLUFolder, grouped_conv_bn_relu
 from dpn_fast.ops.grouped_conv_bn_relu import reference_grouped_conv_bn_relu
-from utils import assert_matches_reference
+from utils import assert_matches_reference, random_bn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -57,10 +57,7 @@ def make_inputs(rng, n, c, c_out, h, w, groups):
     return {
         "x": rng.standard_normal((n, c, h, w)),
         "weight": rng.standard_normal((c_out, c // groups, 3, 3)) / np.sqrt(fan_in),
-        "bn_weight": rng.uniform(0.5, 1.5, c_out),
-        "bn_bias": 0.5 * rng.standard_normal(c_out),
-        "bn_mean": 0.2 * rng.standard_normal(c_out),
-        "bn_var": rng.uniform(0.5, 2.0, c_out),
+        **random_bn(rng, c_out),
     }
 
 
@@ -497,7 +494,7 @@ TRITON_SCRIPT = textwrap.dedent("""
     from dpn_fast.ops._backend import triton_arg
     from dpn_fast.kernels.grouped_conv_bn_relu import grouped_conv_bias_relu_forward
     from test_grouped_conv_bn_relu import as_tensors, make_input_bn, make_inputs
-    from utils import assert_matches_reference
+    from utils import assert_matches_reference, random_bn
     # 3-6 input channels a group: the FMA kernel; 12 and 24 in float16: the tl.dot kernel.
     for n, c, c_out, h, w, groups, stride in [(2, 12, 12, 5, 7, 4, 1), (1, 24, 16, 7, 6, 4, 2),
                                               (1, 96, 96, 4, 4, 32, 2), (2, 24, 24, 5, 7, 2, 1),

@@ -40,16 +40,13 @@ def test_openmp_imports_are_all_in_paddles_runtime():
     assert not missing, f"OpenMP entry points missing from {runtime.name}: {sorted(missing)}"
 
 
-def stem_output(seed, n=1):
+def stem_output(seed):
     """A stem output of 1 x 64 x 56 x 56 floats (over the 128 KiB the cache starts at)."""
     from dpn_fast.ops import stem_conv_bn_relu_pool
-    rng = np.random.default_rng(seed)
-    args = [paddle.to_tensor(a.astype("float32")) for a in (
-        rng.standard_normal((n, 3, 224, 224)), rng.standard_normal((64, 3, 7, 7)),
-        rng.uniform(0.5, 1.5, 64), rng.standard_normal(64), rng.standard_normal(64),
-        rng.uniform(0.5, 2.0, 64))]
+    from test_stem_conv_bn_relu_pool import as_tensors, make_inputs
+    arrays = make_inputs(np.random.default_rng(seed), 1, 3, 224, 224, 64, 7)
     with paddle.no_grad():
-        return stem_conv_bn_relu_pool(*args)
+        return stem_conv_bn_relu_pool(*as_tensors(arrays, "float32"))
 
 
 def test_freed_output_blocks_are_reused_and_live_ones_never_shared():

@@ -8,6 +8,16 @@ import numpy as np
 ATOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
+def random_bn(rng, channels):
+    """Raw eval BatchNorm parameters (bn_weight, bn_bias, bn_mean, bn_var) away from identity."""
+    return {
+        "bn_weight": rng.uniform(0.5, 1.5, channels),
+        "bn_bias": 0.5 * rng.standard_normal(channels),
+        "bn_mean": 0.2 * rng.standard_normal(channels),
+        "bn_var": rng.uniform(0.5, 2.0, channels),
+    }
+
+
 def max_abs_err(actual, expected):
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)

@@ -153,12 +153,6 @@ class DualPathBlock(nn.Layer):
         return [resid + y_resid, paddle.concat([dense, y_dense], axis=1)]
 
 
-def _custom_ops_run(x):
-    """Whether the ops' "auto" backend runs the custom ops themselves for `x`."""
-    backend = resolve_backend("auto", x, "DPN")
-    return backend == "cuda" or (backend == "cpu" and x.dtype == paddle.float32)
-
-
 class DPN(nn.Layer):
     def __init__(self, model_name, class_num=1000, fused=False):
         super().__init__()
@@ -226,12 +220,13 @@ class DPN(nn.Layer):
         """Stem, blocks and the final concat/BN/ReLU; each merge also computes the next
         block's head."""
         # The in-place stage buffers and the fused stem have no backward: only when no
-        # gradient can be wanted, and only on the custom ops (Triton has no stage-buffer merge;
-        # the stem op is CPU-only).
+        # gradient can be wanted, and only where the ops' "auto" backend runs the custom ops
+        # themselves (Triton has no stage-buffer merge; the stem op is CPU-only).
+        backend = resolve_backend("auto", x, "DPN")
+        custom_ops = backend == "cuda" or (backend == "cpu" and x.dtype == paddle.float32)
         into_buffer = (not self.training and (not paddle.in_dynamic_mode()
-                                              or not paddle.is_grad_enabled())
-                       and _custom_ops_run(x))
-        if into_buffer and resolve_backend("auto", x, "DPN") == "cpu":
+                                              or not paddle.is_grad_enabled()) and custom_ops)
+        if into_buffer and backend == "cpu":
             stem = stem_launch(x, self.conv1_x_1_func._conv, self.conv1_x_1_func._batch_norm)
         else:
             stem = self.pool2d_max(self.conv1_x_1_func(x))

@@ -26,11 +26,16 @@ def reference_stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_
     return F.max_pool2d(F.relu(y), kernel_size=3, stride=2, padding=1)
 
 
+def _run(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride, epsilon):
+    return _extension.run_op(f"dpn_fast_{OP}", x, weight, bn_weight, bn_bias, bn_mean, bn_var,
+                             int(stride), float(epsilon))[0]
+
+
 def stem_launch(x, conv, bn):
     """The op on a Conv2D layer and an eval BatchNorm layer, unchecked (the model's inference
     path; the op checks shapes itself)."""
-    return _extension.run_op(f"dpn_fast_{OP}", x, conv.weight, bn.weight, bn.bias, bn._mean,
-                             bn._variance, conv._stride[0], float(bn._epsilon))[0]
+    return _run(x, conv.weight, bn.weight, bn.bias, bn._mean, bn._variance, conv._stride[0],
+                bn._epsilon)
 
 
 def stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=2,
@@ -39,15 +44,13 @@ def stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var, strid
     "reference". Has no backward: call it under paddle.no_grad() (or in a saved model)."""
     if backend not in ("auto", "cpu", "reference"):
         raise ValueError(f"{OP}: backend must be 'auto', 'cpu' or 'reference', got {backend!r}")
-    on_cpu = resolve_backend("auto", x, OP) == "cpu"
-    if backend == "cpu" and not on_cpu:
-        raise ValueError(f"{OP}: backend='cpu' got tensors on {x.place}")
-    if backend == "reference" or not on_cpu:
+    if backend != "reference":
+        backend = resolve_backend(backend, x, OP)  # "cpu" with GPU tensors raises
+    if backend != "cpu":
         return reference_stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var,
                                                 stride, epsilon)
     if paddle.in_dynamic_mode() and paddle.is_grad_enabled() and not all(
             t.stop_gradient for t in (x, weight, bn_weight, bn_bias)):
         raise RuntimeError(f"{OP}: the fused stem has no backward; call it under "
                            "paddle.no_grad() or use backend='reference' for training")
-    return _extension.run_op(f"dpn_fast_{OP}", x, weight, bn_weight, bn_bias, bn_mean, bn_var,
-                             int(stride), float(epsilon))[0]
+    return _run(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride, epsilon)
