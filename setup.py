@@ -7,17 +7,24 @@ Environment:
   CUDA_HOME                  toolkit root (default: found from nvcc on PATH)
   DPN_FAST_BUILD_JOBS        parallel compile jobs (default: CPU count)
   DPN_FAST_PORTABLE=1        compile the CPU kernels without -march=native (for wheels)
+  DPN_FAST_ONEDNN_INCLUDE    oneDNN 3.x headers (default: fetched from PyPI's
+                             onednn-devel-cpu-gomp; the library itself is Paddle's libdnnl.so.3)
 """
+import glob
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = (75, 80, 86, 89, 90)
+# Headers of a oneDNN 3.x release (the C API is stable within 3.x); the code links the oneDNN that
+# the Paddle wheel ships (paddle/libs/libdnnl.so.3), which has no real headers of its own.
+ONEDNN_HEADERS = "onednn-devel-cpu-gomp==2023.2.0"
 
 
 def find_nvcc():
@@ -42,6 +49,34 @@ def cuda_archs(nvcc):
     return ";".join([f"{a}-real" for a in archs[:-1]] + [str(archs[-1])])
 
 
+def onednn_include(build_dir):
+    """oneDNN headers for building against Paddle's libdnnl.so.3: DPN_FAST_ONEDNN_INCLUDE, else
+    the headers-only wheel from PyPI, unpacked into the build dir."""
+    if os.environ.get("DPN_FAST_ONEDNN_INCLUDE"):
+        return os.environ["DPN_FAST_ONEDNN_INCLUDE"]
+    root = os.path.join(build_dir, "onednn")
+    include = os.path.join(root, "include")
+    if not os.path.exists(os.path.join(include, "oneapi", "dnnl", "dnnl.hpp")):
+        print(f"dpn_fast: fetching oneDNN headers ({ONEDNN_HEADERS})", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", root,
+                        ONEDNN_HEADERS], check=True)
+        with zipfile.ZipFile(glob.glob(os.path.join(root, "*.whl"))[0]) as wheel:
+            for name in wheel.namelist():
+                if "/data/include/" in name:
+                    target = os.path.join(include, name.split("/data/include/", 1)[1])
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with open(target, "wb") as f:
+                        f.write(wheel.read(name))
+        # The wheel's config enables the experimental sparse API, whose *_v2 entry points
+        # Paddle's libdnnl.so.3 does not export.
+        config = os.path.join(include, "oneapi", "dnnl", "dnnl_config.h")
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:
+            f.write(text.replace("#define DNNL_EXPERIMENTAL_SPARSE", "/* sparse API off */"))
+    return include
+
+
 class CMakeBuild(build_ext):
     def get_ext_filename(self, fullname):
         # A plain name: the library is loaded by path, not imported as a Python module.
@@ -54,7 +89,8 @@ class CMakeBuild(build_ext):
         build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
         os.makedirs(build_dir, exist_ok=True)
         args = [f"-DPADDLE_ROOT={paddle_root}", "-DCMAKE_BUILD_TYPE=Release",
-                f"-DPython_EXECUTABLE={sys.executable}"]
+                f"-DPython_EXECUTABLE={sys.executable}",
+                f"-DONEDNN_INCLUDE_DIR={onednn_include(build_dir)}"]
         if os.environ.get("DPN_FAST_PORTABLE") == "1":
             args.append("-DDPN_FAST_NATIVE=OFF")
         nvcc = None if os.environ.get("DPN_FAST_CPU_ONLY") == "1" else find_nvcc()

@@ -9,11 +9,13 @@ models can live in one process.
       projection block, the final BN after the last block)  ->  dual_path_merge_bn_relu
   c3x3_b's BN + ReLU + grouped conv + c1x1_c's BN + ReLU     ->  GroupedConvBNReLUFolder
       (eval: c3x3_b's BN + ReLU applied as the conv loads c1x1_a's output; training: Paddle BN)
-The 1x1 convolutions stay Paddle ops, and so does the stem except for CPU inference.
-For inference (eval, no gradients, on the custom ops) each stage keeps its dense path in one
-preallocated buffer that the merges append to in place (dual_path_merge_into's op), so old dense
-channels are not copied again in every block, and each block is nothing but op launches; on CPU
-the stem's conv + BN + ReLU + max pool is one op (stem_conv_bn_relu_pool).
+The 1x1 convolutions stay Paddle ops, and so does the stem, in training.
+CPU inference (eval, no gradients, float32) is one op each for the stem (conv + BN + ReLU + max
+pool), every block (ops.dpn_block: its 1x1 convolutions on oneDNN, the grouped conv and the BN +
+ReLUs on dpn_fast's kernels) and the head (BN + ReLU + average pool + classifier); each stage
+keeps its dense path in one buffer that the blocks append to in place.
+GPU inference on the CUDA build keeps the per-op path, with the stage buffers and in-place merges
+of dual_path_merge_into.
 """
 import paddle
 import paddle.nn as nn
@@ -22,6 +24,7 @@ import paddle.nn.functional as F
 from dpn_fast.models.config import CONFIGS, block_shapes
 from dpn_fast.ops import GroupedConvBNReLUFolder, dual_path_merge_bn_relu
 from dpn_fast.ops._backend import resolve_backend
+from dpn_fast.ops.dpn_block import block_launch, head_launch
 from dpn_fast.ops.dual_path_merge import batch_norm_params, merge_into_launch
 from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 
@@ -99,8 +102,7 @@ class DualPathBlock(nn.Layer):
         return dual_path_merge_bn_relu(resid, dense, y, next_batch_norms)
 
     def _forward_inference(self, resid, dense, acts, next_batch_norms):
-        """Eval without gradients on the custom ops (CPU float32, or a CUDA build): nothing but
-        op launches. The shapes are the architecture's (the model checks its input), parameters
+        """Eval without gradients on the CUDA build's custom ops: nothing but op launches. The shapes are the architecture's (the model checks its input), parameters
         are read live (nothing cached can go stale), and the dense path lives in one buffer per
         stage that each merge appends to in place. The sublayers' forward hooks do not run."""
         if self.has_proj:
@@ -207,6 +209,8 @@ class DPN(nn.Layer):
 
     def forward(self, x):
         self._check_input(x)
+        if self.fused and self._inference_on("cpu", x) and x.dtype == paddle.float32:
+            return self._forward_cpu_inference(x)
         if self.fused:
             h = self._forward_fused(x)
         else:
@@ -216,20 +220,28 @@ class DPN(nn.Layer):
             h = self.conv5_x_x_bn(paddle.concat(h, axis=1))
         return self.out(paddle.flatten(self.pool2d_avg(h), start_axis=1))
 
+    def _inference_on(self, backend, x):
+        """Whether this call can take the inference ops (in-place stage buffers, no backward) on
+        `backend`: eval, no gradient wanted, and the ops' "auto" backend there."""
+        return (not self.training and (not paddle.in_dynamic_mode() or not paddle.is_grad_enabled())
+                and resolve_backend("auto", x, "DPN") == backend)
+
+    def _forward_cpu_inference(self, x):
+        """stem -> blocks -> head, one op each (CPU float32)."""
+        dense = stem_launch(x, self.conv1_x_1_func._conv, self.conv1_x_1_func._batch_norm)
+        resid = None
+        for block in self.blocks:
+            resid, dense = block_launch(block, resid, dense, block.shape.in_dense)
+        last = self.blocks[-1].shape
+        return head_launch(resid, dense, last.dense_before + last.inc, self.conv5_x_x_bn,
+                           self.out)
+
     def _forward_fused(self, x):
         """Stem, blocks and the final concat/BN/ReLU; each merge also computes the next
         block's head."""
-        # The in-place stage buffers and the fused stem have no backward: only when no
-        # gradient can be wanted, and only where the ops' "auto" backend runs the custom ops
-        # themselves (Triton has no stage-buffer merge; the stem op is CPU-only).
-        backend = resolve_backend("auto", x, "DPN")
-        custom_ops = backend == "cuda" or (backend == "cpu" and x.dtype == paddle.float32)
-        into_buffer = (not self.training and (not paddle.in_dynamic_mode()
-                                              or not paddle.is_grad_enabled()) and custom_ops)
-        if into_buffer and backend == "cpu":
-            stem = stem_launch(x, self.conv1_x_1_func._conv, self.conv1_x_1_func._batch_norm)
-        else:
-            stem = self.pool2d_max(self.conv1_x_1_func(x))
+        # The in-place stage buffers have no backward (and Triton has no stage-buffer merge).
+        into_buffer = self._inference_on("cuda", x)
+        stem = self.pool2d_max(self.conv1_x_1_func(x))
         bn_w, bn_a = self.blocks[0].head_batch_norms()
         acts = (bn_w(stem), bn_a(stem))
         resid = dense = None

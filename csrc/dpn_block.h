@@ -1,0 +1,75 @@
+// A whole DPN block, and the network's head, for inference (eval BatchNorm), NCHW float32,
+// framework-free. A block with input (resid, dense) and output (resid', dense'):
+//   act    = relu(bn_a(concat(resid, dense)))          act_w likewise with bn_w (projection)
+//   resid' , dense'[:, :2 inc] = split(W_w x act_w)     projection blocks (stride: subsampled)
+//   g      = relu(bn_c(grouped_conv3x3(relu(bn_b(W_a x act)), stride)))
+//   resid' += W_c[:R] x g;  dense'[:, d : d + inc] = W_c[R:] x g
+// The 1x1 convolutions run on oneDNN (onednn_gemm.h), the grouped conv on the project's kernel
+// with bn_b in its prologue and bn_c in its epilogue, and the BN + ReLU of the input in one pass
+// with the dual-path merge's kernel. A normal block works in place on the stage's buffers: the
+// residual accumulates into resid and the new dense channels land in the stage's dense buffer,
+// so nothing is split, added or concatenated in a separate pass.
+// Head: logits = fc(mean_hw(relu(bn(concat(resid, dense))))), without materialising the BN'd
+// concat.
+#pragma once
+#include <cstdint>
+
+#include "grouped_conv_bn_relu.h"
+
+namespace dpn_fast {
+
+struct DpnBlockShape {
+  int64_t n, h, w;      // input planes
+  int64_t in_resid;     // residual channels of the input (0: the stem's output, dense only)
+  int64_t in_dense;     // dense channels of the input
+  int64_t in_capacity;  // channels per image of the input dense tensor (>= in_dense)
+  int64_t bottleneck, groups, stride;
+  int64_t resid, inc;   // residual channels out, dense channels this block adds
+  bool projection;      // projects the input to a new (resid, dense) pair (first block of a stage)
+  int64_t capacity;     // channels per image of the output dense buffer
+
+  int64_t in_channels() const { return in_resid + in_dense; }
+  int64_t h_out() const { return conv3x3_out_size(h, stride); }
+  int64_t w_out() const { return conv3x3_out_size(w, stride); }
+  // Dense channels before this block's own: the projection's 2 inc, or the input's.
+  int64_t dense_before() const { return projection ? 2 * inc : in_dense; }
+};
+
+struct DpnBlockWeights {
+  BatchNormParams bn_w;   // projection blocks: the projection's input BN
+  const float* w_proj;    // projection blocks: [resid + 2 inc, in_channels]
+  BatchNormParams bn_a;   // 1x1a's input BN
+  const float* w_a;       // [bottleneck, in_channels]
+  BatchNormParams bn_b;   // the grouped conv's input BN
+  const float* w_conv;    // [bottleneck, bottleneck / groups, 3, 3]
+  BatchNormParams bn_c;   // 1x1c's input BN (the grouped conv's epilogue)
+  const float* w_c;       // [resid + inc, bottleneck]
+};
+
+// Workspace of dpn_block_forward_cpu, in floats.
+int64_t dpn_block_workspace_floats(const DpnBlockShape& s);
+
+// resid_in: [n, in_resid, h, w] (nullptr when in_resid == 0); dense_in: [n, in_capacity, h, w].
+// resid_out: [n, resid, h_out, w_out]; dense_out: [n, capacity, h_out, w_out]. A normal block
+// runs in place: resid_out == resid_in, dense_out == dense_in (only channels in_dense .. + inc of
+// the buffer are written).
+void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& weights,
+                           const float* resid_in, const float* dense_in, float* resid_out,
+                           float* dense_out, float* workspace);
+
+struct DpnHeadShape {
+  int64_t n, hw;
+  int64_t resid, dense, capacity;  // channels: residual, dense, dense tensor's per image
+  int64_t classes;
+  int64_t channels() const { return resid + dense; }
+};
+
+// Workspace of dpn_head_forward_cpu, in floats.
+inline int64_t dpn_head_workspace_floats(const DpnHeadShape& s) { return s.n * s.channels(); }
+
+// fc_weight: [channels, classes] (paddle.nn.Linear's layout); logits: [n, classes].
+void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,
+                          const BatchNormParams& bn, const float* fc_weight, const float* fc_bias,
+                          float* logits, float* workspace);
+
+}  // namespace dpn_fast

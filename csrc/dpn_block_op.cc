@@ -1,0 +1,275 @@
+// Paddle bindings of the whole-block and head ops for inference (CPU, float32, eval BN; no
+// backward: training runs the per-op path):
+//   dpn_fast_dpn_block       a normal block, in place on the stage's (resid, dense buffer)
+//   dpn_fast_dpn_block_proj  a stage's first block: projects its input (the stem's output, or
+//                            the previous stage's resid and dense buffer) into a new resid and a
+//                            new dense buffer of `capacity` channels
+//   dpn_fast_dpn_head        final BN + ReLU, global average pool and the classifier
+// BN parameters come as one list, four tensors (weight, bias, mean, variance) per BN, in the
+// block's order: [projection's,] 1x1a's, the grouped conv's, 1x1c's.
+#include "binding.h"
+#include "dpn_block.h"
+
+namespace {
+
+constexpr const char* kBlock = "dpn_fast_dpn_block";
+constexpr const char* kProj = "dpn_fast_dpn_block_proj";
+constexpr const char* kHead = "dpn_fast_dpn_head";
+
+using Shape = std::vector<int64_t>;
+using dpn_fast::shape_str;
+
+// A float32 CPU tensor in plain layout, on x's device.
+void check_operand(const paddle::Tensor& t, const paddle::Tensor& x, const char* op,
+                   const char* name) {
+  dpn_fast::check_plain_layout(t, op, name);
+  PD_CHECK(t.is_cpu(), op, ": runs on CPU only, '", name, "' is on ", t.place().DebugString());
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, op, ": supports float32 only, '", name,
+           "' is ", phi::DataTypeToString(t.dtype()));
+  dpn_fast::check_same_place(x, t, op, "dense", name);
+}
+
+// Weight of a 1x1 convolution, [rows, in_channels, 1, 1].
+void check_1x1(const paddle::Tensor& w, int64_t in_channels, const char* op, const char* name) {
+  const Shape& s = w.shape();
+  PD_CHECK(s.size() == 4 && s[1] == in_channels && s[2] == 1 && s[3] == 1 && s[0] > 0, op, ": '",
+           name, "' must have shape [C_out, ", in_channels, ", 1, 1], got ", shape_str(s));
+}
+
+// The planes (n, h, w) shared by resid and dense, and the input's channel split.
+struct Input {
+  int64_t n, h, w, resid, dense, capacity;
+};
+
+Input check_input(const paddle::Tensor* resid, const paddle::Tensor& dense,
+                  int64_t dense_channels, const char* op) {
+  const Shape& d = dense.shape();
+  PD_CHECK(d.size() == 4, op, ": 'dense' must have rank 4 [N, C, H, W], got shape ", shape_str(d));
+  PD_CHECK(d[0] > 0 && d[2] > 0 && d[3] > 0, op, ": empty input, dense has shape ", shape_str(d));
+  PD_CHECK(dense_channels > 0 && dense_channels <= d[1], op, ": dense_channels must be in [1, ",
+           d[1], "] (channels of 'dense'), got ", dense_channels);
+  Input in{d[0], d[2], d[3], 0, dense_channels, d[1]};
+  if (resid) {
+    const Shape& r = resid->shape();
+    PD_CHECK(r.size() == 4 && r[0] == d[0] && r[2] == d[2] && r[3] == d[3] && r[1] > 0, op,
+             ": 'resid' must have shape [", d[0], ", R, ", d[2], ", ", d[3],
+             "] like 'dense', got ", shape_str(r));
+    check_operand(*resid, dense, op, "resid");
+    in.resid = r[1];
+  }
+  check_operand(dense, dense, op, "dense");
+  return in;
+}
+
+dpn_fast::BatchNormParams bn_at(const std::vector<paddle::Tensor>& bn, size_t i,
+                                const std::vector<float>& epsilons) {
+  return {bn[4 * i].data<float>(), bn[4 * i + 1].data<float>(), bn[4 * i + 2].data<float>(),
+          bn[4 * i + 3].data<float>(), epsilons[i]};
+}
+
+// The BN list: one BN per entry of `channels`, of that many channels (x is on the CPU, so they
+// are too).
+void check_bns(const std::vector<paddle::Tensor>& bn, const std::vector<float>& epsilons,
+               const std::vector<int64_t>& channels, const std::vector<std::string>& names,
+               const paddle::Tensor& x, const char* op) {
+  PD_CHECK(bn.size() == 4 * channels.size() && epsilons.size() == channels.size(), op,
+           ": expected ", channels.size(), " BatchNorms (", 4 * channels.size(),
+           " tensors and as many epsilons), got ", bn.size(), " tensors and ", epsilons.size(),
+           " epsilons");
+  for (size_t i = 0; i < channels.size(); ++i) {
+    dpn_fast::check_bn(x, channels[i], bn[4 * i], bn[4 * i + 1], bn[4 * i + 2], bn[4 * i + 3], op,
+                       names[i] + "_bn_");
+  }
+}
+
+// The bottleneck (1x1a, grouped 3x3, 1x1c) shared by both block ops; returns its shape with
+// resid and inc as implied by w_c's rows (`resid` given: the projection's split).
+void check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
+                      const paddle::Tensor& w_c, int64_t in_channels, int64_t groups,
+                      const paddle::Tensor& x, const char* op, dpn_fast::DpnBlockShape* s) {
+  check_1x1(w_a, in_channels, op, "w_a");
+  const int64_t r = w_a.shape()[0];
+  PD_CHECK(groups > 0 && r % groups == 0, op, ": groups must be > 0 and divide the bottleneck's ",
+           r, " channels, got ", groups);
+  const Shape& wc = w_conv.shape();
+  PD_CHECK(wc.size() == 4 && wc[0] == r && wc[1] == r / groups && wc[2] == 3 && wc[3] == 3, op,
+           ": 'w_conv' must have shape [", r, ", ", r / groups, ", 3, 3], got ", shape_str(wc));
+  check_1x1(w_c, r, op, "w_c");
+  for (const auto* w : {&w_a, &w_conv, &w_c}) check_operand(*w, x, op, "weight");
+  s->bottleneck = r;
+  s->groups = groups;
+}
+
+// All outputs are its inputs, updated in place: nothing to return.
+void BlockForward(paddle::Tensor& resid, paddle::Tensor& dense,
+                                         const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
+                                         const paddle::Tensor& w_c,
+                                         const std::vector<paddle::Tensor>& bn, int64_t groups,
+                                         int64_t dense_channels,
+                                         const std::vector<float>& epsilons) {
+  const Input in = check_input(&resid, dense, dense_channels, kBlock);
+  dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
+  check_bottleneck(w_a, w_conv, w_c, in.resid + in.dense, groups, dense, kBlock, &s);
+  s.stride = 1;
+  s.resid = in.resid;
+  s.inc = w_c.shape()[0] - in.resid;
+  s.projection = false;
+  s.capacity = in.capacity;
+  PD_CHECK(s.inc > 0, kBlock, ": 'w_c' has ", w_c.shape()[0], " rows: the ", in.resid,
+           " residual channels and at least one dense channel expected");
+  PD_CHECK(in.dense + s.inc <= in.capacity, kBlock, ": the dense buffer has ", in.capacity,
+           " channels; ", in.dense, " old + ", s.inc, " new do not fit");
+  check_bns(bn, epsilons, {s.in_channels(), s.bottleneck, s.bottleneck}, {"a", "conv_in", "c"},
+            dense, kBlock);
+  const dpn_fast::DpnBlockWeights wt{{}, nullptr, bn_at(bn, 0, epsilons), w_a.data<float>(),
+                                     bn_at(bn, 1, epsilons), w_conv.data<float>(),
+                                     bn_at(bn, 2, epsilons), w_c.data<float>()};
+  auto workspace = dpn_fast::empty_output({dpn_fast::dpn_block_workspace_floats(s)},
+                                          dense.dtype(), dense.place());
+  dpn_fast::dpn_block_forward_cpu(s, wt, resid.data<float>(), dense.data<float>(),
+                                  resid.data<float>(), dense.data<float>(),
+                                  workspace.data<float>());
+}
+
+dpn_fast::DpnBlockShape proj_shape(const paddle::optional<paddle::Tensor>& resid,
+                                   const paddle::Tensor& dense, const paddle::Tensor& w_proj,
+                                   const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
+                                   const paddle::Tensor& w_c, int64_t groups, int64_t stride,
+                                   int64_t dense_channels, int64_t capacity) {
+  const Input in = check_input(resid ? resid.get_ptr() : nullptr, dense, dense_channels, kProj);
+  dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
+  check_bottleneck(w_a, w_conv, w_c, s.in_channels(), groups, dense, kProj, &s);
+  check_1x1(w_proj, s.in_channels(), kProj, "w_proj");
+  check_operand(w_proj, dense, kProj, "w_proj");
+  PD_CHECK(stride == 1 || stride == 2, kProj, ": stride must be 1 or 2, got ", stride);
+  s.stride = stride;
+  s.projection = true;
+  // w_proj: resid + 2 inc rows; w_c: resid + inc rows.
+  s.inc = w_proj.shape()[0] - w_c.shape()[0];
+  s.resid = w_c.shape()[0] - s.inc;
+  PD_CHECK(s.inc > 0 && s.resid > 0, kProj, ": 'w_proj' (", w_proj.shape()[0],
+           " rows = resid + 2 inc) and 'w_c' (", w_c.shape()[0],
+           " rows = resid + inc) imply resid ", s.resid, " and inc ", s.inc,
+           "; both must be positive");
+  PD_CHECK(capacity >= 3 * s.inc, kProj, ": capacity must hold the projection's ", 2 * s.inc,
+           " dense channels and this block's ", s.inc, ", got ", capacity);
+  s.capacity = capacity;
+  return s;
+}
+
+std::vector<paddle::Tensor> ProjForward(const paddle::optional<paddle::Tensor>& resid,
+                                        const paddle::Tensor& dense, const paddle::Tensor& w_proj,
+                                        const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
+                                        const paddle::Tensor& w_c,
+                                        const std::vector<paddle::Tensor>& bn, int64_t groups,
+                                        int64_t stride, int64_t dense_channels, int64_t capacity,
+                                        const std::vector<float>& epsilons) {
+  const auto s = proj_shape(resid, dense, w_proj, w_a, w_conv, w_c, groups, stride,
+                            dense_channels, capacity);
+  check_bns(bn, epsilons, {s.in_channels(), s.in_channels(), s.bottleneck, s.bottleneck},
+            {"proj", "a", "conv_in", "c"}, dense, kProj);
+  const dpn_fast::DpnBlockWeights wt{bn_at(bn, 0, epsilons), w_proj.data<float>(),
+                                     bn_at(bn, 1, epsilons), w_a.data<float>(),
+                                     bn_at(bn, 2, epsilons), w_conv.data<float>(),
+                                     bn_at(bn, 3, epsilons), w_c.data<float>()};
+  auto resid_out = dpn_fast::empty_output({s.n, s.resid, s.h_out(), s.w_out()}, dense.dtype(),
+                                          dense.place());
+  auto dense_out = dpn_fast::empty_output({s.n, s.capacity, s.h_out(), s.w_out()}, dense.dtype(),
+                                          dense.place());
+  auto workspace = dpn_fast::empty_output({dpn_fast::dpn_block_workspace_floats(s)},
+                                          dense.dtype(), dense.place());
+  dpn_fast::dpn_block_forward_cpu(s, wt, resid ? resid->data<float>() : nullptr,
+                                  dense.data<float>(), resid_out.data<float>(),
+                                  dense_out.data<float>(), workspace.data<float>());
+  return {resid_out, dense_out};
+}
+
+// Unknown (-1) sizes, as in an export with a dynamic batch or image size, stay unknown.
+int64_t out_size(int64_t in, int64_t stride) {
+  return in < 0 ? -1 : dpn_fast::conv3x3_out_size(in, stride);
+}
+
+std::vector<Shape> ProjInferShape(const paddle::optional<Shape>&, const Shape& ds, const Shape& ws,
+                                  const Shape&, const Shape&, const Shape& cs,
+                                  const std::vector<Shape>&, int64_t, int64_t stride, int64_t,
+                                  int64_t capacity, const std::vector<float>&) {
+  PD_CHECK(ds.size() == 4 && ws.size() == 4 && cs.size() == 4, kProj,
+           ": dense, w_proj and w_c must have rank 4");
+  const int64_t inc = ws[0] - cs[0];
+  const int64_t ho = out_size(ds[2], stride), wo = out_size(ds[3], stride);
+  return {{ds[0], cs[0] - inc, ho, wo}, {ds[0], capacity, ho, wo}};
+}
+
+std::vector<paddle::DataType> ProjInferDtype(const paddle::optional<paddle::DataType>&,
+                                             paddle::DataType dense, paddle::DataType,
+                                             paddle::DataType, paddle::DataType,
+                                             paddle::DataType,
+                                             const std::vector<paddle::DataType>&) {
+  return {dense, dense};
+}
+
+std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddle::Tensor& dense,
+                                        const std::vector<paddle::Tensor>& bn,
+                                        const paddle::Tensor& fc_weight,
+                                        const paddle::Tensor& fc_bias, int64_t dense_channels,
+                                        const std::vector<float>& epsilons) {
+  const Input in = check_input(&resid, dense, dense_channels, kHead);
+  const int64_t channels = in.resid + in.dense;
+  check_bns(bn, epsilons, {channels}, {"head"}, dense, kHead);
+  const Shape& fw = fc_weight.shape();
+  PD_CHECK(fw.size() == 2 && fw[0] == channels && fw[1] > 0, kHead,
+           ": 'fc_weight' must have shape [", channels, ", classes], got ", shape_str(fw));
+  check_operand(fc_weight, dense, kHead, "fc_weight");
+  check_operand(fc_bias, dense, kHead, "fc_bias");
+  PD_CHECK(fc_bias.shape() == Shape{fw[1]}, kHead, ": 'fc_bias' must have shape [", fw[1],
+           "], got ", shape_str(fc_bias.shape()));
+  const dpn_fast::DpnHeadShape s{in.n, in.h * in.w, in.resid, in.dense, in.capacity, fw[1]};
+  auto logits = dpn_fast::empty_output({s.n, s.classes}, dense.dtype(), dense.place());
+  auto workspace = dpn_fast::empty_output({dpn_fast::dpn_head_workspace_floats(s)},
+                                          dense.dtype(), dense.place());
+  dpn_fast::dpn_head_forward_cpu(s, resid.data<float>(), dense.data<float>(),
+                                 bn_at(bn, 0, epsilons), fc_weight.data<float>(),
+                                 fc_bias.data<float>(), logits.data<float>(),
+                                 workspace.data<float>());
+  return {logits};
+}
+
+std::vector<Shape> HeadInferShape(const Shape&, const Shape& ds, const std::vector<Shape>&,
+                                  const Shape& fw, const Shape&, int64_t,
+                                  const std::vector<float>&) {
+  PD_CHECK(ds.size() == 4 && fw.size() == 2, kHead, ": dense must have rank 4, fc_weight rank 2");
+  return {{ds[0], fw[1]}};
+}
+
+std::vector<paddle::DataType> HeadInferDtype(paddle::DataType, paddle::DataType dense,
+                                             const std::vector<paddle::DataType>&,
+                                             paddle::DataType, paddle::DataType) {
+  return {dense};
+}
+
+}  // namespace
+
+PD_BUILD_OP(dpn_fast_dpn_block)
+    .Inputs({"resid", "dense", "w_a", "w_conv", "w_c", paddle::Vec("bn")})
+    .Outputs({"resid_out", "dense_out"})
+    .Attrs({"groups: int64_t", "dense_channels: int64_t", "epsilons: std::vector<float>"})
+    .SetInplaceMap({{"resid", "resid_out"}, {"dense", "dense_out"}})
+    .SetKernelFn(PD_KERNEL(BlockForward));
+
+PD_BUILD_OP(dpn_fast_dpn_block_proj)
+    .Inputs({paddle::Optional("resid"), "dense", "w_proj", "w_a", "w_conv", "w_c",
+             paddle::Vec("bn")})
+    .Outputs({"resid_out", "dense_out"})
+    .Attrs({"groups: int64_t", "stride: int64_t", "dense_channels: int64_t",
+            "capacity: int64_t", "epsilons: std::vector<float>"})
+    .SetKernelFn(PD_KERNEL(ProjForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(ProjInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(ProjInferDtype));
+
+PD_BUILD_OP(dpn_fast_dpn_head)
+    .Inputs({"resid", "dense", paddle::Vec("bn"), "fc_weight", "fc_bias"})
+    .Outputs({"logits"})
+    .Attrs({"dense_channels: int64_t", "epsilons: std::vector<float>"})
+    .SetKernelFn(PD_KERNEL(HeadForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(HeadInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(HeadInferDtype));

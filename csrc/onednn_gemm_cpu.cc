@@ -1,0 +1,113 @@
+#include "onednn_gemm.h"
+
+#include <omp.h>
+
+#include <array>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <vector>
+
+#include "cpu_threads.h"
+
+namespace dpn_fast {
+namespace {
+
+using dnnl::memory;
+
+struct CachedGemm {
+  dnnl::matmul::primitive_desc desc;
+  dnnl::matmul primitive;
+};
+
+// oneDNN sizes its parallel decomposition at creation from the OpenMP thread count, so the
+// count is part of the key, and creation and execution run with the same count.
+using GemmKey = std::array<int64_t, 8>;
+
+class ScopedOmpThreads {
+ public:
+  explicit ScopedOmpThreads(int threads) : saved_(omp_get_max_threads()) {
+    if (threads != saved_) omp_set_num_threads(threads);
+  }
+  ~ScopedOmpThreads() {
+    if (omp_get_max_threads() != saved_) omp_set_num_threads(saved_);
+  }
+
+ private:
+  const int saved_;
+};
+
+const dnnl::engine& cpu_engine() {
+  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+memory::desc matrix(int64_t rows, int64_t cols, int64_t ld) {
+  return memory::desc({rows, cols}, memory::data_type::f32, memory::dims{ld, 1});
+}
+
+class GemmCache {
+ public:
+  std::shared_ptr<const CachedGemm> get(const GemmShape& s, int threads) {
+    const GemmKey key{s.m, s.n, s.k, s.lda, s.ldb, s.ldc, s.accumulate, threads};
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = cache_.find(key);
+    if (it != cache_.end()) return it->second;
+    dnnl::post_ops post_ops;
+    if (s.accumulate) post_ops.append_sum(1.0f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(post_ops);
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per call: safe across threads
+    dnnl::matmul::primitive_desc desc(cpu_engine(), matrix(s.m, s.k, s.lda),
+                                      matrix(s.k, s.n, s.ldb), matrix(s.m, s.n, s.ldc), attr);
+    auto entry = std::make_shared<const CachedGemm>(CachedGemm{desc, dnnl::matmul(desc)});
+    cache_.emplace(key, entry);
+    return entry;
+  }
+
+  int64_t size() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(cache_.size());
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<GemmKey, std::shared_ptr<const CachedGemm>> cache_;
+};
+
+// Never destroyed: ops may still run during interpreter shutdown, after static destructors.
+GemmCache& cache() {
+  static auto* instance = new GemmCache();
+  return *instance;
+}
+
+}  // namespace
+
+void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c) {
+  const int threads = cpu_threads();
+  ScopedOmpThreads scoped(threads);
+  const auto gemm = cache().get(s, threads);
+  thread_local std::vector<uint8_t> scratchpad;
+  const size_t scratch_bytes = gemm->desc.scratchpad_desc().get_size();
+  if (scratchpad.size() < scratch_bytes) scratchpad.resize(scratch_bytes);
+  thread_local dnnl::stream stream(cpu_engine());
+  const dnnl::engine& engine = cpu_engine();
+  gemm->primitive.execute(
+      stream, {{DNNL_ARG_SRC, memory(gemm->desc.src_desc(), engine, const_cast<float*>(a))},
+               {DNNL_ARG_WEIGHTS, memory(gemm->desc.weights_desc(), engine, const_cast<float*>(b))},
+               {DNNL_ARG_DST, memory(gemm->desc.dst_desc(), engine, c)},
+               {DNNL_ARG_SCRATCHPAD,
+                memory(gemm->desc.scratchpad_desc(), engine, scratchpad.data())}});
+  stream.wait();
+}
+
+const char* gemm_impl_name(const GemmShape& s) {
+  const int threads = cpu_threads();
+  ScopedOmpThreads scoped(threads);
+  return cache().get(s, threads)->desc.impl_info_str();
+}
+
+int64_t gemm_cached_primitives() { return cache().size(); }
+
+}  // namespace dpn_fast
