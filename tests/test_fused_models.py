@@ -1,4 +1,6 @@
 """DPN(fused=True) against the plain-Paddle reference and a float64 reference."""
+import re
+
 import numpy as np
 import paddle
 import pytest
@@ -140,18 +142,19 @@ def test_state_dicts_are_interchangeable():
 
 def test_new_weights_are_used_after_eval(tmp_path):
     """A checkpoint loaded after the fused model has run must not be shadowed by cached folds."""
-    reference, fused, _ = build_trio("DPN68", seed=8)
-    fused.eval()
-    reference.eval()
-    x = paddle.to_tensor(images((1, 3, 32, 32), seed=9))
+    trio = build_trio("DPN68", seed=8)
+    reference, fused, reference64 = trio
+    x = images((1, 3, 32, 32), seed=9)
     with paddle.no_grad():
-        fused(x)
+        eval_logits(trio, x)
         new_state = random_state(reference, seed=10)
         reference.set_state_dict(new_state)
+        reference64.set_state_dict({k: v.astype("float64") for k, v in new_state.items()})
         path = str(tmp_path / "new.pdparams")
         paddle.save(new_state, path)
         dpn_fast.load_checkpoint(fused, path)
-        np.testing.assert_allclose(fused(x).numpy(), reference(x).numpy(), rtol=1e-3, atol=1e-4)
+        out, ref32, ref64 = eval_logits(trio, x)
+    assert_matches_reference(out, ref64, ref32, name="logits after loading new weights")
 
 
 @pytest.mark.parametrize("use_onednn", [True, False])
@@ -165,9 +168,15 @@ def test_fused_export_predictor_round_trip(tmp_path, use_onednn):
         ref64 = reference64(paddle.to_tensor(x.astype("float64"))).numpy()
     fused_prefix = export(fused, str(tmp_path / "dpn68_fused"), image_size=64)
     program = open(fused_prefix + ".json").read()
-    for op in ("dpn_fast_dual_path_merge", "dpn_fast_bn_relu_grouped_conv_bn_relu_infer",
-               "dpn_fast_stem_conv_bn_relu_pool"):
-        assert op in program  # the fused ops were exported
+    # stem -> blocks -> head, one op each (DPN68: 22 blocks, 4 of them a stage's first)
+    counts = {op: program.count(f'"3.{op}"') for op in (
+        "dpn_fast_stem_conv_bn_relu_pool", "dpn_fast_dpn_block_proj", "dpn_fast_dpn_block_",
+        "dpn_fast_dpn_head")}
+    assert counts == {"dpn_fast_stem_conv_bn_relu_pool": 1, "dpn_fast_dpn_block_proj": 4,
+                      "dpn_fast_dpn_block_": 18, "dpn_fast_dpn_head": 1}
+    paddle_ops = [op for op in re.findall(r'"#":"1\.([a-z_0-9]+)"', program)
+                  if not op.startswith("a_")]  # "1.a_*": attribute types
+    assert paddle_ops == ["data", "fetch"]  # no Paddle op but the input and output
     reference_prefix = export(reference, str(tmp_path / "dpn68"), image_size=64)
     outputs = [run_predictor(create_predictor(prefix, use_onednn=use_onednn), x)
                for prefix in (fused_prefix, reference_prefix)]

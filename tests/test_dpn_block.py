@@ -1,0 +1,218 @@
+"""dpn_block / dpn_head (whole-block and head ops, CPU inference) vs a float64 reference: every
+block shape of the five DPNs, odd image sizes and batch 3, the buffers' untouched channels,
+thread counts, and bad inputs. The models' inference path, to_static and Paddle Inference round
+trips run in test_fused_models.py."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import paddle
+import pytest
+
+from dpn_fast import _extension
+from dpn_fast.models.config import CONFIGS, block_shapes, final_channels
+from dpn_fast.models.dpn import DualPathBlock, _batch_norm
+from dpn_fast.ops.dpn_block import dpn_block, dpn_head, reference_dpn_block
+from utils import assert_matches_reference, random_bn
+
+
+def stage_dense(shape):
+    return 2 * shape.inc + CONFIGS[shape.model].blocks[shape.stage] * shape.inc
+
+
+def block_cases(models, batches, image_size=224, slow_unless=lambda model, n: False):
+    cases = []
+    for model in models:
+        for shape in block_shapes(model, image_size):
+            for n in batches:
+                marks = [] if slow_unless(model, n) else [pytest.mark.slow]
+                cases.append(pytest.param(shape, n, marks=marks,
+                                          id=f"{model}-{image_size}-b{shape.stage}.{shape.index}-n{n}"))
+    return cases
+
+
+# CI: every block of DPN92 at batch 1, and DPN68 at an odd image size with batch 3; the other
+# models and batches under -m slow.
+CASES = (block_cases(CONFIGS, (1, 3), slow_unless=lambda model, n: model == "DPN92" and n == 1)
+         + block_cases(["DPN68"], (3,), image_size=97, slow_unless=lambda model, n: True))
+
+
+def random_state(layer, rng):
+    state = {}
+    for key, value in layer.state_dict().items():
+        shape = value.shape
+        if key.endswith("_mean"):
+            state[key] = 0.2 * rng.standard_normal(shape)
+        elif key.endswith("_variance"):
+            state[key] = rng.uniform(0.5, 2.0, shape)
+        elif key.endswith("_batch_norm.weight") or (key.endswith("weight") and len(shape) == 1):
+            state[key] = rng.uniform(0.5, 1.5, shape)
+        elif key.endswith("bias"):
+            state[key] = 0.5 * rng.standard_normal(shape)
+        else:
+            state[key] = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+    return state
+
+
+def pair(make, rng):
+    """The same random layer in float32 and float64, in eval mode."""
+    layers = {}
+    state = None
+    for dtype in ("float32", "float64"):
+        layer = make()
+        if state is None:
+            state = random_state(layer, rng)
+        layer.to(dtype=dtype)
+        layer.set_state_dict({k: v.astype(dtype) for k, v in state.items()})
+        layer.eval()
+        layers[dtype] = layer
+    return layers
+
+
+def block_inputs(shape, n, rng):
+    """(resid or None, dense buffer, dense_channels): a buffer with spare channels that are NaN,
+    which the op must neither read nor write."""
+    if shape.kind == "proj":
+        resid, capacity = None, shape.in_dense  # the stem's output
+    else:
+        resid = rng.standard_normal((n, shape.in_resid, shape.in_hw, shape.in_hw))
+        capacity = stage_dense(shape) if shape.kind == "normal" else shape.in_dense + 3
+    dense = np.full((n, capacity, shape.in_hw, shape.in_hw), np.nan)
+    dense[:, :shape.in_dense] = rng.standard_normal((n, shape.in_dense, shape.in_hw, shape.in_hw))
+    return resid, dense, shape.in_dense
+
+
+def to_tensor(array, dtype):
+    return None if array is None else paddle.to_tensor(array.astype(dtype))
+
+
+@pytest.mark.parametrize("shape,n", CASES)
+def test_block_matches_float64_reference(shape, n):
+    rng = np.random.default_rng(shape.stage * 100 + shape.index)
+    blocks = pair(lambda: DualPathBlock(shape, fused=False, stage_dense=stage_dense(shape)), rng)
+    resid, dense, channels = block_inputs(shape, n, rng)
+    with paddle.no_grad():
+        refs = {dtype: [t.numpy().astype(np.float64) for t in reference_dpn_block(
+                    blocks[dtype], to_tensor(resid, dtype), to_tensor(dense, dtype), channels)]
+                for dtype in ("float32", "float64")}
+        resid_in, dense_in = to_tensor(resid, "float32"), to_tensor(dense, "float32")
+        resid_out, dense_out = dpn_block(blocks["float32"], resid_in, dense_in, channels)
+    resid_out, dense_out = resid_out.numpy(), dense_out.numpy()
+    valid = shape.dense_before + shape.inc
+    assert_matches_reference(resid_out, refs["float64"][0], refs["float32"][0], name="resid")
+    assert_matches_reference(dense_out[:, :valid], refs["float64"][1], refs["float32"][1],
+                             name="dense")
+    if shape.kind == "normal":  # in place: the same buffers, old channels and spare ones untouched
+        assert resid_out.shape == resid.shape and dense_out.shape == dense.shape
+        np.testing.assert_array_equal(dense_out[:, :channels], dense[:, :channels].astype("float32"))
+        assert np.isnan(dense_out[:, valid:]).all()
+    else:
+        assert dense_out.shape[1] == stage_dense(shape)
+        assert resid is None or np.isnan(dense_in.numpy()[:, channels:]).all()
+
+
+HEAD_CASES = [pytest.param(model, n, hw, marks=[] if model == "DPN92" and n == 1 else
+                           [pytest.mark.slow], id=f"{model}-n{n}-hw{hw}")
+              for model in CONFIGS for n, hw in ((1, 7), (3, 4))]
+
+
+@pytest.mark.parametrize("model,n,hw", HEAD_CASES + [("DPN68", 3, 3)])
+def test_head_matches_float64_reference(model, n, hw):
+    rng = np.random.default_rng(7)
+    resid_channels, dense_channels = final_channels(model)
+    capacity = dense_channels + 5
+    bns = pair(lambda: _batch_norm(resid_channels + dense_channels), rng)
+    fcs = pair(lambda: paddle.nn.Linear(resid_channels + dense_channels, 1000), rng)
+    resid = rng.standard_normal((n, resid_channels, hw, hw))
+    dense = np.full((n, capacity, hw, hw), np.nan)
+    dense[:, :dense_channels] = rng.standard_normal((n, dense_channels, hw, hw))
+    with paddle.no_grad():
+        refs = {dtype: dpn_head(to_tensor(resid, dtype), to_tensor(dense, dtype), bns[dtype],
+                                fcs[dtype], dense_channels, backend="reference").numpy()
+                for dtype in ("float32", "float64")}
+        out = dpn_head(to_tensor(resid, "float32"), to_tensor(dense, "float32"),
+                       bns["float32"], fcs["float32"], dense_channels).numpy()
+    assert_matches_reference(out, refs["float64"], refs["float32"], name="logits")
+
+
+THREADS_SCRIPT = textwrap.dedent("""
+    import numpy as np, paddle, dpn_fast
+    paddle.seed(0)
+    model = dpn_fast.DPN68(fused=True)
+    model.eval()
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 3, 97, 97)).astype("float32"))
+    with paddle.no_grad():
+        np.save({path!r}, model(x).numpy())
+""")
+
+
+def test_thread_counts_agree(tmp_path):
+    """The model's inference path on 1 and 3 threads (oneDNN sizes its split per count)."""
+    outputs = []
+    for threads in ("1", "3"):
+        path = str(tmp_path / f"logits{threads}.npy")
+        env = dict(os.environ, DPN_FAST_NUM_THREADS=threads)
+        subprocess.run([sys.executable, "-c", THREADS_SCRIPT.format(path=path)], env=env,
+                       check=True, capture_output=True)
+        outputs.append(np.load(path))
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def normal_block_args(n=1, hw=5):
+    """Arguments of dpn_fast_dpn_block for a small valid normal block (R 8, inc 4, 8 groups)."""
+    rng = np.random.default_rng(0)
+    t = lambda *s: paddle.to_tensor(rng.standard_normal(s).astype("float32"))
+    bn = [t(c) if k != 3 else paddle.to_tensor(rng.uniform(0.5, 1.5, c).astype("float32"))
+          for c in (20, 16, 16) for k in range(4)]
+    return dict(resid=t(n, 8, hw, hw), dense=t(n, 20, hw, hw), w_a=t(16, 20, 1, 1),
+                w_conv=t(16, 2, 3, 3), w_c=t(12, 16, 1, 1), bn=bn, groups=8, dense_channels=12,
+                epsilons=[1e-5] * 3)
+
+
+def run_block(args):
+    order = ("resid", "dense", "w_a", "w_conv", "w_c", "bn", "groups", "dense_channels", "epsilons")
+    return _extension.run_op("dpn_fast_dpn_block", *(args[k] for k in order))
+
+
+def test_small_block_runs():
+    with paddle.no_grad():
+        run_block(normal_block_args())
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(dense_channels=0), "dense_channels must be in"),
+    (dict(dense=(1, 15, 5, 5)), "do not fit"),
+    (dict(groups=3), "groups must be > 0 and divide"),
+    (dict(w_a="float64"), "float32 only"),
+    (dict(w_conv=(16, 4, 3, 3)), "'w_conv' must have shape"),
+    (dict(w_c=(8, 16, 1, 1)), "at least one dense channel"),
+    (dict(w_a=(16, 19, 1, 1)), "'w_a' must have shape"),
+    (dict(resid=(2, 8, 5, 5)), "'resid' must have shape"),
+    (dict(epsilons=[1e-5]), "expected 3 BatchNorms"),
+    (dict(bn="short"), "'c_bn_var' must have shape"),
+])
+def test_bad_block_inputs_raise_clear_errors(change, match):
+    args = normal_block_args()
+    for key, value in change.items():
+        if value == "float64":
+            value = args[key].astype("float64")
+        elif value == "short":
+            value = args[key][:-1] + [args[key][-1][:-1]]
+        elif isinstance(value, tuple):
+            value = paddle.zeros(value, "float32")
+        args[key] = value
+    with paddle.no_grad(), pytest.raises(Exception, match=match):
+        run_block(args)
+
+
+def test_block_with_gradients_wanted_is_refused():
+    shape = block_shapes("DPN68", 64)[1]
+    block = DualPathBlock(shape, fused=False, stage_dense=stage_dense(shape))
+    block.eval()
+    dense = paddle.randn([1, stage_dense(shape), shape.in_hw, shape.in_hw])
+    dense.stop_gradient = False
+    resid = paddle.randn([1, shape.in_resid, shape.in_hw, shape.in_hw])
+    with pytest.raises(RuntimeError, match="no backward"):
+        dpn_block(block, resid, dense, shape.in_dense)
