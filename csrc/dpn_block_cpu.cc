@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <vector>
 
@@ -9,6 +11,26 @@
 
 namespace dpn_fast {
 namespace {
+
+// Time spent per part of the blocks since the last reset (dpn_fast_dpn_block_profile): the
+// benchmarks compare the 1x1 GEMMs' share with the machine's GEMM peak. A few clock reads per
+// block, always on.
+enum Part { kInputBnRelu, kProjection, kConv1x1a, kGroupedConv, kConv1x1c, kParts };
+std::atomic<int64_t> part_nanoseconds[kParts];
+std::atomic<int64_t> part_flops[kParts];
+
+class PartTimer {
+ public:
+  void next(Part part, int64_t flops = 0) {
+    const auto now = std::chrono::steady_clock::now();
+    part_nanoseconds[part] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last_).count();
+    part_flops[part] += flops;
+    last_ = now;
+  }
+
+ private:
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
 
 void add_batch_norm(ChannelAffine& affine, const BatchNormParams& bn) {
   const int a = affine.num_acts++;
@@ -75,6 +97,7 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
                            float* dense_out, float* workspace) {
   const Workspace ws = carve(s, workspace);
   const int64_t hw = s.h * s.w, hw_out = s.h_out() * s.w_out(), cin = s.in_channels();
+  PartTimer timer;
 
   // The input's BN + ReLU: one read of (resid, dense) for both BNs of a projection block.
   ChannelAffine affine;
@@ -87,6 +110,7 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   acts[affine.num_acts - 1] = ws.act;
   dual_path_merge_forward_cpu(resid_in, dense_in, nullptr, affine, nullptr, nullptr, acts,
                               MergeShape{s.n, s.in_resid, s.in_dense, 0, hw, s.in_capacity});
+  timer.next(kInputBnRelu);
 
   if (s.projection) {
     const float* act_w = ws.act_w;
@@ -97,16 +121,20 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
     conv1x1(wt.w_proj, s.resid, cin, act_w, resid_out, s.resid, 0, s.n, hw_out, false);
     conv1x1(wt.w_proj + s.resid * cin, 2 * s.inc, cin, act_w, dense_out, s.capacity, 0, s.n,
             hw_out, false);
+    timer.next(kProjection, 2 * s.n * (s.resid + 2 * s.inc) * cin * hw_out);
   }
 
   conv1x1(wt.w_a, s.bottleneck, cin, ws.act, ws.a, s.bottleneck, 0, s.n, hw, false);
+  timer.next(kConv1x1a, 2 * s.n * s.bottleneck * cin * hw);
   const GroupedConvShape conv{s.n, s.bottleneck, s.h, s.w, s.bottleneck, s.groups, s.stride,
                               s.h_out(), s.w_out()};
   bn_relu_grouped_conv3x3_bn_relu_infer_cpu(ws.a, wt.w_conv, wt.bn_b, wt.bn_c, ws.g, conv);
+  timer.next(kGroupedConv, 2 * s.n * s.bottleneck * (s.bottleneck / s.groups) * 9 * hw_out);
 
   conv1x1(wt.w_c, s.resid, s.bottleneck, ws.g, resid_out, s.resid, 0, s.n, hw_out, true);
   conv1x1(wt.w_c + s.resid * s.bottleneck, s.inc, s.bottleneck, ws.g, dense_out, s.capacity,
           s.dense_before(), s.n, hw_out, false);
+  timer.next(kConv1x1c, 2 * s.n * (s.resid + s.inc) * s.bottleneck * hw_out);
 }
 
 void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,
@@ -135,3 +163,13 @@ void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float
 }
 
 }  // namespace dpn_fast
+
+// For benchmarks: seconds and FLOPs spent per part of the blocks since the last reset, in the
+// order input BN + ReLU, projection, 1x1a, grouped conv, 1x1c (kParts entries each).
+extern "C" void dpn_fast_dpn_block_profile(double* seconds, double* flops, int reset) {
+  using namespace dpn_fast;
+  for (int p = 0; p < kParts; ++p) {
+    seconds[p] = (reset ? part_nanoseconds[p].exchange(0) : part_nanoseconds[p].load()) * 1e-9;
+    flops[p] = double(reset ? part_flops[p].exchange(0) : part_flops[p].load());
+  }
+}

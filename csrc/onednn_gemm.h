@@ -20,11 +20,7 @@ struct GemmShape {
 // cpu_threads() threads.
 void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c);
 
-// Name of the oneDNN implementation chosen for a shape (e.g. "brg_matmul:avx512_core"), for
-// benchmarks and tests.
+// Name of the oneDNN implementation chosen for a shape (e.g. "brg_matmul:avx512_core").
 const char* gemm_impl_name(const GemmShape& s);
-
-// Primitives created so far (the cache's size), for tests.
-int64_t gemm_cached_primitives();
 
 }  // namespace dpn_fast

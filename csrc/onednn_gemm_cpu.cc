@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <array>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -66,11 +67,6 @@ class GemmCache {
     return entry;
   }
 
-  int64_t size() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return static_cast<int64_t>(cache_.size());
-  }
-
  private:
   std::mutex mutex_;
   std::map<GemmKey, std::shared_ptr<const CachedGemm>> cache_;
@@ -108,6 +104,21 @@ const char* gemm_impl_name(const GemmShape& s) {
   return cache().get(s, threads)->desc.impl_info_str();
 }
 
-int64_t gemm_cached_primitives() { return cache().size(); }
-
 }  // namespace dpn_fast
+
+// For benchmarks: the GFLOP/s of `iterations` calls of gemm_f32 on [m, k] x [k, n] (after one
+// warm-up call), and the oneDNN implementation it runs.
+extern "C" double dpn_fast_gemm_gflops(int64_t m, int64_t n, int64_t k, int iterations) {
+  const dpn_fast::GemmShape s{m, n, k, k, n, n, false};
+  std::vector<float> a(m * k, 0.5f), b(k * n, 0.25f), c(m * n);
+  dpn_fast::gemm_f32(s, a.data(), b.data(), c.data());
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < iterations; ++i) dpn_fast::gemm_f32(s, a.data(), b.data(), c.data());
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return 2.0 * m * n * k * iterations / seconds * 1e-9;
+}
+
+extern "C" const char* dpn_fast_gemm_impl(int64_t m, int64_t n, int64_t k) {
+  return dpn_fast::gemm_impl_name(dpn_fast::GemmShape{m, n, k, k, n, n, false});
+}

@@ -1,0 +1,118 @@
+"""The whole-block op vs the plain-Paddle block (CPU inference), and where a fused model's block
+time goes.
+
+    pytest benchmarks/bench_dpn_block.py --benchmark-group-by=group
+    python benchmarks/bench_dpn_block.py --model DPN92 --batch-size 1 --threads 2
+
+The pytest groups put the reference block and the op side by side for the first and a normal
+block of each DPN92 stage. The script runs the fused model and splits its blocks' time into input
+BN + ReLU, projection, 1x1a, grouped conv and 1x1c (the op's own timers), and compares the 1x1
+GEMMs' rate with this machine's GEMM peak: a 2048^3 oneDNN matmul through the same code.
+"""
+import argparse
+import ctypes
+import platform
+import time
+
+import numpy as np
+import paddle
+import pytest
+
+import dpn_fast
+from dpn_fast import _extension
+from dpn_fast.models.config import CONFIGS, block_shapes
+from dpn_fast.models.dpn import DualPathBlock
+from dpn_fast.ops.dpn_block import dpn_block, reference_dpn_block
+
+PARTS = ("input BN+ReLU", "projection 1x1", "1x1a", "grouped 3x3", "1x1c")
+GEMM_PARTS = (1, 2, 4)
+_library = ctypes.CDLL(_extension.LIBRARY_PATH)
+_library.dpn_fast_gemm_gflops.restype = ctypes.c_double
+_library.dpn_fast_gemm_gflops.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
+_library.dpn_fast_gemm_impl.restype = ctypes.c_char_p
+_library.dpn_fast_gemm_impl.argtypes = [ctypes.c_int64] * 3
+
+
+def block_profile(reset=True):
+    """(seconds, flops) per part of the blocks since the last reset."""
+    seconds, flops = (ctypes.c_double * len(PARTS))(), (ctypes.c_double * len(PARTS))()
+    _library.dpn_fast_dpn_block_profile(seconds, flops, int(reset))
+    return np.array(seconds), np.array(flops)
+
+
+def gemm_peak(size=2048, iterations=5):
+    """(GFLOP/s, oneDNN implementation) of a size^3 matmul on gemm_f32's path."""
+    rate = _library.dpn_fast_gemm_gflops(size, size, size, iterations)
+    return rate, _library.dpn_fast_gemm_impl(size, size, size).decode()
+
+
+STAGE_BLOCKS = [shape for shape in block_shapes("DPN92") if shape.index in (0, 1)]
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("shape", STAGE_BLOCKS, ids=[f"{s.kind}-stage{s.stage}" for s in STAGE_BLOCKS])
+def test_block(benchmark, shape, n, impl):
+    stage_dense = 2 * shape.inc + CONFIGS["DPN92"].blocks[shape.stage] * shape.inc
+    paddle.seed(0)
+    block = DualPathBlock(shape, fused=False, stage_dense=stage_dense)
+    block.eval()
+    rng = np.random.default_rng(0)
+    hw = shape.in_hw
+    resid = (None if shape.kind == "proj" else
+             paddle.to_tensor(rng.standard_normal((n, shape.in_resid, hw, hw)), "float32"))
+    capacity = stage_dense if shape.kind == "normal" else shape.in_dense
+    dense = paddle.to_tensor(rng.standard_normal((n, capacity, hw, hw)), "float32")
+    benchmark.group = f"DPN92 {shape.kind} block, stage {shape.stage}, n={n}"
+    fn = reference_dpn_block if impl == "reference" else dpn_block
+    with paddle.no_grad():
+        # A normal block updates its buffers in place: rerunning it only changes their values.
+        benchmark.pedantic(fn, args=(block, resid, dense, shape.in_dense), warmup_rounds=2,
+                           rounds=10, iterations=2)
+
+
+def profile_model(name, batch, iterations=10):
+    """Median forward time (s) of the fused model and its blocks' (seconds, flops) per part,
+    per forward."""
+    paddle.seed(0)
+    model = dpn_fast.create_model(name, fused=True)
+    model.eval()
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)), "float32")
+    times = []
+    with paddle.no_grad():
+        for _ in range(3):
+            model(x)
+        block_profile(reset=True)
+        for _ in range(iterations):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    seconds, flops = block_profile(reset=True)
+    return float(np.median(times)), seconds / iterations, flops / iterations
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="DPN92", choices=sorted(CONFIGS))
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    paddle.base.core.set_num_threads(args.threads)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    peak, impl = gemm_peak()
+    total, seconds, flops = profile_model(args.model, args.batch_size)
+    print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), {cpu}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"forward {total * 1e3:.1f} ms, blocks {seconds.sum() * 1e3:.1f} ms")
+    print("| part | ms | GFLOP/s |\n|---|---|---|")
+    for part, s, f in zip(PARTS, seconds, flops):
+        print(f"| {part} | {s * 1e3:.2f} | {f / s * 1e-9 if s else 0:.1f} |")
+    gemm_s, gemm_f = seconds[list(GEMM_PARTS)].sum(), flops[list(GEMM_PARTS)].sum()
+    rate = gemm_f / gemm_s * 1e-9
+    print(f"1x1 GEMMs: {gemm_s * 1e3:.1f} ms, {rate:.1f} GFLOP/s = {rate / peak:.0%} of the "
+          f"2048^3 matmul's {peak:.1f} GFLOP/s ({impl})")
+
+
+if __name__ == "__main__":
+    main()
