@@ -7,15 +7,13 @@ Environment:
   CUDA_HOME                  toolkit root (default: found from nvcc on PATH)
   DPN_FAST_BUILD_JOBS        parallel compile jobs (default: CPU count)
   DPN_FAST_PORTABLE=1        compile the CPU kernels without -march=native (for wheels)
-  DPN_FAST_ONEDNN_INCLUDE    oneDNN 3.x headers (default: fetched from PyPI's
-                             onednn-devel-cpu-gomp; the library itself is Paddle's libdnnl.so.3)
+  DPN_FAST_ONEDNN_INCLUDE    oneDNN 3.x headers (default: the onednn-devel-cpu-gomp build
+                             requirement's; the library itself is Paddle's libdnnl.so.3)
 """
-import glob
 import os
 import shutil
 import subprocess
 import sys
-import zipfile
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -49,32 +47,22 @@ def cuda_archs(nvcc):
     return ";".join([f"{a}-real" for a in archs[:-1]] + [str(archs[-1])])
 
 
-def onednn_include(build_dir):
+def onednn_include():
     """oneDNN headers for building against Paddle's libdnnl.so.3: DPN_FAST_ONEDNN_INCLUDE, else
-    the headers-only wheel from PyPI, unpacked into the build dir."""
+    those of the onednn-devel-cpu-gomp build requirement."""
     if os.environ.get("DPN_FAST_ONEDNN_INCLUDE"):
         return os.environ["DPN_FAST_ONEDNN_INCLUDE"]
-    root = os.path.join(build_dir, "onednn")
-    include = os.path.join(root, "include")
-    if not os.path.exists(os.path.join(include, "oneapi", "dnnl", "dnnl.hpp")):
-        print(f"dpn_fast: fetching oneDNN headers ({ONEDNN_HEADERS})", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", root,
-                        ONEDNN_HEADERS], check=True)
-        with zipfile.ZipFile(glob.glob(os.path.join(root, "*.whl"))[0]) as wheel:
-            for name in wheel.namelist():
-                if "/data/include/" in name:
-                    target = os.path.join(include, name.split("/data/include/", 1)[1])
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    with open(target, "wb") as f:
-                        f.write(wheel.read(name))
-        # The wheel's config enables the experimental sparse API, whose *_v2 entry points
-        # Paddle's libdnnl.so.3 does not export.
-        config = os.path.join(include, "oneapi", "dnnl", "dnnl_config.h")
-        with open(config) as f:
-            text = f.read()
-        with open(config, "w") as f:
-            f.write(text.replace("#define DNNL_EXPERIMENTAL_SPARSE", "/* sparse API off */"))
-    return include
+    from importlib import metadata
+
+    try:
+        files = metadata.files(ONEDNN_HEADERS.split("==")[0]) or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for path in files:
+        if str(path).endswith("include/oneapi/dnnl/dnnl.hpp"):
+            return os.path.dirname(os.path.dirname(os.path.dirname(path.locate())))
+    raise RuntimeError(f"oneDNN headers not found: pip install '{ONEDNN_HEADERS}' (pip install . "
+                       "does so itself) or set DPN_FAST_ONEDNN_INCLUDE")
 
 
 class CMakeBuild(build_ext):
@@ -90,7 +78,7 @@ class CMakeBuild(build_ext):
         os.makedirs(build_dir, exist_ok=True)
         args = [f"-DPADDLE_ROOT={paddle_root}", "-DCMAKE_BUILD_TYPE=Release",
                 f"-DPython_EXECUTABLE={sys.executable}",
-                f"-DONEDNN_INCLUDE_DIR={onednn_include(build_dir)}"]
+                f"-DONEDNN_INCLUDE_DIR={onednn_include()}"]
         if os.environ.get("DPN_FAST_PORTABLE") == "1":
             args.append("-DDPN_FAST_NATIVE=OFF")
         nvcc = None if os.environ.get("DPN_FAST_CPU_ONLY") == "1" else find_nvcc()

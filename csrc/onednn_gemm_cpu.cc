@@ -7,8 +7,13 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <oneapi/dnnl/dnnl.hpp>
 #include <vector>
+
+// Headers of oneDNN 3.2 (onednn-devel-cpu-gomp) against Paddle's 3.6 library: their config turns
+// on the experimental sparse API, whose *_v2 entry points Paddle's build does not export.
+#include <oneapi/dnnl/dnnl_config.h>
+#undef DNNL_EXPERIMENTAL_SPARSE
+#include <oneapi/dnnl/dnnl.hpp>
 
 #include "cpu_threads.h"
 
