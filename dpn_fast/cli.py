@@ -1,5 +1,6 @@
 """dpn-fast command line: predict, demo, bench, export, info."""
 import argparse
+import os
 import sys
 import time
 
@@ -65,12 +66,19 @@ def _print_timing(ref_logits, fused_logits, ref_ms, fused_ms, repeat):
           f"speedup {ref_ms / fused_ms:.2f}x")
 
 
-def _set_threads(threads):
-    """CPU threads for Paddle's kernels; dpn_fast's ops follow Paddle's setting."""
-    if threads is not None:
-        import paddle
+def available_cores():
+    """The cores this process may run on (its affinity mask, as ONNX Runtime counts them)."""
+    return len(os.sched_getaffinity(0))
 
-        paddle.base.core.set_num_threads(threads)
+
+def _set_threads(threads):
+    """CPU threads for Paddle's kernels (all available cores unless given); dpn_fast's ops
+    follow Paddle's setting. Returns the count."""
+    import paddle
+
+    threads = threads or available_cores()
+    paddle.base.core.set_num_threads(threads)
+    return threads
 
 
 def cmd_demo(args):
@@ -78,14 +86,15 @@ def cmd_demo(args):
 
     from dpn_fast.predict import SAMPLE_IMAGE, class_names, preprocess
 
-    _set_threads(args.threads)
+    threads = _set_threads(args.threads)
 
     ref_logits, fused_logits, ref_ms, fused_ms = _compare(
         args.model, args.weights, preprocess(args.image)[None], args.repeat)
     ref_top = np.argsort(-ref_logits[0])[:5]
     fused_top = np.argsort(-fused_logits[0])[:5]
     print(f"{args.model} on {args.image if args.image != SAMPLE_IMAGE else 'the sample image'}, "
-          f"weights: {args.weights or 'random (seed 0)'}, device: {paddle.get_device()}")
+          f"weights: {args.weights or 'random (seed 0)'}, device: {paddle.get_device()}, "
+          f"{threads} CPU threads")
     print(f"top-1: reference {class_names()[ref_top[0]]!r}, fused {class_names()[fused_top[0]]!r}")
     print(f"top-5 agreement: {len(set(ref_top) & set(fused_top))}/5 (same order: "
           f"{bool((ref_top == fused_top).all())})")
@@ -96,11 +105,11 @@ def cmd_bench(args):
     import paddle
 
     paddle.set_device(args.device)
-    _set_threads(args.threads)
+    threads = _set_threads(args.threads)
     images = np.random.default_rng(0).standard_normal(
         (args.batch_size, 3, args.image_size, args.image_size)).astype("float32")
     print(f"{args.model} eval, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-          f"device {paddle.get_device()}")
+          f"device {paddle.get_device()}, {threads} CPU threads")
     _print_timing(*_compare(args.model, args.weights, images, args.repeat), args.repeat)
 
 
@@ -112,6 +121,8 @@ def cmd_export(args):
                     args.image_size)
     print(f"saved {prefix}.json and {prefix}.pdiparams; load with "
           f"dpn_fast.inference.create_predictor({prefix!r})")
+    print("(Paddle 3.3.1 logs 'Paddle static graph(PIR) not support input out tensor for now' "
+          "once for any tensor + tensor it traces: harmless)")
 
 
 def cmd_info(args):
@@ -123,8 +134,8 @@ def cmd_info(args):
         print(f"{name:8s} {count_parameters(model) / 1e6:10.2f} {count_macs(model) / 1e9:7.2f}")
 
 
-THREADS_HELP = ("CPU threads for reference and fused alike (default: Paddle's setting, 1 unless "
-                "changed)")
+THREADS_HELP = ("CPU threads for reference and fused alike (default: all available cores, "
+                f"{available_cores()} here)")
 
 
 def build_parser():

@@ -12,12 +12,33 @@ import paddle
 import dpn_fast  # noqa: F401  (registers the custom ops before any program is loaded)
 
 
+class _Traced(paddle.nn.Layer):
+    """What export traces: paddle.jit.to_static replaces the forward of the layer it is given,
+    so it is given this wrapper and the caller's model keeps its own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model(image)
+
+
 def export(model, path_prefix, image_size=224):
-    """Saves `model` (eval mode, batch dimension dynamic) as `path_prefix`.json/.pdiparams."""
-    model.eval()
+    """Saves `model` in eval mode (batch dimension dynamic) as `path_prefix`.json/.pdiparams.
+
+    `model` comes back as it went in: same forward, same training flags on every sublayer.
+    """
+    modes = [(layer, layer.training) for layer in model.sublayers(include_self=True)]
     spec = paddle.static.InputSpec([None, 3, image_size, image_size], "float32", "image")
-    static = paddle.jit.to_static(model, input_spec=[spec], full_graph=True)
-    paddle.jit.save(static, path_prefix)
+    try:
+        traced = _Traced(model)
+        traced.eval()
+        paddle.jit.save(paddle.jit.to_static(traced, input_spec=[spec], full_graph=True),
+                        path_prefix)
+    finally:
+        for layer, training in modes:
+            layer.training = training
     return path_prefix
 
 

@@ -1,7 +1,11 @@
-"""The dpn-fast command line and PaddleClas-style preprocessing."""
+"""The dpn-fast command line, what `import dpn_fast` offers and says, and PaddleClas-style
+preprocessing."""
+import argparse
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -9,8 +13,23 @@ import pytest
 from PIL import Image
 
 import dpn_fast
-from dpn_fast.cli import main
+from dpn_fast.cli import available_cores, build_parser, main
 from dpn_fast.predict import SAMPLE_IMAGE, class_names, preprocess
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def threads_set(monkeypatch):
+    """The thread counts the CLI sets on Paddle; Paddle's default (1), which the other tests
+    assume, is restored afterwards."""
+    calls = []
+    set_num_threads = paddle.base.core.set_num_threads
+    monkeypatch.setattr(paddle.base.core, "set_num_threads",
+                        lambda n: (calls.append(n), set_num_threads(n)))
+    yield calls
+    set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -82,31 +101,47 @@ def test_info_prints_counts(capsys):
     assert "DPN68" in out and "12.61" in out and "2.33" in out
 
 
-def test_demo_compares_fused_and_reference(capsys):
+def test_demo_compares_fused_and_reference(capsys, threads_set):
     assert main(["demo", "--model", "DPN68", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     diff = float(out.split("max |fused - reference| logits:")[1].split()[0])
     assert diff < 1e-3
     assert "top-5 agreement: 5/5" in out and "speedup" in out
+    # All available cores by default, as ONNX Runtime does.
+    assert threads_set == [available_cores()] and f"{available_cores()} CPU threads" in out
 
 
-def test_bench_and_export(tmp_path, capsys):
+def test_bench_and_export(tmp_path, capsys, threads_set):
     assert main(["bench", "--model", "DPN68", "--image-size", "64", "--batch-size", "2",
                  "--repeat", "1"]) == 0
-    assert "speedup" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speedup" in out and threads_set == [available_cores()]
     assert main(["export", "--model", "DPN68", "--fused", "--image-size", "64",
                  "--out", str(tmp_path)]) == 0
     assert (tmp_path / "DPN68_fused.pdiparams").exists()
     assert "dpn_fast_" in (tmp_path / "DPN68_fused.json").read_text()
 
 
-def test_bench_threads(capsys):
-    try:
-        assert main(["bench", "--model", "DPN68", "--image-size", "64", "--repeat", "1",
-                     "--threads", "2"]) == 0
-        assert "speedup" in capsys.readouterr().out
-    finally:
-        paddle.base.core.set_num_threads(1)  # Paddle's default, which the other tests assume
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threads_option_overrides_the_default(capsys, threads_set, threads):
+    assert main(["bench", "--model", "DPN68", "--image-size", "32", "--repeat", "1",
+                 "--threads", str(threads)]) == 0
+    assert f"{threads} CPU threads" in capsys.readouterr().out and threads_set == [threads]
+
+
+def test_readme_cli_block_lists_every_option():
+    block = (REPO / "README.md").read_text().split("Command line:\n\n```\n")[1].split("```")[0]
+    listed = {}
+    for line in block.splitlines():
+        if line.startswith("dpn-fast "):
+            command = line.split()[1]
+        listed.setdefault(command, set()).update(re.findall(r"--[a-z-]+", line))
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(listed) == set(commands)
+    for command, parser in commands.items():
+        options = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+        assert options - {"--help"} <= listed[command], f"README's dpn-fast {command}"
 
 
 def test_bad_option_values(capsys):
@@ -114,3 +149,39 @@ def test_bad_option_values(capsys):
     assert "--batch-size must be at least 1" in capsys.readouterr().err
     assert main(["bench", "--threads", "0"]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def python_in(cwd, code):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+
+
+def test_import_reaches_documented_submodules_lazily_and_quietly(tmp_path):
+    done = python_in(tmp_path, "\n".join([
+        "import sys, dpn_fast",
+        "lazy = [m for m in ('inference', 'predict') if 'dpn_fast.' + m in sys.modules]",
+        "assert not lazy, f'loaded by import dpn_fast: {lazy}'",
+        "assert callable(dpn_fast.inference.create_predictor)",
+        "assert callable(dpn_fast.predict.predict)",
+        "assert callable(dpn_fast.ops.dual_path_merge)",
+        "assert callable(dpn_fast.models.create_model)",
+        "assert issubclass(dpn_fast.checkpoint.CheckpointError, ValueError)",
+        "assert {'inference', 'predict'} <= set(dir(dpn_fast))",
+        "try:",
+        "    dpn_fast.no_such_module",
+        "except AttributeError as e:",
+        "    print(e)",
+    ]))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "module 'dpn_fast' has no attribute 'no_such_module'"
+    assert "ccache" not in done.stderr  # Paddle's warning on `import paddle`, silenced
+
+
+@pytest.mark.skipif((REPO / "dpn_fast" / "libdpn_fast_ops.so").exists(),
+                    reason="this checkout has a library built in place: nothing is shadowed")
+def test_source_tree_shadowing_the_installed_package_is_named():
+    done = python_in(REPO, "import dpn_fast")
+    assert done.returncode == 1
+    message = done.stderr.strip().splitlines()[-1]
+    assert f"imported from {REPO / 'dpn_fast'}, a source checkout" in message
+    assert "shadows the installed dpn_fast in " + os.path.dirname(dpn_fast.__file__) in message
+    assert "Run Python from another directory" in message

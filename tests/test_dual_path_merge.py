@@ -221,9 +221,17 @@ def test_backward_concat_bn_relu(num_acts):
 
 # ---- BatchNorm-layer forms: eval folding, training statistics ----
 
-def make_bn(channels, seed):
+# The BN layers the ops take; the ReLU is the op's.
+BN_LAYERS = {
+    "BatchNorm2D": paddle.nn.BatchNorm2D,
+    "BatchNorm": paddle.nn.BatchNorm,
+    "BatchNorm(act=relu)": lambda c: paddle.nn.BatchNorm(c, act="relu"),
+}
+
+
+def make_bn(channels, seed, kind="BatchNorm(act=relu)"):
     g = np.random.default_rng(seed)
-    bn = paddle.nn.BatchNorm(channels, act="relu")
+    bn = BN_LAYERS[kind](channels)
     bn.weight.set_value(g.standard_normal(channels).astype("f4"))
     bn.bias.set_value(g.standard_normal(channels).astype("f4"))
     bn._mean.set_value(g.standard_normal(channels).astype("f4"))
@@ -236,6 +244,68 @@ def copy_bn(bn):
     other.set_state_dict(bn.state_dict())
     other.train() if bn.training else other.eval()
     return other
+
+
+def fold64(bn):
+    """(scale, shift) of an eval BN layer, in float64."""
+    w, b, m, v = (t.numpy().astype(np.float64) for t in (bn.weight, bn.bias, bn._mean, bn._variance))
+    scale = w / np.sqrt(v + bn._epsilon)
+    return scale, b - m * scale
+
+
+@pytest.mark.parametrize("kind", list(BN_LAYERS))
+@pytest.mark.parametrize("pair", [False, True])
+def test_bn_layer_kinds_eval_match_float64(kind, pair):
+    """Every form that takes BN layers, with each kind of layer, against float64."""
+    n, r, d, inc, hw = 2, 16, 12, 8, 7
+    arrays = rng_inputs(n, r, d, inc, hw, hw)
+    tensors = to_pd(*arrays)
+    layers = [make_bn(r + d + inc, s, kind) for s in (1, 2)][: 2 if pair else 1]
+    for layer in layers:
+        layer.eval()
+    bn = tuple(layers) if pair else layers[0]
+    folded = [fold64(layer) for layer in layers]
+    scale64, shift64 = (np.stack(f) if pair else f[0] for f in zip(*folded))
+    as_array = lambda act: np.stack([a.numpy() for a in act]) if pair else act.numpy()  # noqa: E731
+    ref64 = ref64_merge(*arrays, scale64, shift64)
+    ref_resid, ref_dense, ref_act = merge_mod.reference_dual_path_merge_bn_relu(*tensors, bn)
+    ref32 = (ref_resid.numpy(), ref_dense.numpy(), as_array(ref_act))
+
+    resid_out, dense_out, act = ops.dual_path_merge_bn_relu(*tensors, bn)
+    for name, a, e64, e32 in zip(("resid_out", "dense_out", "act"),
+                                 (resid_out.numpy(), dense_out.numpy(), as_array(act)), ref64, ref32):
+        assert_matches_reference(a, e64, e32, name=name)
+    head = ops.concat_bn_relu(resid_out, dense_out, bn=bn)
+    assert_matches_reference(as_array(head), ref64[2], ref32[2], name="concat_bn_relu")
+    buffer = paddle.concat([tensors[1], paddle.zeros([n, inc, hw, hw])], axis=1)
+    with paddle.no_grad():
+        into_act = ops.dual_path_merge_into(tensors[0], buffer, d, tensors[2], bn=bn)[2]
+    assert_matches_reference(as_array(into_act), ref64[2], ref32[2], name="dual_path_merge_into")
+    scale, shift = ops.fold_batch_norm(layers[0])
+    np.testing.assert_allclose(scale.numpy(), folded[0][0], rtol=1e-6)
+    np.testing.assert_allclose(shift.numpy(), folded[0][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:When training, we now always track")  # BatchNorm2D's
+@pytest.mark.parametrize("kind", ["BatchNorm2D", "BatchNorm"])
+def test_bn_layer_without_relu_training_matches_layer_then_relu(kind):
+    """Training with an act-less layer: relu(layer(x)), running statistics as the layer's."""
+    n, r, d, inc, hw = 3, 10, 6, 4, 5
+    layer, twin = make_bn(r + d + inc, 1, kind), make_bn(r + d + inc, 1, kind)
+    layer.train()
+    twin.train()
+    arrays = rng_inputs(n, r, d, inc, hw, hw, seed=10)
+    act = ops.dual_path_merge_bn_relu(*to_pd(*arrays), layer)[2]
+    resid_out, dense_out = ref64_merge(*arrays)
+    x = np.concatenate([resid_out, dense_out], 1)
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3))
+    w, b = (t.numpy().astype(np.float64) for t in (twin.weight, twin.bias))
+    expected64 = np.maximum((x - mean[:, None, None]) / np.sqrt(var[:, None, None] + twin._epsilon)
+                            * w[:, None, None] + b[:, None, None], 0)
+    expected32 = paddle.nn.functional.relu(twin(paddle.to_tensor(x.astype("f4")))).numpy()
+    assert_matches_reference(act.numpy(), expected64, expected32, name="act")
+    np.testing.assert_allclose(layer._mean.numpy(), twin._mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layer._variance.numpy(), twin._variance.numpy(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("pair", [False, True])
@@ -462,8 +532,9 @@ def _bad_cases():
         ("backend", lambda: ops.dual_path_merge(resid, dense, y, backend="tpu"), ValueError, "backend"),
         ("cuda on cpu", lambda: ops.dual_path_merge(resid, dense, y, backend="cuda"), ValueError, "GPU"),
         ("bn channels", lambda: ops.dual_path_merge_bn_relu(resid, dense, y, paddle.nn.BatchNorm(5, act="relu")), ValueError, "channels"),
-        ("bn act", lambda: ops.dual_path_merge_bn_relu(resid, dense, y, paddle.nn.BatchNorm(r + d + inc)), ValueError, "relu"),
-        ("bn type", lambda: ops.dual_path_merge_bn_relu(resid, dense, y, paddle.nn.BatchNorm2D(r + d + inc)), TypeError, "BatchNorm"),
+        ("bn act", lambda: ops.dual_path_merge_bn_relu(resid, dense, y, paddle.nn.BatchNorm(r + d + inc, act="sigmoid")), TypeError, "act='sigmoid'"),
+        ("bn type", lambda: ops.dual_path_merge_bn_relu(resid, dense, y, paddle.nn.BatchNorm1D(r + d + inc)), TypeError, "BatchNorm2D"),
+        ("fold type", lambda: ops.fold_batch_norm(paddle.nn.LayerNorm(r + d + inc)), TypeError, "BatchNorm2D"),
     ]
 
 

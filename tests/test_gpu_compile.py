@@ -5,8 +5,8 @@
 - every Triton kernel in kernels/ compiled ahead of time (tests/_triton_aot.py, AOT_SPECS
   convention) for sm_75/80/90, with registers / stack / spills from Triton's bundled ptxas.
 
-Both write a summary (build/cuda_resource_report.txt, build/triton_resource_report.txt) that
-tests/conftest.py echoes at the end of the pytest run. Spills are reported, not failed: they are a
+Both write a table (build/cuda_resource_report.txt, build/triton_resource_report.txt) that
+tests/conftest.py names, with its spill count, at the end of the pytest run. Spills are reported, not failed: they are a
 performance question for a GPU run, while a compile error fails here.
 """
 import json

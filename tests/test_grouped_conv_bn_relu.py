@@ -360,9 +360,38 @@ def test_folder_rejects_unsupported_layers():
     with pytest.raises(ValueError, match="3x3 NCHW Conv2D"):
         GroupedConvBNReLUFolder(paddle.nn.Conv2D(8, 8, 3, padding=2, groups=2, bias_attr=False),
                                 paddle.nn.BatchNorm(8, act="relu"))
-    with pytest.raises(ValueError, match="act='relu'"):
+    with pytest.raises(TypeError, match="act='sigmoid'"):
         GroupedConvBNReLUFolder(paddle.nn.Conv2D(8, 8, 3, padding=1, groups=2, bias_attr=False),
-                                paddle.nn.BatchNorm(8))
+                                paddle.nn.BatchNorm(8, act="sigmoid"))
+
+
+@pytest.mark.filterwarnings("ignore:When training, we now always track")  # BatchNorm2D's
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("with_input_bn", [False, True])
+def test_folder_takes_batchnorm2d(training, with_input_bn):
+    """BatchNorm2D layers (no act: the ReLUs are the op's), against float64."""
+    c, groups, stride = 32, 8, 2
+    conv, bn = make_layers(c, groups, stride)
+    input_bn = make_layers(c, groups, stride, seed=1)[1]
+    x = np.random.default_rng(12).standard_normal((2, c, 9, 9))
+
+    def reference(dtype):
+        t = lambda a: paddle.to_tensor(np.asarray(a, dtype))  # noqa: E731
+        params = lambda l: [t(p.numpy()) for p in (l.weight, l.bias, l._mean, l._variance)]  # noqa: E731
+        return reference_grouped_conv_bn_relu(
+            t(x), t(conv.weight.numpy()), *params(bn), stride=stride, groups=groups,
+            training=training, input_bn=(*params(input_bn), 1e-5) if with_input_bn else None
+        ).numpy()
+
+    ref64, ref32 = reference("float64"), reference("float32")
+    bn2d, input_bn2d = paddle.nn.BatchNorm2D(c), paddle.nn.BatchNorm2D(c)
+    bn2d.set_state_dict(bn.state_dict())
+    input_bn2d.set_state_dict(input_bn.state_dict())
+    for layer in (bn2d, input_bn2d):
+        layer.train() if training else layer.eval()
+    folder = GroupedConvBNReLUFolder(conv, bn2d, input_bn=input_bn2d if with_input_bn else None)
+    out = folder(paddle.to_tensor(x.astype("float32")))
+    assert_matches_reference(out.numpy(), ref64, ref32)
 
 
 class PrologueBlock(paddle.nn.Layer):
@@ -444,9 +473,9 @@ def test_prologue_bad_input_bn_tuple_and_layers():
     with pytest.raises(ValueError, match="input_bn must be"):
         bad_call(input_bn=input_bn_tensors(64))  # epsilon missing
     conv = paddle.nn.Conv2D(8, 8, 3, padding=1, groups=2, bias_attr=False)
-    with pytest.raises(ValueError, match="input_bn must be BatchNorm"):
+    with pytest.raises(TypeError, match="'input_bn' must be a paddle.nn.BatchNorm2D"):
         GroupedConvBNReLUFolder(conv, paddle.nn.BatchNorm(8, act="relu"),
-                                input_bn=paddle.nn.BatchNorm(8))
+                                input_bn=paddle.nn.LayerNorm(8))
     with pytest.raises(ValueError, match="input_bn has 16 channels"):
         GroupedConvBNReLUFolder(conv, paddle.nn.BatchNorm(8, act="relu"),
                                 input_bn=paddle.nn.BatchNorm(16, act="relu"))

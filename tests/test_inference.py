@@ -1,4 +1,6 @@
 """Export to Paddle Inference and predictor round trips."""
+import threading
+
 import numpy as np
 import paddle
 import pytest
@@ -23,3 +25,41 @@ def test_reference_export_predictor_round_trip(tmp_path, use_onednn):
 def test_missing_export_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="pdiparams"):
         create_predictor(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_export_leaves_the_model_as_it_was(tmp_path, fused):
+    """Same forward and training flags after export, and threads sharing the model still run
+    it in dynamic graph (a model left converted by to_static failed here: 'Another thread is
+    waiting' from run_program)."""
+    paddle.seed(6)
+    model = dpn_fast.DPN68(fused=fused)
+    model.train()
+    model.blocks[0].eval()  # a mixed state, as with frozen layers
+    modes = [layer.training for layer in model.sublayers(include_self=True)]
+    export(model, str(tmp_path / "dpn68"), image_size=32)
+    assert "forward" not in vars(model)  # the class's own forward, not to_static's
+    assert [layer.training for layer in model.sublayers(include_self=True)] == modes
+
+    model.eval()
+    images = [paddle.to_tensor(np.random.default_rng(seed).standard_normal((1, 3, 32, 32))
+                               .astype("float32")) for seed in range(4)]
+    with paddle.no_grad():
+        expected = [model(x).numpy() for x in images]
+    results, errors = [None] * 4, []
+
+    def run(i):
+        try:
+            with paddle.no_grad():
+                results[i] = model(images[i]).numpy()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        np.testing.assert_array_equal(got, want)

@@ -105,6 +105,38 @@ def test_strict_loading_lists_missing_unexpected_and_mismatched(tmp_path):
     assert "out.weight: checkpoint [832, 10] vs model [832, 1000]" in message
 
 
+def test_checkpoint_error_is_a_readable_summary_with_the_full_lists(tmp_path):
+    model = build("DPN68")
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    keys = list(state)
+    missing, resized = keys[:7], keys[-8:]
+    unexpected = [f"extra{i}.weight" for i in range(6)]
+    for k in missing:
+        del state[k]
+    for k in unexpected:
+        state[k] = np.ones([2], "float32")
+    for k in resized:
+        state[k] = np.ones([3], "float32")
+    path = str(tmp_path / "bad.pdparams")
+    paddle.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        dpn_fast.DPN68(pretrained=path)
+    error = info.value
+    assert error.missing_keys == missing and error.unexpected_keys == unexpected
+    assert error.shape_mismatches == [(k, [3], list(model.state_dict()[k].shape)) for k in resized]
+    lines = str(error).splitlines()
+    assert lines[0] == (f"{path} does not match DPN68: 7 missing keys, 6 unexpected keys, "
+                        "8 shape mismatches")
+    shown = CheckpointError.SHOWN
+    assert lines[1:] == (
+        ["  missing keys (7):"] + [f"    {k}" for k in missing[:shown]] + ["    ... and 2 more"]
+        + ["  unexpected keys (6):"] + [f"    {k}" for k in unexpected[:shown]]
+        + ["    ... and 1 more"]
+        + ["  shape mismatches (8):"]
+        + [f"    {k}: checkpoint [3] vs model {list(model.state_dict()[k].shape)}"
+           for k in resized[:shown]] + ["    ... and 3 more"])
+
+
 def test_class_num_mismatch_is_reported(tmp_path):
     path = str(tmp_path / "m.pdparams")
     paddle.save(build("DPN68").state_dict(), path)

@@ -21,10 +21,9 @@ def triton_interpreted():
 
 
 def _on_gpu(tensor):
-    place = tensor.place
-    if place is None:  # a static-graph Value (paddle.jit.to_static) has no place: default device
+    if isinstance(tensor, paddle.pir.Value):  # paddle.jit.to_static: no place (asking warns)
         return paddle.device.get_device().startswith("gpu")
-    return place.is_gpu_place()
+    return tensor.place.is_gpu_place()
 
 
 def resolve_backend(backend, tensor, op):

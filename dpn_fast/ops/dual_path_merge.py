@@ -7,7 +7,8 @@
 `scale`/`shift` are an eval BatchNorm folded per channel (see `fold_batch_norm`), of shape [C]
 (one output, act [N, C, H, W]) or [A, C] with A <= 2 (act [A, N, C, H, W]: a projection block
 applies its two BNs, c1x1_w's and c1x1_a's, to the same concat). The `*_bn_relu` forms take the
-paddle.nn.BatchNorm layer(s) instead: in eval the kernels fold the BN parameters per channel as
+BatchNorm layer(s) instead (paddle.nn.BatchNorm2D, or paddle.nn.BatchNorm with act None or
+"relu": the ReLU is the op's): in eval the kernels fold the BN parameters per channel as
 they run (nothing is cached, so optimizer steps and set_state_dict are always seen), in training
 they run the fused merge and then paddle's own batch_norm, so running statistics update exactly
 as the layer's do. The fused eval kernels give gradients to the activations only; when autograd
@@ -24,6 +25,7 @@ from paddle.autograd import PyLayer
 
 from dpn_fast._extension import run_op
 from dpn_fast.ops._backend import resolve_backend, triton_arg
+from dpn_fast.ops._batch_norm_layer import bn_layer_relu, check_bn_layer
 
 __all__ = ["dual_path_merge", "concat_bn_relu", "fold_batch_norm", "dual_path_merge_bn_relu",
            "dual_path_merge_into"]
@@ -60,9 +62,9 @@ def dual_path_merge(resid, dense, y, scale=None, shift=None, backend="auto"):
 def concat_bn_relu(resid, dense, scale=None, shift=None, backend="auto", bn=None, training=None):
     """relu(concat([resid, dense], 1) * scale + shift): the head of a block or the network's end.
 
-    Either scale/shift (see the module doc for shapes) or `bn`: a paddle.nn.BatchNorm with
-    act="relu", or a pair of them (then a tuple of two outputs). `training` defaults to the
-    layer's own mode.
+    Either scale/shift (see the module doc for shapes) or `bn`: a BatchNorm2D (or BatchNorm with
+    act None or "relu"), or a pair of them (then a tuple of two outputs). `training` defaults to
+    the layer's own mode.
     """
     op = "concat_bn_relu"
     resid, dense = _check_activations(op, resid, dense)
@@ -85,9 +87,10 @@ def concat_bn_relu(resid, dense, scale=None, shift=None, backend="auto", bn=None
 def dual_path_merge_bn_relu(resid, dense, y, bn, training=None, backend="auto"):
     """(resid_out, dense_out, act) with act = BN+ReLU of the merged concat by `bn`.
 
-    `bn`: a paddle.nn.BatchNorm with act="relu" (act is a tensor) or a pair of them (act is a
-    tuple of two tensors). `training` defaults to the layer's mode; in training the batch
-    statistics normalise and the running ones update exactly as in paddle.nn.BatchNorm.
+    `bn`: a paddle.nn.BatchNorm2D, or a paddle.nn.BatchNorm with act None or "relu" (act is a
+    tensor), or a pair of them (act is a tuple of two tensors). The ReLU is the op's.
+    `training` defaults to the layer's mode; in training the batch statistics normalise and the
+    running ones update exactly as in the layer.
     """
     op = "dual_path_merge_bn_relu"
     resid, dense, y = _check_activations(op, resid, dense, y)
@@ -168,8 +171,9 @@ def batch_norm_params(layers):
 
 @paddle.no_grad()
 def fold_batch_norm(bn):
-    """(scale, shift) of an eval paddle.nn.BatchNorm: w / sqrt(var + eps), b - mean * scale."""
-    weight, bias, mean, variance = _check_batch_norm("fold_batch_norm", bn)
+    """(scale, shift) of an eval BatchNorm2D or BatchNorm (act None or "relu"):
+    w / sqrt(var + eps), b - mean * scale. The ops that take them apply the ReLU."""
+    weight, bias, mean, variance = check_bn_layer("fold_batch_norm", bn)
     scale = weight * paddle.rsqrt(variance + bn._epsilon)
     return scale, bias - mean * scale
 
@@ -196,10 +200,11 @@ def reference_concat_bn_relu(resid, dense, scale, shift):
 
 
 def reference_dual_path_merge_bn_relu(resid, dense, y, bn):
-    """The unfused DPN sequence: split + add + concat, concat + BatchNorm(act=relu) layer(s)."""
+    """The unfused DPN sequence: split + add + concat, concat + BatchNorm layer(s) + ReLU."""
     resid_out, dense_out = reference_dual_path_merge(resid, dense, y)
     x = paddle.concat([resid_out, dense_out], axis=1)
-    act = tuple(layer(x) for layer in bn) if isinstance(bn, (tuple, list)) else bn(x)
+    act = (tuple(bn_layer_relu(layer, x) for layer in bn) if isinstance(bn, (tuple, list))
+           else bn_layer_relu(bn, x))
     return resid_out, dense_out, act
 
 
@@ -299,18 +304,6 @@ def _check_scale_shift(op, resid, channels, scale, shift):
     return scale, shift
 
 
-def _check_batch_norm(op, bn):
-    """The layer's (weight, bias, running mean, running variance), checked."""
-    if not isinstance(bn, paddle.nn.BatchNorm):
-        raise TypeError(f"{op}: expected a paddle.nn.BatchNorm, got {type(bn).__name__}")
-    tensors = (bn.weight, bn.bias, bn._mean, bn._variance)  # fetched once: Layer attrs are slow
-    if tensors[0] is None or tensors[1] is None:
-        raise ValueError(f"{op}: BatchNorm without weight or bias is not supported")
-    if bn._data_layout != "NCHW":
-        raise ValueError(f"{op}: BatchNorm must be NCHW, got {bn._data_layout}")
-    return tensors
-
-
 def _batch_norms(op, bn, channels):
     """(layers, params, epsilons) of `bn` (one BatchNorm layer or a pair), checked; params and
     epsilons as batch_norm_params gives them."""
@@ -318,9 +311,7 @@ def _batch_norms(op, bn, channels):
     if not 1 <= len(layers) <= _MAX_ACTS:
         raise ValueError(f"{op}: expects 1 or {_MAX_ACTS} BatchNorm layers, got {len(layers)}")
     for layer in layers:
-        weight = _check_batch_norm(op, layer)[0]
-        if layer._act != "relu":
-            raise ValueError(f"{op}: BatchNorm must have act='relu', got act={layer._act!r}")
+        weight = check_bn_layer(op, layer)[0]
         if channels >= 0 and weight.shape[0] != channels:
             raise ValueError(f"{op}: BatchNorm has {weight.shape[0]} channels, the concat "
                              f"has {channels}")

@@ -19,6 +19,7 @@ import paddle.nn.functional as F
 
 from dpn_fast import _extension
 from dpn_fast.ops._backend import resolve_backend, triton_arg
+from dpn_fast.ops._batch_norm_layer import bn_layer_relu, check_bn_layer
 
 OP = "grouped_conv_bn_relu"
 
@@ -159,8 +160,9 @@ def _signature(tensor):
 
 
 class GroupedConvBNReLUFolder:
-    """Runs a PaddleClas-style (paddle.nn.Conv2D, paddle.nn.BatchNorm(act="relu")) pair fused,
-    optionally preceded by the input's BatchNorm(act="relu") layer `input_bn`.
+    """Runs a (paddle.nn.Conv2D, BN layer) pair as conv + BN + ReLU fused, optionally preceded by
+    the input's BN layer + ReLU, `input_bn`. A BN layer is a paddle.nn.BatchNorm2D or a
+    paddle.nn.BatchNorm with act None or "relu" (PaddleClas's); the ReLUs are the op's.
 
     Eval reuses BN-folded weights/bias cached across calls. Refolding happens when
       - any of the five source tensors is replaced or changed by an in-place Paddle op
@@ -187,12 +189,9 @@ class GroupedConvBNReLUFolder:
                              f"equal strides and bias_attr=False, got kernel {conv._kernel_size}, "
                              f"padding {conv._updated_padding}, dilation {conv._dilation}, "
                              f"stride {conv._stride}, data_format {conv._data_format}")
-        if getattr(bn, "_act", "relu") != "relu":
-            raise ValueError(f"{OP}: bn must be BatchNorm(act='relu'), got act={bn._act!r}")
+        check_bn_layer(OP, bn)
         if input_bn is not None:
-            if getattr(input_bn, "_act", None) != "relu":
-                raise ValueError(f"{OP}: input_bn must be BatchNorm(act='relu'), got "
-                                 f"act={getattr(input_bn, '_act', None)!r}")
+            check_bn_layer(OP, input_bn, "input_bn")
             if list(input_bn.weight.shape) != [conv._in_channels]:
                 raise ValueError(f"{OP}: input_bn has {input_bn.weight.shape[0]} channels, the "
                                  f"conv takes {conv._in_channels}")
@@ -235,7 +234,7 @@ class GroupedConvBNReLUFolder:
         input_bn = None
         if self.input_bn is not None:
             if self.input_bn.training or training or backend == "reference":
-                x = self.input_bn(x)
+                x = bn_layer_relu(self.input_bn, x)
             else:
                 input_bn = self._input_bn_params()
         if training or not paddle.in_dynamic_mode() or input_bn is not None:
