@@ -311,34 +311,45 @@ void bn_relu_train_backward_cpu(const float* y, const float* out, const float* d
                                 int64_t n, int64_t c, int64_t hw) {
   // dz = dout * (out > 0); dbeta = sum dz; dgamma = sum dz * xhat;
   // dy = gamma * invstd * (dz - dbeta / M - xhat * dgamma / M).
+  // xhat is centred on the exact batch mean, saved_mean + offset: centred on the float
+  // saved_mean alone, every xhat shifts by offset * invstd and dy by gamma * offset * invstd^2 *
+  // dgamma / M, which for near-constant channels over few samples dwarfs dy itself.
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static)
   for (int64_t ch = 0; ch < c; ++ch) {
     const float mean = saved_mean[ch], invstd = saved_invstd[ch];
-    double sum_dz = 0.0, sum_dz_xhat = 0.0;
+    double sum_dz = 0.0, sum_dz_centred = 0.0, sum_centred = 0.0;
     for (int64_t b = 0; b < n; ++b) {
       const int64_t off = (b * c + ch) * hw;
       float s = 0.0f, sx = 0.0f;
-#pragma omp simd reduction(+ : s, sx)
+      double sc = 0.0;  // in double: the offset is under half an ulp of the mean
+#pragma omp simd reduction(+ : s, sx, sc)
       for (int64_t i = 0; i < hw; ++i) {
         const float dz = out[off + i] > 0.0f ? dout[off + i] : 0.0f;
+        const float centred = y[off + i] - mean;
         s += dz;
-        sx += dz * (y[off + i] - mean);
+        sx += dz * centred;
+        sc += centred;
       }
       sum_dz += s;
-      sum_dz_xhat += double(sx) * invstd;
+      sum_dz_centred += sx;
+      sum_centred += sc;
     }
+    const double count = double(n) * hw;
+    const double offset = sum_centred / count;
+    const double sum_dz_xhat = (sum_dz_centred - offset * sum_dz) * invstd;
     dbeta[ch] = float(sum_dz);
     dgamma[ch] = float(sum_dz_xhat);
-    const double count = double(n) * hw;
+    // dy = k * (dz - shift - (y - mean) * slope); shift takes the offset's share in double.
     const float k = gamma[ch] * invstd;
-    const float mean_dz = float(sum_dz / count), mean_dz_xhat = float(sum_dz_xhat / count);
+    const double mean_dz_xhat = sum_dz_xhat / count;
+    const float slope = float(invstd * mean_dz_xhat);
+    const float shift = float(sum_dz / count - offset * invstd * mean_dz_xhat);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t off = (b * c + ch) * hw;
 #pragma omp simd
       for (int64_t i = 0; i < hw; ++i) {
         const float dz = out[off + i] > 0.0f ? dout[off + i] : 0.0f;
-        const float xhat = (y[off + i] - mean) * invstd;
-        dy[off + i] = k * (dz - mean_dz - xhat * mean_dz_xhat);
+        dy[off + i] = k * (dz - shift - (y[off + i] - mean) * slope);
       }
     }
   }
