@@ -232,7 +232,7 @@ void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const flo
     const float a = scale[nc % s.c_out], b = shift[nc % s.c_out];
     const float* yc = y + nc * hw;
     float* oc = out + nc * hw;
-    for (int64_t i = 0; i < hw; ++i) oc[i] = std::max(yc[i] * a + b, 0.0f);
+    for (int64_t i = 0; i < hw; ++i) oc[i] = std::max(0.0f, yc[i] * a + b);  // NaN -> 0
   }
 }
 
