@@ -160,7 +160,9 @@ def gen_grouped_conv(rng):
     n, groups = _pick(rng, [1, 1, 2, 3]), _pick(rng, [1, 2, 3, 4, 8])
     c, c_out = groups * int(rng.integers(1, 7)), groups * int(rng.integers(1, 5))
     h, w = (int(v) for v in rng.integers(1, 13, 2))
-    training = rng.random() < 0.25
+    # Training normalises over at least 4 values per channel: over one, batch statistics amplify
+    # rounding by 1/sqrt(eps) (docs/reliability.md, open issues).
+    training = rng.random() < 0.25 and n * h * w >= 16
     prologue = not training and rng.random() < 0.3
     inputs = Inputs(x=_normal(rng, n, c, h, w),
                     weight=_normal(rng, c_out, c // groups, 3, 3) / np.sqrt(9 * c // groups),
