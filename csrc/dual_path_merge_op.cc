@@ -31,8 +31,10 @@ dpn_fast::MergeShape merge_shape(const Shape& rs, const Shape& ds, const Shape* 
   PD_CHECK(rs.size() == 4 && ds.size() == 4 && (ys == nullptr || ys->size() == 4), op,
            ": resid, dense", ys ? ", y" : "", " must be 4-D NCHW, got ", shape_str(rs), ", ",
            shape_str(ds), ys ? ", " + shape_str(*ys) : "");
+  // -1: a size unknown when exporting (dynamic batch or image size), checked when run.
+  const auto same = [](int64_t a, int64_t b) { return a == b || a < 0 || b < 0; };
   for (int i : {0, 2, 3}) {
-    PD_CHECK(rs[i] == ds[i] && (ys == nullptr || rs[i] == (*ys)[i]), op,
+    PD_CHECK(same(rs[i], ds[i]) && (ys == nullptr || same(rs[i], (*ys)[i])), op,
              ": batch/spatial sizes differ: resid ", shape_str(rs), ", dense ", shape_str(ds),
              ys ? ", y " + shape_str(*ys) : "");
   }

@@ -275,10 +275,13 @@ std::vector<paddle::Tensor> GroupedConvBnReluTrainBackward(
   return {grad_x, grad_weight, grad_bn_weight, grad_bn_bias};
 }
 
+// Sizes unknown when exporting (-1: a dynamic batch or image size) stay unknown.
 std::vector<int64_t> out_shape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
                                int stride) {
-  return {x[0], w[0], dpn_fast::conv3x3_out_size(x[2], stride),
-          dpn_fast::conv3x3_out_size(x[3], stride)};
+  const auto size = [stride](int64_t in) {
+    return in < 0 ? -1 : dpn_fast::conv3x3_out_size(in, stride);
+  };
+  return {x[0], w[0], size(x[2]), size(x[3])};
 }
 
 std::vector<std::vector<int64_t>> InferOutShape(const std::vector<int64_t>& x,

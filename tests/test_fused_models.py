@@ -203,3 +203,21 @@ def test_unsupported_model_dtype_is_a_clear_error(fused, dtype, match):
         model(x)
     model.to(dtype="float32")
     assert np.isfinite(model(x.astype("float32")).numpy()).all()
+
+
+def test_fused_export_with_dynamic_image_size(tmp_path):
+    """Batch and image size unknown at export: the ops' InferShape keeps them unknown (the
+    grouped conv computed 0 from -1, and the merge then aborted the process on the mismatch).
+    oneDNN off: with it on, this program fails inside Paddle Inference (open, docs/reliability.md)."""
+    fused, exported = build_trio("DPN68", seed=13)[1], build_trio("DPN68", seed=13)[1]
+    fused.eval()
+    exported.eval()
+    prefix = str(tmp_path / "dpn68_dynamic")
+    spec = paddle.static.InputSpec([None, 3, None, None], "float32", "image")
+    paddle.jit.save(paddle.jit.to_static(exported, input_spec=[spec], full_graph=True), prefix)
+    predictor = create_predictor(prefix, use_onednn=False)
+    for shape in [(1, 3, 40, 36), (2, 3, 64, 64)]:
+        x = images(shape, seed=14)
+        with paddle.no_grad():
+            expected = fused(paddle.to_tensor(x)).numpy()
+        np.testing.assert_allclose(run_predictor(predictor, x), expected, rtol=1e-4, atol=1e-5)

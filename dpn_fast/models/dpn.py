@@ -192,6 +192,7 @@ class DPN(nn.Layer):
         self.refold()
         return result
 
+    @paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
     def _check_input(self, x):
         name = self.model_name
         if len(x.shape) != 4:

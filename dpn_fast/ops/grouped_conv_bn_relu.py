@@ -57,6 +57,7 @@ def fold_bn_into_conv(weight, bn_weight, bn_bias, bn_mean, bn_var, epsilon=1e-5)
 _BN_NAMES = ("bn_weight", "bn_bias", "bn_mean", "bn_var")
 
 
+@paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
 def _check_args(backend, x, weight, bn, stride, groups, epsilon, momentum, training):
     """All backends: the op's contract; the custom ops also need float32 BN parameters and, on
     CPU, float32 activations. Sizes of -1 (unknown under to_static) pass."""
@@ -99,6 +100,7 @@ def _fold_input_bn(input_bn):
     return scale, bias - mean * scale
 
 
+@paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
 def _check_input_bn(backend, x, input_bn):
     if not isinstance(input_bn, (tuple, list)) or len(input_bn) != 5:
         raise ValueError(f"{OP}: input_bn must be (weight, bias, mean, variance, epsilon), got "
