@@ -345,7 +345,8 @@ def bad_call(**overrides):
     ({"tensors": {"x": paddle.randn([1, 64, 8, 8]).astype("float64"),
                   "weight": paddle.randn([64, 2, 3, 3]).astype("float64")}}, TypeError,
      "backend='reference'"),
-    ({"tensors": {"x": np.zeros((1, 64, 8, 8), "float32")}}, TypeError, "'x' must be a paddle.Tensor"),
+    ({"tensors": {"x": np.zeros((1, 64, 8, 8), "float32")}}, TypeError,
+     "'x' must be a paddle.Tensor"),
     ({"tensors": {"bn_mean": paddle.randn([32])}}, ValueError, "bn_mean' must have shape [64]"),
     ({"tensors": {"bn_var": paddle.rand([64, 1])}}, ValueError, "bn_var' must have shape [64]"),
     ({"tensors": {"bn_var": paddle.rand([64]).astype("float64")}}, TypeError, "'bn_var' must be"),
@@ -383,7 +384,8 @@ def test_strided_views_are_handled():
     for view in (t["x"].transpose([0, 1, 3, 2]), wide[:, 16:80]):
         assert not view.is_contiguous()
         out = bad_call(tensors={"x": view})
-        np.testing.assert_array_equal(out.numpy(), bad_call(tensors={"x": view.contiguous()}).numpy())
+        expected = bad_call(tensors={"x": view.contiguous()})
+        np.testing.assert_array_equal(out.numpy(), expected.numpy())
 
 
 def test_bad_kernel_size_in_op():
