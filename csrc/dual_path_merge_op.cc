@@ -8,6 +8,7 @@
 // attr epsilons empty, or A raw eval BatchNorms [weight, bias, mean, variance, ...] with attr
 // epsilons of length A (A == 1 -> act [N,C,H,W], A == 2 -> [2,N,C,H,W]); A is 1 or 2.
 // The per-channel parameters get no gradient here (training runs paddle's BatchNorm instead).
+#include <string>
 #include <vector>
 
 #include "binding.h"
@@ -30,8 +31,10 @@ dpn_fast::MergeShape merge_shape(const Shape& rs, const Shape& ds, const Shape* 
   PD_CHECK(rs.size() == 4 && ds.size() == 4 && (ys == nullptr || ys->size() == 4), op,
            ": resid, dense", ys ? ", y" : "", " must be 4-D NCHW, got ", shape_str(rs), ", ",
            shape_str(ds), ys ? ", " + shape_str(*ys) : "");
+  // -1: a size unknown when exporting (dynamic batch or image size), checked when run.
+  const auto same = [](int64_t a, int64_t b) { return a == b || a < 0 || b < 0; };
   for (int i : {0, 2, 3}) {
-    PD_CHECK(rs[i] == ds[i] && (ys == nullptr || rs[i] == (*ys)[i]), op,
+    PD_CHECK(same(rs[i], ds[i]) && (ys == nullptr || same(rs[i], (*ys)[i])), op,
              ": batch/spatial sizes differ: resid ", shape_str(rs), ", dense ", shape_str(ds),
              ys ? ", y " + shape_str(*ys) : "");
   }
@@ -96,25 +99,29 @@ dpn_fast::DType element_type(const paddle::Tensor& t, const char* op) {
   }
 }
 
-// Checks every tensor of a call against the first (dtype, device, layout, contiguity).
+// Checks every tensor of a call against the first (dtype, device, layout, contiguity); `names`
+// name the activations in errors, the parameters are named affine[i].
 void check_tensors(const std::vector<const paddle::Tensor*>& acts,
+                   const std::vector<const char*>& names,
                    const std::vector<paddle::Tensor>& params, const char* op) {
   const paddle::Tensor& first = *acts[0];
   const dpn_fast::DType dtype = element_type(first, op);
   PD_CHECK(dtype == dpn_fast::kFloat32 || first.is_gpu(), op,
            ": float16/bfloat16 are supported on GPU only; cast CPU tensors to float32");
-  for (const paddle::Tensor* t : acts) {
-    dpn_fast::check_plain_layout(*t, op, "activation");
-    dpn_fast::check_same_dtype(first, *t, op, "resid", "another activation input");
-    dpn_fast::check_same_place(first, *t, op, "resid", "another activation input");
-    PD_CHECK(t->is_contiguous(), op, ": activation inputs must be contiguous");
+  for (size_t i = 0; i < acts.size(); ++i) {
+    const paddle::Tensor& t = *acts[i];
+    dpn_fast::check_plain_layout(t, op, names[i]);
+    dpn_fast::check_same_dtype(first, t, op, names[0], names[i]);
+    dpn_fast::check_same_place(first, t, op, names[0], names[i]);
+    PD_CHECK(t.is_contiguous(), op, ": '", names[i], "' must be contiguous");
   }
-  for (const paddle::Tensor& p : params) {
-    PD_CHECK(p.dtype() == paddle::DataType::FLOAT32, op,
-             ": scale/shift/BatchNorm parameters must be float32, got ",
+  for (size_t i = 0; i < params.size(); ++i) {
+    const paddle::Tensor& p = params[i];
+    const std::string name = "affine[" + std::to_string(i) + "] (scale/shift/BatchNorm)";
+    PD_CHECK(p.dtype() == paddle::DataType::FLOAT32, op, ": '", name, "' must be float32, got ",
              phi::DataTypeToString(p.dtype()));
-    dpn_fast::check_same_place(first, p, op, "resid", "scale/shift/BatchNorm parameter");
-    PD_CHECK(p.is_contiguous(), op, ": scale/shift/BatchNorm parameters must be contiguous");
+    dpn_fast::check_same_place(first, p, op, names[0], name.c_str());
+    PD_CHECK(p.is_contiguous(), op, ": '", name, "' must be contiguous");
   }
 }
 
@@ -173,8 +180,12 @@ std::vector<paddle::Tensor> forward(const paddle::Tensor& resid_in, const paddle
              " channels; ", s.d, " old + ", s.inc, " new do not fit");
   }
   std::vector<const paddle::Tensor*> acts{&resid, &dense};
-  if (y) acts.push_back(y);
-  check_tensors(acts, params, op);
+  std::vector<const char*> names{"resid", into_buffer ? "dense_buffer" : "dense"};
+  if (y) {
+    acts.push_back(y);
+    names.push_back("y");
+  }
+  check_tensors(acts, names, params, op);
   const AffineLayout layout = params.empty()
                                   ? AffineLayout{0, false}
                                   : affine_layout(tensor_shapes(params), epsilons, s.channels(), op);
@@ -407,7 +418,7 @@ std::vector<paddle::Tensor> MergeIntoForward(const paddle::Tensor& resid,
                                              const std::vector<float>& epsilons,
                                              int64_t dense_channels) {
   PD_CHECK(!affine.empty(), kMergeInto, ": needs scale/shift or BatchNorm parameters");
-  PD_CHECK(dense_channels >= 0, kMergeInto, ": dense_channels must be >= 0, got ",
+  PD_CHECK(dense_channels >= 0, kMergeInto, ": 'dense_channels' must be >= 0, got ",
            dense_channels);
   return forward(resid, dense_buffer, &y, affine, epsilons, kMergeInto, dense_channels);
 }

@@ -218,7 +218,9 @@ void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const flo
         sumsq += ts[cout + o];
       }
     const double mean = sum / count;
-    const double var = std::max(0.0, sumsq / count - mean * mean);
+    // Rounding can make the variance slightly negative; NaN (Inf in the batch) stays NaN, so
+    // the channel's outputs are NaN before the ReLU, as Paddle's batch_norm makes them.
+    const double var = std::max(sumsq / count - mean * mean, 0.0);
     const double invstd = 1.0 / std::sqrt(var + epsilon);
     saved_mean[c] = float(mean);
     saved_invstd[c] = float(invstd);
@@ -232,7 +234,7 @@ void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const flo
     const float a = scale[nc % s.c_out], b = shift[nc % s.c_out];
     const float* yc = y + nc * hw;
     float* oc = out + nc * hw;
-    for (int64_t i = 0; i < hw; ++i) oc[i] = std::max(yc[i] * a + b, 0.0f);
+    for (int64_t i = 0; i < hw; ++i) oc[i] = std::max(0.0f, yc[i] * a + b);  // NaN -> 0
   }
 }
 

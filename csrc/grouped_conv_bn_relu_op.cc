@@ -42,17 +42,21 @@ dpn_fast::GroupedConvShape check_conv(const paddle::Tensor& x, const paddle::Ten
   dpn_fast::check_same_place(x, weight, kOp, "x", "weight");
   const auto& xs = x.shape();
   const auto& ws = weight.shape();
-  PD_CHECK(stride == 1 || stride == 2, kOp, ": stride must be 1 or 2, got ", stride);
-  PD_CHECK(groups > 0 && xs[1] % groups == 0, kOp, ": input channels ", xs[1],
-           " are not divisible by groups=", groups);
-  PD_CHECK(ws[2] == 3 && ws[3] == 3, kOp, ": kernel must be 3x3, weight has shape ", shape_str(ws));
-  PD_CHECK(ws[0] % groups == 0, kOp, ": output channels ", ws[0], " are not divisible by groups=",
-           groups);
-  PD_CHECK(ws[1] == xs[1] / groups, kOp, ": weight must have shape [C_out, ", xs[1] / groups,
+  PD_CHECK(stride == 1 || stride == 2, kOp, ": 'stride' must be 1 or 2, got ", stride);
+  PD_CHECK(groups >= 1, kOp, ": 'groups' must be >= 1, got ", groups);
+  PD_CHECK(xs[1] > 0, kOp, ": 'x' has no channels, shape ", shape_str(xs));
+  PD_CHECK(xs[1] % groups == 0, kOp, ": input channels ", xs[1],
+           " are not divisible by 'groups'=", groups);
+  PD_CHECK(ws[2] == 3 && ws[3] == 3, kOp, ": kernel must be 3x3, 'weight' has shape ",
+           shape_str(ws));
+  PD_CHECK(ws[0] % groups == 0, kOp, ": output channels ", ws[0],
+           " are not divisible by 'groups'=", groups);
+  PD_CHECK(ws[1] == xs[1] / groups, kOp, ": 'weight' must have shape [C_out, ", xs[1] / groups,
            ", 3, 3] for ", xs[1], " input channels and groups=", groups, ", got ", shape_str(ws));
-  PD_CHECK(xs[2] > 0 && xs[3] > 0, kOp, ": empty spatial size ", shape_str(xs));
+  PD_CHECK(xs[2] > 0 && xs[3] > 0, kOp, ": 'x' has an empty image, shape ", shape_str(xs));
   if (x.is_cpu()) {
-    PD_CHECK(x.dtype() == paddle::DataType::FLOAT32, kOp, ": CPU supports float32 only, got ",
+    PD_CHECK(x.dtype() == paddle::DataType::FLOAT32, kOp,
+             ": 'x' must be float32 on CPU (the CPU kernels support float32 only), got ",
              phi::DataTypeToString(x.dtype()));
   }
   return {xs[0], xs[1], xs[2], xs[3], ws[0], groups, stride,
@@ -86,6 +90,10 @@ paddle::Tensor empty_out(const paddle::Tensor& x, const dpn_fast::GroupedConvSha
   return dpn_fast::empty_output({s.n, s.c_out, s.h_out, s.w_out}, x.dtype(), x.place());
 }
 
+// A batch of zero images (or zero output channels) has nothing to compute; the cores split work
+// by batch x groups and must not see it (a division by zero).
+bool nothing_to_compute(const dpn_fast::GroupedConvShape& s) { return s.n == 0 || s.c_out == 0; }
+
 std::vector<paddle::Tensor> GroupedConvBiasReluForward(const paddle::Tensor& x_in,
                                                        const paddle::Tensor& weight,
                                                        const paddle::Tensor& bias, int stride,
@@ -94,6 +102,7 @@ std::vector<paddle::Tensor> GroupedConvBiasReluForward(const paddle::Tensor& x_i
   const auto s = check_conv(x, weight, stride, groups);
   dpn_fast::check_channel_vector(bias, x, s.c_out, kOp, "bias");
   auto out = empty_out(x, s);
+  if (nothing_to_compute(s)) return {out};
 #ifdef DPN_FAST_WITH_CUDA
   if (x.is_gpu()) {
     check_cuda_status(dpn_fast_grouped_conv_bias_relu_cuda(
@@ -118,6 +127,7 @@ std::vector<paddle::Tensor> GroupedConvBnReluInfer(const paddle::Tensor& x_in,
   const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
   const auto s = check_conv(x, weight, stride, groups);
   dpn_fast::check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, kOp, "bn_");
+  if (nothing_to_compute(s)) return {empty_out(x, s)};
 #ifdef DPN_FAST_WITH_CUDA
   if (x.is_gpu()) {
     const int64_t taps_per_oc = s.c / s.groups * 9;
@@ -151,6 +161,7 @@ std::vector<paddle::Tensor> BnReluGroupedConvBnReluInfer(
   dpn_fast::check_bn(x, s.c, in_bn_weight, in_bn_bias, in_bn_mean, in_bn_var, kOp, "in_bn_");
   dpn_fast::check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, kOp, "bn_");
   auto out = empty_out(x, s);
+  if (nothing_to_compute(s)) return {out};
 #ifdef DPN_FAST_WITH_CUDA
   if (x.is_gpu()) {
     const int64_t taps_per_oc = s.c / s.groups * 9;
@@ -188,6 +199,9 @@ std::vector<paddle::Tensor> GroupedConvBnReluTrain(const paddle::Tensor& x,
                                                    float momentum) {
   const auto s = check_conv(x, weight, stride, groups);
   dpn_fast::check_bn(x, s.c_out, bn_weight, bn_bias, bn_mean, bn_var, kOp, "bn_");
+  PD_CHECK(!nothing_to_compute(s), kOp, ": training needs a non-empty batch and output channels "
+           "(batch statistics of nothing are undefined), 'x' has shape ", dpn_fast::shape_str(x.shape()),
+           ", 'weight' ", dpn_fast::shape_str(weight.shape()));
   auto out = empty_out(x, s);
   auto conv_out = empty_out(x, s);
   auto saved_mean = dpn_fast::empty_output({s.c_out}, paddle::DataType::FLOAT32, x.place());
@@ -261,10 +275,13 @@ std::vector<paddle::Tensor> GroupedConvBnReluTrainBackward(
   return {grad_x, grad_weight, grad_bn_weight, grad_bn_bias};
 }
 
+// Sizes unknown when exporting (-1: a dynamic batch or image size) stay unknown.
 std::vector<int64_t> out_shape(const std::vector<int64_t>& x, const std::vector<int64_t>& w,
                                int stride) {
-  return {x[0], w[0], dpn_fast::conv3x3_out_size(x[2], stride),
-          dpn_fast::conv3x3_out_size(x[3], stride)};
+  const auto size = [stride](int64_t in) {
+    return in < 0 ? -1 : dpn_fast::conv3x3_out_size(in, stride);
+  };
+  return {x[0], w[0], size(x[2]), size(x[3])};
 }
 
 std::vector<std::vector<int64_t>> InferOutShape(const std::vector<int64_t>& x,

@@ -46,6 +46,13 @@ class HostBlockCache {
     return block;
   }
 
+  size_t retained() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return retained_;
+  }
+
+  size_t limit() const { return limit_; }
+
   void give(void* block, size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -108,3 +115,8 @@ paddle::Tensor empty_output(const std::vector<int64_t>& shape, paddle::DataType 
 }
 
 }  // namespace dpn_fast
+
+// For tests and memory measurements (ctypes): bytes of freed blocks the cache holds now, and its
+// cap (DPN_FAST_HOST_CACHE_MB).
+extern "C" size_t dpn_fast_host_cache_retained_bytes() { return dpn_fast::cache().retained(); }
+extern "C" size_t dpn_fast_host_cache_limit_bytes() { return dpn_fast::cache().limit(); }

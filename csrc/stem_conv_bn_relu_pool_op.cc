@@ -18,12 +18,12 @@ dpn_fast::StemShape check_stem(const Shape& xs, const Shape& ws, int stride) {
            shape_str(ws));
   PD_CHECK(ws[2] == ws[3] && ws[2] % 2 == 1 && ws[2] <= dpn_fast::kMaxStemKernel, kOp,
            ": the kernel must be square and odd, at most ", dpn_fast::kMaxStemKernel,
-           ", weight has shape ", shape_str(ws));
-  PD_CHECK(ws[1] == xs[1], kOp, ": weight has shape ", shape_str(ws), " for ", ws[1],
-           " input channels, x has shape ", shape_str(xs));
-  PD_CHECK(stride >= 1 && stride <= ws[2], kOp, ": stride must be in [1, ", ws[2], "], got ",
+           ", 'weight' has shape ", shape_str(ws));
+  PD_CHECK(ws[1] == xs[1], kOp, ": 'weight' has shape ", shape_str(ws), " for ", ws[1],
+           " input channels, 'x' has shape ", shape_str(xs));
+  PD_CHECK(stride >= 1 && stride <= ws[2], kOp, ": 'stride' must be in [1, ", ws[2], "], got ",
            stride);
-  PD_CHECK(xs[2] != 0 && xs[3] != 0, kOp, ": empty image, x has shape ", shape_str(xs));
+  PD_CHECK(xs[2] != 0 && xs[3] != 0, kOp, ": 'x' has an empty image, shape ", shape_str(xs));
   return dpn_fast::stem_shape(xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], stride);
 }
 
@@ -34,7 +34,8 @@ std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x_in, const paddle
                                         const paddle::Tensor& bn_var, int stride, float epsilon) {
   const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
   PD_CHECK(x.is_cpu(), kOp, ": runs on CPU only, got tensors on ", x.place().DebugString());
-  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32, kOp, ": supports float32 only, got ",
+  PD_CHECK(x.dtype() == paddle::DataType::FLOAT32, kOp,
+           ": 'x' must be float32 (the stem runs float32 only), got ",
            phi::DataTypeToString(x.dtype()));
   dpn_fast::check_plain_layout(weight, kOp, "weight");
   dpn_fast::check_same_dtype(x, weight, kOp, "x", "weight");

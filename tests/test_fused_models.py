@@ -184,13 +184,49 @@ def test_fused_export_predictor_round_trip(tmp_path, use_onednn):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("shape,dtype,match", [
-    ((3, 224, 224), "float32", "4-D"),
-    ((1, 4, 64, 64), "float32", "3 channels"),
-    ((1, 3, 64, 64), "int32", "float"),
+@pytest.mark.parametrize("shape,dtype,error,match", [
+    ((3, 224, 224), "float32", ValueError, "4-D"),
+    ((1, 4, 64, 64), "float32", ValueError, "3 channels"),
+    ((1, 3, 0, 64), "float32", ValueError, "empty"),
+    ((1, 3, 64, 64), "int32", TypeError, r"x.astype\('float32'\)"),
+    ((1, 3, 64, 64), "float64", TypeError, r"x.astype\('float32'\)"),
 ])
-def test_bad_inputs_raise_clear_errors(fused, shape, dtype, match):
+def test_bad_inputs_raise_clear_errors(fused, shape, dtype, error, match):
     model = dpn_fast.DPN68(fused=fused)
     model.eval()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         model(paddle.to_tensor((np.random.default_rng(0).standard_normal(shape) * 4).astype(dtype)))
+
+
+@pytest.mark.parametrize("fused,dtype,match", [
+    (True, "float64", r"float32 only on CPU.*model.to\(dtype='float32'\).*fused=False"),
+    (False, "float16", r"float32 and float64 only.*model.to\(dtype='float32'\)"),
+])
+def test_unsupported_model_dtype_is_a_clear_error(fused, dtype, match):
+    """The advice works: a float64 model runs as the reference (fused=False), or as float32."""
+    model = dpn_fast.DPN68(fused=fused)
+    model.eval()
+    model.to(dtype=dtype)
+    x = paddle.to_tensor(images((1, 3, 32, 32)).astype(dtype))
+    with pytest.raises(TypeError, match=match):
+        model(x)
+    model.to(dtype="float32")
+    assert np.isfinite(model(x.astype("float32")).numpy()).all()
+
+
+def test_fused_export_with_dynamic_image_size(tmp_path):
+    """Batch and image size unknown at export: the ops' InferShape keeps them unknown (the
+    grouped conv computed 0 from -1, and the merge then aborted the process on the mismatch).
+    oneDNN off: with it on, this program fails inside Paddle Inference (open, docs/reliability.md)."""
+    fused, exported = build_trio("DPN68", seed=13)[1], build_trio("DPN68", seed=13)[1]
+    fused.eval()
+    exported.eval()
+    prefix = str(tmp_path / "dpn68_dynamic")
+    spec = paddle.static.InputSpec([None, 3, None, None], "float32", "image")
+    paddle.jit.save(paddle.jit.to_static(exported, input_spec=[spec], full_graph=True), prefix)
+    predictor = create_predictor(prefix, use_onednn=False)
+    for shape in [(1, 3, 40, 36), (2, 3, 64, 64)]:
+        x = images(shape, seed=14)
+        with paddle.no_grad():
+            expected = fused(paddle.to_tensor(x)).numpy()
+        np.testing.assert_allclose(run_predictor(predictor, x), expected, rtol=1e-4, atol=1e-5)

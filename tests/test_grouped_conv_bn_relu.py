@@ -350,23 +350,64 @@ def bad_call(**overrides):
                                 t["bn_var"], **kwargs)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"groups": 24}, "not divisible by groups"),
-    ({"tensors": {"weight": paddle.randn([64, 4, 3, 3])}}, "weight must have shape"),
-    ({"tensors": {"weight": paddle.randn([64, 2, 5, 5])}}, "weight must have shape"),
-    ({"stride": 3}, "stride must be 1 or 2"),
-    ({"tensors": {"x": paddle.randn([1, 64, 8, 8]).astype("float64")}}, "same dtype"),
+@pytest.mark.parametrize("overrides,error,message", [
+    ({"groups": 24}, ValueError, "not divisible by groups"),
+    ({"groups": 0}, ValueError, "'groups' must be >= 1"),
+    ({"groups": 2.5}, TypeError, "'groups' must be an int"),
+    ({"stride": 3}, ValueError, "'stride' must be one of (1, 2)"),
+    ({"stride": "1"}, TypeError, "'stride' must be an int"),
+    ({"epsilon": "1e-5"}, TypeError, "'epsilon' must be a number"),
+    ({"tensors": {"weight": paddle.randn([64, 4, 3, 3])}}, ValueError, "'weight' must have shape"),
+    ({"tensors": {"weight": paddle.randn([64, 2, 5, 5])}}, ValueError, "'weight' must have shape"),
+    ({"tensors": {"weight": paddle.randn([0, 2, 3, 3])}}, ValueError, "need channels"),
+    ({"tensors": {"x": paddle.randn([1, 64, 8, 8]).astype("float64")}}, TypeError, "same dtype"),
     ({"tensors": {"x": paddle.randn([1, 64, 8, 8]).astype("float16"),
-                  "weight": paddle.randn([64, 2, 3, 3]).astype("float16")}}, "float32 only"),
-    ({"tensors": {"bn_mean": paddle.randn([32])}}, "bn_mean' must have shape [64]"),
-    ({"tensors": {"x": paddle.randn([64, 8, 8])}}, "rank 4"),
-    ({"backend": "cuda"}, "needs GPU tensors"),
+                  "weight": paddle.randn([64, 2, 3, 3]).astype("float16")}}, TypeError,
+     "float32 only"),
+    ({"tensors": {"x": paddle.randn([1, 64, 8, 8]).astype("float64"),
+                  "weight": paddle.randn([64, 2, 3, 3]).astype("float64")}}, TypeError,
+     "backend='reference'"),
+    ({"tensors": {"x": np.zeros((1, 64, 8, 8), "float32")}}, TypeError,
+     "'x' must be a paddle.Tensor"),
+    ({"tensors": {"bn_mean": paddle.randn([32])}}, ValueError, "bn_mean' must have shape [64]"),
+    ({"tensors": {"bn_var": paddle.rand([64, 1])}}, ValueError, "bn_var' must have shape [64]"),
+    ({"tensors": {"bn_var": paddle.rand([64]).astype("float64")}}, TypeError, "'bn_var' must be"),
+    ({"tensors": {"x": paddle.randn([64, 8, 8])}}, ValueError, "'x' must have rank 4"),
+    ({"tensors": {"x": paddle.randn([1, 64, 0, 8])}}, ValueError, "empty image"),
+    ({"backend": "cuda"}, ValueError, "needs GPU tensors"),
 ])
 @pytest.mark.parametrize("training", [False, True])
-def test_bad_inputs(overrides, message, training):
-    with pytest.raises((ValueError, RuntimeError, OSError)) as info:
+def test_bad_inputs(overrides, error, message, training):
+    with pytest.raises(error) as info:
         bad_call(training=training, **overrides)
-    assert message in str(info.value)
+    assert message in str(info.value) and "grouped_conv_bn_relu" in str(info.value)
+
+
+def test_empty_batch():
+    """Eval: a batch of no images gives an empty output (the CPU core is not called: it splits
+    work by batch x groups). Training: a clear error (batch statistics of nothing)."""
+    x = paddle.zeros([0, 64, 8, 8])
+    out = bad_call(tensors={"x": x}, stride=2)
+    assert out.shape == [0, 64, 4, 4]
+    with pytest.raises(ValueError, match="non-empty batch"):
+        bad_call(tensors={"x": x}, training=True)
+    t = as_tensors(make_inputs(np.random.default_rng(7), 1, 64, 64, 8, 8, 32), "float32")
+    out = dpn_fast._extension.run_op("dpn_fast_grouped_conv_bn_relu_infer", x, t["weight"],
+                                     t["bn_weight"], t["bn_bias"], t["bn_mean"], t["bn_var"], 1,
+                                     32, 1e-5)[0]
+    assert out.shape == [0, 64, 8, 8]
+
+
+def test_strided_views_are_handled():
+    """Non-contiguous views (a transpose, a channel slice) give the result of their copies."""
+    rng = np.random.default_rng(8)
+    t = as_tensors(make_inputs(rng, 2, 64, 64, 9, 7, 32), "float32")
+    wide = paddle.to_tensor(rng.standard_normal((2, 96, 7, 9)).astype("float32"))
+    for view in (t["x"].transpose([0, 1, 3, 2]), wide[:, 16:80]):
+        assert not view.is_contiguous()
+        out = bad_call(tensors={"x": view})
+        expected = bad_call(tensors={"x": view.contiguous()})
+        np.testing.assert_array_equal(out.numpy(), expected.numpy())
 
 
 def test_bad_kernel_size_in_op():

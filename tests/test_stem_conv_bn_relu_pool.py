@@ -149,23 +149,44 @@ def bad_call(backend="cpu", stride=2, **tensors):
         return stem_conv_bn_relu_pool(*(args[k] for k in NAMES), stride=stride, backend=backend)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"x": paddle.randn([1, 4, 16, 16])}, "for 3 input channels, x has shape [1, 4, 16, 16]"),
-    ({"x": paddle.randn([3, 16, 16])}, "'x' must have rank 4"),
-    ({"weight": paddle.randn([8, 3, 6, 6])}, "square and odd"),
-    ({"weight": paddle.randn([8, 3, 7, 5])}, "square and odd"),
-    ({"weight": paddle.randn([8, 3, 13, 13])}, "at most 11"),
+@pytest.mark.parametrize("overrides,error,message", [
+    ({"x": paddle.randn([1, 4, 16, 16])}, ValueError,
+     "for 3 input channels, 'x' has shape [1, 4, 16, 16]"),
+    ({"x": paddle.randn([3, 16, 16])}, ValueError, "'x' must have rank 4"),
+    ({"x": paddle.zeros([1, 3, 0, 16])}, ValueError, "empty image"),
+    ({"x": np.zeros((1, 3, 16, 16), "float32")}, TypeError, "'x' must be a paddle.Tensor"),
+    ({"weight": paddle.randn([8, 3, 6, 6])}, ValueError, "square and odd"),
+    ({"weight": paddle.randn([8, 3, 7, 5])}, ValueError, "square and odd"),
+    ({"weight": paddle.randn([8, 3, 13, 13])}, ValueError, "at most 11"),
     ({"x": paddle.randn([1, 3, 16, 16]).astype("float64"),
-      "weight": paddle.randn([8, 3, 7, 7]).astype("float64")}, "float32 only"),
-    ({"weight": paddle.randn([8, 3, 7, 7]).astype("float64")}, "same dtype"),
-    ({"bn_var": paddle.rand([4])}, "'bn_var' must have shape [8]"),
-    ({"stride": 0}, "stride must be in [1, 7]"),
-    ({"backend": "triton"}, "backend must be"),
+      "weight": paddle.randn([8, 3, 7, 7]).astype("float64")}, TypeError, "float32 only"),
+    ({"weight": paddle.randn([8, 3, 7, 7]).astype("float64")}, TypeError, "same dtype"),
+    ({"bn_var": paddle.rand([4])}, ValueError, "'bn_var' must have shape [8]"),
+    ({"bn_var": paddle.rand([8]).astype("float64")}, TypeError, "'bn_var' must be"),
+    ({"stride": 0}, ValueError, "'stride' must be >= 1"),
+    ({"stride": 9}, ValueError, "'stride' must be in [1, 7]"),
+    ({"stride": 2.5}, TypeError, "'stride' must be an int"),
+    ({"backend": "triton"}, ValueError, "backend must be"),
 ])
-def test_bad_inputs(overrides, message):
-    with pytest.raises((ValueError, RuntimeError, OSError)) as info:
+def test_bad_inputs(overrides, error, message):
+    with pytest.raises(error) as info:
         bad_call(**overrides)
-    assert message in str(info.value)
+    assert message in str(info.value) and "stem_conv_bn_relu_pool" in str(info.value)
+
+
+def test_strided_views_and_empty_batch():
+    """Non-contiguous views give the result of their copies; a batch of no images, an empty
+    output."""
+    arrays = make_inputs(np.random.default_rng(5), 2, 3, 17, 15, 8, 7)
+    args = dict(zip(NAMES, as_tensors(arrays, "float32")))
+    view = args["x"].transpose([0, 1, 3, 2])
+    assert not view.is_contiguous()
+    expected = bad_call(x=view.contiguous(), weight=args["weight"], bn_weight=args["bn_weight"],
+                        bn_bias=args["bn_bias"], bn_mean=args["bn_mean"], bn_var=args["bn_var"])
+    out = bad_call(x=view, weight=args["weight"], bn_weight=args["bn_weight"],
+                   bn_bias=args["bn_bias"], bn_mean=args["bn_mean"], bn_var=args["bn_var"])
+    np.testing.assert_array_equal(out.numpy(), expected.numpy())
+    assert bad_call(x=paddle.zeros([0, 3, 16, 16])).shape == [0, 8, 4, 4]
 
 
 def test_no_backward_is_a_clear_error():

@@ -194,18 +194,32 @@ class DPN(nn.Layer):
         self.refold()
         return result
 
+    @paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
     def _check_input(self, x):
+        name = self.model_name
         if len(x.shape) != 4:
-            raise ValueError(f"{self.model_name}: input must be 4-D [N, 3, H, W], got shape "
-                             f"{list(x.shape)}")
+            raise ValueError(f"{name}: input must be 4-D [N, 3, H, W], got shape {list(x.shape)}")
         if x.shape[1] != 3:
-            raise ValueError(f"{self.model_name}: input must have 3 channels (RGB), got shape "
+            raise ValueError(f"{name}: input must have 3 channels (RGB), got shape "
                              f"{list(x.shape)}")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"{name}: input image is empty, shape {list(x.shape)}")
         dtype = self.out.weight.dtype
+        dtype_name = str(dtype).split(".")[-1].lower()  # paddle.float32 / DataType.FLOAT32
+        if resolve_backend("auto", x, name) == "cpu":
+            if self.fused and dtype != paddle.float32:
+                raise TypeError(f"{name}(fused=True) runs float32 only on CPU, but its "
+                                f"parameters are {dtype_name}; convert it with "
+                                "model.to(dtype='float32'), or use the reference model "
+                                "(fused=False), which also runs float64")
+            if dtype not in (paddle.float32, paddle.float64):
+                raise TypeError(f"{name}: Paddle's CPU kernels run float32 and float64 only, "
+                                f"but the model's parameters are {dtype_name}; convert it with "
+                                "model.to(dtype='float32')")
         if x.dtype != dtype:
-            raise ValueError(f"{self.model_name}: input dtype {x.dtype} does not match the "
-                             f"model's {dtype} parameters (float input expected; cast it or "
-                             f"the model with .to(dtype=...))")
+            raise TypeError(f"{name}: input dtype {str(x.dtype).split('.')[-1].lower()} does "
+                            f"not match the model's {dtype_name} parameters; cast the input "
+                            f"with x.astype('{dtype_name}')")
 
     def forward(self, x):
         self._check_input(x)

@@ -4,6 +4,7 @@ import os
 import paddle
 
 from dpn_fast import _extension
+from dpn_fast.ops._checks import TENSOR_TYPES
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 
@@ -30,6 +31,8 @@ def resolve_backend(backend, tensor, op):
     """Returns the concrete backend ("cpu", "cuda", "triton" or "reference") for `tensor`."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(tensor, TENSOR_TYPES):
+        raise TypeError(f"{op}: the input must be a paddle.Tensor, got {type(tensor).__name__}")
     on_gpu = _on_gpu(tensor)
     if backend == "auto":
         if not on_gpu:

@@ -22,6 +22,10 @@ def check_bn_layer(op, bn, name="bn"):
     tensors = (bn.weight, bn.bias, bn._mean, bn._variance)  # fetched once: Layer attrs are slow
     if tensors[0] is None or tensors[1] is None:
         raise ValueError(f"{op}: '{name}' without weight or bias is not supported")
+    for part, t in zip(("weight", "bias", "_mean", "_variance"), tensors):
+        if t.dtype != paddle.float32:
+            raise TypeError(f"{op}: '{name}'.{part} must be float32 (whatever the activation "
+                            f"dtype), got {t.dtype}")
     layout = bn._data_layout if isinstance(bn, paddle.nn.BatchNorm) else bn._data_format
     if layout != "NCHW":
         raise ValueError(f"{op}: '{name}' must be NCHW, got {layout}")

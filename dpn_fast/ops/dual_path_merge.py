@@ -26,6 +26,7 @@ from paddle.autograd import PyLayer
 from dpn_fast._extension import run_op
 from dpn_fast.ops._backend import resolve_backend, triton_arg
 from dpn_fast.ops._batch_norm_layer import bn_layer_relu, check_bn_layer
+from dpn_fast.ops._checks import TENSOR_TYPES, check_int
 
 __all__ = ["dual_path_merge", "concat_bn_relu", "fold_batch_norm", "dual_path_merge_bn_relu",
            "dual_path_merge_into"]
@@ -118,8 +119,7 @@ def dual_path_merge_into(resid, dense_buffer, dense_channels, y, scale=None, shi
     if _dynamic() and isinstance(dense_buffer, paddle.Tensor) and not dense_buffer.is_contiguous():
         raise ValueError(f"{op}: dense_buffer must be contiguous (it is written in place)")
     resid, dense_buffer, y = _check_activations(op, resid, dense_buffer, y)
-    if not isinstance(dense_channels, int) or dense_channels < 0:
-        raise ValueError(f"{op}: dense_channels must be an int >= 0, got {dense_channels!r}")
+    check_int(op, "dense_channels", dense_channels, minimum=0)
     inc = y.shape[1] - resid.shape[1]
     if dense_buffer.shape[1] >= 0 and dense_channels + inc > dense_buffer.shape[1]:
         raise ValueError(f"{op}: dense_buffer has {dense_buffer.shape[1]} channels; "
@@ -225,7 +225,6 @@ def reference_dual_path_merge_into(resid, dense_buffer, dense_channels, y, param
 # Checks (ValueError/TypeError here; the C++ ops check again as a second line)
 
 
-_TENSOR_TYPES = (paddle.Tensor, paddle.pir.Value)
 _NAMES = ("resid", "dense", "y")
 
 
@@ -239,7 +238,7 @@ def _check_activations(op, *tensors):
     dtype = first.dtype
     shapes = []
     for name, t in zip(_NAMES, tensors):
-        if not isinstance(t, _TENSOR_TYPES):
+        if not isinstance(t, TENSOR_TYPES):
             raise TypeError(f"{op}: '{name}' must be a paddle.Tensor, got {type(t).__name__}")
         shape = t.shape
         if len(shape) != 4:
@@ -282,7 +281,7 @@ def _check_scale_shift(op, resid, channels, scale, shift):
     if scale is None or shift is None:
         raise ValueError(f"{op}: pass both scale and shift, or neither")
     for name, t in (("scale", scale), ("shift", shift)):
-        if not isinstance(t, _TENSOR_TYPES):
+        if not isinstance(t, TENSOR_TYPES):
             raise TypeError(f"{op}: '{name}' must be a paddle.Tensor, got {type(t).__name__}")
         if t.dtype is not paddle.float32 and t.dtype != paddle.float32:
             raise TypeError(f"{op}: '{name}' must be float32 (whatever the activation dtype), "

@@ -20,6 +20,8 @@ import paddle.nn.functional as F
 from dpn_fast import _extension
 from dpn_fast.ops._backend import resolve_backend, triton_arg
 from dpn_fast.ops._batch_norm_layer import bn_layer_relu, check_bn_layer
+from dpn_fast.ops._checks import (check_channel_vectors, check_float, check_int,
+                                  check_same_place, check_tensor)
 
 OP = "grouped_conv_bn_relu"
 
@@ -53,22 +55,44 @@ def fold_bn_into_conv(weight, bn_weight, bn_bias, bn_mean, bn_var, epsilon=1e-5)
     return w_folded.astype(weight.dtype), bn_bias - bn_mean * scale
 
 
-def _check_python_args(x, weight, stride, groups):
-    # The custom op checks everything again; the Triton path has no C++ layer, so check here.
-    if stride not in (1, 2):
-        raise ValueError(f"{OP}: stride must be 1 or 2, got {stride}")
-    if len(x.shape) != 4 or len(weight.shape) != 4:
-        raise ValueError(f"{OP}: x and weight must have rank 4, got {list(x.shape)} and "
+_BN_NAMES = ("bn_weight", "bn_bias", "bn_mean", "bn_var")
+
+
+@paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
+def _check_args(backend, x, weight, bn, stride, groups, epsilon, momentum, training):
+    """All backends: the op's contract; the custom ops also need float32 BN parameters and, on
+    CPU, float32 activations. Sizes of -1 (unknown under to_static) pass."""
+    check_tensor(OP, "x", x, rank=4)
+    check_tensor(OP, "weight", weight, rank=4)
+    check_int(OP, "stride", stride, choices=(1, 2))
+    check_int(OP, "groups", groups, minimum=1)
+    check_float(OP, "epsilon", epsilon)
+    check_float(OP, "momentum", momentum)
+    n, c, h, w = x.shape
+    c_out = weight.shape[0]
+    if c == 0 or c_out == 0:
+        raise ValueError(f"{OP}: 'x' and 'weight' need channels, got shapes {list(x.shape)} and "
                          f"{list(weight.shape)}")
-    c = x.shape[1]
-    if c % groups != 0:
+    if h == 0 or w == 0:
+        raise ValueError(f"{OP}: 'x' has an empty image, shape {list(x.shape)}")
+    if training and n == 0:
+        raise ValueError(f"{OP}: training needs a non-empty batch (batch statistics of nothing "
+                         f"are undefined), 'x' has shape {list(x.shape)}")
+    if c > 0 and c % groups != 0:
         raise ValueError(f"{OP}: input channels {c} are not divisible by groups={groups}")
-    if list(weight.shape[1:]) != [c // groups, 3, 3] or weight.shape[0] % groups != 0:
-        raise ValueError(f"{OP}: weight must have shape [C_out, {c // groups}, 3, 3] with C_out "
+    expected = [c // groups if c > 0 else weight.shape[1], 3, 3]
+    if list(weight.shape[1:]) != expected or (c_out > 0 and c_out % groups != 0):
+        raise ValueError(f"{OP}: 'weight' must have shape [C_out, {expected[0]}, 3, 3] with C_out "
                          f"divisible by groups={groups}, got {list(weight.shape)}")
     if x.dtype != weight.dtype:
-        raise ValueError(f"{OP}: x and weight must have the same dtype, got {x.dtype} and "
-                         f"{weight.dtype}")
+        raise TypeError(f"{OP}: 'x' and 'weight' must have the same dtype, got {x.dtype} and "
+                        f"{weight.dtype}")
+    if backend == "cpu" and x.dtype != paddle.float32:
+        raise TypeError(f"{OP}: the CPU kernels support float32 only, got 'x' {x.dtype}; cast "
+                        "with .astype('float32') or use backend='reference'")
+    check_same_place(OP, x, [("weight", weight)])
+    check_channel_vectors(OP, x, c_out, zip(_BN_NAMES, bn),
+                          None if backend == "reference" else paddle.float32)
 
 
 def _fold_input_bn(input_bn):
@@ -77,14 +101,15 @@ def _fold_input_bn(input_bn):
     return scale, bias - mean * scale
 
 
-def _check_input_bn(x, input_bn):
-    if len(input_bn) != 5:
+@paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
+def _check_input_bn(backend, x, input_bn):
+    if not isinstance(input_bn, (tuple, list)) or len(input_bn) != 5:
         raise ValueError(f"{OP}: input_bn must be (weight, bias, mean, variance, epsilon), got "
-                         f"{len(input_bn)} items")
-    c = x.shape[1]
-    for name, t in zip(("in_bn_weight", "in_bn_bias", "in_bn_mean", "in_bn_var"), input_bn[:4]):
-        if list(t.shape) != [c]:
-            raise ValueError(f"{OP}: '{name}' must have shape [{c}], got {list(t.shape)}")
+                         f"{input_bn!r:.80}")
+    check_channel_vectors(OP, x, x.shape[1],
+                          zip(("in_bn_weight", "in_bn_bias", "in_bn_mean", "in_bn_var"),
+                              input_bn[:4]), None if backend == "reference" else paddle.float32)
+    check_float(OP, "input_bn epsilon", input_bn[4])
 
 
 def _triton_forward(x, weight_folded, bias, stride, groups, in_scale_shift=None):
@@ -122,14 +147,17 @@ def grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=
     training runs it as Paddle's batch_norm (batch statistics, `momentum`) before the fused op.
     backend: "auto", "cpu", "cuda", "triton" (eval only) or "reference" (plain Paddle).
     """
+    check_tensor(OP, "x", x)
     backend = resolve_backend(backend, x, OP)
+    _check_args(backend, x, weight, (bn_weight, bn_bias, bn_mean, bn_var), stride, groups,
+                epsilon, momentum, training)
+    if input_bn is not None:
+        _check_input_bn(backend, x, input_bn)
     if backend == "reference":
         return reference_grouped_conv_bn_relu(x, weight, bn_weight, bn_bias, bn_mean, bn_var,
                                               stride, groups, epsilon, momentum, training,
                                               input_bn)
-    _check_python_args(x, weight, stride, groups)
     if input_bn is not None:
-        _check_input_bn(x, input_bn)
         if training:
             x = _input_bn_relu(x, input_bn, momentum, training)
     if backend == "triton":
@@ -181,6 +209,8 @@ class GroupedConvBNReLUFolder:
     """
 
     def __init__(self, conv, bn, input_bn=None):
+        if not isinstance(conv, paddle.nn.Conv2D):
+            raise TypeError(f"{OP}: conv must be a paddle.nn.Conv2D, got {type(conv).__name__}")
         stride = [int(v) for v in conv._stride]
         if (list(conv._kernel_size) != [3, 3] or list(conv._updated_padding) != [1, 1]
                 or list(conv._dilation) != [1, 1] or stride[0] != stride[1]
@@ -244,13 +274,14 @@ class GroupedConvBNReLUFolder:
                                         bn._variance, self.stride, self.groups, bn._epsilon,
                                         bn._momentum, training, backend, input_bn)
         backend = resolve_backend(backend, x, OP)
+        _check_args(backend, x, self.conv.weight, self._sources()[1:], self.stride, self.groups,
+                    bn._epsilon, bn._momentum, training)
         if backend == "reference":
             return reference_grouped_conv_bn_relu(x, self.conv.weight, bn.weight, bn.bias,
                                                   bn._mean, bn._variance, self.stride,
                                                   self.groups, bn._epsilon)
         w_folded, bias = self._folded_params()
         if backend == "triton":
-            _check_python_args(x, w_folded, self.stride, self.groups)
             return _triton_forward(x, w_folded, bias, self.stride, self.groups)
         return _extension.run_op("dpn_fast_grouped_conv_bias_relu", x, w_folded, bias,
                                  self.stride, self.groups)[0]

@@ -13,8 +13,11 @@ import paddle.nn.functional as F
 
 from dpn_fast import _extension
 from dpn_fast.ops._backend import resolve_backend
+from dpn_fast.ops._checks import (check_channel_vectors, check_dtype, check_float, check_int,
+                                  check_same_place, check_tensor)
 
 OP = "stem_conv_bn_relu_pool"
+MAX_KERNEL = 11  # kMaxStemKernel, csrc/stem_conv_bn_relu_pool.h
 
 
 def reference_stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=2,
@@ -31,6 +34,35 @@ def _run(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride, epsilon):
                              int(stride), float(epsilon))[0]
 
 
+@paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
+def _check_args(backend, x, weight, bn, stride, epsilon):
+    """The op's contract on every backend; the CPU op also needs float32 throughout."""
+    check_tensor(OP, "x", x, rank=4)
+    check_tensor(OP, "weight", weight, rank=4)
+    check_int(OP, "stride", stride, minimum=1)
+    check_float(OP, "epsilon", epsilon)
+    c_out, c, kernel, kernel_w = weight.shape
+    if kernel != kernel_w or kernel % 2 != 1 or kernel > MAX_KERNEL:
+        raise ValueError(f"{OP}: the kernel must be square and odd, at most {MAX_KERNEL}, "
+                         f"'weight' has shape {list(weight.shape)}")
+    if c != x.shape[1]:
+        raise ValueError(f"{OP}: 'weight' has shape {list(weight.shape)} for {c} input channels, "
+                         f"'x' has shape {list(x.shape)}")
+    if stride > kernel:
+        raise ValueError(f"{OP}: 'stride' must be in [1, {kernel}] (the kernel size), got {stride}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{OP}: 'x' has an empty image, shape {list(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{OP}: 'x' and 'weight' must have the same dtype, got {x.dtype} and "
+                        f"{weight.dtype}")
+    if backend == "cpu":
+        check_dtype(OP, "x", x, paddle.float32, " (the fused stem runs float32 only; use "
+                    "backend='reference' for other dtypes)")
+    check_same_place(OP, x, [("weight", weight)])
+    check_channel_vectors(OP, x, c_out, zip(("bn_weight", "bn_bias", "bn_mean", "bn_var"), bn),
+                          paddle.float32 if backend == "cpu" else None)
+
+
 def stem_launch(x, conv, bn):
     """The op on a Conv2D layer and an eval BatchNorm layer, unchecked (the model's inference
     path; the op checks shapes itself)."""
@@ -44,8 +76,10 @@ def stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var, strid
     "reference". Has no backward: call it under paddle.no_grad() (or in a saved model)."""
     if backend not in ("auto", "cpu", "reference"):
         raise ValueError(f"{OP}: backend must be 'auto', 'cpu' or 'reference', got {backend!r}")
+    check_tensor(OP, "x", x)
     if backend != "reference":
         backend = resolve_backend(backend, x, OP)  # "cpu" with GPU tensors raises
+    _check_args(backend, x, weight, (bn_weight, bn_bias, bn_mean, bn_var), stride, epsilon)
     if backend != "cpu":
         return reference_stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var,
                                                 stride, epsilon)
