@@ -95,6 +95,7 @@ int64_t dpn_block_workspace_floats(const DpnBlockShape& s) {
 void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
                            const float* resid_in, const float* dense_in, float* resid_out,
                            float* dense_out, float* workspace) {
+  if (s.n == 0) return;  // an empty batch: empty outputs
   const Workspace ws = carve(s, workspace);
   const int64_t hw = s.h * s.w, hw_out = s.h_out() * s.w_out(), cin = s.in_channels();
   PartTimer timer;
@@ -140,6 +141,7 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
 void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,
                           const BatchNormParams& bn, const float* fc_weight, const float* fc_bias,
                           float* logits, float* pooled) {
+  if (s.n == 0) return;  // an empty batch: empty logits
   const int64_t channels = s.channels();
   const float inv_hw = 1.0f / float(s.hw);
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static)

@@ -45,7 +45,7 @@ Input check_input(const paddle::Tensor* resid, const paddle::Tensor& dense,
                   int64_t dense_channels, const char* op) {
   const Shape& d = dense.shape();
   PD_CHECK(d.size() == 4, op, ": 'dense' must have rank 4 [N, C, H, W], got shape ", shape_str(d));
-  PD_CHECK(d[0] > 0 && d[2] > 0 && d[3] > 0, op, ": empty input, dense has shape ", shape_str(d));
+  PD_CHECK(d[2] > 0 && d[3] > 0, op, ": empty image, dense has shape ", shape_str(d));
   PD_CHECK(dense_channels > 0 && dense_channels <= d[1], op, ": dense_channels must be in [1, ",
            d[1], "] (channels of 'dense'), got ", dense_channels);
   Input in{d[0], d[2], d[3], 0, dense_channels, d[1]};

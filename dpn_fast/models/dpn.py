@@ -242,6 +242,8 @@ class DPN(nn.Layer):
 
     def _forward_cpu_inference(self, x):
         """stem -> blocks -> head, one op each (CPU float32)."""
+        if x.shape[0] == 0:  # an empty batch (Paddle passes its empty tensors as absent)
+            return paddle.zeros([0, self.class_num], x.dtype)
         dense = stem_launch(x, self.conv1_x_1_func._conv, self.conv1_x_1_func._batch_norm)
         resid = None
         for block in self.blocks:
