@@ -417,7 +417,7 @@ class ConvCuda:
                       "forward_bn": [p] * 6 + [f32] + [p] * 3 + shape,
                       "prologue": [p] * 6 + [f32] + [p] * 4 + [f32] + [p] * 4 + shape,
                       "train": [p] * 6 + [f32, f32] + [p] * 4 + shape,
-                      "bn_relu_backward": [p] * 9 + [i64] * 3 + [i32, p]}
+                      "bn_relu_backward": [p] * 10 + [i64] * 3 + [i32, p]}
         self.fns = _bind(lib, CONV_SYMBOLS, signatures)
 
     def has(self, method):
@@ -466,9 +466,10 @@ class ConvCuda:
 
     def bn_relu_backward(self, y, out, dout, gamma, saved_mean, saved_invstd, dy, dgamma, dbeta,
                          n, c, hw):
+        shift_slope = nan_like((2, c), y.device, torch.float32)
         self._call("bn_relu_backward", _ptr(y), _ptr(out), _ptr(dout), _ptr(gamma),
                    _ptr(saved_mean), _ptr(saved_invstd), _ptr(dy), _ptr(dgamma), _ptr(dbeta),
-                   n, c, hw, _dtype_code(y), _stream())
+                   _ptr(shift_slope), n, c, hw, _dtype_code(y), _stream())
 
 
 def _folded_prologue(w, in_bn, bn):
@@ -554,7 +555,10 @@ class ConvTorch:
 
     def bn_relu_backward(self, y, out, dout, gamma, saved_mean, saved_invstd, dy, dgamma, dbeta,
                          n, c, hw):
-        g = bn_relu_backward_reference(y.float(), out.float(), dout.float(), gamma, saved_mean,
+        # Centred on the exact batch mean, as the launcher is (saved_mean plus an offset): in
+        # float64, which holds that mean where float32 may not.
+        y64 = y.double()
+        g = bn_relu_backward_reference(y64, out, dout.double(), gamma, y64.mean((0, 2, 3)),
                                        saved_invstd)
         dy.copy_(g["dy"])
         dgamma.copy_(g["dgamma"])
@@ -613,7 +617,7 @@ def probe_c_abi(lib):
         if not conv.has(method):
             found[symbol] = "absent"
         elif method == "bn_relu_backward":
-            found[symbol] = conv.fns[method](*(None,) * 9, 1, 32, 16, 99, None)
+            found[symbol] = conv.fns[method](*(None,) * 10, 1, 32, 16, 99, None)
         else:  # groups=32 with 32 channels: a valid shape, so the dtype is what is refused
             found[symbol] = conv.fns[method](*dummy[method], 1, 32, 4, 4, 32, 32, 1, 99, None)
     return found
@@ -866,6 +870,34 @@ def check_conv_case(backend, case, n, dtype, device, gen, report, section):
         g_plain = bn_relu_backward_reference(*(t.to(dtype) if t.dim() == 4 else t for t in args))
         for name, actual in (("dy", dy), ("dgamma", dgamma), ("dbeta", dbeta)):
             add("bwd", name, actual, g64[name], g_plain[name])
+
+
+def check_bn_backward_near_constant(backend, device, report, section):
+    """The BN + ReLU backward of near-constant channels, two fp32 samples each (100 +- 0.1) whose
+    batch mean float32 cannot hold; as tests/test_grouped_conv_bn_relu.py's CPU case. Centred on
+    the rounded saved_mean, dy and dgamma err by many times the atol, and so does the plain
+    float32 sequence: the bound is the atol alone (docs/pitfalls.md)."""
+    gen = torch.Generator().manual_seed(12)
+    c = 8
+    shape = (2, c, 1, 1)
+    base = 100.0 + torch.randint(0, 1000, (c,), generator=gen).float() * 2.0 ** -16
+    y = torch.stack([base + 0.1, base - 0.1 + 2.0 ** -17]).view(shape).to(device)
+    bn = random_bn(c, gen, device)
+    stats = bn_train_reference(y.double(), bn, 0.9)
+    assert (stats["saved_mean"].float().double() != stats["saved_mean"]).all()
+    out = stats["out"].float()
+    dout = randn(shape, gen, device, torch.float32)
+    dy = nan_like(shape, device, torch.float32)
+    dgamma, dbeta = (nan_like((c,), device, torch.float32) for _ in range(2))
+    backend.bn_relu_backward(y, out, dout, bn.weight, stats["saved_mean"].float(),
+                             stats["saved_invstd"].float(), dy, dgamma, dbeta, 2, c, 1)
+    g64 = bn_relu_backward_reference(y.double(), out, dout.double(), bn.weight,
+                                     stats["saved_mean"], stats["saved_invstd"])
+    # ref64 also stands for plain: the bound is the atol alone.
+    for name, actual in (("dy", dy), ("dgamma", dgamma), ("dbeta", dbeta)):
+        report.add(section, {"op": "conv", "backend": backend.name, "case": "bn-near-constant",
+                             "n": 2, "dtype": "float32", "pass": "bwd", "out": name,
+                             **compare(actual, g64[name], g64[name], "float32")})
 
 
 def bn_train_reference(y, bn, momentum):
@@ -1770,6 +1802,11 @@ def main(argv=None):
                                 (timed_merges if args.quick else merges) + SMALL_MERGES,
                                 convs + SMALL_CONVS, dtypes, 2, device,
                                 first=timed_merges + SMALL_MERGES)
+            for backend in backends["conv"]:
+                if backend.has("bn_relu_backward"):
+                    _guarded(report, "correctness", f"conv/{backend.name}/bn-near-constant",
+                             check_bn_backward_near_constant, backend, device, report,
+                             "correctness")
             summarize_correctness(report)
 
     if sanitizer is not None:

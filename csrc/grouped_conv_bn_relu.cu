@@ -230,30 +230,52 @@ __global__ void bn_relu_apply_kernel(const T* __restrict__ y, const float* __res
   }
 }
 
-// One block per channel: dbeta = sum dz, dgamma = invstd * sum dz * (y - mean), dz = dout*(out>0).
+// One block per channel: dbeta = sum dz, dgamma = sum dz * xhat, dz = dout * (out > 0), and the
+// apply pass's dy = k * (dz - shift - (y - mean) * slope) coefficients. xhat is centred on the
+// exact batch mean, mean + offset: centred on the float saved mean alone, every xhat shifts by
+// offset * invstd and dy by gamma * offset * invstd^2 * dgamma / M (M = n * hw), which for
+// near-constant channels over few samples dwarfs dy itself (as in bn_relu_train_backward_cpu;
+// docs/pitfalls.md).
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads)
     bn_relu_grad_stats_kernel(const T* __restrict__ y, const T* __restrict__ out,
                               const T* __restrict__ dout, const float* __restrict__ mean,
                               const float* __restrict__ invstd, int64_t n, int64_t c, int64_t hw,
-                              float* __restrict__ dgamma, float* __restrict__ dbeta) {
+                              float* __restrict__ dgamma, float* __restrict__ dbeta,
+                              float* __restrict__ shift, float* __restrict__ slope) {
   __shared__ double smem[kReduceThreads];
   const int64_t ch = blockIdx.x;
   const float m = mean[ch];
   float s = 0.0f, sx = 0.0f;
+  // In double, as on the CPU: the sum is M times an offset under half an ulp of the mean, while
+  // its terms are of the channel's spread, whose float rounding would build up over a thread's
+  // M / 256 terms. One fp64 add and conversion per element beside three loads should stay cheap
+  // even at consumer GPUs' 1/64 fp64 rate (not yet timed on a GPU).
+  double sc = 0.0;
   for (int64_t b = 0; b < n; ++b) {
     const int64_t off = (b * c + ch) * hw;
     for (int64_t i = threadIdx.x; i < hw; i += blockDim.x) {
       const float dz = to_float(out[off + i]) > 0.0f ? to_float(dout[off + i]) : 0.0f;
+      const float centred = to_float(y[off + i]) - m;
       s += dz;
-      sx += dz * (to_float(y[off + i]) - m);
+      sx += dz * centred;
+      sc += centred;
     }
   }
   const double sum_dz = block_sum(s, smem);
-  const double sum_dz_centered = block_sum(sx, smem);
+  const double sum_dz_centred = block_sum(sx, smem);
+  const double sum_centred = block_sum(sc, smem);
   if (threadIdx.x == 0) {
+    const double count = double(n) * hw;
+    const double inv = invstd[ch];
+    const double offset = sum_centred / count;
+    const double sum_dz_xhat = (sum_dz_centred - offset * sum_dz) * inv;
     dbeta[ch] = float(sum_dz);
-    dgamma[ch] = float(sum_dz_centered * invstd[ch]);
+    dgamma[ch] = float(sum_dz_xhat);
+    // shift takes the offset's share in double.
+    const double mean_dz_xhat = sum_dz_xhat / count;
+    slope[ch] = float(inv * mean_dz_xhat);
+    shift[ch] = float(sum_dz / count - offset * inv * mean_dz_xhat);
   }
 }
 
@@ -263,16 +285,15 @@ __global__ void bn_relu_grad_apply_kernel(const T* __restrict__ y, const T* __re
                                           const float* __restrict__ gamma,
                                           const float* __restrict__ mean,
                                           const float* __restrict__ invstd,
-                                          const float* __restrict__ dgamma,
-                                          const float* __restrict__ dbeta, int64_t c, int64_t hw,
-                                          int64_t total, float inv_count, T* __restrict__ dy) {
+                                          const float* __restrict__ shift,
+                                          const float* __restrict__ slope, int64_t c, int64_t hw,
+                                          int64_t total, T* __restrict__ dy) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t ch = (i / hw) % c;
     const float dz = to_float(out[i]) > 0.0f ? to_float(dout[i]) : 0.0f;
-    const float xhat = (to_float(y[i]) - mean[ch]) * invstd[ch];
     dy[i] = from_float<T>(gamma[ch] * invstd[ch] *
-                          (dz - dbeta[ch] * inv_count - xhat * dgamma[ch] * inv_count));
+                          (dz - shift[ch] - (to_float(y[i]) - mean[ch]) * slope[ch]));
   }
 }
 
@@ -346,15 +367,16 @@ int train_impl(const void* x, const void* w, const float* gamma, const float* be
 template <typename T>
 int backward_impl(const void* y, const void* out, const void* dout, const float* gamma,
                   const float* mean, const float* invstd, void* dy, float* dgamma, float* dbeta,
-                  int64_t n, int64_t c, int64_t hw, cudaStream_t stream) {
+                  float* shift_slope, int64_t n, int64_t c, int64_t hw, cudaStream_t stream) {
+  float* shift = shift_slope;
+  float* slope = shift_slope + c;
   bn_relu_grad_stats_kernel<T><<<(unsigned)c, kReduceThreads, 0, stream>>>(
       static_cast<const T*>(y), static_cast<const T*>(out), static_cast<const T*>(dout), mean,
-      invstd, n, c, hw, dgamma, dbeta);
+      invstd, n, c, hw, dgamma, dbeta, shift, slope);
   const int64_t total = n * c * hw;
   bn_relu_grad_apply_kernel<T><<<elementwise_blocks(total), 256, 0, stream>>>(
       static_cast<const T*>(y), static_cast<const T*>(out), static_cast<const T*>(dout), gamma,
-      mean, invstd, dgamma, dbeta, c, hw, total, float(1.0 / (double(n) * hw)),
-      static_cast<T*>(dy));
+      mean, invstd, shift, slope, c, hw, total, static_cast<T*>(dy));
   return status(cudaGetLastError());
 }
 
@@ -425,9 +447,9 @@ extern "C" int dpn_fast_bn_relu_train_backward_cuda(const void* y, const void* o
                                                     const void* dout, const float* gamma,
                                                     const float* saved_mean,
                                                     const float* saved_invstd, void* dy,
-                                                    float* dgamma, float* dbeta, int64_t n,
-                                                    int64_t c, int64_t hw, int dtype,
-                                                    void* stream) {
+                                                    float* dgamma, float* dbeta,
+                                                    float* shift_slope, int64_t n, int64_t c,
+                                                    int64_t hw, int dtype, void* stream) {
   DPN_FAST_DISPATCH_DTYPE(dtype, backward_impl, y, out, dout, gamma, saved_mean, saved_invstd, dy,
-                          dgamma, dbeta, n, c, hw, static_cast<cudaStream_t>(stream));
+                          dgamma, dbeta, shift_slope, n, c, hw, static_cast<cudaStream_t>(stream));
 }

@@ -97,10 +97,11 @@ int dpn_fast_grouped_conv_bn_relu_train_cuda(const void* x, const void* w, const
                                              float* saved_invstd, int64_t n, int64_t c, int64_t h,
                                              int64_t w_in, int64_t c_out, int64_t groups,
                                              int64_t stride, int dtype, void* stream);
-// Backward of relu(bn(y)) with batch statistics.
+// Backward of relu(bn(y)) with batch statistics; shift_slope is an fp32 workspace [2, c] (the
+// per-channel coefficients of dy, passed from the reduction to the elementwise pass).
 int dpn_fast_bn_relu_train_backward_cuda(const void* y, const void* out, const void* dout,
                                          const float* gamma, const float* saved_mean,
                                          const float* saved_invstd, void* dy, float* dgamma,
-                                         float* dbeta, int64_t n, int64_t c, int64_t hw, int dtype,
-                                         void* stream);
+                                         float* dbeta, float* shift_slope, int64_t n, int64_t c,
+                                         int64_t hw, int dtype, void* stream);
 }

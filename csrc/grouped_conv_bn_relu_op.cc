@@ -233,10 +233,12 @@ void bn_relu_backward(const paddle::Tensor& y, const paddle::Tensor& out,
   const auto& ys = y.shape();
 #ifdef DPN_FAST_WITH_CUDA
   if (y.is_gpu()) {
+    auto shift_slope = dpn_fast::empty_output({2 * ys[1]}, paddle::DataType::FLOAT32, y.place());
     check_cuda_status(dpn_fast_bn_relu_train_backward_cuda(
         y.data(), out.data(), grad_out.data(), bn_weight.data<float>(), saved_mean.data<float>(),
         saved_invstd.data<float>(), grad_y.data(), grad_bn_weight.data<float>(),
-        grad_bn_bias.data<float>(), ys[0], ys[1], ys[2] * ys[3], c_dtype(y), y.stream()));
+        grad_bn_bias.data<float>(), shift_slope.data<float>(), ys[0], ys[1], ys[2] * ys[3],
+        c_dtype(y), y.stream()));
     return;
   }
 #endif
