@@ -3,8 +3,6 @@ block shape of the five DPNs, odd image sizes and batch 3, the buffers' untouche
 thread counts, and bad inputs. The models' inference path, to_static and Paddle Inference round
 trips run in test_fused_models.py."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -15,7 +13,7 @@ from dpn_fast import _extension
 from dpn_fast.models.config import CONFIGS, block_shapes, final_channels
 from dpn_fast.models.dpn import DualPathBlock, _batch_norm
 from dpn_fast.ops.dpn_block import dpn_block, dpn_head, reference_dpn_block
-from utils import assert_matches_reference, random_bn
+from utils import assert_matches_reference, random_bn, run_script
 
 
 def stage_dense(shape):
@@ -145,6 +143,7 @@ THREADS_SCRIPT = textwrap.dedent("""
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 3, 97, 97)).astype("float32"))
     with paddle.no_grad():
         np.save({path!r}, model(x).numpy())
+    print("ok")
 """)
 
 
@@ -153,9 +152,7 @@ def test_thread_counts_agree(tmp_path):
     outputs = []
     for threads in ("1", "3"):
         path = str(tmp_path / f"logits{threads}.npy")
-        env = dict(os.environ, DPN_FAST_NUM_THREADS=threads)
-        subprocess.run([sys.executable, "-c", THREADS_SCRIPT.format(path=path)], env=env,
-                       check=True, capture_output=True)
+        run_script(THREADS_SCRIPT.format(path=path), dict(os.environ, DPN_FAST_NUM_THREADS=threads))
         outputs.append(np.load(path))
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 

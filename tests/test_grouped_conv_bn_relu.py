@@ -2,7 +2,6 @@
 gradients), the input BN+ReLU prologue (eval), the BN-folding cache, to_static, jit.save/load,
 bad inputs and the Triton kernel."""
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -14,7 +13,7 @@ import dpn_fast
 from dpn_fast.models.config import CONFIGS, block_shapes
 from dpn_fast.ops import GroupedConvBNReLUFolder, grouped_conv_bn_relu
 from dpn_fast.ops.grouped_conv_bn_relu import reference_grouped_conv_bn_relu
-from utils import ATOL, assert_matches_reference, max_abs_err, random_bn
+from utils import ATOL, assert_matches_reference, max_abs_err, random_bn, run_script
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -557,14 +556,6 @@ ISA_SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_script(script, env):
-    """Runs `script` in a fresh interpreter; it must print "ok". The working directory is this
-    folder, so `import dpn_fast` finds the installed package, not a source checkout."""
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
-
-
 @pytest.mark.parametrize("variable,value", [
     ("DPN_FAST_CPU_ISA", "avx2"), ("DPN_FAST_CPU_ISA", "baseline"),  # this machine: AVX-512
     ("DPN_FAST_NUM_THREADS", "3"),  # several threads: output rows split into blocks
@@ -586,7 +577,7 @@ TRITON_SCRIPT = textwrap.dedent("""
     from dpn_fast.ops._backend import triton_arg
     from dpn_fast.kernels.grouped_conv_bn_relu import grouped_conv_bias_relu_forward
     from test_grouped_conv_bn_relu import as_tensors, make_input_bn, make_inputs
-    from utils import assert_matches_reference, random_bn
+    from utils import assert_matches_reference, random_bn, run_script
     # 3-6 input channels a group: the FMA kernel; 12 and 24 in float16: the tl.dot kernel.
     for n, c, c_out, h, w, groups, stride in [(2, 12, 12, 5, 7, 4, 1), (1, 24, 16, 7, 6, 4, 2),
                                               (1, 96, 96, 4, 4, 32, 2), (2, 24, 24, 5, 7, 2, 1),

@@ -3,6 +3,10 @@
 A fused result passes when its max error against a float64 reference is within
 2x the plain-Paddle float32 error plus a small per-dtype atol.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 ATOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
@@ -32,3 +36,11 @@ def assert_matches_reference(actual, ref64, ref32, dtype="float32", name="output
     ref_err = max_abs_err(ref32, ref64)
     bound = 2.0 * ref_err + ATOL[dtype] * max(1.0, float(np.abs(ref64).max()))
     assert err <= bound, f"{name}: max|fused - ref64| = {err:.3e} > {bound:.3e} (paddle fp32 err {ref_err:.3e})"
+
+
+def run_script(script, env=None):
+    """Runs `script` in a fresh interpreter; it must print "ok". The working directory is the
+    tests folder, so `import dpn_fast` finds the installed package, not a source checkout."""
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]

@@ -242,7 +242,9 @@ class DPN(nn.Layer):
 
     def _forward_cpu_inference(self, x):
         """stem -> blocks -> head, one op each (CPU float32)."""
-        if x.shape[0] == 0:  # an empty batch (Paddle passes its empty tensors as absent)
+        # An empty batch (Paddle passes its empty tensors to ops as absent). Dynamic graph
+        # only: an export must not trace a shape check.
+        if paddle.in_dynamic_mode() and x.shape[0] == 0:
             return paddle.zeros([0, self.class_num], x.dtype)
         dense = stem_launch(x, self.conv1_x_1_func._conv, self.conv1_x_1_func._batch_norm)
         resid = None
