@@ -214,17 +214,17 @@ def test_unsupported_model_dtype_is_a_clear_error(fused, dtype, match):
     assert np.isfinite(model(x.astype("float32")).numpy()).all()
 
 
-def test_fused_export_with_dynamic_image_size(tmp_path):
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_fused_export_with_dynamic_image_size(tmp_path, use_onednn):
     """Batch and image size unknown at export: the ops' InferShape keeps them unknown (the
-    grouped conv computed 0 from -1, and the merge then aborted the process on the mismatch).
-    oneDNN off: with it on, this program fails inside Paddle Inference (open, docs/reliability.md)."""
+    grouped conv computed 0 from -1, and the merge then aborted the process on the mismatch)."""
     fused, exported = build_trio("DPN68", seed=13)[1], build_trio("DPN68", seed=13)[1]
     fused.eval()
     exported.eval()
     prefix = str(tmp_path / "dpn68_dynamic")
     spec = paddle.static.InputSpec([None, 3, None, None], "float32", "image")
     paddle.jit.save(paddle.jit.to_static(exported, input_spec=[spec], full_graph=True), prefix)
-    predictor = create_predictor(prefix, use_onednn=False)
+    predictor = create_predictor(prefix, use_onednn=use_onednn)
     for shape in [(1, 3, 40, 36), (2, 3, 64, 64)]:
         x = images(shape, seed=14)
         with paddle.no_grad():
