@@ -213,3 +213,44 @@ def test_block_with_gradients_wanted_is_refused():
     resid = paddle.randn([1, shape.in_resid, shape.in_hw, shape.in_hw])
     with pytest.raises(RuntimeError, match="no backward"):
         dpn_block(block, resid, dense, shape.in_dense)
+
+
+def python_block_args():
+    shape = block_shapes("DPN68", 64)[1]  # a normal block
+    block = DualPathBlock(shape, fused=False, stage_dense=stage_dense(shape))
+    block.eval()
+    hw = shape.in_hw
+    return dict(block=block, resid=paddle.randn([1, shape.in_resid, hw, hw]),
+                dense=paddle.randn([1, stage_dense(shape), hw, hw]),
+                dense_channels=shape.in_dense)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(block=paddle.nn.Linear(2, 2)), TypeError, "must be a DPN block"),
+    (lambda a: a.update(resid=None), ValueError, "takes a 'resid' of"),
+    (lambda a: a.update(dense_channels=a["dense_channels"] + 1), ValueError, "input dense"),
+    (lambda a: a.update(dense_channels=2.0), TypeError, "must be an int"),
+    (lambda a: a.update(dense=a["dense"][:, :a["dense_channels"]]), ValueError, "appends"),
+    (lambda a: a.update(dense=a["dense"].astype("float64"), resid=a["resid"].astype("float64")),
+     TypeError, "float32 only"),
+    (lambda a: a.update(resid=a["resid"][:, :, :-1]), ValueError, "share batch and image size"),
+    (lambda a: a.update(dense=a["dense"][0]), ValueError, "rank 4"),
+])
+def test_bad_python_arguments_raise_typed_errors(change, error, match):
+    args = python_block_args()
+    change(args)
+    with paddle.no_grad(), pytest.raises(error, match=match):
+        dpn_block(**args)
+
+
+def test_head_bad_arguments_raise_typed_errors():
+    resid, dense = paddle.randn([1, 8, 3, 3]), paddle.randn([1, 6, 3, 3])
+    bn, fc = _batch_norm(14), paddle.nn.Linear(14, 5)
+    with paddle.no_grad():
+        assert dpn_head(resid, dense, bn, fc).shape == [1, 5]
+        with pytest.raises(ValueError, match="'bn' has 14 channels"):
+            dpn_head(resid, dense, bn, fc, dense_channels=5)
+        with pytest.raises(TypeError, match="paddle.nn.Linear"):
+            dpn_head(resid, dense, bn, bn)
+        with pytest.raises(TypeError, match="'resid' must be a paddle.Tensor"):
+            dpn_head(None, dense, bn, fc)

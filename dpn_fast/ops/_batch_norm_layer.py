@@ -10,8 +10,9 @@ import paddle.nn.functional as F
 BN_LAYER_TYPES = (paddle.nn.BatchNorm2D, paddle.nn.BatchNorm)
 
 
-def check_bn_layer(op, bn, name="bn"):
-    """The layer's (weight, bias, running mean, running variance), checked."""
+def check_bn_layer(op, bn, name="bn", dtype=paddle.float32):
+    """The layer's (weight, bias, running mean, running variance), checked; their dtype must be
+    `dtype` (None: any)."""
     if not isinstance(bn, BN_LAYER_TYPES):
         raise TypeError(f"{op}: '{name}' must be a paddle.nn.BatchNorm2D or paddle.nn.BatchNorm, "
                         f"got {type(bn).__name__}")
@@ -23,8 +24,8 @@ def check_bn_layer(op, bn, name="bn"):
     if tensors[0] is None or tensors[1] is None:
         raise ValueError(f"{op}: '{name}' without weight or bias is not supported")
     for part, t in zip(("weight", "bias", "_mean", "_variance"), tensors):
-        if t.dtype != paddle.float32:
-            raise TypeError(f"{op}: '{name}'.{part} must be float32 (whatever the activation "
+        if dtype is not None and t.dtype != dtype:
+            raise TypeError(f"{op}: '{name}'.{part} must be {dtype} (whatever the activation "
                             f"dtype), got {t.dtype}")
     layout = bn._data_layout if isinstance(bn, paddle.nn.BatchNorm) else bn._data_format
     if layout != "NCHW":

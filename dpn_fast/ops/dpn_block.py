@@ -21,6 +21,8 @@ import paddle.nn.functional as F
 
 from dpn_fast import _extension
 from dpn_fast.ops._backend import resolve_backend
+from dpn_fast.ops._batch_norm_layer import check_bn_layer
+from dpn_fast.ops._checks import check_dtype, check_int, check_same_place, check_tensor
 
 OP = "dpn_block"
 
@@ -64,18 +66,63 @@ def head_launch(resid, dense, dense_channels, bn, fc):
                              dense_channels, epsilons)[0]
 
 
-def _check_inference(op, backend, tensors):
+def _check_inference(op, backend, dense, resid, dense_channels):
+    """Checks what the block and head ops share; returns the backend to run ("cpu" or
+    "reference")."""
     if backend not in ("auto", "cpu", "reference"):
         raise ValueError(f"{op}: backend must be 'auto', 'cpu' or 'reference', got {backend!r}")
+    check_tensor(op, "dense", dense, rank=4)
+    check_int(op, "dense_channels", dense_channels, minimum=1)
+    if dense.shape[1] >= 0 and dense_channels > dense.shape[1]:
+        raise ValueError(f"{op}: 'dense_channels' ({dense_channels}) exceeds the channels of "
+                         f"'dense', shape {list(dense.shape)}")
+    if dense.shape[2] == 0 or dense.shape[3] == 0:
+        raise ValueError(f"{op}: 'dense' has an empty image, shape {list(dense.shape)}")
+    if resid is not None:
+        check_tensor(op, "resid", resid, rank=4)
+        if resid.shape[0] != dense.shape[0] or resid.shape[2:] != dense.shape[2:]:
+            raise ValueError(f"{op}: 'resid' {list(resid.shape)} and 'dense' "
+                             f"{list(dense.shape)} must share batch and image size")
+        check_same_place(op, dense, [("resid", resid)])
+        if resid.dtype != dense.dtype:
+            raise TypeError(f"{op}: 'resid' and 'dense' must have the same dtype, got "
+                            f"{resid.dtype} and {dense.dtype}")
     if backend == "reference":
         return "reference"
-    backend = resolve_backend(backend, tensors[0], op)  # "cpu" with GPU tensors raises
+    backend = resolve_backend(backend, dense, op)  # "cpu" with GPU tensors raises
     if backend != "cpu":
         return "reference"
+    check_dtype(op, "dense", dense, paddle.float32,
+                " (the CPU op runs float32 only; backend='reference' runs others)")
     if paddle.in_dynamic_mode() and paddle.is_grad_enabled() and not all(
-            t.stop_gradient for t in tensors if t is not None):
+            t.stop_gradient for t in (dense, resid) if t is not None):
         raise RuntimeError(f"{op}: has no backward; call it under paddle.no_grad() or use "
                            "backend='reference' for training")
+    return backend
+
+
+@paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
+def _check_block(block, resid, dense, dense_channels, backend):
+    from dpn_fast.models.dpn import DualPathBlock  # the models import this module
+
+    if not isinstance(block, DualPathBlock):
+        raise TypeError(f"{OP}: 'block' must be a DPN block (a DPN model's dpn<i> layer), got "
+                        f"{type(block).__name__}")
+    shape = block.shape
+    if (resid is None) != (shape.in_resid == 0):
+        raise ValueError(f"{OP}: this block takes " + (
+            "resid=None (its input is the stem's output)" if shape.in_resid == 0 else
+            f"a 'resid' of {shape.in_resid} channels"))
+    backend = _check_inference(OP, backend, dense, resid, dense_channels)
+    if resid is not None and resid.shape[1] != shape.in_resid:
+        raise ValueError(f"{OP}: 'resid' must have {shape.in_resid} channels for this block, "
+                         f"got shape {list(resid.shape)}")
+    if dense_channels != shape.in_dense:
+        raise ValueError(f"{OP}: 'dense_channels' must be this block's {shape.in_dense} input "
+                         f"dense channels, got {dense_channels}")
+    if not block.has_proj and dense.shape[1] >= 0 and dense.shape[1] < shape.in_dense + shape.inc:
+        raise ValueError(f"{OP}: the dense buffer has {dense.shape[1]} channels; this block "
+                         f"appends {shape.inc} to its {shape.in_dense}")
     return backend
 
 
@@ -83,7 +130,8 @@ def dpn_block(block, resid, dense, dense_channels=None, backend="auto"):
     """One DPN block (a `dpn_fast.models.dpn.DualPathBlock` in eval mode) on (resid, dense).
 
     resid: [N, R, H, W] or None (the first block, whose input is the stem's output `dense`).
-    dense: [N, C, H, W] whose first `dense_channels` channels (default: all) are the dense path.
+    dense: [N, C, H, W] whose first `dense_channels` channels (default and only valid value: the
+    block's input dense channels, block.shape.in_dense) are the dense path.
     Returns (resid_out, dense_out): a projection block returns new tensors, dense_out with
     `block.stage_dense` channels of which the first 3 inc are written; a normal block updates
     resid and dense in place (dense must have room for inc more channels) and returns them.
@@ -91,10 +139,31 @@ def dpn_block(block, resid, dense, dense_channels=None, backend="auto"):
     holds just the valid channels, dense_channels + inc, or 3 inc after a projection).
     """
     if dense_channels is None:
-        dense_channels = dense.shape[1]
-    if _check_inference(OP, backend, [dense, resid]) == "reference":
+        dense_channels = getattr(getattr(block, "shape", None), "in_dense", None)
+    if _check_block(block, resid, dense, dense_channels, backend) == "reference":
         return reference_dpn_block(block, resid, dense, dense_channels)
     return block_launch(block, resid, dense, dense_channels)
+
+
+@paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
+def _check_head(resid, dense, bn, fc, dense_channels, backend):
+    op = "dpn_head"
+    if resid is None:
+        raise TypeError(f"{op}: 'resid' must be a paddle.Tensor, got None")
+    backend = _check_inference(op, backend, dense, resid, dense_channels)
+    channels = resid.shape[1] + dense_channels
+    weight = check_bn_layer(op, bn, dtype=paddle.float32 if backend == "cpu" else None)[0]
+    if weight.shape[0] != channels:
+        raise ValueError(f"{op}: 'bn' has {weight.shape[0]} channels, resid + dense have "
+                         f"{channels}")
+    if not isinstance(fc, paddle.nn.Linear):
+        raise TypeError(f"{op}: 'fc' must be a paddle.nn.Linear, got {type(fc).__name__}")
+    if fc.weight.shape[0] != channels or fc.bias is None:
+        raise ValueError(f"{op}: 'fc' must take {channels} features and have a bias, got weight "
+                         f"{list(fc.weight.shape)}")
+    if backend == "cpu":
+        check_dtype(op, "fc.weight", fc.weight, paddle.float32)
+    return backend
 
 
 def dpn_head(resid, dense, bn, fc, dense_channels=None, backend="auto"):
@@ -102,7 +171,7 @@ def dpn_head(resid, dense, bn, fc, dense_channels=None, backend="auto"):
     eval BatchNorm layer `bn` and a paddle.nn.Linear `fc`."""
     if dense_channels is None:
         dense_channels = dense.shape[1]
-    if _check_inference("dpn_head", backend, [dense, resid]) == "reference":
+    if _check_head(resid, dense, bn, fc, dense_channels, backend) == "reference":
         x = F.batch_norm(paddle.concat([resid, dense[:, :dense_channels]], axis=1), bn._mean,
                          bn._variance, bn.weight, bn.bias, training=False, epsilon=bn._epsilon)
         return fc(paddle.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), start_axis=1))
