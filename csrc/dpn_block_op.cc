@@ -19,14 +19,12 @@ constexpr const char* kHead = "dpn_fast_dpn_head";
 using Shape = std::vector<int64_t>;
 using dpn_fast::shape_str;
 
-// A float32 CPU tensor in plain layout, on x's device.
-void check_operand(const paddle::Tensor& t, const paddle::Tensor& x, const char* op,
-                   const char* name) {
+// A float32 CPU tensor in plain layout.
+void check_operand(const paddle::Tensor& t, const char* op, const char* name) {
   dpn_fast::check_plain_layout(t, op, name);
   PD_CHECK(t.is_cpu(), op, ": runs on CPU only, '", name, "' is on ", t.place().DebugString());
   PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, op, ": supports float32 only, '", name,
            "' is ", phi::DataTypeToString(t.dtype()));
-  dpn_fast::check_same_place(x, t, op, "dense", name);
 }
 
 // Weight of a 1x1 convolution, [rows, in_channels, 1, 1].
@@ -54,10 +52,10 @@ Input check_input(const paddle::Tensor* resid, const paddle::Tensor& dense,
     PD_CHECK(r.size() == 4 && r[0] == d[0] && r[2] == d[2] && r[3] == d[3] && r[1] > 0, op,
              ": 'resid' must have shape [", d[0], ", R, ", d[2], ", ", d[3],
              "] like 'dense', got ", shape_str(r));
-    check_operand(*resid, dense, op, "resid");
+    check_operand(*resid, op, "resid");
     in.resid = r[1];
   }
-  check_operand(dense, dense, op, "dense");
+  check_operand(dense, op, "dense");
   return in;
 }
 
@@ -82,11 +80,11 @@ void check_bns(const std::vector<paddle::Tensor>& bn, const std::vector<float>& 
   }
 }
 
-// The bottleneck (1x1a, grouped 3x3, 1x1c) shared by both block ops; returns its shape with
-// resid and inc as implied by w_c's rows (`resid` given: the projection's split).
+// The bottleneck's weights (1x1a, grouped 3x3, 1x1c), shared by both block ops; sets the
+// shape's bottleneck and groups.
 void check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
                       const paddle::Tensor& w_c, int64_t in_channels, int64_t groups,
-                      const paddle::Tensor& x, const char* op, dpn_fast::DpnBlockShape* s) {
+                      const char* op, dpn_fast::DpnBlockShape* s) {
   check_1x1(w_a, in_channels, op, "w_a");
   const int64_t r = w_a.shape()[0];
   PD_CHECK(groups > 0 && r % groups == 0, op, ": groups must be > 0 and divide the bottleneck's ",
@@ -95,7 +93,9 @@ void check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
   PD_CHECK(wc.size() == 4 && wc[0] == r && wc[1] == r / groups && wc[2] == 3 && wc[3] == 3, op,
            ": 'w_conv' must have shape [", r, ", ", r / groups, ", 3, 3], got ", shape_str(wc));
   check_1x1(w_c, r, op, "w_c");
-  for (const auto* w : {&w_a, &w_conv, &w_c}) check_operand(*w, x, op, "weight");
+  check_operand(w_a, op, "w_a");
+  check_operand(w_conv, op, "w_conv");
+  check_operand(w_c, op, "w_c");
   s->bottleneck = r;
   s->groups = groups;
 }
@@ -109,7 +109,7 @@ void BlockForward(paddle::Tensor& resid, paddle::Tensor& dense,
                                          const std::vector<float>& epsilons) {
   const Input in = check_input(&resid, dense, dense_channels, kBlock);
   dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
-  check_bottleneck(w_a, w_conv, w_c, in.resid + in.dense, groups, dense, kBlock, &s);
+  check_bottleneck(w_a, w_conv, w_c, in.resid + in.dense, groups, kBlock, &s);
   s.stride = 1;
   s.resid = in.resid;
   s.inc = w_c.shape()[0] - in.resid;
@@ -138,9 +138,9 @@ dpn_fast::DpnBlockShape proj_shape(const paddle::optional<paddle::Tensor>& resid
                                    int64_t dense_channels, int64_t capacity) {
   const Input in = check_input(resid ? resid.get_ptr() : nullptr, dense, dense_channels, kProj);
   dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
-  check_bottleneck(w_a, w_conv, w_c, s.in_channels(), groups, dense, kProj, &s);
+  check_bottleneck(w_a, w_conv, w_c, s.in_channels(), groups, kProj, &s);
   check_1x1(w_proj, s.in_channels(), kProj, "w_proj");
-  check_operand(w_proj, dense, kProj, "w_proj");
+  check_operand(w_proj, kProj, "w_proj");
   PD_CHECK(stride == 1 || stride == 2, kProj, ": stride must be 1 or 2, got ", stride);
   s.stride = stride;
   s.projection = true;
@@ -219,8 +219,8 @@ std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddl
   const Shape& fw = fc_weight.shape();
   PD_CHECK(fw.size() == 2 && fw[0] == channels && fw[1] > 0, kHead,
            ": 'fc_weight' must have shape [", channels, ", classes], got ", shape_str(fw));
-  check_operand(fc_weight, dense, kHead, "fc_weight");
-  check_operand(fc_bias, dense, kHead, "fc_bias");
+  check_operand(fc_weight, kHead, "fc_weight");
+  check_operand(fc_bias, kHead, "fc_bias");
   PD_CHECK(fc_bias.shape() == Shape{fw[1]}, kHead, ": 'fc_bias' must have shape [", fw[1],
            "], got ", shape_str(fc_bias.shape()));
   const dpn_fast::DpnHeadShape s{in.n, in.h * in.w, in.resid, in.dense, in.capacity, fw[1]};
