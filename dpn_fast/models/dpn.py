@@ -102,9 +102,10 @@ class DualPathBlock(nn.Layer):
         return dual_path_merge_bn_relu(resid, dense, y, next_batch_norms)
 
     def _forward_inference(self, resid, dense, acts, next_batch_norms):
-        """Eval without gradients on the CUDA build's custom ops: nothing but op launches. The shapes are the architecture's (the model checks its input), parameters
-        are read live (nothing cached can go stale), and the dense path lives in one buffer per
-        stage that each merge appends to in place. The sublayers' forward hooks do not run."""
+        """Eval without gradients on the CUDA build's custom ops: nothing but op launches. The
+        shapes are the architecture's (the model checks its input), parameters are read live
+        (nothing cached can go stale), and the dense path lives in one buffer per stage that each
+        merge appends to in place. The sublayers' forward hooks do not run."""
         if self.has_proj:
             act_w, acts = acts
             weight = self.c1x1_w_func._conv.weight
@@ -223,7 +224,8 @@ class DPN(nn.Layer):
 
     def forward(self, x):
         self._check_input(x)
-        if self.fused and self._inference_on("cpu", x) and x.dtype == paddle.float32:
+        # On CPU _check_input has made sure a fused model and its input are float32.
+        if self.fused and self._inference_on("cpu", x):
             return self._forward_cpu_inference(x)
         if self.fused:
             h = self._forward_fused(x)

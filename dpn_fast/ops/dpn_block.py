@@ -23,14 +23,9 @@ from dpn_fast import _extension
 from dpn_fast.ops._backend import resolve_backend
 from dpn_fast.ops._batch_norm_layer import check_bn_layer
 from dpn_fast.ops._checks import check_dtype, check_int, check_same_place, check_tensor
+from dpn_fast.ops.dual_path_merge import batch_norm_params
 
 OP = "dpn_block"
-
-
-def _bn_params(layers):
-    """The ops' BN list and epsilons for eval BatchNorm `layers`."""
-    return ([t for bn in layers for t in (bn.weight, bn.bias, bn._mean, bn._variance)],
-            [float(bn._epsilon) for bn in layers])
 
 
 def _block_weights(block):
@@ -49,7 +44,7 @@ def block_launch(block, resid, dense, dense_channels):
     inference path. `dense`: the stem's output for the first block, else the stage's dense buffer
     whose first `dense_channels` channels are valid. Returns (resid, dense buffer)."""
     weights, bns = _block_weights(block)
-    bn, epsilons = _bn_params(bns)
+    bn, epsilons = batch_norm_params(bns)
     shape = block.shape
     if block.has_proj:
         return _extension.run_op("dpn_fast_dpn_block_proj", resid, dense, *weights, bn,
@@ -61,7 +56,7 @@ def block_launch(block, resid, dense, dense_channels):
 
 def head_launch(resid, dense, dense_channels, bn, fc):
     """The head's op, unchecked in Python: logits of eval BatchNorm `bn` and Linear `fc`."""
-    params, epsilons = _bn_params([bn])
+    params, epsilons = batch_norm_params([bn])
     return _extension.run_op("dpn_fast_dpn_head", resid, dense, params, fc.weight, fc.bias,
                              dense_channels, epsilons)[0]
 
