@@ -1,7 +1,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cmath>
 #include <vector>
 
 #include "cpu_threads.h"
@@ -60,43 +59,42 @@ void subsample2(const float* src, float* dst, int64_t planes, int64_t h, int64_t
       for (int64_t j = 0; j < wo; ++j) dst[(p * ho + i) * wo + j] = src[(p * h + 2 * i) * w + 2 * j];
 }
 
-struct Workspace {
-  float *act, *act_w, *act_w_strided, *a, *g;
+// Offsets (in floats) of the workspace's parts, and its size: one place for both.
+struct WorkspaceLayout {
+  int64_t act, act_w, act_w_strided, a, g, total;
 };
 
-Workspace carve(const DpnBlockShape& s, float* base) {
+WorkspaceLayout workspace_layout(const DpnBlockShape& s) {
   const int64_t hw = s.h * s.w, hw_out = s.h_out() * s.w_out(), in = s.n * s.in_channels();
-  Workspace ws{};
-  ws.act = base;
-  base += in * hw;
+  WorkspaceLayout l{};
+  int64_t end = in * hw;  // act
   if (s.projection) {
-    ws.act_w = base;
-    base += in * hw;
+    l.act_w = end;
+    end += in * hw;
     if (s.stride != 1) {
-      ws.act_w_strided = base;
-      base += in * hw_out;
+      l.act_w_strided = end;
+      end += in * hw_out;
     }
   }
-  ws.a = base;
-  base += s.n * s.bottleneck * hw;
-  ws.g = base;
-  return ws;
+  l.a = end;
+  l.g = end + s.n * s.bottleneck * hw;
+  l.total = l.g + s.n * s.bottleneck * hw_out;
+  return l;
 }
 
 }  // namespace
 
-int64_t dpn_block_workspace_floats(const DpnBlockShape& s) {
-  const int64_t hw = s.h * s.w, hw_out = s.h_out() * s.w_out(), in = s.n * s.in_channels();
-  int64_t floats = in * hw + s.n * s.bottleneck * (hw + hw_out);
-  if (s.projection) floats += in * hw + (s.stride != 1 ? in * hw_out : 0);
-  return floats;
-}
+int64_t dpn_block_workspace_floats(const DpnBlockShape& s) { return workspace_layout(s).total; }
 
 void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
                            const float* resid_in, const float* dense_in, float* resid_out,
                            float* dense_out, float* workspace) {
   if (s.n == 0) return;  // an empty batch: empty outputs
-  const Workspace ws = carve(s, workspace);
+  const WorkspaceLayout l = workspace_layout(s);
+  struct {
+    float *act, *act_w, *act_w_strided, *a, *g;
+  } const ws{workspace + l.act, workspace + l.act_w, workspace + l.act_w_strided,
+             workspace + l.a, workspace + l.g};
   const int64_t hw = s.h * s.w, hw_out = s.h_out() * s.w_out(), cin = s.in_channels();
   PartTimer timer;
 
@@ -142,6 +140,8 @@ void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float
                           const BatchNormParams& bn, const float* fc_weight, const float* fc_bias,
                           float* logits, float* pooled) {
   if (s.n == 0) return;  // an empty batch: empty logits
+  ChannelAffine affine;
+  add_batch_norm(affine, bn);
   const int64_t channels = s.channels();
   const float inv_hw = 1.0f / float(s.hw);
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static)
@@ -149,8 +149,8 @@ void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float
     const int64_t b = row / channels, c = row % channels;
     const float* x = c < s.resid ? resid + (b * s.resid + c) * s.hw
                                  : dense + (b * s.capacity + c - s.resid) * s.hw;
-    const float scale = bn.gamma[c] / std::sqrt(bn.var[c] + bn.epsilon);
-    const float shift = bn.beta[c] - bn.mean[c] * scale;
+    float scale, shift;
+    affine.at(0, c, &scale, &shift);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < s.hw; ++i) {
