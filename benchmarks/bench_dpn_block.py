@@ -53,15 +53,14 @@ STAGE_BLOCKS = [shape for shape in block_shapes("DPN92") if shape.index in (0, 1
 @pytest.mark.parametrize("n", [1, 8])
 @pytest.mark.parametrize("shape", STAGE_BLOCKS, ids=[f"{s.kind}-stage{s.stage}" for s in STAGE_BLOCKS])
 def test_block(benchmark, shape, n, impl):
-    stage_dense = 2 * shape.inc + CONFIGS["DPN92"].blocks[shape.stage] * shape.inc
     paddle.seed(0)
-    block = DualPathBlock(shape, fused=False, stage_dense=stage_dense)
+    block = DualPathBlock(shape, fused=False)
     block.eval()
     rng = np.random.default_rng(0)
     hw = shape.in_hw
     resid = (None if shape.kind == "proj" else
              paddle.to_tensor(rng.standard_normal((n, shape.in_resid, hw, hw)), "float32"))
-    capacity = stage_dense if shape.kind == "normal" else shape.in_dense
+    capacity = shape.stage_dense if shape.kind == "normal" else shape.in_dense
     dense = paddle.to_tensor(rng.standard_normal((n, capacity, hw, hw)), "float32")
     benchmark.group = f"DPN92 {shape.kind} block, stage {shape.stage}, n={n}"
     fn = reference_dpn_block if impl == "reference" else dpn_block

@@ -16,10 +16,6 @@ from dpn_fast.ops.dpn_block import dpn_block, dpn_head, reference_dpn_block
 from utils import assert_matches_reference, random_bn, run_script
 
 
-def stage_dense(shape):
-    return 2 * shape.inc + CONFIGS[shape.model].blocks[shape.stage] * shape.inc
-
-
 def block_cases(models, batches, image_size=224, slow_unless=lambda model, n: False):
     cases = []
     for model in models:
@@ -76,7 +72,7 @@ def block_inputs(shape, n, rng):
         resid, capacity = None, shape.in_dense  # the stem's output
     else:
         resid = rng.standard_normal((n, shape.in_resid, shape.in_hw, shape.in_hw))
-        capacity = stage_dense(shape) if shape.kind == "normal" else shape.in_dense + 3
+        capacity = shape.stage_dense if shape.kind == "normal" else shape.in_dense + 3
     dense = np.full((n, capacity, shape.in_hw, shape.in_hw), np.nan)
     dense[:, :shape.in_dense] = rng.standard_normal((n, shape.in_dense, shape.in_hw, shape.in_hw))
     return resid, dense, shape.in_dense
@@ -89,7 +85,7 @@ def to_tensor(array, dtype):
 @pytest.mark.parametrize("shape,n", CASES)
 def test_block_matches_float64_reference(shape, n):
     rng = np.random.default_rng(shape.stage * 100 + shape.index)
-    blocks = pair(lambda: DualPathBlock(shape, fused=False, stage_dense=stage_dense(shape)), rng)
+    blocks = pair(lambda: DualPathBlock(shape, fused=False), rng)
     resid, dense, channels = block_inputs(shape, n, rng)
     with paddle.no_grad():
         refs = {dtype: [t.numpy().astype(np.float64) for t in reference_dpn_block(
@@ -107,7 +103,7 @@ def test_block_matches_float64_reference(shape, n):
         np.testing.assert_array_equal(dense_out[:, :channels], dense[:, :channels].astype("float32"))
         assert np.isnan(dense_out[:, valid:]).all()
     else:
-        assert dense_out.shape[1] == stage_dense(shape)
+        assert dense_out.shape[1] == shape.stage_dense
         assert resid is None or np.isnan(dense_in.numpy()[:, channels:]).all()
 
 
@@ -206,9 +202,9 @@ def test_bad_block_inputs_raise_clear_errors(change, match):
 
 def test_block_with_gradients_wanted_is_refused():
     shape = block_shapes("DPN68", 64)[1]
-    block = DualPathBlock(shape, fused=False, stage_dense=stage_dense(shape))
+    block = DualPathBlock(shape, fused=False)
     block.eval()
-    dense = paddle.randn([1, stage_dense(shape), shape.in_hw, shape.in_hw])
+    dense = paddle.randn([1, shape.stage_dense, shape.in_hw, shape.in_hw])
     dense.stop_gradient = False
     resid = paddle.randn([1, shape.in_resid, shape.in_hw, shape.in_hw])
     with pytest.raises(RuntimeError, match="no backward"):
@@ -217,11 +213,11 @@ def test_block_with_gradients_wanted_is_refused():
 
 def python_block_args():
     shape = block_shapes("DPN68", 64)[1]  # a normal block
-    block = DualPathBlock(shape, fused=False, stage_dense=stage_dense(shape))
+    block = DualPathBlock(shape, fused=False)
     block.eval()
     hw = shape.in_hw
     return dict(block=block, resid=paddle.randn([1, shape.in_resid, hw, hw]),
-                dense=paddle.randn([1, stage_dense(shape), hw, hw]),
+                dense=paddle.randn([1, shape.stage_dense, hw, hw]),
                 dense_channels=shape.in_dense)
 
 

@@ -51,6 +51,12 @@ class BlockShape:
     dense_before: int   # dense channels the merge receives (from the input or the projection)
     inc: int            # dense channels the block adds
 
+    @property
+    def stage_dense(self) -> int:
+        """Dense channels at the end of this block's stage: the projection's 2 inc plus inc per
+        block (the capacity of the stage's dense buffer in inference)."""
+        return 2 * self.inc + CONFIGS[self.model].blocks[self.stage] * self.inc
+
 
 def block_shapes(model: str, image_size: int = 224) -> List[BlockShape]:
     """Every block of `model` at `image_size`, in forward order."""

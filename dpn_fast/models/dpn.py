@@ -66,10 +66,9 @@ class DualPathBlock(nn.Layer):
     """One DPN block. Input and output are (resid, dense) pairs; the stage-0 projection block
     takes the stem's output as a single tensor."""
 
-    def __init__(self, shape, fused, stage_dense=0):
+    def __init__(self, shape, fused):
         super().__init__()
         self.shape = shape
-        self.stage_dense = stage_dense  # dense channels at the end of the stage (first blocks)
         in_channels = shape.in_resid + shape.in_dense
         r, bw, inc = shape.bottleneck, shape.resid, shape.inc
         self.has_proj = shape.kind != "normal"
@@ -132,12 +131,12 @@ class DualPathBlock(nn.Layer):
         n, _, h, w = new_dense.shape
         if paddle.in_dynamic_mode():
             # 5-10x faster than writing a slice of an empty buffer.
-            spare = paddle.empty([n, self.stage_dense - 2 * self.shape.inc, h, w],
+            spare = paddle.empty([n, self.shape.stage_dense - 2 * self.shape.inc, h, w],
                                  dtype=new_dense.dtype)
             return paddle.concat([new_dense, spare], axis=1)
         # Exported: Paddle Inference runs concat on oneDNN, whose output layout the in-place
         # merge cannot take.
-        dense = paddle.empty([n, self.stage_dense, h, w], dtype=new_dense.dtype)
+        dense = paddle.empty([n, self.shape.stage_dense, h, w], dtype=new_dense.dtype)
         dense[:, :2 * self.shape.inc] = new_dense
         return dense
 
@@ -171,8 +170,7 @@ class DPN(nn.Layer):
         self.blocks = []
         shapes = block_shapes(model_name)
         for i, shape in enumerate(shapes, start=1):
-            stage_dense = 2 * shape.inc + cfg.blocks[shape.stage] * shape.inc
-            self.blocks.append(self.add_sublayer(f"dpn{i}", DualPathBlock(shape, fused, stage_dense)))
+            self.blocks.append(self.add_sublayer(f"dpn{i}", DualPathBlock(shape, fused)))
         last = self.blocks[-1].shape
         out_channels = last.resid + last.dense_before + last.inc
         self.conv5_x_x_bn = _batch_norm(out_channels)

@@ -48,7 +48,7 @@ def block_launch(block, resid, dense, dense_channels):
     shape = block.shape
     if block.has_proj:
         return _extension.run_op("dpn_fast_dpn_block_proj", resid, dense, *weights, bn,
-                                 shape.groups, shape.stride, dense_channels, block.stage_dense,
+                                 shape.groups, shape.stride, dense_channels, block.shape.stage_dense,
                                  epsilons)
     return _extension.run_op("dpn_fast_dpn_block", resid, dense, *weights, bn, shape.groups,
                              dense_channels, epsilons)
@@ -128,7 +128,7 @@ def dpn_block(block, resid, dense, dense_channels=None, backend="auto"):
     dense: [N, C, H, W] whose first `dense_channels` channels (default and only valid value: the
     block's input dense channels, block.shape.in_dense) are the dense path.
     Returns (resid_out, dense_out): a projection block returns new tensors, dense_out with
-    `block.stage_dense` channels of which the first 3 inc are written; a normal block updates
+    `block.shape.stage_dense` channels of which the first 3 inc are written; a normal block updates
     resid and dense in place (dense must have room for inc more channels) and returns them.
     backend: "auto"/"cpu" (the op on CPU float32) or "reference" (plain Paddle; its dense_out
     holds just the valid channels, dense_channels + inc, or 3 inc after a projection).
