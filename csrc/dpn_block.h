@@ -4,9 +4,10 @@
 //   resid' , dense'[:, :2 inc] = split(W_w x act_w)     projection blocks (stride: subsampled)
 //   g      = relu(bn_c(grouped_conv3x3(relu(bn_b(W_a x act)), stride)))
 //   resid' += W_c[:R] x g;  dense'[:, d : d + inc] = W_c[R:] x g
-// The 1x1 convolutions run on oneDNN (onednn_gemm.h), the grouped conv on the project's kernel
-// with bn_b in its prologue and bn_c in its epilogue, and the BN + ReLU of the input in one pass
-// with the dual-path merge's kernel. A normal block works in place on the stage's buffers: the
+// The 1x1 convolutions run on oneDNN (onednn_gemm.h): one GEMM per image, or one over all the
+// images' columns where planes are small (14x14, 7x7; see conv1x1). The grouped conv runs on the
+// project's kernel with bn_b in its prologue and bn_c in its epilogue, and the BN + ReLU of the
+// input in one pass with the dual-path merge's kernel. A normal block works in place on the stage's buffers: the
 // residual accumulates into resid and the new dense channels land in the stage's dense buffer,
 // so nothing is split, added or concatenated in a separate pass.
 // Head: logits = fc(mean_hw(relu(bn(concat(resid, dense))))), without materialising the BN'd

@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <initializer_list>
 #include <vector>
 
 #include "cpu_threads.h"
@@ -40,14 +41,69 @@ void add_batch_norm(ChannelAffine& affine, const BatchNormParams& bn) {
   affine.eps[a] = bn.epsilon;
 }
 
-// out[b] (+)= weight x in[b] for every image b: a 1x1 convolution of `rows` output channels
-// whose planes start out_channel0 channels into an output with out_channels channels per image.
-void conv1x1(const float* weight, int64_t rows, int64_t in_channels, const float* in,
-             float* out, int64_t out_channels, int64_t out_channel0, int64_t n, int64_t hw,
-             bool accumulate) {
-  const GemmShape g{rows, hw, in_channels, in_channels, hw, hw, accumulate};
-  for (int64_t b = 0; b < n; ++b)
-    gemm_f32(g, weight, in + b * in_channels * hw, out + (b * out_channels + out_channel0) * hw);
+// Where a 1x1 convolution's output rows go: `rows` output channels, written (or accumulated)
+// from channel `channel0` on, into planes with `channels` channels per image.
+struct RowsOut {
+  float* planes;
+  int64_t rows, channels, channel0;
+  bool accumulate;
+};
+
+// Planes up to this size take the wide form below when the batch has several images. Measured
+// with cold weights (AMD EPYC, Zen 3, oneDNN gemm:jit, batch 8): one GEMM over all images is
+// 1.2x (14x14) to 1.5x (7x7) faster than one per image, which packs the weight for each image's
+// few columns; at 28x28 and above the per-image GEMMs are as fast or faster.
+constexpr int64_t kWideMaxPlane = 400;
+
+bool wide_form(int64_t n, int64_t hw) { return n > 1 && hw <= kWideMaxPlane; }
+
+// weight [sum of outs' rows, in_channels] x in [n, in_channels, hw], each image's output rows
+// split among `outs` in order. Several small images run as one GEMM on [in_channels, n * hw]
+// gathered into `wide` (wide_floats(...) floats), whose output is scattered to `outs`.
+void conv1x1(const float* weight, int64_t in_channels, const float* in, int64_t n, int64_t hw,
+             std::initializer_list<RowsOut> outs, float* wide) {
+  if (!wide_form(n, hw)) {
+    const float* w = weight;
+    for (const RowsOut& o : outs) {
+      const GemmShape g{o.rows, hw, in_channels, in_channels, hw, hw, o.accumulate};
+      for (int64_t b = 0; b < n; ++b)
+        gemm_f32(g, w, in + b * in_channels * hw, o.planes + (b * o.channels + o.channel0) * hw);
+      w += o.rows * in_channels;
+    }
+    return;
+  }
+  int64_t rows = 0;
+  for (const RowsOut& o : outs) rows += o.rows;
+  const int64_t cols = n * hw;
+  float* const wide_in = wide;
+  float* const wide_out = wide + in_channels * cols;
+#pragma omp parallel for num_threads(cpu_threads()) schedule(static)
+  for (int64_t k = 0; k < in_channels; ++k)
+    for (int64_t b = 0; b < n; ++b)
+      std::copy_n(in + (b * in_channels + k) * hw, hw, wide_in + k * cols + b * hw);
+  gemm_f32(GemmShape{rows, cols, in_channels, in_channels, cols, cols, false}, weight, wide_in,
+           wide_out);
+  const float* src = wide_out;
+  for (const RowsOut& o : outs) {
+#pragma omp parallel for num_threads(cpu_threads()) schedule(static)
+    for (int64_t r = 0; r < o.rows; ++r)
+      for (int64_t b = 0; b < n; ++b) {
+        const float* from = src + r * cols + b * hw;
+        float* to = o.planes + (b * o.channels + o.channel0 + r) * hw;
+        if (o.accumulate) {
+#pragma omp simd
+          for (int64_t i = 0; i < hw; ++i) to[i] += from[i];
+        } else {
+          std::copy_n(from, hw, to);
+        }
+      }
+    src += o.rows * cols;
+  }
+}
+
+// Floats of conv1x1's `wide` for `in_channels` -> `rows` on n images of hw (0: not wide).
+int64_t wide_floats(int64_t n, int64_t hw, int64_t in_channels, int64_t rows) {
+  return wide_form(n, hw) ? (in_channels + rows) * n * hw : 0;
 }
 
 // dst[b, c] = src[b, c, ::2, ::2]: the input of a stride-2 1x1 convolution.
@@ -61,7 +117,7 @@ void subsample2(const float* src, float* dst, int64_t planes, int64_t h, int64_t
 
 // Offsets (in floats) of the workspace's parts, and its size: one place for both.
 struct WorkspaceLayout {
-  int64_t act, act_w, act_w_strided, a, g, total;
+  int64_t act, act_w, act_w_strided, a, g, wide, total;
 };
 
 WorkspaceLayout workspace_layout(const DpnBlockShape& s) {
@@ -78,7 +134,13 @@ WorkspaceLayout workspace_layout(const DpnBlockShape& s) {
   }
   l.a = end;
   l.g = end + s.n * s.bottleneck * hw;
-  l.total = l.g + s.n * s.bottleneck * hw_out;
+  l.wide = l.g + s.n * s.bottleneck * hw_out;
+  // conv1x1's gather/scatter space, shared by the block's 1x1 convolutions (one at a time).
+  int64_t wide = std::max(wide_floats(s.n, hw, s.in_channels(), s.bottleneck),
+                          wide_floats(s.n, hw_out, s.bottleneck, s.resid + s.inc));
+  if (s.projection)
+    wide = std::max(wide, wide_floats(s.n, hw_out, s.in_channels(), s.resid + 2 * s.inc));
+  l.total = l.wide + wide;
   return l;
 }
 
@@ -92,9 +154,9 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   if (s.n == 0) return;  // an empty batch: empty outputs
   const WorkspaceLayout l = workspace_layout(s);
   struct {
-    float *act, *act_w, *act_w_strided, *a, *g;
+    float *act, *act_w, *act_w_strided, *a, *g, *wide;
   } const ws{workspace + l.act, workspace + l.act_w, workspace + l.act_w_strided,
-             workspace + l.a, workspace + l.g};
+             workspace + l.a, workspace + l.g, workspace + l.wide};
   const int64_t hw = s.h * s.w, hw_out = s.h_out() * s.w_out(), cin = s.in_channels();
   PartTimer timer;
 
@@ -117,22 +179,23 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
       subsample2(ws.act_w, ws.act_w_strided, s.n * cin, s.h, s.w);
       act_w = ws.act_w_strided;
     }
-    conv1x1(wt.w_proj, s.resid, cin, act_w, resid_out, s.resid, 0, s.n, hw_out, false);
-    conv1x1(wt.w_proj + s.resid * cin, 2 * s.inc, cin, act_w, dense_out, s.capacity, 0, s.n,
-            hw_out, false);
+    conv1x1(wt.w_proj, cin, act_w, s.n, hw_out,
+            {{resid_out, s.resid, s.resid, 0, false}, {dense_out, 2 * s.inc, s.capacity, 0, false}},
+            ws.wide);
     timer.next(kProjection, 2 * s.n * (s.resid + 2 * s.inc) * cin * hw_out);
   }
 
-  conv1x1(wt.w_a, s.bottleneck, cin, ws.act, ws.a, s.bottleneck, 0, s.n, hw, false);
+  conv1x1(wt.w_a, cin, ws.act, s.n, hw, {{ws.a, s.bottleneck, s.bottleneck, 0, false}}, ws.wide);
   timer.next(kConv1x1a, 2 * s.n * s.bottleneck * cin * hw);
   const GroupedConvShape conv{s.n, s.bottleneck, s.h, s.w, s.bottleneck, s.groups, s.stride,
                               s.h_out(), s.w_out()};
   bn_relu_grouped_conv3x3_bn_relu_infer_cpu(ws.a, wt.w_conv, wt.bn_b, wt.bn_c, ws.g, conv);
   timer.next(kGroupedConv, 2 * s.n * s.bottleneck * (s.bottleneck / s.groups) * 9 * hw_out);
 
-  conv1x1(wt.w_c, s.resid, s.bottleneck, ws.g, resid_out, s.resid, 0, s.n, hw_out, true);
-  conv1x1(wt.w_c + s.resid * s.bottleneck, s.inc, s.bottleneck, ws.g, dense_out, s.capacity,
-          s.dense_before(), s.n, hw_out, false);
+  conv1x1(wt.w_c, s.bottleneck, ws.g, s.n, hw_out,
+          {{resid_out, s.resid, s.resid, 0, true},
+           {dense_out, s.inc, s.capacity, s.dense_before(), false}},
+          ws.wide);
   timer.next(kConv1x1c, 2 * s.n * (s.resid + s.inc) * s.bottleneck * hw_out);
 }
 
