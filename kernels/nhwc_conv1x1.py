@@ -98,18 +98,22 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
-def choose_tiles(rows, k, n, interpret=False):
-    """GPU: 128-row tiles with the column tile as wide as N allows (up to 128), 64-wide K steps,
-    3 pipeline stages: a common starting point for tensor-core GEMMs of DPN's sizes (K 64-2688,
-    N 96-2304), NOT yet measured here (benchmarks/gpu_check.py's sweep is the data to choose by).
-    The CPU interpreter pays per program and per K step: one large tile where the shape allows."""
+def choose_tiles(rows, k, n, half, interpret=False):
+    """GPU, fp16/bf16: 128-row tiles, columns 128 wide (64 where N <= 64), 32-wide K steps, 3
+    pipeline stages; fp32 (IEEE products, no tensor cores): 64 x 64 x 16. The largest that
+    compile without spilling for sm_80 and sm_90 (tests/test_gpu_compile.py: 128 x 128 x 64
+    spills with the prologue), NOT yet timed: benchmarks/gpu_check.py's sweep is the data to
+    choose by. The CPU interpreter pays per program and per K step: one large tile where the
+    shape allows."""
     if interpret:
         cap = 256
         return Tiles(min(cap, max(16, triton.next_power_of_2(rows))),
                      min(cap, max(16, triton.next_power_of_2(n))),
                      min(cap, max(16, triton.next_power_of_2(k))), 1, 4, 1)
-    block_n = 128 if n > 64 else 64
-    return Tiles(128, block_n, 64, 8, 8 if block_n == 128 else 4, 3)
+    if not half:
+        return Tiles(64, 64, 16, 8, 4, 2)
+    wide = n > 64
+    return Tiles(128, 128 if wide else 64, 32, 8, 8 if wide else 4, 3)
 
 
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
@@ -164,7 +168,7 @@ def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in
     if rows == 0:
         return out
     if tiles is None:
-        tiles = choose_tiles(rows, k, n, INTERPRETED)
+        tiles = choose_tiles(rows, k, n, dtype != "float32", INTERPRETED)
     # Unused pointer arguments get `w`: never read (their constexpr flag is off).
     grid = (triton.cdiv(rows, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
     _conv1x1_kernel[grid](a, w, w if in_scale is None else in_scale,
@@ -180,24 +184,25 @@ def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in
 
 
 def _aot_specs():
-    """The three forms a DPN block launches, per activation dtype, at the GPU tiles: 1x1a
-    (prologue, bias + ReLU), a stride-2 projection (prologue, plain store), 1x1c (residual add
-    into the stage buffer, dense columns behind)."""
+    """The three forms a DPN block launches, in fp16 at the GPU tiles: 1x1a (prologue, bias +
+    ReLU), a stride-2 projection (prologue, plain store), 1x1c (residual add into the stage
+    buffer, dense columns behind); fp32 and bf16 in the 1x1a form (compile time is CI time)."""
     ints = ("M", "K", "N", "LDA", "LDO", "H", "W", "H_OUT", "W_OUT", "SPLIT", "DENSE_GAP")
     flags = ("STRIDE", "IN_AFFINE", "HAS_BIAS", "RELU", "ADD_TO_OUT", "PRECISION", "BLOCK_M",
              "BLOCK_N", "BLOCK_K", "GROUP_M")
+    block_1x1a = (1, True, True, True, False)
+    forms = {"fp16": (block_1x1a, (2, True, False, False, False), (1, False, False, False, True)),
+             "fp32": (block_1x1a,), "bf16": (block_1x1a,)}
     specs = []
-    for dt, precision in (("fp32", "ieee"), ("fp16", "tf32"), ("bf16", "tf32")):
+    for dt, dt_forms in forms.items():
         signature = {"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "in_scale_ptr": "*fp32",
                      "in_shift_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{dt}",
                      **{name: "i32" for name in ints}, **{name: "constexpr" for name in flags}}
-        t = choose_tiles(1 << 20, 1024, 1024)
+        t = choose_tiles(1 << 20, 1024, 1024, half=dt != "fp32")
         tile = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
-                "GROUP_M": t.group_m, "PRECISION": precision}
+                "GROUP_M": t.group_m, "PRECISION": "ieee" if dt == "fp32" else "tf32"}
         options = {"num_warps": t.num_warps, "num_stages": t.num_stages}
-        for stride, in_affine, has_bias, relu, add in ((1, True, True, True, False),
-                                                       (2, True, False, False, False),
-                                                       (1, False, False, False, True)):
+        for stride, in_affine, has_bias, relu, add in dt_forms:
             specs.append((_conv1x1_kernel, signature,
                           {"STRIDE": stride, "IN_AFFINE": in_affine, "HAS_BIAS": has_bias,
                            "RELU": relu, "ADD_TO_OUT": add, **tile}, options))

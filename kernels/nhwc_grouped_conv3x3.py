@@ -48,7 +48,7 @@ def _grouped_conv3x3_kernel(x_ptr, w_ptr, bias_ptr, out_ptr,
     dtype = x_ptr.dtype.element_ty
 
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for tap in tl.static_range(9):
+    for tap in range(9):
         ih = oh * STRIDE + (tap // 3 - 1)
         iw = ow * STRIDE + (tap % 3 - 1)
         ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -73,11 +73,13 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
-def choose_tiles(channels_per_group, rows_out, interpret=False):
+def choose_tiles(channels_per_group, rows_out, half, interpret=False):
     """The narrowest tensor-core tile (16, 32 or 64 lanes) that holds a group, filled with as many
     whole groups as fit: 3 and 6 channels a group -> 5 and 2 groups in 16 lanes (94%, 75% used),
-    12 -> 1 in 16, 24 -> 1 in 32, 48 -> 1 in 64. 64 positions a program. A starting point NOT
-    yet measured on a GPU (benchmarks/gpu_check.py's sweep is the data to choose by)."""
+    12 -> 1 in 16, 24 -> 1 in 32, 48 -> 1 in 64. Positions a program: fp16/bf16 64 (32 with 64
+    lanes), fp32 (IEEE products, no tensor cores) 32 (16 with 64 lanes): the most that compile
+    without spilling for sm_80/sm_90. NOT yet timed on a GPU: benchmarks/gpu_check.py's sweep
+    is the data to choose by."""
     if channels_per_group > 64:
         raise ValueError(f"grouped_conv3x3_forward: {channels_per_group} channels a group; the "
                          "kernel's tile holds at most 64")
@@ -86,7 +88,8 @@ def choose_tiles(channels_per_group, rows_out, interpret=False):
     if interpret:  # the interpreter pays per program: one tile over every position
         return Tiles(min(1024, max(16, triton.next_power_of_2(rows_out))), block_c, per_program,
                      4, 1)
-    return Tiles(64, block_c, per_program, 4, 2)
+    block_p = 64 if half else 32
+    return Tiles(block_p if block_c < 64 else block_p // 2, block_c, per_program, 4, 2)
 
 
 def pack_weights(weight, groups, tiles):
@@ -158,8 +161,8 @@ def grouped_conv3x3_forward(x, packed_w, bias, out, *, images, h, w, c, groups, 
 
 
 def _aot_specs():
-    """Per activation dtype, DPN's group widths at the GPU tiles: 3 channels at stride 2 (5 groups
-    a program), 6 and 12 at stride 1, 24 at stride 2 (DPN92), 48 (the widest a tile holds)."""
+    """Per activation dtype, one group width per lane count at the GPU tiles: 3 channels at
+    stride 2 (5 groups in 16 lanes), 24 at stride 2 (32 lanes), 48 at stride 1 (64 lanes)."""
     ints = ("ROWS_OUT", "H", "W", "H_OUT", "W_OUT", "C", "LDX", "LDO")
     specs = []
     for dt, precision in (("fp32", "ieee"), ("fp16", "tf32"), ("bf16", "tf32")):
@@ -167,8 +170,8 @@ def _aot_specs():
                      "out_ptr": f"*{dt}", **{name: "i32" for name in ints},
                      **{name: "constexpr" for name in ("STRIDE", "CHANNELS", "PRECISION",
                                                        "BLOCK_P", "BLOCK_C")}}
-        for cin_g, stride in ((3, 2), (6, 1), (12, 1), (24, 2), (48, 1)):
-            t = choose_tiles(cin_g, 1 << 20)
+        for cin_g, stride in ((3, 2), (24, 2), (48, 1)):
+            t = choose_tiles(cin_g, 1 << 20, half=dt != "fp32")
             specs.append((_grouped_conv3x3_kernel, signature,
                           {"STRIDE": stride, "CHANNELS": t.groups_per_program * cin_g,
                            "PRECISION": precision, "BLOCK_P": t.block_p, "BLOCK_C": t.block_c},

@@ -136,7 +136,7 @@ def test_many_tiles_and_k_steps(kernels):
 @needs_interpreter
 def test_interpreter_tiles_are_one_program_for_small_shapes(kernels):
     assert kernels.INTERPRETED
-    tiles = kernels.choose_tiles(70, 37, 24, interpret=True)
+    tiles = kernels.choose_tiles(70, 37, 24, half=False, interpret=True)
     assert (tiles.block_m, tiles.block_n, tiles.block_k) == (128, 32, 64)
 
 

@@ -74,7 +74,7 @@ def test_matches_float64(kernels, dtype, n, h, w, c, groups, stride):
     x_rows = nan_array((n * h * w, ldx), dtype)  # columns past c: NaN, must not be read
     x_rows[:, :c] = x.reshape(-1, c)
     out = nan_array((n * h_out * w_out, ldo), dtype)
-    tiles = kernels.choose_tiles(cin_g, out.shape[0], interpret=True)
+    tiles = kernels.choose_tiles(cin_g, out.shape[0], dtype == "float16", interpret=True)
     packed = kernels.pack_weights(weight, groups, tiles).astype(dtype)
     kernels.grouped_conv3x3_forward(host(x_rows), host(packed), host(bias.astype(np.float32)),
                                     host(out), images=n, h=h, w=w, c=c, groups=groups,
@@ -106,11 +106,11 @@ def test_several_position_tiles(kernels):
 
 
 def test_tiles_fill_lanes_with_whole_groups(kernels):
-    chosen = {g: kernels.choose_tiles(g, 1 << 20) for g in (3, 5, 6, 12, 24, 48)}
+    chosen = {g: kernels.choose_tiles(g, 1 << 20, half=True) for g in (3, 5, 6, 12, 24, 48)}
     assert {g: (t.block_c, t.groups_per_program) for g, t in chosen.items()} == {
         3: (16, 5), 5: (16, 3), 6: (16, 2), 12: (16, 1), 24: (32, 1), 48: (64, 1)}
     with pytest.raises(ValueError, match="at most 64"):
-        kernels.choose_tiles(65, 10)
+        kernels.choose_tiles(65, 10, half=True)
 
 
 def test_packed_weights_are_block_diagonal(kernels):
@@ -131,7 +131,7 @@ def test_packed_weights_are_block_diagonal(kernels):
 @needs_interpreter
 def test_bad_arguments_raise_typed_errors(kernels):
     x = np.zeros((4, 6), np.float16)
-    tiles = kernels.choose_tiles(3, 4, interpret=True)
+    tiles = kernels.choose_tiles(3, 4, half=True, interpret=True)
     packed = np.zeros((2, 9, 16, 16), np.float16)
     bias = np.zeros(6, np.float32)
     args = dict(images=1, h=2, w=2, c=6, groups=2, stride=1, ldx=6, ldo=6, tiles=tiles)
