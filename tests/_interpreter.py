@@ -21,13 +21,13 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INT
                                        "(run by the module's test_under_interpreter)")
 
 
-def run_module_interpreted(test_file):
-    """Runs `test_file`'s tests (those not marked slow; the module's driver,
-    test_under_interpreter, deselected) in a subprocess under the interpreter: every one must
-    pass, none may be skipped."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def run_module_interpreted(test_file, markers="not slow", env=None):
+    """Runs `test_file`'s tests selected by `markers` in a subprocess under the interpreter: every
+    one must pass, none may be skipped. Deselected there: the module's drivers
+    (test_under_interpreter*) and tests of the compiled path (named *uninterpreted*)."""
+    env = dict(env or os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-m", "not slow", "-k", "not test_under_interpreter", str(test_file)],
+                           "-m", markers, "-k", "not under_interpreter and not uninterpreted", str(test_file)],
                           env=env, capture_output=True, text=True, cwd=Path(test_file).parent,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
