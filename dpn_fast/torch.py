@@ -181,6 +181,9 @@ class FusedDPN:
         if self.device.type != "cuda" and not self.gemm.INTERPRETED:
             raise ValueError(f"fuse: the model is on {self.device}; the kernels run on CUDA, or "
                              "on CPU under TRITON_INTERPRET=1 set before triton is imported")
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 0):
+            raise ValueError(f"fuse: {torch.cuda.get_device_name(self.device)} is older than "
+                             "sm_80; the kernels are written for tensor cores of sm_80 and newer")
         self.model = model
         self.in_channels = weight.shape[1]
         blocks = [m for m in features if hasattr(m, "c1x1_a")]

@@ -210,3 +210,4 @@ def _aot_specs():
 
 
 AOT_SPECS = _aot_specs()  # see tests/_triton_aot.py
+AOT_MIN_CC = 80  # tensor-core kernels: sm_80+ (dpn_fast.torch refuses older cards)
