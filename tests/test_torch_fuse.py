@@ -137,6 +137,20 @@ def test_dpn68_matches_timm():
 
 
 @needs_interpreter
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpn68b", "dpn92", "dpn98", "dpn107", "dpn131"])
+def test_every_timm_dpn_folds(name):
+    """The other timm DPNs fold (their modules are what fuse expects, their groups fit the conv's
+    lanes) into stages whose last buffer is as wide as timm's final BN; dpn68 runs end to end."""
+    torch, timm, fused_module = requirements()
+    model = timm.create_model(name).eval()
+    fused = fused_module.fuse(model)
+    assert len(fused.stages) == 4
+    assert sum(len(stage) for stage in fused.stages) == len(fused.blocks)
+    assert fused._stage_width(fused.stages[-1]) == model.features.conv5_bn_ac.bn.num_features
+
+
+@needs_interpreter
 def test_bad_models_and_inputs_raise_typed_errors():
     torch, timm, fused_module = requirements()
     model = small_dpn(torch, timm, False)
