@@ -7,12 +7,14 @@
 Stages (each recorded on its own; one failing never stops the others; a global time budget skips
 what is left, with a note, so the run always ends with a report):
   build      the Paddle-free CMake target `dpn_fast_kernels` for the local card, loaded with ctypes
+  nhwc-*     the channels-last kernels (kernels/nhwc_*.py): correctness, timing, tile sweep
   correct    every kernel and backend (CUDA C ABI, Triton) vs a float64 torch reference at DPN92's
              shapes, fp32/fp16/bf16, forward and backward, NaN-poisoned outputs; passes when
              max|fused - ref64| <= 2 * max|plain torch at that dtype - ref64| + atol * max(1, |ref64|)
   sanitize   compute-sanitizer memcheck of small cases (this script re-run with --sanitize-case)
   kernels    CUDA-event timings of each fused kernel vs the unfused torch sequence, batch 1/8/64
-  e2e        timm dpn92 with its blocks on the fused kernels vs timm eager and torch.compile
+  e2e        timm dpn92 with its blocks on the fused kernels (this script's NCHW FusedDPN, and
+             dpn_fast.torch's channels-last forward) vs timm eager and torch.compile
 Writes DIR/gpu_check.json and DIR/gpu_check.md. Details: docs/gpu_check.md.
 
 Everything op-specific lives in the OP ADAPTERS section below (ctypes signatures, Triton launcher
@@ -1486,9 +1488,10 @@ def time_nhwc_convs(report, module, convs, batches, device, quick, copy_gbs):
                    "cin_g": case.c // case.groups, "stride": case.stride, "hw": case.hw,
                    "tiles": "p{}c{}g{}".format(run.tiles.block_p, run.tiles.block_c,
                                                 run.tiles.groups_per_program)}
-            row["cudnn_ms"] = _timed(report, lambda: run.unfused(torch.float16), iters, graph)
-            row["cudnn_cl_ms"] = _timed(report, lambda: conv_unfused(
-                x_cl, run.weight.half(), run.bn, case.stride, case.groups), iters, graph)
+            w16 = run.weight.half()
+            for key, x_in in (("cudnn_ms", run.x), ("cudnn_cl_ms", x_cl)):
+                row[key] = _timed(report, lambda x_in=x_in: conv_unfused(
+                    x_in, w16, run.bn, case.stride, case.groups), iters, graph)
             ms = row["nhwc_ms"] = _timed(report, run.fused, iters, graph)
             if ms:
                 row["speedup"] = row["cudnn_ms"] / ms if row["cudnn_ms"] else None
