@@ -123,6 +123,22 @@ def _dtype_name(tensor):
     return str(tensor.dtype).replace("torch.", "").replace("paddle.", "")
 
 
+def _check_layout(op, tensors):
+    """Tensors that describe themselves (torch, Paddle) must share a device and be rows: unit
+    stride along channels, the given row stride. Raw pointers (kernels/_host.py) are taken as
+    given. tensors: {label: (tensor, row stride or None for a vector)}."""
+    devices = {str(t.device) for t, _ in tensors.values() if hasattr(t, "device")}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: tensors on different devices: {sorted(devices)}")
+    for label, (t, ld) in tensors.items():
+        strides = tuple(t.stride()) if callable(getattr(t, "stride", None)) else ()
+        if strides and (strides[-1] != 1 or (ld is not None and len(strides) > 1
+                                              and strides[-2] != ld)):
+            raise ValueError(f"{op}: {label} must be rows of unit channel stride"
+                             + ("" if ld is None else f" and row stride {ld}")
+                             + f", got strides {strides}")
+
+
 def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in_scale=None,
                     in_shift=None, bias=None, relu=False, split=None, dense_gap=0,
                     add_to_out=False, tiles=None):
@@ -165,6 +181,10 @@ def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in
                              "output images")
     else:
         h = w_in = h_out = w_out = 1
+    _check_layout(name, {"a": (a, lda), "w": (w, n), "out": (out, ldo),
+                         **{label: (t, None) for label, t in (("in_scale", in_scale),
+                                                              ("in_shift", in_shift),
+                                                              ("bias", bias)) if t is not None}})
     if rows == 0:
         return out
     if tiles is None:

@@ -119,6 +119,22 @@ def _dtype_name(tensor):
     return str(tensor.dtype).replace("torch.", "").replace("paddle.", "")
 
 
+def _check_layout(op, tensors):
+    """Tensors that describe themselves (torch, Paddle) must share a device and be rows: unit
+    stride along channels, the given row stride. Raw pointers (kernels/_host.py) are taken as
+    given. tensors: {label: (tensor, row stride or None for a vector)}."""
+    devices = {str(t.device) for t, _ in tensors.values() if hasattr(t, "device")}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: tensors on different devices: {sorted(devices)}")
+    for label, (t, ld) in tensors.items():
+        strides = tuple(t.stride()) if callable(getattr(t, "stride", None)) else ()
+        if strides and (strides[-1] != 1 or (ld is not None and len(strides) > 1
+                                              and strides[-2] != ld)):
+            raise ValueError(f"{op}: {label} must be rows of unit channel stride"
+                             + ("" if ld is None else f" and row stride {ld}")
+                             + f", got strides {strides}")
+
+
 def grouped_conv3x3_forward(x, packed_w, bias, out, *, images, h, w, c, groups, stride, ldx,
                             ldo, tiles):
     """out rows = relu(grouped_conv3x3(x rows) + bias), padding 1; out preallocated.
@@ -146,6 +162,8 @@ def grouped_conv3x3_forward(x, packed_w, bias, out, *, images, h, w, c, groups, 
                          f"fit {tiles.block_c} lanes")
     if ldx < c or ldo < c:
         raise ValueError(f"{name}: row strides ldx={ldx}, ldo={ldo} are below c={c}")
+    _check_layout(name, {"x": (x, ldx), "packed_w": (packed_w, tiles.block_c), "bias": (bias, None),
+                         "out": (out, ldo)})
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     rows_out = images * h_out * w_out
     if rows_out == 0:

@@ -174,3 +174,24 @@ def test_uninterpreted_cpu_model_is_refused():
     torch, timm, fused_module = requirements()
     with pytest.raises(ValueError, match="kernels run on CUDA"):
         fused_module.fuse(small_dpn(torch, timm, False))
+
+
+@needs_interpreter
+def test_launchers_refuse_tensors_that_are_not_rows():
+    """With torch tensors the launchers check the layout they index: unit channel stride and the
+    row stride given."""
+    torch, _, _ = requirements()
+    gemm = _load("checkout_kernels_nhwc_conv1x1_torch", REPO / "kernels" / "nhwc_conv1x1.py")
+    grouped = _load("checkout_kernels_nhwc_grouped_torch",
+                    REPO / "kernels" / "nhwc_grouped_conv3x3.py")
+    a, w, out = torch.zeros(6, 8), torch.zeros(8, 4), torch.zeros(6, 4)
+    with pytest.raises(ValueError, match=r"a must be rows .* row stride 8, got strides \(1, 6\)"):
+        gemm.conv1x1_forward(a.t().contiguous().t(), w, out, rows=6, k=8, n=4, lda=8, ldo=4)
+    with pytest.raises(ValueError, match="out must be rows .* row stride 5"):
+        gemm.conv1x1_forward(a, w, out, rows=6, k=8, n=4, lda=8, ldo=5)
+    tiles = grouped.choose_tiles(3, 4, half=False, interpret=True)
+    x = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="packed_w must be rows"):
+        grouped.grouped_conv3x3_forward(x, torch.zeros(1, 9, 16, 16).transpose(2, 3),
+                                        torch.zeros(6), x, images=1, h=2, w=2, c=6, groups=2,
+                                        stride=1, ldx=6, ldo=6, tiles=tiles)
