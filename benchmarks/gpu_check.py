@@ -7,12 +7,14 @@
 Stages (each recorded on its own; one failing never stops the others; a global time budget skips
 what is left, with a note, so the run always ends with a report):
   build      the Paddle-free CMake target `dpn_fast_kernels` for the local card, loaded with ctypes
+  nhwc-*     the channels-last kernels (kernels/nhwc_*.py): correctness, timing, tile sweep
   correct    every kernel and backend (CUDA C ABI, Triton) vs a float64 torch reference at DPN92's
              shapes, fp32/fp16/bf16, forward and backward, NaN-poisoned outputs; passes when
              max|fused - ref64| <= 2 * max|plain torch at that dtype - ref64| + atol * max(1, |ref64|)
   sanitize   compute-sanitizer memcheck of small cases (this script re-run with --sanitize-case)
   kernels    CUDA-event timings of each fused kernel vs the unfused torch sequence, batch 1/8/64
-  e2e        timm dpn92 with its blocks on the fused kernels vs timm eager and torch.compile
+  e2e        timm dpn92 with its blocks on the fused kernels (this script's NCHW FusedDPN, and
+             dpn_fast.torch's channels-last forward) vs timm eager and torch.compile
 Writes DIR/gpu_check.json and DIR/gpu_check.md. Details: docs/gpu_check.md.
 
 Everything op-specific lives in the OP ADAPTERS section below (ctypes signatures, Triton launcher
@@ -44,8 +46,13 @@ EPS_OF = {"float32": 1.2e-7, "float16": 9.8e-4, "bfloat16": 7.9e-3}
 BN_EPS = 1e-3  # timm's DPN BatchNorm epsilon
 # Share of the time budget by which each phase stops starting new work (the rest is skipped with
 # a note). torch.compile goes last: it starts only while COMPILE_MIN_LEFT_S seconds remain.
-PHASE_END = {"correctness": 0.40, "convs": 0.50, "kernels": 0.58, "sweep": 0.66, "e2e": 0.82}
+# The NHWC stages run first (issue 12's work; its GPU run skips the NCHW stages, whose shares
+# are narrow: a run with every stage needs a larger --budget-s). The NHWC correctness share
+# also covers a slow build before it (the dry run's CUDA build takes ~40 s here).
+PHASE_END = {"nhwc correctness": 0.22, "nhwc kernels": 0.34, "nhwc sweep": 0.44,
+             "correctness": 0.60, "convs": 0.66, "kernels": 0.70, "sweep": 0.74, "e2e": 0.86}
 COMPILE_MIN_LEFT_S = 75
+E2E_SECTION = "e2e timing (timm dpn92, 224x224)"
 
 torch = F = None  # imported in main(), after TRITON_INTERPRET is settled
 
@@ -214,7 +221,7 @@ def dpn92_cases():
         merges.setdefault(key, MergeCase(f"s{b.stage}b{b.index}", *key))
         ckey = (b.bottleneck, b.groups, b.stride, b.in_hw)
         convs.setdefault(ckey, ConvCase(f"s{b.stage}-{b.kind}", *ckey))
-    return list(merges.values()), list(convs.values())
+    return list(merges.values()), list(convs.values()), nhwc_gemm_cases(blocks)
 
 
 def representative(merges):
@@ -1269,6 +1276,327 @@ def sweep_conv_tiles(report, module, convs, batches, forms, device):
 
 
 # =================================================================================================
+# NHWC kernels (kernels/nhwc_conv1x1.py, kernels/nhwc_grouped_conv3x3.py; issue 12)
+# =================================================================================================
+
+
+@dataclass(frozen=True)
+class GemmCase:
+    """One of a DPN block's 1x1 convs on stage rows. form: "1x1a" (BN + ReLU prologue, bias +
+    ReLU), "proj" (prologue, stride as a row gather), "1x1c" (residual add into the stage buffer,
+    dense columns appended behind `dense` existing ones; ldo = resid + the stage's capacity)."""
+    label: str
+    form: str
+    k: int
+    n: int
+    hw: int         # input side
+    stride: int = 1
+    resid: int = 0  # 1x1c: columns added in place
+    dense: int = 0  # 1x1c: dense channels already in the buffer
+    ldo: int = 0    # 1x1c: the stage buffer's width
+
+
+def nhwc_gemm_cases(blocks):
+    """The three GEMM forms at the first and last block of each stage."""
+    cases, by_stage = [], {}
+    for b in blocks:
+        by_stage.setdefault(b.stage, []).append(b)
+    for stage_blocks in by_stage.values():
+        for b in {id(x): x for x in (stage_blocks[0], stage_blocks[-1])}.values():
+            label = f"s{b.stage}b{b.index}"
+            k_in = b.in_resid + b.in_dense
+            cases.append(GemmCase(f"{label}-1x1a", "1x1a", k_in, b.bottleneck, b.in_hw))
+            if b.kind != "normal":
+                cases.append(GemmCase(f"{label}-proj", "proj", k_in, b.resid + 2 * b.inc,
+                                      b.in_hw, b.stride))
+            cases.append(GemmCase(f"{label}-1x1c", "1x1c", b.bottleneck, b.resid + b.inc,
+                                  b.out_hw, resid=b.resid, dense=b.dense_before,
+                                  ldo=b.resid + b.stage_dense))
+    return cases
+
+
+SMALL_GEMMS = [GemmCase("odd-1x1a", "1x1a", 37, 24, 7), GemmCase("odd-proj", "proj", 20, 19, 7, 2),
+               GemmCase("odd-1x1c", "1x1c", 13, 16, 5, resid=10, dense=7, ldo=28)]
+
+
+class GemmRun:
+    """A GemmCase's inputs at batch n, the fused launch, and the unfused torch sequence it
+    replaces (at any dtype: float64 for the reference)."""
+
+    def __init__(self, module, case, n, dtype, device, gen):
+        self.module, self.case, self.n, self.dtype = module, case, n, dtype
+        c = case
+        self.h_out = (c.hw - 1) // c.stride + 1
+        self.rows_in, self.rows = n * c.hw * c.hw, n * self.h_out * self.h_out
+        self.a = randn((self.rows_in, c.k), gen, device, dtype)
+        self.w = randn((c.k, c.n), gen, device, torch.float32, scale=1 / math.sqrt(c.k))
+        self.bias = randn((c.n,), gen, device, torch.float32, scale=0.3)
+        self.in_scale = (torch.rand(c.k, generator=gen) + 0.5).to(device)
+        self.in_shift = randn((c.k,), gen, device, torch.float32, scale=0.3)
+        ldo = c.ldo or c.n
+        self.stage = randn((self.rows, ldo), gen, device, dtype)  # 1x1c: resid | old dense | ...
+        self.out = nan_like((self.rows, ldo), device, dtype)
+        self.w_dt = self.w.to(dtype)
+
+    def fused(self, tiles=None):
+        c, m = self.case, self.module
+        if c.form == "1x1c":
+            m.conv1x1_forward(self.a, self.w_dt, self.out, rows=self.rows, k=c.k, n=c.n, lda=c.k,
+                              ldo=c.ldo, split=c.resid, dense_gap=c.dense, add_to_out=True,
+                              tiles=tiles)
+            return
+        affine = {"in_scale": self.in_scale, "in_shift": self.in_shift}
+        if c.form == "1x1a":
+            affine.update(bias=self.bias, relu=True)
+        m.conv1x1_forward(self.a, self.w_dt, self.out, rows=self.rows, k=c.k, n=c.n, lda=c.k,
+                          ldo=c.n, stride=c.stride, in_hw=(c.hw, c.hw), tiles=tiles, **affine)
+
+    def reset_out(self):
+        """NaN, except a 1x1c's resid and old dense columns (what the stage buffer holds)."""
+        self.out.fill_(float("nan"))
+        if self.case.form == "1x1c":
+            keep = self.case.resid + self.case.dense
+            self.out[:, :keep] = self.stage[:, :keep]
+
+    def unfused(self, dtype):
+        """The torch sequence at `dtype`: BN + ReLU, the (strided) 1x1 conv as a matmul, bias,
+        ReLU; for 1x1c the residual add and the concat. Returns the columns the launch writes."""
+        c = self.case
+        a = self.a.to(dtype)
+        if c.form != "1x1c":
+            p = torch.float64 if dtype == torch.float64 else torch.float32
+            a = torch.relu(a.to(p) * self.in_scale.to(p) + self.in_shift.to(p)).to(dtype)
+            if c.stride > 1:
+                a = a.view(self.n, c.hw, c.hw, c.k)[:, ::c.stride, ::c.stride].reshape(-1, c.k)
+        y = a @ self.w.to(dtype)
+        if c.form == "1x1a":
+            return torch.relu(y + self.bias.to(dtype))
+        if c.form == "proj":
+            return y
+        return torch.cat([self.stage[:, :c.resid].to(dtype) + y[:, :c.resid], y[:, c.resid:]], 1)
+
+    def written(self):
+        c = self.case
+        if c.form != "1x1c":
+            return self.out[:, :c.n]
+        start = c.resid + c.dense
+        return torch.cat([self.out[:, :c.resid], self.out[:, start:start + c.n - c.resid]], 1)
+
+    def untouched_ok(self):
+        """Columns the launch must leave alone still hold what they held."""
+        c = self.case
+        if c.form != "1x1c":
+            return bool(self.out[:, c.n:].isnan().all()) if self.out.shape[1] > c.n else True
+        old = self.out[:, c.resid:c.resid + c.dense]
+        spare = self.out[:, c.resid + c.dense + c.n - c.resid:]
+        return bool(torch.equal(old, self.stage[:, c.resid:c.resid + c.dense])
+                    and spare.isnan().all())
+
+
+def check_gemm_case(module, case, n, dtype, device, gen, report, section):
+    run = GemmRun(module, case, n, dtype, device, gen)
+    ref64, plain = run.unfused(torch.float64), run.unfused(dtype)
+    run.reset_out()
+    run.fused()
+    row = compare(run.written(), ref64, plain, str(dtype).replace("torch.", ""))
+    row["untouched_ok"] = run.untouched_ok()
+    row["ok"] = row["ok"] and row["untouched_ok"]
+    report.add(section, {"op": "nhwc 1x1", "backend": "triton", "case": case.label, "n": n,
+                         "dtype": str(dtype).replace("torch.", ""), "pass": case.form, **row})
+
+
+class GroupedRun:
+    """A ConvCase as NHWC rows: the fused launch and cuDNN's conv + BN + ReLU (NCHW)."""
+
+    def __init__(self, module, case, n, dtype, device, gen, tiles=None):
+        self.module, self.case, self.n = module, case, n
+        x, self.weight, self.bn, w_folded, self.bias = conv_inputs(case, n, dtype, device, gen)
+        self.x = x
+        self.rows = x.permute(0, 2, 3, 1).reshape(-1, case.c).contiguous()
+        self.h_out = (case.hw - 1) // case.stride + 1
+        self.w_out = (case.width - 1) // case.stride + 1
+        self.out = nan_like((n * self.h_out * self.w_out, case.c), device, dtype)
+        self.set_tiles(tiles or module.choose_tiles(case.c // case.groups, self.out.shape[0],
+                                                    dtype != torch.float32, module.INTERPRETED),
+                       w_folded)
+
+    def set_tiles(self, tiles, w_folded=None):
+        if w_folded is None:
+            w_folded = self._w_folded
+        self._w_folded, self.tiles = w_folded, tiles
+        packed = self.module.pack_weights(w_folded.double().cpu().numpy(), self.case.groups, tiles)
+        self.packed = torch.from_numpy(packed).to(device=self.rows.device, dtype=self.rows.dtype)
+
+    def fused(self):
+        c = self.case
+        self.module.grouped_conv3x3_forward(self.rows, self.packed, self.bias, self.out,
+                                            images=self.n, h=c.hw, w=c.width, c=c.c,
+                                            groups=c.groups, stride=c.stride, ldx=c.c, ldo=c.c,
+                                            tiles=self.tiles)
+
+    def unfused(self, dtype, x=None):
+        """cuDNN conv + BN + ReLU (NCHW) at `dtype`, as rows."""
+        x = self.x if x is None else x
+        y = conv_unfused(x.to(dtype), self.weight.to(dtype), self.bn, self.case.stride,
+                         self.case.groups)
+        return y.permute(0, 2, 3, 1).reshape(-1, self.case.c)
+
+    def bytes_moved(self):
+        return (self.rows.numel() + self.out.numel()) * self.rows.element_size()
+
+
+def check_grouped_case(module, case, n, dtype, device, gen, report, section):
+    run = GroupedRun(module, case, n, dtype, device, gen)
+    run.fused()
+    dn = str(dtype).replace("torch.", "")
+    report.add(section, {"op": "nhwc grouped conv", "backend": "triton", "case": case.label,
+                         "n": n, "dtype": dn, "pass": "eval",
+                         **compare(run.out, run.unfused(torch.float64), run.unfused(dtype), dn)})
+
+
+def run_nhwc_correctness(report, gemm_module, conv_module, gemms, convs, dtypes, n, device):
+    gen = torch.Generator().manual_seed(8)
+    section = "nhwc correctness"
+    for dtype in dtypes:
+        jobs = [(check_grouped_case, conv_module, c) for c in convs]
+        jobs += [(check_gemm_case, gemm_module, c) for c in gemms]
+        for check, module, case in jobs:
+            if report.past(PHASE_END["nhwc correctness"]):
+                report.note("nhwc correctness: budget reached, remaining cases skipped")
+                return
+            _guarded(report, section, f"nhwc/{case.label}/{dtype}", check, module, case, n,
+                     dtype, device, gen, report, section)
+    rows = report.tables.get(section, [])
+    report.info["nhwc correctness"] = f"{sum(bool(r.get('ok')) for r in rows)}/{len(rows)} passed"
+
+
+def time_nhwc_convs(report, module, convs, batches, device, quick, copy_gbs):
+    """The NHWC grouped conv (epilogue included) vs cuDNN conv + BN + ReLU, NCHW and
+    channels_last input, fp16 graph replays; the NHWC conv's bandwidth vs the device copy."""
+    gen = torch.Generator().manual_seed(9)
+    torch.backends.cudnn.benchmark = True
+    graph = device == "cuda"
+    for n in batches:
+        for case in convs:
+            if report.past(PHASE_END["nhwc kernels"]):
+                report.note("nhwc conv timing: budget reached, remaining shapes skipped")
+                return
+            run = GroupedRun(module, case, n, torch.float16, device, gen)
+            iters = iters_for(n, quick) if graph else 1
+            x_cl = run.x.contiguous(memory_format=torch.channels_last)
+            row = {"case": case.label, "n": n, "C": case.c, "groups": case.groups,
+                   "cin_g": case.c // case.groups, "stride": case.stride, "hw": case.hw,
+                   "tiles": "p{}c{}g{}".format(run.tiles.block_p, run.tiles.block_c,
+                                                run.tiles.groups_per_program)}
+            w16 = run.weight.half()
+            for key, x_in in (("cudnn_ms", run.x), ("cudnn_cl_ms", x_cl)):
+                row[key] = _timed(report, lambda x_in=x_in: conv_unfused(
+                    x_in, w16, run.bn, case.stride, case.groups), iters, graph)
+            ms = row["nhwc_ms"] = _timed(report, run.fused, iters, graph)
+            if ms:
+                row["speedup"] = row["cudnn_ms"] / ms if row["cudnn_ms"] else None
+                gbs = run.bytes_moved() / (ms * 1e-3) / 1e9
+                row["GBps"], row["%copy"] = gbs, 100 * gbs / copy_gbs
+            report.add("nhwc grouped conv timing (fp16)", row)
+
+
+def time_nhwc_gemms(report, module, gemms, batches, device, quick):
+    """Each GEMM form at the representative DPN92 shapes vs the unfused torch sequence on rows
+    (cuBLAS matmul plus elementwise passes), fp16 graph replays."""
+    gen = torch.Generator().manual_seed(10)
+    graph = device == "cuda"
+    for n in batches:
+        for case in gemms:
+            if report.past(PHASE_END["nhwc kernels"]):
+                report.note("nhwc GEMM timing: budget reached, remaining shapes skipped")
+                return
+            run = GemmRun(module, case, n, torch.float16, device, gen)
+            iters = iters_for(n, quick) if graph else 1
+            row = {"case": case.label, "n": n, "M": run.rows, "K": case.k, "N": case.n}
+            row["torch_ms"] = _timed(report, lambda: run.unfused(torch.float16), iters, graph)
+            ms = row["nhwc_ms"] = _timed(report, run.fused, iters, graph)
+            if ms:
+                row["TFLOPs"] = 2 * run.rows * case.k * case.n / (ms * 1e-3) / 1e12
+                row["speedup"] = row["torch_ms"] / ms if row["torch_ms"] else None
+            report.add("nhwc 1x1 timing (fp16)", row)
+
+
+def sweep_nhwc_tiles(report, gemm_module, conv_module, gemms, convs, n, device):
+    """Tile choices of both NHWC kernels side by side (fp16 graph replays), each checked against
+    float64 first (`<choice> ok`): the data behind their choose_tiles."""
+    gen = torch.Generator().manual_seed(11)
+    graph = device == "cuda"
+    iters = iters_for(n, False) if graph else 1
+    tiles_of = conv_module.Tiles
+    # Dry run (interpreter): one choice of each kind, to exercise the code path.
+    position_tiles, warp_counts = ((32, 64, 128), (4, 8)) if graph else ((64,), (4,))
+    gemm_tiles = [gemm_module.Tiles(*t) for t in (
+        (128, 128, 32, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 64, 32, 8, 4, 3),
+        (64, 128, 32, 8, 4, 3), (128, 256, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4))]
+    for case in convs:
+        if report.past(PHASE_END["nhwc sweep"]):
+            report.note("nhwc tile sweep: budget reached, remaining shapes skipped")
+            return
+        run = GroupedRun(conv_module, case, n, torch.float16, device, gen)
+        ref64, plain = run.unfused(torch.float64), run.unfused(torch.float16)
+        cin_g = case.c // case.groups
+        row = {"case": case.label, "n": n, "cin_g": cin_g}
+        for block_c in sorted({run.tiles.block_c, min(64, 2 * run.tiles.block_c)}):
+            for block_p in position_tiles:
+                for warps in warp_counts:
+                    name = f"p{block_p} c{block_c} w{warps}"
+                    run.set_tiles(tiles_of(block_p, block_c, block_c // cin_g, warps, 2))
+                    run.out.fill_(float("nan"))
+                    run.fused()
+                    row[f"{name} ok"] = compare(run.out, ref64, plain, "float16")["ok"]
+                    row[f"{name} ms"] = _timed(report, run.fused, iters, graph)
+        report.add("nhwc grouped conv tile sweep (fp16)", row)
+    for case in gemms:
+        if report.past(PHASE_END["nhwc sweep"]):
+            report.note("nhwc tile sweep: budget reached, remaining GEMMs skipped")
+            return
+        run = GemmRun(gemm_module, case, n, torch.float16, device, gen)
+        ref64, plain = run.unfused(torch.float64), run.unfused(torch.float16)
+        row = {"case": case.label, "n": n, "M": run.rows, "K": case.k, "N": case.n}
+        for tiles in gemm_tiles if graph else gemm_tiles[:2]:
+            name = "m{}n{}k{} w{} s{}".format(tiles.block_m, tiles.block_n, tiles.block_k,
+                                               tiles.num_warps, tiles.num_stages)
+            run.reset_out()
+            run.fused(tiles)
+            row[f"{name} ok"] = compare(run.written(), ref64, plain, "float16")["ok"] \
+                and run.untouched_ok()
+            row[f"{name} ms"] = _timed(report, lambda t=tiles: run.fused(t), iters, graph)
+        report.add("nhwc 1x1 tile sweep (fp16)", row)
+
+
+def run_nhwc_stages(report, gemm_module, grouped_module, gemms, convs, dtypes, device, args,
+                    skip):
+    """Stages nhwc-correct, nhwc-kernels, nhwc-sweep. On a GPU: DPN92's shapes (and small odd
+    ones for correctness), fp32/fp16/bf16; timings and sweep fp16 (the targets' dtype). Dry run:
+    the small odd shapes under the interpreter, fp32/fp16 (bf16 math is wrong there)."""
+    gpu = device == "cuda"
+    if "nhwc-correct" not in skip:
+        with report.stage("nhwc correctness"):
+            run_nhwc_correctness(report, gemm_module, grouped_module,
+                                 gemms + SMALL_GEMMS if gpu else SMALL_GEMMS,
+                                 convs + SMALL_CONVS if gpu else SMALL_CONVS,
+                                 dtypes if gpu else dtypes[:2], 2, device)
+    if "nhwc-kernels" not in skip:
+        with report.stage("nhwc kernel timing"):
+            copy_gbs = report.info.get("device copy GB/s") or copy_bandwidth(device)
+            report.info["device copy GB/s"] = copy_gbs
+            time_nhwc_convs(report, grouped_module, convs if gpu else SMALL_CONVS[:1],
+                            [1, 8, 64] if gpu else [1], device, args.quick, copy_gbs)
+            time_nhwc_gemms(report, gemm_module, gemms if gpu else SMALL_GEMMS,
+                            [1, 64] if gpu else [1], device, args.quick)
+    if "nhwc-sweep" not in skip:
+        with report.stage("nhwc tile sweep"):
+            sweep_nhwc_tiles(report, gemm_module, grouped_module,
+                             gemms if gpu else SMALL_GEMMS[:1], convs if gpu else SMALL_CONVS[:1],
+                             64 if gpu else 1, device)
+
+
+# =================================================================================================
 # End to end: timm dpn92 with its blocks on the fused kernels
 # =================================================================================================
 
@@ -1484,11 +1812,18 @@ def e2e_pairs(backends):
 
 class EndToEnd:
     """timm dpn92: float64 reference logits once, then per dtype the fused-vs-eager equivalence
-    and the timings; keeps each dtype's model for the torch.compile phase."""
+    and the timings; keeps each dtype's model for the torch.compile phase. The fused models: the
+    NCHW ones of this script (FusedDPN on the op adapters) and dpn_fast.torch's channels-last
+    forward (`fused nhwc`; on a GPU only: the interpreter would take hours on dpn92)."""
 
     def __init__(self, report, timm, backends, device, batches, quick):
         self.report, self.device, self.batches, self.quick = report, device, batches, quick
         self.ops_list = e2e_pairs(backends) + e2e_pairs(TORCH_ONLY())
+        self.nhwc = load_module("dpn_fast_torch", REPO / "dpn_fast" / "torch.py") \
+            if device == "cuda" else None
+        if self.nhwc is None:
+            report.note("e2e fused nhwc: GPU only (tests/test_torch_fuse.py checks it on CPU "
+                        "under the interpreter on small DPNs)")
         self.base = timm.create_model("dpn92", pretrained=False).to(device)
         calibrate_batch_norm(self.base, device, torch.float32, n=2 if device == "cpu" else 16)
         self.gen = torch.Generator().manual_seed(5)
@@ -1497,40 +1832,59 @@ class EndToEnd:
             self.ref64 = _copy_model(self.base, torch.float64)(self.x64)
         self.models = {}
 
-    def run(self, dtype):
+    def run(self, dtype, batches=None):
+        """Equivalence at dtype, then the timings at `batches` (default: the run's); batches
+        above 64 time only timm eager and the NHWC model (the targets' rows)."""
         report, dn = self.report, str(dtype).replace("torch.", "")
         section = "e2e equivalence (logits vs float64 timm)"
         model = self.models[dtype] = _copy_model(self.base, dtype)
         x = self.x64.to(dtype)
         with torch.no_grad():
             eager = model(x)
+        candidates = [(ops.name, lambda ops=ops: FusedDPN(model, ops, dtype))
+                      for ops in self.ops_list]
+        if self.nhwc is not None:
+            candidates.append(("nhwc", lambda: self.nhwc.fuse(model)))
         fused_models = {}
-        for ops in self.ops_list:
+        for name, build in candidates:
             try:
-                fused = FusedDPN(model, ops, dtype)
+                fused = build()
                 logits = fused(x)
-                row = {"dtype": dn, "fused": ops.name,
+                row = {"dtype": dn, "fused": name,
                        "max_abs_fused_minus_eager": float((logits.double() - eager.double()).abs().max()),
                        "max_abs_eager": float(eager.abs().max()),
                        **compare(logits, self.ref64, eager, dn)}
                 report.add(section, row)
                 if row["finite"]:
-                    fused_models[ops.name] = fused
+                    fused_models[name] = fused
                 if not row["ok"]:
-                    report.note(f"e2e {ops.name} {dn}: fused logits outside the accuracy bound"
+                    report.note(f"e2e {name} {dn}: fused logits outside the accuracy bound"
                                 + ("" if row["finite"] else " (non-finite: not timed)"))
             except Exception as e:  # noqa: BLE001 - one backend failing leaves the others
-                report.add(section, {"dtype": dn, "fused": ops.name, "ok": False,
+                report.add(section, {"dtype": dn, "fused": name, "ok": False,
                                      "error": f"{type(e).__name__}: {e}"[:300]})
-        for n in self.batches:
+        for n in batches or self.batches:
             if report.past(PHASE_END["e2e"]):
                 report.note(f"e2e timing {dn} n={n}: budget reached, skipped")
                 continue
-            _time_e2e(report, model, fused_models, n, dtype, self.device, self.quick, self.gen)
+            timed = fused_models if n <= 64 else {k: v for k, v in fused_models.items()
+                                                   if k == "nhwc"}
+            _time_e2e(report, model, timed, n, dtype, self.device, self.quick, self.gen)
 
 
 def _copy_model(base, dtype):
     return copy.deepcopy(base).to(dtype).eval()
+
+
+def peak_mib(fn):
+    """MiB that one call of fn allocates beyond what was allocated before it (CUDA; the first
+    call of a fused model at a batch size includes its workspace)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def _time_e2e(report, model, fused_models, n, dtype, device, quick, gen):
@@ -1538,7 +1892,7 @@ def _time_e2e(report, model, fused_models, n, dtype, device, quick, gen):
     x = randn((n, 3, 224, 224), gen, device, dtype)
     iters = _e2e_iters(n, quick) if device == "cuda" else 1
     runs = {"timm eager": lambda: model(x)}
-    if device == "cuda":
+    if device == "cuda" and n <= 64:
         model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
         x_cl = x.contiguous(memory_format=torch.channels_last)
         runs["timm eager channels_last"] = lambda: model_cl(x_cl)
@@ -1546,9 +1900,10 @@ def _time_e2e(report, model, fused_models, n, dtype, device, quick, gen):
         runs[f"fused {name}"] = lambda f=fused: f(x)
     for name, fn in runs.items():
         with torch.no_grad():
+            peak = peak_mib(fn) if device == "cuda" else None
             ms = _timed(report, fn, iters, graph=False)
             graph_ms = _timed(report, fn, iters, graph=True) if device == "cuda" and n == 1 else None
-        _e2e_row(report, name, dn, n, ms, graph_ms)
+        _e2e_row(report, name, dn, n, ms, graph_ms, peak=peak)
 
 
 def _e2e_iters(n, quick):
@@ -1576,19 +1931,22 @@ def run_compile(report, models, order, quick):
                 torch.cuda.synchronize()
                 compile_s = time.monotonic() - t0
                 ms = time_fn(lambda: fn(x), _e2e_iters(n, quick))
-            _e2e_row(report, "timm torch.compile", dn, n, ms, None, compile_s=compile_s)
+                peak = peak_mib(lambda: fn(x))
+            _e2e_row(report, "timm torch.compile", dn, n, ms, None, compile_s=compile_s, peak=peak)
         except Exception as e:  # noqa: BLE001
             report.note(f"torch.compile {dn} n={n} failed: {type(e).__name__}: {e}"[:300])
 
 
-def _e2e_row(report, name, dn, n, ms, graph_ms, compile_s=None):
+def _e2e_row(report, name, dn, n, ms, graph_ms, compile_s=None, peak=None):
     row = {"model": name, "dtype": dn, "n": n, "ms": ms,
            "img/s": n / (ms * 1e-3) if ms else None}
     if graph_ms is not None:
         row["graph_ms"] = graph_ms
+    if peak is not None:
+        row["peak_MiB"] = peak
     if compile_s is not None:
         row["compile_s"] = compile_s
-    report.add("e2e timing (timm dpn92, 224x224)", row)
+    report.add(E2E_SECTION, row)
 
 
 # =================================================================================================
@@ -1596,7 +1954,65 @@ def _e2e_row(report, name, dn, n, ms, graph_ms, compile_s=None):
 # =================================================================================================
 
 
+# Issue 12's targets, named as the issue names them (fp16 unless noted).
+TARGETS = ("grouped conv >= 3x cuDNN at n=64, every shape", "e2e n=64 >= 2x timm eager",
+           "e2e n=64 >= 1.4x torch.compile", "e2e n=1 graph <= 0.8 ms",
+           "peak memory <= timm eager")
+
+
 def evaluate_targets(report):
+    """Issue 12's targets ("targets"), then the earlier NCHW kernels' ("targets (NCHW kernels)")."""
+    e2e = {(r["model"], r["dtype"], r["n"]): r for r in report.tables.get(E2E_SECTION, [])}
+
+    def e2e_value(model, dtype, n, key="ms"):
+        return (e2e.get((model, dtype, n)) or {}).get(key)
+
+    convs = [r for r in report.tables.get("nhwc grouped conv timing (fp16)", []) if r["n"] == 64]
+    speedups = [r.get("speedup") for r in convs]
+    narrow = [r.get("%copy") for r in convs if r["cin_g"] in (3, 6)]
+    measured = bool(convs) and None not in speedups and None not in narrow
+    verdicts = [_verdict(
+        measured and min(speedups) >= 3 and min(narrow) >= 50, measured,
+        f"min {min(speedups):.2f}x over {len(convs)} shapes; 3/6-channel groups at "
+        f"{', '.join(f'{v:.0f}' for v in narrow)}% of copy (needs >= 50%)" if measured else "")]
+
+    def ratio_target(base_model, need, rows):
+        """rows: (dtype, n, need); PASS when every measured base/fused ratio meets its need."""
+        figures, ok, any_measured = [], True, False
+        for dtype, n, row_need in rows:
+            base, fused = e2e_value(base_model, dtype, n), e2e_value("fused nhwc", dtype, n)
+            if base and fused:
+                any_measured = True
+                ok = ok and base / fused >= row_need
+                figures.append(f"{dtype} n={n}: {fused:.2f} vs {base:.2f} ms, {base / fused:.2f}x")
+            else:
+                ok = False
+                figures.append(f"{dtype} n={n}: not measured")
+        return _verdict(ok, any_measured, "; ".join(figures))
+
+    verdicts.append(ratio_target("timm eager", 2.0, [("float16", 64, 2.0)]))
+    verdicts.append(ratio_target("timm torch.compile", 1.4,
+                                 [("float16", 64, 1.4), ("bfloat16", 256, 1.3)]))
+    card = report.info.get("device", "")
+    limit = 1.0 if "H100" in card else 0.8
+    graph = e2e_value("fused nhwc", "float16", 1, "graph_ms")
+    verdicts.append(_verdict(graph is not None and graph <= limit, graph is not None,
+                             f"{graph:.3f} ms on {card} (limit {limit} ms)" if graph else ""))
+    figures, ok, any_measured = [], True, False
+    for dtype, n in (("float16", 64), ("float16", 256), ("bfloat16", 256)):
+        eager, fused = (e2e_value(m, dtype, n, "peak_MiB") for m in ("timm eager", "fused nhwc"))
+        if eager is None or fused is None:
+            continue
+        any_measured = True
+        ok = ok and fused <= eager
+        figures.append(f"{dtype} n={n}: {fused:.0f} vs {eager:.0f} MiB")
+    verdicts.append(_verdict(ok, any_measured, "; ".join(figures)))
+    for target, (verdict, detail) in zip(TARGETS, verdicts):
+        report.add("targets", {"target": target, "verdict": verdict, "measured": detail})
+    evaluate_nchw_targets(report, e2e_value)
+
+
+def evaluate_nchw_targets(report, e2e_value):
     verdicts = []
     merges = [r for r in report.tables.get("merge timing", []) if r["n"] == 64 and r["dtype"] == "float16"]
     pct = [max(v for k, v in r.items() if k.endswith("%copy") and v is not None) for r in merges
@@ -1616,12 +2032,11 @@ def evaluate_targets(report):
     verdicts.append(("fused conv not slower than cuDNN conv+BN+ReLU (fp16, n=1)",
                      _verdict(s1 and None not in s1 and min(s1) >= 1, s1,
                               f"min {min(s1):.2f}x over {len(s1)} shapes" if s1 and None not in s1 else "")))
-    e2e = {(r["model"], r["dtype"], r["n"]): r["ms"]
-           for r in report.tables.get("e2e timing (timm dpn92, 224x224)", [])}
-    eager = e2e.get(("timm eager", "float16", 64))
-    compiled = e2e.get(("timm torch.compile", "float16", 64))
-    fused = [v for (m, dt, n), v in e2e.items() if m.startswith("fused ") and "torch" not in m
-             and dt == "float16" and n == 64 and v]
+    eager = e2e_value("timm eager", "float16", 64)
+    compiled = e2e_value("timm torch.compile", "float16", 64)
+    fused = [r["ms"] for r in report.tables.get(E2E_SECTION, []) if r["model"].startswith("fused ")
+             and r["model"] != "fused nhwc" and "torch" not in r["model"]
+             and r["dtype"] == "float16" and r["n"] == 64 and r["ms"]]
     best = min(fused) if fused else None
     verdicts.append(("timm dpn92 fused >= 1.3x timm eager (fp16, n=64)",
                      _verdict(best and eager and eager / best >= 1.3, best and eager,
@@ -1630,7 +2045,8 @@ def evaluate_targets(report):
                      _verdict(best and compiled and best < compiled, best and compiled,
                               f"{compiled / best:.2f}x" if best and compiled else "")))
     for target, (verdict, detail) in verdicts:
-        report.add("targets", {"target": target, "verdict": verdict, "measured": detail})
+        report.add("targets (NCHW kernels)", {"target": target, "verdict": verdict,
+                                              "measured": detail})
 
 
 def _verdict(ok, measured, detail):
@@ -1707,7 +2123,8 @@ def parse_args(argv=None):
     p.add_argument("--build-dir", default=str(REPO / "build" / "gpu_check"))
     p.add_argument("--lib", help="prebuilt libdpn_fast_kernels.so (skips the build)")
     p.add_argument("--skip", default="", help="comma-separated stages to skip: "
-                   "build,correct,sanitize,kernels,sweep,e2e,compile")
+                   "nhwc-correct,nhwc-kernels,nhwc-sweep,build,correct,sanitize,kernels,sweep,"
+                   "e2e,compile")
     p.add_argument("--timing-dtypes", default="float16,float32",
                    help="dtypes of the kernel and end-to-end timings (GPU)")
     p.add_argument("--sanitize-case", help=argparse.SUPPRESS)  # child mode under compute-sanitizer
@@ -1755,8 +2172,9 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
-    merges, convs = dpn92_cases()
-    report.info["DPN92 shapes"] = f"{len(merges)} merges, {len(convs)} grouped convs"
+    merges, convs, gemms = dpn92_cases()
+    report.info["DPN92 shapes"] = (f"{len(merges)} merges, {len(convs)} grouped convs, "
+                                   f"{len(gemms)} NHWC 1x1 convs (first and last block a stage)")
     timed_merges = representative(merges)
 
     lib = lib_path = None
@@ -1786,6 +2204,13 @@ def main(argv=None):
     if device == "cuda" and "sanitize" not in skip:
         with report.stage("sanitize (start)"):
             sanitizer = start_sanitizer(report, lib_path)
+
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    gemm_module, grouped_module = (load_kernel_module(op) for op in
+                                   ("nhwc_conv1x1", "nhwc_grouped_conv3x3"))
+    if gemm_module is not None and grouped_module is not None:
+        run_nhwc_stages(report, gemm_module, grouped_module, gemms, convs, dtypes, device,
+                        args, skip)
 
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
     if "correct" not in skip:
@@ -1846,13 +2271,20 @@ def main(argv=None):
                            device, batches, args.quick)
         compile_order = [] if device != "cuda" or "compile" in skip else (
             [(torch.float16, 64), (torch.float16, 1), (torch.float16, 8)] +
-            ([] if args.quick else [(torch.float32, 64), (torch.float32, 1), (torch.float32, 8)]))
-        # fp16 first and its torch.compile at batch 64 right after: the targets are fp16.
-        for dtype in timing_dtypes:
+            ([] if args.quick else [(torch.bfloat16, 256), (torch.float32, 64),
+                                    (torch.float32, 1), (torch.float32, 8)]))
+        # fp16 first and its torch.compile at batch 64 right after: the targets are fp16. On a
+        # GPU (not --quick) fp16 also at n=256 and bf16 at n=256 only: the memory and bf16
+        # targets (eager and the NHWC model only at that size).
+        e2e_jobs = [(dtype, None) for dtype in timing_dtypes]
+        if device == "cuda" and not args.quick:
+            e2e_jobs = [(dtype, batches + [256] if dtype == torch.float16 else None)
+                        for dtype in timing_dtypes] + [(torch.bfloat16, [256])]
+        for dtype, e2e_batches in e2e_jobs:
             if e2e is None:
                 break
             with report.stage(f"e2e {dtype}"):
-                e2e.run(dtype)
+                e2e.run(dtype, e2e_batches)
             if dtype == torch.float16 and compile_order:
                 with report.stage("torch.compile fp16 n=64"):
                     run_compile(report, e2e.models, compile_order[:1], args.quick)

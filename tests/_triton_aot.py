@@ -10,7 +10,9 @@ Convention: kernels/<op>.py defines AOT_SPECS, a list of (kernel, signature, con
 signature maps every parameter name to a Triton type string ("*fp16", "i32", ... and "constexpr"
 for constexpr parameters), constexprs gives their values. Every @triton.jit function named
 *_kernel needs at least one spec per activation dtype (fp32, fp16, bf16), at the launchers'
-largest configuration (the one most likely to spill).
+largest configuration (the one most likely to spill). A module may set AOT_MIN_CC (e.g. 80 for
+tensor-core kernels, which on sm_75 fall back to FMAs Triton does not support there): archs below
+it are not compiled.
 
     python tests/_triton_aot.py --archs 75,80,90
 """
@@ -101,9 +103,10 @@ def main():
         if missing:
             print(json.dumps({"op": op, "ok": False, "error": f"kernels without AOT_SPECS: {missing}"}),
                   flush=True)
+        module_archs = [cc for cc in archs if cc >= getattr(module, "AOT_MIN_CC", 0)]
         for kernel, signature, constexprs, *options in specs:
             options = options[0] if options else {}
-            for cc in archs:
+            for cc in module_archs:
                 row = {"op": op, "kernel": kernel.fn.__name__, "dtype": spec_dtype(signature),
                        "constexprs": {k: v for k, v in constexprs.items()}, "cc": cc}
                 t0 = time.monotonic()

@@ -1,0 +1,233 @@
+"""Triton 1x1 convolution of channels-last rows as a GEMM, with a DPN block's prologue and epilogues.
+
+Activations are rows: position (image, h, w) -> one row of channels, `[rows, channels]` read and
+written through a row stride, so a GEMM can read a prefix of a wider buffer (a DPN stage buffer's
+resid | dense channels) and write into a column range of one, with no copy and no concat.
+
+    out[m, col(j)] = epilogue(sum_k prologue(a[row(m), k]) * w[k, j])
+
+- prologue (optional): relu(a * in_scale[k] + in_shift[k]), an eval BatchNorm + ReLU of the
+  input channels applied to the A tiles as they are loaded (no activation tensor is written);
+- row(m): m, or for stride s the output position's input row (b, s * oh, s * ow): a 1x1 conv of
+  stride s is a row gather;
+- epilogue: + bias[j] (optional), ReLU (optional); columns j < split go to out column j, and
+  with add_to_out are added to what out holds there (a residual add in place); columns
+  j >= split go to out column j + dense_gap (a DPN block's new dense channels, appended behind
+  the stage's existing ones).
+
+tl.dot with fp32 accumulation (wgmma on Hopper, mma on Ampere). fp32 inputs use IEEE fp32
+products (not TF32), so fp32 results compare exactly across cards. Weights are [K, N] row-major
+in the activations' dtype; in_scale / in_shift / bias fp32. Framework-free: tensors are anything
+Triton accepts as a pointer argument (a torch view's data_ptr includes its offset); outputs are
+preallocated; nothing allocates or synchronises, so a launch can be captured in a CUDA graph.
+"""
+import os
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+
+# Decided when the kernels are decorated: @triton.jit reads TRITON_INTERPRET at that moment.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _conv1x1_kernel(a_ptr, w_ptr, in_scale_ptr, in_shift_ptr, bias_ptr, out_ptr,
+                    M, K, N, LDA, LDO, H, W, H_OUT, W_OUT, SPLIT, DENSE_GAP,
+                    STRIDE: tl.constexpr, IN_AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    RELU: tl.constexpr, ADD_TO_OUT: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+    # Programs walk GROUP_M row tiles per column sweep, so a group's A tiles stay in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < M
+    j_ok = j < N
+    if STRIDE == 1:
+        a_row = m
+    else:
+        image_positions = H_OUT * W_OUT
+        b = m // image_positions
+        p = m % image_positions
+        a_row = (b * H + (p // W_OUT) * STRIDE) * W + (p % W_OUT) * STRIDE
+    a_rows = a_ptr + a_row.to(tl.int64)[:, None] * LDA
+    dtype = a_ptr.dtype.element_ty
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        a = tl.load(a_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if IN_AFFINE:
+            # Columns past K get scale = shift = 0, so they stay 0 after the ReLU.
+            in_scale = tl.load(in_scale_ptr + k, mask=k_ok, other=0.0)
+            in_shift = tl.load(in_shift_ptr + k, mask=k_ok, other=0.0)
+            a = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0)
+            a = a.to(dtype)
+        wv = tl.load(w_ptr + k[:, None] * N + j[None, :], mask=k_ok[:, None] & j_ok[None, :],
+                     other=0.0)
+        acc = tl.dot(a, wv, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + j, mask=j_ok, other=0.0)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    col = tl.where(j < SPLIT, j, j + DENSE_GAP)
+    out_ptrs = out_ptr + m.to(tl.int64)[:, None] * LDO + col[None, :]
+    mask = m_ok[:, None] & j_ok[None, :]
+    if ADD_TO_OUT:
+        acc += tl.load(out_ptrs, mask=mask & (j < SPLIT)[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+class Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def choose_tiles(rows, k, n, half, interpret=False):
+    """GPU, fp16/bf16: 128-row tiles, columns 128 wide (64 where N <= 64), 32-wide K steps, 3
+    pipeline stages; fp32 (IEEE products, no tensor cores): 64 x 64 x 16. The largest that
+    compile without spilling for sm_80 and sm_90 (tests/test_gpu_compile.py: 128 x 128 x 64
+    spills with the prologue), NOT yet timed: benchmarks/gpu_check.py's sweep is the data to
+    choose by. The CPU interpreter pays per program and per K step: one large tile where the
+    shape allows."""
+    if interpret:
+        cap = 256
+        return Tiles(min(cap, max(16, triton.next_power_of_2(rows))),
+                     min(cap, max(16, triton.next_power_of_2(n))),
+                     min(cap, max(16, triton.next_power_of_2(k))), 1, 4, 1)
+    if not half:
+        return Tiles(64, 64, 16, 8, 4, 2)
+    wide = n > 64
+    return Tiles(128, 128 if wide else 64, 32, 8, 8 if wide else 4, 3)
+
+
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _dtype_name(tensor):
+    return str(tensor.dtype).replace("torch.", "").replace("paddle.", "")
+
+
+def _check_layout(op, tensors):
+    """Tensors that describe themselves (torch, Paddle) must share a device and be rows: unit
+    stride along channels, the given row stride. Raw pointers (kernels/_host.py) are taken as
+    given. tensors: {label: (tensor, row stride or None for a vector)}."""
+    devices = {str(t.device) for t, _ in tensors.values() if hasattr(t, "device")}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: tensors on different devices: {sorted(devices)}")
+    for label, (t, ld) in tensors.items():
+        strides = tuple(t.stride()) if callable(getattr(t, "stride", None)) else ()
+        if strides and (strides[-1] != 1 or (ld is not None and len(strides) > 1
+                                              and strides[-2] != ld)):
+            raise ValueError(f"{op}: {label} must be rows of unit channel stride"
+                             + ("" if ld is None else f" and row stride {ld}")
+                             + f", got strides {strides}")
+
+
+def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in_scale=None,
+                    in_shift=None, bias=None, relu=False, split=None, dense_gap=0,
+                    add_to_out=False, tiles=None):
+    """out rows = epilogue(prologue(a rows) @ w); see the module docstring.
+
+    a: input rows, row stride lda (>= k); for stride > 1, the rows of images of in_hw = (h, w)
+    positions. rows: output rows (for stride s: images * ceil(h / s) * ceil(w / s)). w: [k, n].
+    out: output rows, row stride ldo. split (default n) and dense_gap place the output columns;
+    add_to_out adds columns < split to out's values.
+    """
+    name = "conv1x1_forward"
+    dtype = _dtype_name(a)
+    if dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{name}: activations must be one of {ACTIVATION_DTYPES}, got {dtype}")
+    for label, t in (("w", w), ("out", out)):
+        if _dtype_name(t) != dtype:
+            raise TypeError(f"{name}: {label} dtype {_dtype_name(t)} != a's {dtype}")
+    for label, t in (("in_scale", in_scale), ("in_shift", in_shift), ("bias", bias)):
+        if t is not None and _dtype_name(t) != "float32":
+            raise TypeError(f"{name}: {label} must be float32, got {_dtype_name(t)}")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError(f"{name}: give both in_scale and in_shift or neither")
+    split = n if split is None else split
+    if min(rows, k, n) < 0 or min(k, n) == 0 or not 0 <= split <= n or dense_gap < 0:
+        raise ValueError(f"{name}: bad sizes rows={rows} k={k} n={n} split={split} "
+                         f"dense_gap={dense_gap}")
+    widest_col = split if split == n else n + dense_gap
+    if lda < k or ldo < widest_col:
+        raise ValueError(f"{name}: row strides lda={lda} < k={k} or ldo={ldo} < the widest "
+                         f"output column {widest_col}")
+    if stride < 1:
+        raise ValueError(f"{name}: stride must be >= 1, got {stride}")
+    if stride > 1:
+        if in_hw is None:
+            raise ValueError(f"{name}: stride {stride} needs in_hw = (h, w) of the input images")
+        h, w_in = in_hw
+        h_out, w_out = (h - 1) // stride + 1, (w_in - 1) // stride + 1
+        if rows % (h_out * w_out):
+            raise ValueError(f"{name}: rows={rows} is not a whole number of {h_out}x{w_out} "
+                             "output images")
+    else:
+        h = w_in = h_out = w_out = 1
+    _check_layout(name, {"a": (a, lda), "w": (w, n), "out": (out, ldo),
+                         **{label: (t, None) for label, t in (("in_scale", in_scale),
+                                                              ("in_shift", in_shift),
+                                                              ("bias", bias)) if t is not None}})
+    if rows == 0:
+        return out
+    if tiles is None:
+        tiles = choose_tiles(rows, k, n, dtype != "float32", INTERPRETED)
+    # Unused pointer arguments get `w`: never read (their constexpr flag is off).
+    grid = (triton.cdiv(rows, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
+    _conv1x1_kernel[grid](a, w, w if in_scale is None else in_scale,
+                          w if in_shift is None else in_shift, w if bias is None else bias, out,
+                          rows, k, n, lda, ldo, h, w_in, h_out, w_out, split, dense_gap,
+                          STRIDE=stride, IN_AFFINE=in_scale is not None,
+                          HAS_BIAS=bias is not None, RELU=relu, ADD_TO_OUT=add_to_out,
+                          PRECISION="ieee" if dtype == "float32" else "tf32",
+                          BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+                          GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
+                          num_stages=tiles.num_stages)
+    return out
+
+
+def _aot_specs():
+    """The three forms a DPN block launches, in fp16 at the GPU tiles: 1x1a (prologue, bias +
+    ReLU), a stride-2 projection (prologue, plain store), 1x1c (residual add into the stage
+    buffer, dense columns behind); fp32 and bf16 in the 1x1a form (compile time is CI time)."""
+    ints = ("M", "K", "N", "LDA", "LDO", "H", "W", "H_OUT", "W_OUT", "SPLIT", "DENSE_GAP")
+    flags = ("STRIDE", "IN_AFFINE", "HAS_BIAS", "RELU", "ADD_TO_OUT", "PRECISION", "BLOCK_M",
+             "BLOCK_N", "BLOCK_K", "GROUP_M")
+    block_1x1a = (1, True, True, True, False)
+    forms = {"fp16": (block_1x1a, (2, True, False, False, False), (1, False, False, False, True)),
+             "fp32": (block_1x1a,), "bf16": (block_1x1a,)}
+    specs = []
+    for dt, dt_forms in forms.items():
+        signature = {"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "in_scale_ptr": "*fp32",
+                     "in_shift_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{dt}",
+                     **{name: "i32" for name in ints}, **{name: "constexpr" for name in flags}}
+        t = choose_tiles(1 << 20, 1024, 1024, half=dt != "fp32")
+        tile = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
+                "GROUP_M": t.group_m, "PRECISION": "ieee" if dt == "fp32" else "tf32"}
+        options = {"num_warps": t.num_warps, "num_stages": t.num_stages}
+        for stride, in_affine, has_bias, relu, add in dt_forms:
+            specs.append((_conv1x1_kernel, signature,
+                          {"STRIDE": stride, "IN_AFFINE": in_affine, "HAS_BIAS": has_bias,
+                           "RELU": relu, "ADD_TO_OUT": add, **tile}, options))
+    return specs
+
+
+AOT_SPECS = _aot_specs()  # see tests/_triton_aot.py
+AOT_MIN_CC = 80  # tensor-core kernels: sm_80+ (dpn_fast.torch refuses older cards)

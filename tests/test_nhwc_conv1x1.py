@@ -1,0 +1,165 @@
+"""kernels/nhwc_conv1x1.py under Triton's CPU interpreter (numpy host; no torch or Paddle).
+
+Each DPN block form at small odd shapes, n = 1 and 2, fp32 and fp16 (bf16 arithmetic is wrong in
+the interpreter; the AOT compile covers it), against float64, with the project's rule: error <=
+2x the plain sequence's error at that dtype + atol (tests/utils.py). Buffers are wider than what a
+launch reads or writes, NaN where nothing may be read and NaN or known values where nothing may be
+written: reading past K, or writing outside the given columns, fails.
+"""
+import numpy as np
+import pytest
+
+pytest.importorskip("triton")
+
+from _interpreter import (INTERPRETED, host, load_kernels, nan_array,  # noqa: E402
+                          needs_interpreter, run_module_interpreted)
+from utils import assert_matches_reference  # noqa: E402
+
+DTYPES = ("float32", "float16")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the driver of the interpreted run")
+def test_under_interpreter():
+    run_module_interpreted(__file__)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return load_kernels("nhwc_conv1x1")
+
+
+def gemm_reference(a, w, in_affine, bias, relu, precision):
+    """The unfused sequence at `precision`: float64, or float32 arithmetic with every op's result
+    rounded to the dtype (as a framework runs BN + ReLU, a conv, a bias add, a ReLU)."""
+    if precision == "float64":
+        cast = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    else:
+        cast = lambda x: np.asarray(x, np.float32).astype(precision).astype(np.float32)  # noqa: E731
+    a = cast(a)
+    if in_affine is not None:
+        scale, shift = in_affine
+        a = cast(np.maximum(a * cast(scale) + cast(shift), 0))
+    y = cast(a @ cast(w))
+    if bias is not None:
+        y = cast(y + cast(bias))
+    return np.maximum(y, 0) if relu else y
+
+
+def stride_rows(rows, n, h, w, stride):
+    """The rows a 1x1 conv of `stride` reads: (b, stride * oh, stride * ow)."""
+    return rows.reshape(n, h, w, -1)[:, ::stride, ::stride].reshape(-1, rows.shape[1])
+
+
+def make(rng, shape, scale=1.0):
+    return rng.standard_normal(shape) * scale
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,h,w,k,lda,n_out,stride", [
+    (2, 5, 7, 37, 45, 24, 1),   # 1x1a: a stage buffer's resid | dense prefix, bias + ReLU
+    (1, 7, 5, 20, 20, 19, 2),   # projection of a down block: odd sizes, a row gather
+    (2, 3, 3, 12, 12, 9, 2),
+])
+def test_prologue_forms(kernels, dtype, n, h, w, k, lda, n_out, stride):
+    rng = np.random.default_rng(n * 100 + k)
+    buffer = nan_array((n * h * w, lda), dtype)      # columns past k: NaN, must not be read
+    buffer[:, :k] = make(rng, (n * h * w, k))
+    weight = make(rng, (k, n_out), 1 / np.sqrt(k))
+    scale, shift = rng.uniform(0.5, 1.5, k), 0.3 * make(rng, k)
+    bias = 0.3 * make(rng, n_out) if stride == 1 else None
+    relu = stride == 1
+    h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
+    rows = n * h_out * w_out
+    ldo = n_out + 3  # the output's last 3 columns belong to someone else: must stay NaN
+    out = nan_array((rows, ldo), dtype)
+    kernels.conv1x1_forward(
+        host(buffer), host(weight.astype(dtype)), host(out), rows=rows, k=k, n=n_out, lda=lda,
+        ldo=ldo, stride=stride, in_hw=(h, w), in_scale=host(scale.astype(np.float32)),
+        in_shift=host(shift.astype(np.float32)),
+        bias=None if bias is None else host(bias.astype(np.float32)), relu=relu)
+    a = stride_rows(buffer[:, :k].astype(np.float64), n, h, w, stride)
+    ref = {p: gemm_reference(a, weight.astype(dtype), (scale, shift), bias, relu, p)
+           for p in ("float64", dtype)}
+    assert_matches_reference(out[:, :n_out], ref["float64"], ref[dtype], dtype)
+    assert np.isnan(out[:, n_out:]).all()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,h,w", [(2, 3, 5), (1, 7, 7)])
+def test_residual_add_and_dense_append(kernels, dtype, n, h, w):
+    """1x1c: y[:, :r] added into resid in place, y[:, r:] written behind the d dense channels the
+    stage already has; the old dense channels and the spare capacity untouched."""
+    r, d, inc, spare, k = 10, 7, 6, 5, 13
+    rows = n * h * w
+    rng = np.random.default_rng(rows)
+    ldo = r + d + inc + spare
+    stage = nan_array((rows, ldo), dtype)
+    stage[:, :r + d] = make(rng, (rows, r + d))
+    before = stage.copy()
+    a = np.maximum(make(rng, (rows, k)), 0).astype(dtype)  # the grouped conv's ReLU output
+    weight = make(rng, (k, r + inc), 1 / np.sqrt(k))
+    kernels.conv1x1_forward(host(a), host(weight.astype(dtype)), host(stage), rows=rows, k=k,
+                            n=r + inc, lda=k, ldo=ldo, split=r, dense_gap=d, add_to_out=True)
+    for p in ("float64", dtype):
+        y = gemm_reference(a, weight.astype(dtype), None, None, False, p)
+        resid = before[:, :r].astype(np.float64)
+        if p == "float64":
+            ref64 = (resid + y[:, :r], y[:, r:])
+        else:
+            cast = lambda x: np.asarray(x, np.float32).astype(p).astype(np.float32)  # noqa: E731
+            plain = (cast(resid + y[:, :r]), y[:, r:])
+    assert_matches_reference(stage[:, :r], ref64[0], plain[0], dtype, "resid")
+    np.testing.assert_array_equal(stage[:, r:r + d], before[:, r:r + d])
+    assert_matches_reference(stage[:, r + d:r + d + inc], ref64[1], plain[1], dtype, "dense")
+    assert np.isnan(stage[:, r + d + inc:]).all()
+
+
+@needs_interpreter
+def test_many_tiles_and_k_steps(kernels):
+    """Several row and column tiles in GROUP_M order and several K steps (small explicit tiles),
+    so tile edges, the K loop and the program-to-tile mapping are all exercised."""
+    rows, k, n_out = 35, 40, 24
+    rng = np.random.default_rng(3)
+    a = make(rng, (rows, k)).astype(np.float32)
+    weight = make(rng, (k, n_out), 1 / np.sqrt(k)).astype(np.float32)
+    bias = make(rng, n_out).astype(np.float32)
+    out = nan_array((rows, n_out), np.float32)
+    kernels.conv1x1_forward(host(a), host(weight), host(out), rows=rows, k=k, n=n_out, lda=k,
+                            ldo=n_out, bias=host(bias), relu=True,
+                            tiles=kernels.Tiles(16, 16, 16, 2, 4, 1))
+    ref = {p: gemm_reference(a, weight, None, bias, True, p) for p in ("float64", "float32")}
+    assert_matches_reference(out, ref["float64"], ref["float32"])
+
+
+@needs_interpreter
+def test_interpreter_tiles_are_one_program_for_small_shapes(kernels):
+    assert kernels.INTERPRETED
+    tiles = kernels.choose_tiles(70, 37, 24, half=False, interpret=True)
+    assert (tiles.block_m, tiles.block_n, tiles.block_k) == (128, 32, 64)
+
+
+@needs_interpreter
+def test_bad_arguments_raise_typed_errors(kernels):
+    a = np.zeros((6, 8), np.float16)
+    w = np.zeros((8, 4), np.float16)
+    out = np.zeros((6, 4), np.float16)
+    call = kernels.conv1x1_forward
+    with pytest.raises(TypeError, match="w dtype float32"):
+        call(host(a), host(w.astype(np.float32)), host(out), rows=6, k=8, n=4, lda=8, ldo=4)
+    with pytest.raises(TypeError, match="activations must be"):
+        call(host(a.astype(np.float64)), host(w), host(out), rows=6, k=8, n=4, lda=8, ldo=4)
+    with pytest.raises(TypeError, match="bias must be float32"):
+        call(host(a), host(w), host(out), rows=6, k=8, n=4, lda=8, ldo=4, bias=host(w[0]))
+    with pytest.raises(ValueError, match="lda=7 < k=8"):
+        call(host(a), host(w), host(out), rows=6, k=8, n=4, lda=7, ldo=4)
+    with pytest.raises(ValueError, match="widest output column 6"):
+        call(host(a), host(w), host(out), rows=6, k=8, n=4, lda=8, ldo=4, split=2, dense_gap=2)
+    with pytest.raises(ValueError, match="needs in_hw"):
+        call(host(a), host(w), host(out), rows=6, k=8, n=4, lda=8, ldo=4, stride=2)
+    with pytest.raises(ValueError, match="not a whole number of 2x2"):
+        call(host(a), host(w), host(out), rows=6, k=8, n=4, lda=8, ldo=4, stride=2, in_hw=(3, 3))
+    with pytest.raises(ValueError, match="both in_scale and in_shift"):
+        call(host(a), host(w), host(out), rows=6, k=8, n=4, lda=8, ldo=4,
+             in_scale=host(np.ones(8, np.float32)))

@@ -1,0 +1,151 @@
+"""kernels/nhwc_grouped_conv3x3.py under Triton's CPU interpreter (numpy host; no torch or Paddle).
+
+Group widths 3 to 48 (several groups a program where narrow, a last program with fewer groups),
+stride 1 and 2, odd and non-square sizes, n = 1 and 2, fp32 and fp16 (bf16 arithmetic is wrong in
+the interpreter; the AOT compile covers it), against float64 with the project's rule (error <=
+2x the plain sequence's error at that dtype + atol, tests/utils.py). Input rows are wider than C
+with NaN past it (must not be read); output rows too (must stay NaN).
+"""
+import numpy as np
+import pytest
+
+pytest.importorskip("triton")
+
+from _interpreter import (INTERPRETED, host, load_kernels, nan_array,  # noqa: E402
+                          needs_interpreter, run_module_interpreted)
+from utils import assert_matches_reference  # noqa: E402
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the driver of the interpreted run")
+def test_under_interpreter():
+    run_module_interpreted(__file__)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return load_kernels("nhwc_grouped_conv3x3")
+
+
+def conv_reference(x, weight, bias, groups, stride, precision):
+    """relu(grouped conv3x3 (padding 1) + bias) of NHWC x: in float64, or in float32 arithmetic
+    with the conv's and the bias add's results rounded to `precision` (the plain sequence)."""
+    if precision == "float64":
+        cast = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    else:
+        cast = lambda a: np.asarray(a, np.float32).astype(precision).astype(np.float32)  # noqa: E731
+    x, weight = cast(x), cast(weight)
+    n, h, w, c = x.shape
+    cin_g = c // groups
+    h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
+    padded = np.zeros((n, h + 2, w + 2, c), x.dtype)
+    padded[:, 1:-1, 1:-1] = x
+    y = np.zeros((n, h_out, w_out, c), x.dtype)
+    for kh in range(3):
+        for kw in range(3):
+            window = padded[:, kh:kh + stride * h_out:stride, kw:kw + stride * w_out:stride]
+            window = window.reshape(n, h_out, w_out, groups, cin_g)
+            tap = weight[:, :, kh, kw].reshape(groups, cin_g, cin_g)  # (group, out, in)
+            y += np.einsum("nhwgi,goi->nhwgo", window, tap).reshape(n, h_out, w_out, c)
+    y = cast(y)
+    return np.maximum(cast(y + cast(bias)), 0)
+
+
+CASES = [  # n, h, w, c, groups, stride
+    (2, 5, 7, 15, 5, 1),    # 3 channels a group: 5 groups a program, one program
+    (1, 7, 6, 96, 32, 2),   # 3 a group, 32 groups: 7 programs, the last with 2 groups
+    (2, 6, 5, 36, 6, 1),    # 6 a group: 2 groups a program
+    (1, 5, 5, 24, 2, 2),    # 12 a group
+    (2, 3, 4, 72, 3, 1),    # 24 a group: 32 lanes
+    (1, 4, 3, 96, 2, 2),    # 48 a group: 64 lanes
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("n,h,w,c,groups,stride", CASES)
+def test_matches_float64(kernels, dtype, n, h, w, c, groups, stride):
+    rng = np.random.default_rng(c * 10 + stride)
+    cin_g = c // groups
+    x = rng.standard_normal((n, h, w, c))
+    weight = rng.standard_normal((c, cin_g, 3, 3)) / np.sqrt(9 * cin_g)
+    bias = 0.3 * rng.standard_normal(c)
+    h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
+    ldx, ldo = c + 5, c + 3
+    x_rows = nan_array((n * h * w, ldx), dtype)  # columns past c: NaN, must not be read
+    x_rows[:, :c] = x.reshape(-1, c)
+    out = nan_array((n * h_out * w_out, ldo), dtype)
+    tiles = kernels.choose_tiles(cin_g, out.shape[0], dtype == "float16", interpret=True)
+    packed = kernels.pack_weights(weight, groups, tiles).astype(dtype)
+    kernels.grouped_conv3x3_forward(host(x_rows), host(packed), host(bias.astype(np.float32)),
+                                    host(out), images=n, h=h, w=w, c=c, groups=groups,
+                                    stride=stride, ldx=ldx, ldo=ldo, tiles=tiles)
+    x_dt = x_rows[:, :c].reshape(n, h, w, c)
+    ref64 = conv_reference(x_dt, weight.astype(dtype), bias, groups, stride, "float64")
+    plain = conv_reference(x_dt, weight.astype(dtype), bias, groups, stride, dtype)
+    assert_matches_reference(out[:, :c], ref64.reshape(-1, c), plain.reshape(-1, c), dtype)
+    assert np.isnan(out[:, c:]).all()
+
+
+@needs_interpreter
+def test_several_position_tiles(kernels):
+    """Small position tiles: programs along both grid axes, a partial last tile."""
+    n, h, w, c, groups, stride = 2, 5, 5, 18, 6, 1
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    weight = rng.standard_normal((c, 3, 3, 3)) / np.sqrt(27)
+    bias = rng.standard_normal(c).astype(np.float32)
+    out = nan_array((n * h * w, c), np.float32)
+    tiles = kernels.Tiles(16, 16, 5, 4, 1)
+    packed = kernels.pack_weights(weight, groups, tiles).astype(np.float32)
+    kernels.grouped_conv3x3_forward(host(x.reshape(-1, c)), host(packed), host(bias), host(out),
+                                    images=n, h=h, w=w, c=c, groups=groups, stride=stride,
+                                    ldx=c, ldo=c, tiles=tiles)
+    ref = {p: conv_reference(x, weight.astype(np.float32), bias, groups, stride, p).reshape(-1, c)
+           for p in ("float64", "float32")}
+    assert_matches_reference(out, ref["float64"], ref["float32"])
+
+
+def test_tiles_fill_lanes_with_whole_groups(kernels):
+    chosen = {g: kernels.choose_tiles(g, 1 << 20, half=True) for g in (3, 5, 6, 12, 24, 48)}
+    assert {g: (t.block_c, t.groups_per_program) for g, t in chosen.items()} == {
+        3: (16, 5), 5: (16, 3), 6: (16, 2), 12: (16, 1), 24: (32, 1), 48: (64, 1)}
+    with pytest.raises(ValueError, match="at most 64"):
+        kernels.choose_tiles(65, 10, half=True)
+
+
+def test_packed_weights_are_block_diagonal(kernels):
+    c, groups = 9, 3
+    weight = np.arange(c * 3 * 9, dtype=np.float64).reshape(c, 3, 3, 3) + 1
+    tiles = kernels.Tiles(16, 16, 2, 4, 1)  # 2 groups (6 channels) a program: 2 programs
+    packed = kernels.pack_weights(weight, groups, tiles)
+    assert packed.shape == (2, 9, 16, 16)
+    # Program 1 holds channels 6..8 (group 2) in lanes 0..2.
+    np.testing.assert_array_equal(packed[1, 4, 0:3, 0:3], weight[6:9, :, 1, 1].T)
+    np.testing.assert_array_equal(packed[0, :, 0:3, 3:6], 0)  # across groups: zero
+    np.testing.assert_array_equal(packed[0, 0, 3:6, 3:6], weight[3:6, :, 0, 0].T)
+    assert np.count_nonzero(packed) == c * 3 * 9
+    with pytest.raises(ValueError, match="grouped 3x3 conv of 4 groups"):
+        kernels.pack_weights(weight, 4, tiles)
+
+
+@needs_interpreter
+def test_bad_arguments_raise_typed_errors(kernels):
+    x = np.zeros((4, 6), np.float16)
+    tiles = kernels.choose_tiles(3, 4, half=True, interpret=True)
+    packed = np.zeros((2, 9, 16, 16), np.float16)
+    bias = np.zeros(6, np.float32)
+    args = dict(images=1, h=2, w=2, c=6, groups=2, stride=1, ldx=6, ldo=6, tiles=tiles)
+    call = kernels.grouped_conv3x3_forward
+    with pytest.raises(TypeError, match="packed_w dtype float32"):
+        call(host(x), host(packed.astype(np.float32)), host(bias), host(x), **args)
+    with pytest.raises(TypeError, match="bias must be float32"):
+        call(host(x), host(packed), host(x[0]), host(x), **args)
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        call(host(x), host(packed), host(bias), host(x), **{**args, "stride": 3})
+    with pytest.raises(ValueError, match="bad sizes"):
+        call(host(x), host(packed), host(bias), host(x), **{**args, "groups": 4})
+    with pytest.raises(ValueError, match="do not fit 16 lanes"):
+        call(host(x), host(packed), host(bias), host(x),
+             **{**args, "tiles": kernels.Tiles(16, 16, 6, 4, 1)})
+    with pytest.raises(ValueError, match="row strides"):
+        call(host(x), host(packed), host(bias), host(x), **{**args, "ldo": 5})

@@ -1,0 +1,197 @@
+"""dpn_fast.torch: the channels-last fused forward of timm's DPNs, on CPU under Triton's
+interpreter (needs torch, triton and timm; skipped where one is missing, e.g. in the Paddle-only
+CI), against timm in float64 with the project's rule: error <= 2x timm eager's error at that
+dtype + atol (tests/utils.py).
+
+The quick cases use a small timm DPN (every block kind: projection, stride-2 down, normal; b and
+not b) at an odd, non-square input; the slow one timm's real dpn68. The checkout's
+dpn_fast/torch.py is loaded by path (an installed dpn_fast may be another version).
+"""
+import copy
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from _interpreter import INTERPRETED, REPO, needs_interpreter, run_module_interpreted
+from utils import assert_matches_reference
+
+
+def _load(name, path):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def requirements():
+    """(torch, timm, dpn_fast.torch), or a skip."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm not installed")
+    # The dry run's workaround for a torchvision build that does not match the CPU torch.
+    gpu_check = _load("gpu_check_for_tests", REPO / "benchmarks" / "gpu_check.py")
+    timm = gpu_check.import_timm(dry_run=True)
+    return torch, timm, _load("checkout_dpn_fast_torch", REPO / "dpn_fast" / "torch.py")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the driver of the interpreted run")
+def test_under_interpreter():
+    requirements()
+    run_module_interpreted(__file__)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="the driver of the interpreted run")
+def test_under_interpreter_slow():
+    requirements()
+    run_module_interpreted(__file__, markers="slow")
+
+
+def test_imports_without_paddle():
+    """`import dpn_fast` without Paddle: dpn_fast.torch usable, the Paddle parts a clear error."""
+    script = f"""
+import importlib.util, sys
+sys.modules["paddle"] = None  # as if Paddle were not installed
+sys.path.insert(0, {str(REPO)!r})
+import dpn_fast
+try:
+    dpn_fast.create_model
+except ImportError as e:
+    assert "needs Paddle" in str(e), e
+else:
+    raise AssertionError("dpn_fast.create_model without Paddle")
+if importlib.util.find_spec("torch") is not None:
+    from dpn_fast.torch import fuse
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd="/", timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def randomize_batch_norms(torch, model, seed):
+    """Running statistics and affine parameters away from identity, so folding is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) * 0.5 + 0.75)
+            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
+    return model.eval()
+
+
+def small_dpn(torch, timm, b):
+    """timm's DPN with one block per stage but two in stage 1 (projection, down, normal blocks),
+    4 channels a group in stage 0 up to 32 in stage 3; b: dpn68b's split c1x1_c."""
+    from timm.models.dpn import DPN
+    torch.manual_seed(0)
+    return randomize_batch_norms(torch, DPN(k_sec=(1, 2, 1, 1), inc_sec=(8, 8, 8, 16), k_r=32,
+                                            groups=8, small=True, num_init_features=10, b=b,
+                                            num_classes=10), 1)
+
+
+def check_fused_matches_timm(torch, fused_module, model, x, dtype):
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double())
+        plain = copy.deepcopy(model).to(dtype)(x.to(dtype))
+    fused = fused_module.fuse(copy.deepcopy(model).to(dtype))
+    out = fused(x.to(dtype))
+    assert out.dtype == dtype and out.shape == ref64.shape
+    assert_matches_reference(out.double().numpy(), ref64.numpy(), plain.double().numpy(),
+                             str(dtype).replace("torch.", ""), "logits")
+    return fused, out
+
+
+@needs_interpreter
+@pytest.mark.parametrize("b,n,dtype", [(False, 2, "float32"), (True, 1, "float32"),
+                                       (False, 2, "float16")])
+def test_small_dpn_matches_timm(b, n, dtype):
+    torch, timm, fused_module = requirements()
+    model = small_dpn(torch, timm, b)
+    x = torch.randn(n, 3, 27, 23, generator=torch.Generator().manual_seed(2))
+    fused, out = check_fused_matches_timm(torch, fused_module, model, x, getattr(torch, dtype))
+    # A second call at the same shape reuses the workspace (nothing allocated: graph-capturable)
+    # and gives the same logits (no state left behind in the buffers).
+    (shape,) = fused._workspaces
+    buffers = fused._workspaces[shape]
+    again = fused(x.to(out.dtype))
+    assert list(fused._workspaces) == [shape] and fused._workspaces[shape] is buffers
+    assert torch.equal(again, out)
+
+
+@needs_interpreter
+@pytest.mark.slow
+def test_dpn68_matches_timm():
+    torch, timm, fused_module = requirements()
+    torch.manual_seed(0)
+    model = randomize_batch_norms(torch, timm.create_model("dpn68", num_classes=10), 1)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    check_fused_matches_timm(torch, fused_module, model, x, torch.float32)
+
+
+@needs_interpreter
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpn68b", "dpn92", "dpn98", "dpn107", "dpn131"])
+def test_every_timm_dpn_folds(name):
+    """The other timm DPNs fold (their modules are what fuse expects, their groups fit the conv's
+    lanes) into stages whose last buffer is as wide as timm's final BN; dpn68 runs end to end."""
+    torch, timm, fused_module = requirements()
+    model = timm.create_model(name).eval()
+    fused = fused_module.fuse(model)
+    assert len(fused.stages) == 4
+    assert sum(len(stage) for stage in fused.stages) == len(fused.blocks)
+    assert fused._stage_width(fused.stages[-1]) == model.features.conv5_bn_ac.bn.num_features
+
+
+@needs_interpreter
+def test_bad_models_and_inputs_raise_typed_errors():
+    torch, timm, fused_module = requirements()
+    model = small_dpn(torch, timm, False)
+    with pytest.raises(TypeError, match="expected a timm DPN"):
+        fused_module.fuse(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="training mode"):
+        fused_module.fuse(copy.deepcopy(model).train())
+    with pytest.raises(TypeError, match="model dtype"):
+        fused_module.fuse(copy.deepcopy(model).double())
+    fused = fused_module.fuse(model)
+    with pytest.raises(ValueError, match=r"expected images \[n, 3, H, W\]"):
+        fused(torch.zeros(1, 4, 8, 8))
+    with pytest.raises(TypeError, match="input is torch.float16"):
+        fused(torch.zeros(1, 3, 8, 8, dtype=torch.float16))
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        fused([[0.0]])
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs the kernels compiled, not interpreted")
+def test_uninterpreted_cpu_model_is_refused():
+    torch, timm, fused_module = requirements()
+    with pytest.raises(ValueError, match="kernels run on CUDA"):
+        fused_module.fuse(small_dpn(torch, timm, False))
+
+
+@needs_interpreter
+def test_launchers_refuse_tensors_that_are_not_rows():
+    """With torch tensors the launchers check the layout they index: unit channel stride and the
+    row stride given."""
+    torch, _, _ = requirements()
+    gemm = _load("checkout_kernels_nhwc_conv1x1_torch", REPO / "kernels" / "nhwc_conv1x1.py")
+    grouped = _load("checkout_kernels_nhwc_grouped_torch",
+                    REPO / "kernels" / "nhwc_grouped_conv3x3.py")
+    a, w, out = torch.zeros(6, 8), torch.zeros(8, 4), torch.zeros(6, 4)
+    with pytest.raises(ValueError, match=r"a must be rows .* row stride 8, got strides \(1, 6\)"):
+        gemm.conv1x1_forward(a.t().contiguous().t(), w, out, rows=6, k=8, n=4, lda=8, ldo=4)
+    with pytest.raises(ValueError, match="out must be rows .* row stride 5"):
+        gemm.conv1x1_forward(a, w, out, rows=6, k=8, n=4, lda=8, ldo=5)
+    tiles = grouped.choose_tiles(3, 4, half=False, interpret=True)
+    x = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="packed_w must be rows"):
+        grouped.grouped_conv3x3_forward(x, torch.zeros(1, 9, 16, 16).transpose(2, 3),
+                                        torch.zeros(6), x, images=1, h=2, w=2, c=6, groups=2,
+                                        stride=1, ldx=6, ldo=6, tiles=tiles)
