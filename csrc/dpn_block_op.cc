@@ -19,6 +19,17 @@ constexpr const char* kHead = "dpn_fast_dpn_head";
 using Shape = std::vector<int64_t>;
 using dpn_fast::shape_str;
 
+// A block's workspace floats rounded up to a size class (eighths of a power of two). The host
+// block cache reuses freed blocks of exactly the same size; a stage's blocks, whose workspaces
+// grow a little with each block's input channels, then share a few sizes instead of each keeping
+// its own block in the cache.
+int64_t workspace_size_class(const dpn_fast::DpnBlockShape& s) {
+  const int64_t floats = dpn_fast::dpn_block_workspace_floats(s);
+  if (floats < 16) return floats;
+  const int64_t step = int64_t{1} << (63 - __builtin_clzll(floats) - 3);
+  return (floats + step - 1) / step * step;
+}
+
 // A float32 CPU tensor in plain layout.
 void check_operand(const paddle::Tensor& t, const char* op, const char* name) {
   dpn_fast::check_plain_layout(t, op, name);
@@ -124,8 +135,8 @@ void BlockForward(paddle::Tensor& resid, paddle::Tensor& dense,
   const dpn_fast::DpnBlockWeights wt{{}, nullptr, bn_at(bn, 0, epsilons), w_a.data<float>(),
                                      bn_at(bn, 1, epsilons), w_conv.data<float>(),
                                      bn_at(bn, 2, epsilons), w_c.data<float>()};
-  auto workspace = dpn_fast::empty_output({dpn_fast::dpn_block_workspace_floats(s)},
-                                          dense.dtype(), dense.place());
+  auto workspace = dpn_fast::empty_output({workspace_size_class(s)}, dense.dtype(),
+                                          dense.place());
   dpn_fast::dpn_block_forward_cpu(s, wt, resid.data<float>(), dense.data<float>(),
                                   resid.data<float>(), dense.data<float>(),
                                   workspace.data<float>());
@@ -176,8 +187,8 @@ std::vector<paddle::Tensor> ProjForward(const paddle::optional<paddle::Tensor>& 
                                           dense.place());
   auto dense_out = dpn_fast::empty_output({s.n, s.capacity, s.h_out(), s.w_out()}, dense.dtype(),
                                           dense.place());
-  auto workspace = dpn_fast::empty_output({dpn_fast::dpn_block_workspace_floats(s)},
-                                          dense.dtype(), dense.place());
+  auto workspace = dpn_fast::empty_output({workspace_size_class(s)}, dense.dtype(),
+                                          dense.place());
   dpn_fast::dpn_block_forward_cpu(s, wt, resid ? resid->data<float>() : nullptr,
                                   dense.data<float>(), resid_out.data<float>(),
                                   dense_out.data<float>(), workspace.data<float>());
