@@ -62,7 +62,10 @@ def log(msg):
 
 
 def load_module(name, path):
-    """Import a file by path (dpn_fast/__init__ needs Paddle, which the GPU machine lacks)."""
+    """Import a file by path (dpn_fast/__init__ needs Paddle, which the GPU machine lacks); a
+    module already imported under `name` (e.g. a kernel module dpn_fast.torch loaded) is reused."""
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is built

@@ -41,11 +41,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _kernels(op):
     """In a source checkout kernels/<op>.py beside this package (benchmarks/gpu_check.py runs
-    from one), else the installed dpn_fast.kernels.<op>."""
+    from one), else the installed dpn_fast.kernels.<op>. The checkout's module is registered under
+    the name gpu_check loads it by, so both use one copy (one set of compiled kernels)."""
     path = Path(__file__).resolve().parents[1] / "kernels" / f"{op}.py"
     if not path.exists():
         return importlib.import_module(f"dpn_fast.kernels.{op}")
-    name = f"dpn_fast_checkout_kernels_{op}"
+    name = f"dpn_fast_kernels_{op}"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
