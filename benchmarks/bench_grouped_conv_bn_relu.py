@@ -1,4 +1,5 @@
-"""Paddle conv2d + BatchNorm + ReLU vs the fused grouped_conv_bn_relu backends at DPN92's shapes.
+"""Paddle conv2d + BatchNorm + ReLU vs the fused grouped_conv_bn_relu backends at DPN92's and
+DPN68's shapes (3-24 and 4-32 channels per group; DPN98/107/131 have DPN68's widths per group).
 
     pytest benchmarks/bench_grouped_conv_bn_relu.py --benchmark-group-by=group
 
@@ -15,10 +16,10 @@ from dpn_fast.ops import GroupedConvBNReLUFolder, grouped_conv_bn_relu
 from dpn_fast.ops.grouped_conv_bn_relu import reference_grouped_conv_bn_relu
 
 
-def dpn92_shapes():
-    """(channels, groups, stride, in_hw) of DPN92's distinct grouped convs (stage order)."""
+def grouped_conv_shapes(model):
+    """(channels, groups, stride, in_hw) of a model's distinct grouped convs (stage order)."""
     seen = []
-    for b in block_shapes("DPN92"):
+    for b in block_shapes(model):
         key = (b.bottleneck, b.groups, b.stride, b.in_hw)
         if key not in seen:
             seen.append(key)
@@ -44,7 +45,8 @@ def make_layers(c, groups, stride, n, hw, training):
     return conv, bn, x
 
 
-CASES = [(n,) + shape for n in (1, 8) for shape in dpn92_shapes()]
+CASES = [(n,) + shape for n in (1, 8) for model in ("DPN92", "DPN68")
+         for shape in grouped_conv_shapes(model)]
 IDS = [f"n{n}-c{c}-g{g}-s{s}-hw{hw}" for n, c, g, s, hw in CASES]
 
 
