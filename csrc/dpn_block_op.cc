@@ -4,9 +4,11 @@
 //   dpn_fast_dpn_block_proj  a stage's first block: projects its input (the stem's output, or
 //                            the previous stage's resid and dense buffer) into a new resid and a
 //                            new dense buffer of `capacity` channels
+//   dpn_fast_dpn_stage       a whole stage: dpn_block_proj's work, then its normal blocks in place
+//                            (what the fused model runs)
 //   dpn_fast_dpn_head        final BN + ReLU, global average pool and the classifier
 // BN parameters come as one list, four tensors (weight, bias, mean, variance) per BN, in the
-// block's order: [projection's,] 1x1a's, the grouped conv's, 1x1c's.
+// block's order: [projection's,] 1x1a's, the grouped conv's, 1x1c's (a stage: block by block).
 #include "binding.h"
 #include "dpn_block.h"
 
@@ -14,6 +16,7 @@ namespace {
 
 constexpr const char* kBlock = "dpn_fast_dpn_block";
 constexpr const char* kProj = "dpn_fast_dpn_block_proj";
+constexpr const char* kStage = "dpn_fast_dpn_stage";
 constexpr const char* kHead = "dpn_fast_dpn_head";
 
 using Shape = std::vector<int64_t>;
@@ -111,27 +114,26 @@ void check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
   s->groups = groups;
 }
 
-// All outputs are its inputs, updated in place: nothing to return.
-void BlockForward(paddle::Tensor& resid, paddle::Tensor& dense,
-                                         const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
-                                         const paddle::Tensor& w_c,
-                                         const std::vector<paddle::Tensor>& bn, int64_t groups,
-                                         int64_t dense_channels,
-                                         const std::vector<float>& epsilons) {
-  const Input in = check_input(&resid, dense, dense_channels, kBlock);
+// A normal block, in place on (resid, dense buffer). `op` names the caller in error messages.
+void run_normal_block(paddle::Tensor& resid, paddle::Tensor& dense, const paddle::Tensor& w_a,
+                      const paddle::Tensor& w_conv, const paddle::Tensor& w_c,
+                      const std::vector<paddle::Tensor>& bn, int64_t groups,
+                      int64_t dense_channels, const std::vector<float>& epsilons,
+                      const char* op) {
+  const Input in = check_input(&resid, dense, dense_channels, op);
   dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
-  check_bottleneck(w_a, w_conv, w_c, in.resid + in.dense, groups, kBlock, &s);
+  check_bottleneck(w_a, w_conv, w_c, in.resid + in.dense, groups, op, &s);
   s.stride = 1;
   s.resid = in.resid;
   s.inc = w_c.shape()[0] - in.resid;
   s.projection = false;
   s.capacity = in.capacity;
-  PD_CHECK(s.inc > 0, kBlock, ": 'w_c' has ", w_c.shape()[0], " rows: the ", in.resid,
+  PD_CHECK(s.inc > 0, op, ": 'w_c' has ", w_c.shape()[0], " rows: the ", in.resid,
            " residual channels and at least one dense channel expected");
-  PD_CHECK(in.dense + s.inc <= in.capacity, kBlock, ": the dense buffer has ", in.capacity,
+  PD_CHECK(in.dense + s.inc <= in.capacity, op, ": the dense buffer has ", in.capacity,
            " channels; ", in.dense, " old + ", s.inc, " new do not fit");
   check_bns(bn, epsilons, {s.in_channels(), s.bottleneck, s.bottleneck}, {"a", "conv_in", "c"},
-            dense, kBlock);
+            dense, op);
   const dpn_fast::DpnBlockWeights wt{{}, nullptr, bn_at(bn, 0, epsilons), w_a.data<float>(),
                                      bn_at(bn, 1, epsilons), w_conv.data<float>(),
                                      bn_at(bn, 2, epsilons), w_c.data<float>()};
@@ -142,43 +144,53 @@ void BlockForward(paddle::Tensor& resid, paddle::Tensor& dense,
                                   workspace.data<float>());
 }
 
+// All outputs are its inputs, updated in place: nothing to return.
+void BlockForward(paddle::Tensor& resid, paddle::Tensor& dense, const paddle::Tensor& w_a,
+                  const paddle::Tensor& w_conv, const paddle::Tensor& w_c,
+                  const std::vector<paddle::Tensor>& bn, int64_t groups, int64_t dense_channels,
+                  const std::vector<float>& epsilons) {
+  run_normal_block(resid, dense, w_a, w_conv, w_c, bn, groups, dense_channels, epsilons, kBlock);
+}
+
 dpn_fast::DpnBlockShape proj_shape(const paddle::optional<paddle::Tensor>& resid,
                                    const paddle::Tensor& dense, const paddle::Tensor& w_proj,
                                    const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
                                    const paddle::Tensor& w_c, int64_t groups, int64_t stride,
-                                   int64_t dense_channels, int64_t capacity) {
-  const Input in = check_input(resid ? resid.get_ptr() : nullptr, dense, dense_channels, kProj);
+                                   int64_t dense_channels, int64_t capacity, const char* op) {
+  const Input in = check_input(resid ? resid.get_ptr() : nullptr, dense, dense_channels, op);
   dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
-  check_bottleneck(w_a, w_conv, w_c, s.in_channels(), groups, kProj, &s);
-  check_1x1(w_proj, s.in_channels(), kProj, "w_proj");
-  check_operand(w_proj, kProj, "w_proj");
-  PD_CHECK(stride == 1 || stride == 2, kProj, ": stride must be 1 or 2, got ", stride);
+  check_bottleneck(w_a, w_conv, w_c, s.in_channels(), groups, op, &s);
+  check_1x1(w_proj, s.in_channels(), op, "w_proj");
+  check_operand(w_proj, op, "w_proj");
+  PD_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
   s.stride = stride;
   s.projection = true;
   // w_proj: resid + 2 inc rows; w_c: resid + inc rows.
   s.inc = w_proj.shape()[0] - w_c.shape()[0];
   s.resid = w_c.shape()[0] - s.inc;
-  PD_CHECK(s.inc > 0 && s.resid > 0, kProj, ": 'w_proj' (", w_proj.shape()[0],
+  PD_CHECK(s.inc > 0 && s.resid > 0, op, ": 'w_proj' (", w_proj.shape()[0],
            " rows = resid + 2 inc) and 'w_c' (", w_c.shape()[0],
            " rows = resid + inc) imply resid ", s.resid, " and inc ", s.inc,
            "; both must be positive");
-  PD_CHECK(capacity >= 3 * s.inc, kProj, ": capacity must hold the projection's ", 2 * s.inc,
+  PD_CHECK(capacity >= 3 * s.inc, op, ": capacity must hold the projection's ", 2 * s.inc,
            " dense channels and this block's ", s.inc, ", got ", capacity);
   s.capacity = capacity;
   return s;
 }
 
-std::vector<paddle::Tensor> ProjForward(const paddle::optional<paddle::Tensor>& resid,
+// A stage's first block: projects (resid, dense) into a new resid and a new dense buffer of
+// `capacity` channels, returned. `op` names the caller in error messages.
+std::vector<paddle::Tensor> run_projection_block(const paddle::optional<paddle::Tensor>& resid,
                                         const paddle::Tensor& dense, const paddle::Tensor& w_proj,
                                         const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
                                         const paddle::Tensor& w_c,
                                         const std::vector<paddle::Tensor>& bn, int64_t groups,
                                         int64_t stride, int64_t dense_channels, int64_t capacity,
-                                        const std::vector<float>& epsilons) {
+                                        const std::vector<float>& epsilons, const char* op) {
   const auto s = proj_shape(resid, dense, w_proj, w_a, w_conv, w_c, groups, stride,
-                            dense_channels, capacity);
+                            dense_channels, capacity, op);
   check_bns(bn, epsilons, {s.in_channels(), s.in_channels(), s.bottleneck, s.bottleneck},
-            {"proj", "a", "conv_in", "c"}, dense, kProj);
+            {"proj", "a", "conv_in", "c"}, dense, op);
   const dpn_fast::DpnBlockWeights wt{bn_at(bn, 0, epsilons), w_proj.data<float>(),
                                      bn_at(bn, 1, epsilons), w_a.data<float>(),
                                      bn_at(bn, 2, epsilons), w_conv.data<float>(),
@@ -193,6 +205,61 @@ std::vector<paddle::Tensor> ProjForward(const paddle::optional<paddle::Tensor>& 
                                   dense.data<float>(), resid_out.data<float>(),
                                   dense_out.data<float>(), workspace.data<float>());
   return {resid_out, dense_out};
+}
+
+std::vector<paddle::Tensor> ProjForward(const paddle::optional<paddle::Tensor>& resid,
+                                        const paddle::Tensor& dense, const paddle::Tensor& w_proj,
+                                        const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
+                                        const paddle::Tensor& w_c,
+                                        const std::vector<paddle::Tensor>& bn, int64_t groups,
+                                        int64_t stride, int64_t dense_channels, int64_t capacity,
+                                        const std::vector<float>& epsilons) {
+  return run_projection_block(resid, dense, w_proj, w_a, w_conv, w_c, bn, groups, stride,
+                              dense_channels, capacity, epsilons, kProj);
+}
+
+// Tensors [first, first + count) of a list.
+template <class T>
+std::vector<T> slice(const std::vector<T>& v, size_t first, size_t count) {
+  return std::vector<T>(v.begin() + first, v.begin() + first + count);
+}
+
+// A whole stage in one call: its projection block, then its normal blocks in place on the new
+// (resid, dense buffer). After a block has streamed its weights through the cache, Paddle's
+// dispatch of the next op call runs cold (~0.2 ms, docs/pitfalls.md); one call per stage pays it
+// four times a model instead of once per block.
+// weights: the first block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block.
+// bn / epsilons: the first block's 4 BNs (proj, a, conv_in, c), then 3 (a, conv_in, c) per block.
+std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>& resid,
+                                         const paddle::Tensor& dense,
+                                         const std::vector<paddle::Tensor>& weights,
+                                         const std::vector<paddle::Tensor>& bn, int64_t groups,
+                                         int64_t stride, int64_t dense_channels,
+                                         int64_t capacity, const std::vector<float>& epsilons) {
+  PD_CHECK(weights.size() >= 4 && (weights.size() - 4) % 3 == 0, kStage,
+           ": 'weights' must hold 4 tensors for the stage's first block and 3 for each further "
+           "block, got ", weights.size());
+  const size_t blocks = 1 + (weights.size() - 4) / 3, bns = 4 + 3 * (blocks - 1);
+  PD_CHECK(bn.size() == 4 * bns && epsilons.size() == bns, kStage, ": ", blocks,
+           " blocks take ", bns, " BatchNorms (", 4 * bns, " tensors and as many epsilons), got ",
+           bn.size(), " tensors and ", epsilons.size(), " epsilons");
+  auto out = run_projection_block(resid, dense, weights[0], weights[1], weights[2], weights[3],
+                                  slice(bn, 0, 16), groups, stride, dense_channels, capacity,
+                                  slice(epsilons, 0, 4), kStage);
+  paddle::Tensor& resid_out = out[0];
+  paddle::Tensor& dense_out = out[1];
+  // Valid dense channels: the projection's 2 inc and the first block's inc, then each block's.
+  const int64_t r = resid_out.shape()[1];
+  int64_t channels = (weights[0].shape()[0] - r) + (weights[3].shape()[0] - r);
+  for (size_t b = 1; b < blocks; ++b) {
+    const std::string where = std::string(kStage) + " (block " + std::to_string(b) + ")";
+    const size_t w = 4 + 3 * (b - 1), first_bn = 4 + 3 * (b - 1);
+    run_normal_block(resid_out, dense_out, weights[w], weights[w + 1], weights[w + 2],
+                     slice(bn, 4 * first_bn, 12), groups, channels, slice(epsilons, first_bn, 3),
+                     where.c_str());
+    channels += weights[w + 2].shape()[0] - r;
+  }
+  return out;
 }
 
 // Unknown (-1) sizes, as in an export with a dynamic batch or image size, stay unknown.
@@ -216,6 +283,22 @@ std::vector<paddle::DataType> ProjInferDtype(const paddle::optional<paddle::Data
                                              paddle::DataType, paddle::DataType,
                                              paddle::DataType,
                                              const std::vector<paddle::DataType>&) {
+  return {dense, dense};
+}
+
+std::vector<Shape> StageInferShape(const paddle::optional<Shape>& rs, const Shape& ds,
+                                   const std::vector<Shape>& ws, const std::vector<Shape>& bn,
+                                   int64_t groups, int64_t stride, int64_t dense_channels,
+                                   int64_t capacity, const std::vector<float>& epsilons) {
+  PD_CHECK(ws.size() >= 4, kStage, ": 'weights' must hold at least the first block's 4 tensors");
+  return ProjInferShape(rs, ds, ws[0], ws[1], ws[2], ws[3], bn, groups, stride, dense_channels,
+                        capacity, epsilons);
+}
+
+std::vector<paddle::DataType> StageInferDtype(const paddle::optional<paddle::DataType>&,
+                                              paddle::DataType dense,
+                                              const std::vector<paddle::DataType>&,
+                                              const std::vector<paddle::DataType>&) {
   return {dense, dense};
 }
 
@@ -284,3 +367,12 @@ PD_BUILD_OP(dpn_fast_dpn_head)
     .SetKernelFn(PD_KERNEL(HeadForward))
     .SetInferShapeFn(PD_INFER_SHAPE(HeadInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(HeadInferDtype));
+
+PD_BUILD_OP(dpn_fast_dpn_stage)
+    .Inputs({paddle::Optional("resid"), "dense", paddle::Vec("weights"), paddle::Vec("bn")})
+    .Outputs({"resid_out", "dense_out"})
+    .Attrs({"groups: int64_t", "stride: int64_t", "dense_channels: int64_t",
+            "capacity: int64_t", "epsilons: std::vector<float>"})
+    .SetKernelFn(PD_KERNEL(StageForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(StageInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(StageInferDtype));

@@ -9,10 +9,11 @@ import numpy as np
 import paddle
 import pytest
 
-from dpn_fast import _extension
+from dpn_fast import _extension, create_model
 from dpn_fast.models.config import CONFIGS, block_shapes, final_channels
 from dpn_fast.models.dpn import DualPathBlock, _batch_norm
-from dpn_fast.ops.dpn_block import dpn_block, dpn_head, reference_dpn_block
+from dpn_fast.ops.dpn_block import (block_launch, dpn_block, dpn_head, reference_dpn_block,
+                                    stage_arguments, stage_launch)
 from utils import assert_matches_reference, random_bn, run_script
 
 
@@ -250,3 +251,56 @@ def test_head_bad_arguments_raise_typed_errors():
             dpn_head(resid, dense, bn, bn)
         with pytest.raises(TypeError, match="'resid' must be a paddle.Tensor"):
             dpn_head(None, dense, bn, fc)
+
+
+def stage_model(model, rng):
+    """A fused model with random parameters and BN statistics, in eval mode."""
+    net = create_model(model, fused=True)
+    net.set_state_dict({k: v.astype("float32") for k, v in random_state(net, rng).items()})
+    net.eval()
+    return net
+
+
+@pytest.mark.parametrize("model,n,hw", [
+    ("DPN92", 1, 56), ("DPN68", 3, 25),
+    *[pytest.param(m, 1, 56, marks=pytest.mark.slow) for m in ("DPN98", "DPN107", "DPN131")]])
+def test_stage_op_equals_block_ops(model, n, hw):
+    """The fused model's one op per stage gives, bit for bit, what the stage's block ops give one
+    by one (the same cores on the same buffers)."""
+    rng = np.random.default_rng(7)
+    net = stage_model(model, rng)
+    first = net.blocks[0].shape
+    dense = paddle.to_tensor(rng.standard_normal((n, first.in_dense, hw, hw)).astype("float32"))
+    by_stage = by_block = (None, dense)
+    with paddle.no_grad():
+        for blocks in net._stages():
+            by_stage = stage_launch(blocks, *by_stage, blocks[0].shape.in_dense)
+            for block in blocks:
+                by_block = block_launch(block, *by_block, block.shape.in_dense)
+            last = blocks[-1].shape
+            valid = last.dense_before + last.inc
+            np.testing.assert_array_equal(by_stage[0].numpy(), by_block[0].numpy())
+            np.testing.assert_array_equal(by_stage[1].numpy()[:, :valid],
+                                          by_block[1].numpy()[:, :valid])
+            assert np.isfinite(by_stage[1].numpy()[:, :valid]).all()
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a[2].pop(), "'weights' must hold 4 tensors for the stage's first block"),
+    (lambda a: a[3].pop(), "blocks take 10 BatchNorms"),
+    (lambda a: a[8].pop(), "blocks take 10 BatchNorms"),
+    (lambda a: a[2].__setitem__(4, paddle.zeros([8, 3, 1, 1])),
+     r"dpn_fast_dpn_stage \(block 1\): 'w_a' must have shape"),
+    (lambda a: a[2].__setitem__(0, paddle.zeros([8, 3, 1, 1])), "'w_proj' must have shape"),
+])
+def test_bad_stage_inputs_raise_clear_errors(change, match):
+    net = create_model("DPN68", fused=True)
+    net.eval()
+    blocks = net._stages()[0][:3]  # a projection block and two normal ones
+    first = blocks[0].shape
+    args = stage_arguments(blocks, None, paddle.randn([1, first.in_dense, 5, 5]), first.in_dense)
+    with paddle.no_grad():
+        _extension.run_op("dpn_fast_dpn_stage", *args)
+        change(args)
+        with pytest.raises(Exception, match=match):
+            _extension.run_op("dpn_fast_dpn_stage", *args)

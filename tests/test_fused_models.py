@@ -168,12 +168,12 @@ def test_fused_export_predictor_round_trip(tmp_path, use_onednn):
         ref64 = reference64(paddle.to_tensor(x.astype("float64"))).numpy()
     fused_prefix = export(fused, str(tmp_path / "dpn68_fused"), image_size=64)
     program = open(fused_prefix + ".json").read()
-    # stem -> blocks -> head, one op each (DPN68: 22 blocks, 4 of them a stage's first)
+    # stem -> stages -> head, one op each (DPN68: 4 stages)
     counts = {op: program.count(f'"3.{op}"') for op in (
-        "dpn_fast_stem_conv_bn_relu_pool", "dpn_fast_dpn_block_proj", "dpn_fast_dpn_block_",
-        "dpn_fast_dpn_head")}
-    assert counts == {"dpn_fast_stem_conv_bn_relu_pool": 1, "dpn_fast_dpn_block_proj": 4,
-                      "dpn_fast_dpn_block_": 18, "dpn_fast_dpn_head": 1}
+        "dpn_fast_stem_conv_bn_relu_pool", "dpn_fast_dpn_stage", "dpn_fast_dpn_head")}
+    assert counts == {"dpn_fast_stem_conv_bn_relu_pool": 1, "dpn_fast_dpn_stage": 4,
+                      "dpn_fast_dpn_head": 1}
+    assert '"3.dpn_fast_dpn_block' not in program  # neither block op (`_` in place, `_proj`)
     paddle_ops = [op for op in re.findall(r'"#":"1\.([a-z_0-9]+)"', program)
                   if not op.startswith("a_")]  # "1.a_*": attribute types
     assert paddle_ops == ["data", "fetch"]  # no Paddle op but the input and output

@@ -11,9 +11,9 @@ models can live in one process.
       (eval: c3x3_b's BN + ReLU applied as the conv loads c1x1_a's output; training: Paddle BN)
 The 1x1 convolutions stay Paddle ops, and so does the stem, in training.
 CPU inference (eval, no gradients, float32) is one op each for the stem (conv + BN + ReLU + max
-pool), every block (ops.dpn_block: its 1x1 convolutions on oneDNN, the grouped conv and the BN +
-ReLUs on dpn_fast's kernels) and the head (BN + ReLU + average pool + classifier); each stage
-keeps its dense path in one buffer that the blocks append to in place.
+pool), every stage (its blocks as ops.dpn_block runs them: 1x1 convolutions on oneDNN, the grouped
+conv and the BN + ReLUs on dpn_fast's kernels) and the head (BN + ReLU + average pool +
+classifier); each stage keeps its dense path in one buffer that the blocks append to in place.
 GPU inference on the CUDA build keeps the per-op path, with the stage buffers and in-place merges
 of dual_path_merge_into.
 """
@@ -24,7 +24,7 @@ import paddle.nn.functional as F
 from dpn_fast.models.config import CONFIGS, block_shapes
 from dpn_fast.ops import GroupedConvBNReLUFolder, dual_path_merge_bn_relu
 from dpn_fast.ops._backend import resolve_backend
-from dpn_fast.ops.dpn_block import block_launch, head_launch
+from dpn_fast.ops.dpn_block import head_launch, stage_launch
 from dpn_fast.ops.dual_path_merge import batch_norm_params, merge_into_launch
 from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 
@@ -240,16 +240,25 @@ class DPN(nn.Layer):
         return (not self.training and (not paddle.in_dynamic_mode() or not paddle.is_grad_enabled())
                 and resolve_backend("auto", x, "DPN") == backend)
 
+    def _stages(self):
+        """The blocks grouped by stage, each list starting with the stage's projection block."""
+        stages = []
+        for block in self.blocks:
+            if block.has_proj:
+                stages.append([])
+            stages[-1].append(block)
+        return stages
+
     def _forward_cpu_inference(self, x):
-        """stem -> blocks -> head, one op each (CPU float32)."""
+        """stem -> stages -> head, one op each (CPU float32)."""
         # An empty batch (Paddle passes its empty tensors to ops as absent). Dynamic graph
         # only: an export must not trace a shape check.
         if paddle.in_dynamic_mode() and x.shape[0] == 0:
             return paddle.zeros([0, self.class_num], x.dtype)
         dense = stem_launch(x, self.conv1_x_1_func._conv, self.conv1_x_1_func._batch_norm)
         resid = None
-        for block in self.blocks:
-            resid, dense = block_launch(block, resid, dense, block.shape.in_dense)
+        for blocks in self._stages():
+            resid, dense = stage_launch(blocks, resid, dense, blocks[0].shape.in_dense)
         last = self.blocks[-1].shape
         return head_launch(resid, dense, last.dense_before + last.inc, self.conv5_x_x_bn,
                            self.out)

@@ -11,7 +11,9 @@ The 1x1 convolutions run on oneDNN's matmul (the oneDNN that Paddle ships), whos
 the CPU's features on Intel and AMD alike; Paddle's own CPU convolutions call an MKL that takes a
 slow generic path on AMD. A stage keeps its dense path in one buffer: the first block of a stage
 (`dpn_block_proj`) creates it with `capacity` channels, the others (`dpn_block`) append to it and
-accumulate into resid in place, so no split, add or concat runs as a pass of its own.
+accumulate into resid in place, so no split, add or concat runs as a pass of its own. The fused
+model runs each stage's blocks as one op (`dpn_stage`, the same cores block after block): each op
+call's dispatch costs ~0.2 ms after a block has streamed its weights through the cache.
 
 Eval BatchNorm (running statistics), no backward: training and gradients run the per-op path
 (dual_path_merge_bn_relu, grouped_conv_bn_relu). `reference_dpn_block` is the plain-Paddle block.
@@ -52,6 +54,28 @@ def block_launch(block, resid, dense, dense_channels):
                                  epsilons)
     return _extension.run_op("dpn_fast_dpn_block", resid, dense, *weights, bn, shape.groups,
                              dense_channels, epsilons)
+
+
+def stage_arguments(blocks, resid, dense, dense_channels):
+    """The dpn_fast_dpn_stage op's inputs and attributes for a stage's blocks, in order."""
+    weights, bns = [], []
+    for block in blocks:
+        block_weights, block_bns = _block_weights(block)
+        weights += block_weights
+        bns += block_bns
+    bn, epsilons = batch_norm_params(bns)
+    shape = blocks[0].shape
+    return [resid, dense, weights, bn, shape.groups, shape.stride, dense_channels,
+            shape.stage_dense, epsilons]
+
+
+def stage_launch(blocks, resid, dense, dense_channels):
+    """A stage's blocks (its projection block first) as one op, unchecked in Python: for the fused
+    model's inference path. `resid`, `dense`, `dense_channels`: the stage's input, as for
+    block_launch on its first block. Returns (resid, dense buffer) after the stage's last block;
+    the same as block_launch block by block, with one op dispatch instead of one per block."""
+    return _extension.run_op("dpn_fast_dpn_stage",
+                             *stage_arguments(blocks, resid, dense, dense_channels))
 
 
 def head_launch(resid, dense, dense_channels, bn, fc):
