@@ -180,13 +180,12 @@ dpn_fast::DpnBlockShape proj_shape(const paddle::optional<paddle::Tensor>& resid
 
 // A stage's first block: projects (resid, dense) into a new resid and a new dense buffer of
 // `capacity` channels, returned. `op` names the caller in error messages.
-std::vector<paddle::Tensor> run_projection_block(const paddle::optional<paddle::Tensor>& resid,
-                                        const paddle::Tensor& dense, const paddle::Tensor& w_proj,
-                                        const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
-                                        const paddle::Tensor& w_c,
-                                        const std::vector<paddle::Tensor>& bn, int64_t groups,
-                                        int64_t stride, int64_t dense_channels, int64_t capacity,
-                                        const std::vector<float>& epsilons, const char* op) {
+std::vector<paddle::Tensor> run_projection_block(
+    const paddle::optional<paddle::Tensor>& resid, const paddle::Tensor& dense,
+    const paddle::Tensor& w_proj, const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
+    const paddle::Tensor& w_c, const std::vector<paddle::Tensor>& bn, int64_t groups,
+    int64_t stride, int64_t dense_channels, int64_t capacity, const std::vector<float>& epsilons,
+    const char* op) {
   const auto s = proj_shape(resid, dense, w_proj, w_a, w_conv, w_c, groups, stride,
                             dense_channels, capacity, op);
   check_bns(bn, epsilons, {s.in_channels(), s.in_channels(), s.bottleneck, s.bottleneck},
