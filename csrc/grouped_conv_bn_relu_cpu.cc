@@ -3,6 +3,9 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+#include <immintrin.h>
+#endif
 #include "cpu_threads.h"
 #include "grouped_conv_bn_relu.h"
 

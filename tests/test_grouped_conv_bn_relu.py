@@ -48,6 +48,7 @@ ODD_CASES = [
     (2, 14, 14, 1, 1, 2, 1),
     (2, 14, 28, 2, 3, 2, 2),
     (1, 64, 64, 23, 17, 16, 2),
+    (2, 12, 12, 5, 37, 4, 2),  # rows of several vectors with a partial one (AVX-512: 16 floats)
 ]
 
 
