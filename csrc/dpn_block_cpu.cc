@@ -41,11 +41,25 @@ void add_batch_norm(ChannelAffine& affine, const BatchNormParams& bn) {
   affine.eps[a] = bn.epsilon;
 }
 
+// A block's activation planes: NCHW, or channel-major [C, N, H*W]. The block keeps its workspace
+// channel-major where planes are small and the batch has several images (wide_form): each 1x1
+// convolution then runs as one GEMM over all the images' columns, reading and writing the
+// workspace with no gather or scatter. The stage buffers (resid, dense) stay NCHW.
+struct Planes {
+  float* data;
+  int64_t channels, n, hw;
+  bool channel_major;
+
+  int64_t channel_stride() const { return channel_major ? n * hw : hw; }
+  int64_t image_stride() const { return channel_major ? hw : channels * hw; }
+  float* at(int64_t b, int64_t c) const { return data + b * image_stride() + c * channel_stride(); }
+};
+
 // Where a 1x1 convolution's output rows go: `rows` output channels, written (or accumulated)
-// from channel `channel0` on, into planes with `channels` channels per image.
+// from channel `channel0` of `to` on.
 struct RowsOut {
-  float* planes;
-  int64_t rows, channels, channel0;
+  Planes to;
+  int64_t rows, channel0;
   bool accumulate;
 };
 
@@ -57,39 +71,38 @@ constexpr int64_t kWideMaxPlane = 400;
 
 bool wide_form(int64_t n, int64_t hw) { return n > 1 && hw <= kWideMaxPlane; }
 
-// weight [sum of outs' rows, in_channels] x in [n, in_channels, hw], each image's output rows
-// split among `outs` in order. Several small images run as one GEMM on [in_channels, n * hw]
-// gathered into `wide` (wide_floats(...) floats), whose output is scattered to `outs`.
-void conv1x1(const float* weight, int64_t in_channels, const float* in, int64_t n, int64_t hw,
-             std::initializer_list<RowsOut> outs, float* wide) {
-  if (!wide_form(n, hw)) {
+// weight [sum of outs' rows, in.channels] x in, each image's output rows split among `outs` in
+// order. NCHW input: one GEMM per image. Channel-major input (wide form): one GEMM on
+// [in.channels, n * hw], straight into a channel-major output, or else through `scratch`
+// (scratch_floats(...) floats) scattered to the outputs.
+void conv1x1(const float* weight, const Planes& in, std::initializer_list<RowsOut> outs,
+             float* scratch) {
+  const int64_t k = in.channels, hw = in.hw, cols = in.n * hw;
+  if (!in.channel_major) {
     const float* w = weight;
     for (const RowsOut& o : outs) {
-      const GemmShape g{o.rows, hw, in_channels, in_channels, hw, hw, o.accumulate};
-      for (int64_t b = 0; b < n; ++b)
-        gemm_f32(g, w, in + b * in_channels * hw, o.planes + (b * o.channels + o.channel0) * hw);
-      w += o.rows * in_channels;
+      const GemmShape g{o.rows, hw, k, k, in.channel_stride(), o.to.channel_stride(), o.accumulate};
+      for (int64_t b = 0; b < in.n; ++b) gemm_f32(g, w, in.at(b, 0), o.to.at(b, o.channel0));
+      w += o.rows * k;
     }
+    return;
+  }
+  if (outs.size() == 1 && outs.begin()->to.channel_major) {
+    const RowsOut& o = *outs.begin();
+    gemm_f32(GemmShape{o.rows, cols, k, k, cols, cols, o.accumulate}, weight, in.data,
+             o.to.at(0, o.channel0));
     return;
   }
   int64_t rows = 0;
   for (const RowsOut& o : outs) rows += o.rows;
-  const int64_t cols = n * hw;
-  float* const wide_in = wide;
-  float* const wide_out = wide + in_channels * cols;
-#pragma omp parallel for num_threads(cpu_threads()) schedule(static)
-  for (int64_t k = 0; k < in_channels; ++k)
-    for (int64_t b = 0; b < n; ++b)
-      std::copy_n(in + (b * in_channels + k) * hw, hw, wide_in + k * cols + b * hw);
-  gemm_f32(GemmShape{rows, cols, in_channels, in_channels, cols, cols, false}, weight, wide_in,
-           wide_out);
-  const float* src = wide_out;
+  gemm_f32(GemmShape{rows, cols, k, k, cols, cols, false}, weight, in.data, scratch);
+  const float* src = scratch;
   for (const RowsOut& o : outs) {
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static)
     for (int64_t r = 0; r < o.rows; ++r)
-      for (int64_t b = 0; b < n; ++b) {
+      for (int64_t b = 0; b < in.n; ++b) {
         const float* from = src + r * cols + b * hw;
-        float* to = o.planes + (b * o.channels + o.channel0 + r) * hw;
+        float* to = o.to.at(b, o.channel0 + r);
         if (o.accumulate) {
 #pragma omp simd
           for (int64_t i = 0; i < hw; ++i) to[i] += from[i];
@@ -101,23 +114,26 @@ void conv1x1(const float* weight, int64_t in_channels, const float* in, int64_t 
   }
 }
 
-// Floats of conv1x1's `wide` for `in_channels` -> `rows` on n images of hw (0: not wide).
-int64_t wide_floats(int64_t n, int64_t hw, int64_t in_channels, int64_t rows) {
-  return wide_form(n, hw) ? (in_channels + rows) * n * hw : 0;
+// Floats of conv1x1's scratch for `rows` output rows on n images of hw, written to NCHW planes.
+int64_t scratch_floats(int64_t n, int64_t hw, int64_t rows) {
+  return wide_form(n, hw) ? rows * n * hw : 0;
 }
 
 // dst[b, c] = src[b, c, ::2, ::2]: the input of a stride-2 1x1 convolution.
-void subsample2(const float* src, float* dst, int64_t planes, int64_t h, int64_t w) {
+void subsample2(const Planes& src, const Planes& dst, int64_t h, int64_t w) {
   const int64_t ho = conv3x3_out_size(h, 2), wo = conv3x3_out_size(w, 2);
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static)
-  for (int64_t p = 0; p < planes; ++p)
+  for (int64_t p = 0; p < src.n * src.channels; ++p) {
+    const float* from = src.at(p / src.channels, p % src.channels);
+    float* to = dst.at(p / src.channels, p % src.channels);
     for (int64_t i = 0; i < ho; ++i)
-      for (int64_t j = 0; j < wo; ++j) dst[(p * ho + i) * wo + j] = src[(p * h + 2 * i) * w + 2 * j];
+      for (int64_t j = 0; j < wo; ++j) to[i * wo + j] = from[2 * i * w + 2 * j];
+  }
 }
 
 // Offsets (in floats) of the workspace's parts, and its size: one place for both.
 struct WorkspaceLayout {
-  int64_t act, act_w, act_w_strided, a, g, wide, total;
+  int64_t act, act_w, act_w_strided, a, g, scratch, total;
 };
 
 WorkspaceLayout workspace_layout(const DpnBlockShape& s) {
@@ -134,13 +150,11 @@ WorkspaceLayout workspace_layout(const DpnBlockShape& s) {
   }
   l.a = end;
   l.g = end + s.n * s.bottleneck * hw;
-  l.wide = l.g + s.n * s.bottleneck * hw_out;
-  // conv1x1's gather/scatter space, shared by the block's 1x1 convolutions (one at a time).
-  int64_t wide = std::max(wide_floats(s.n, hw, s.in_channels(), s.bottleneck),
-                          wide_floats(s.n, hw_out, s.bottleneck, s.resid + s.inc));
-  if (s.projection)
-    wide = std::max(wide, wide_floats(s.n, hw_out, s.in_channels(), s.resid + 2 * s.inc));
-  l.total = l.wide + wide;
+  l.scratch = l.g + s.n * s.bottleneck * hw_out;
+  // conv1x1's scatter space, shared by the block's 1x1 convolutions into NCHW (one at a time).
+  int64_t scratch = scratch_floats(s.n, hw_out, s.resid + s.inc);
+  if (s.projection) scratch = std::max(scratch, scratch_floats(s.n, hw_out, s.resid + 2 * s.inc));
+  l.total = l.scratch + scratch;
   return l;
 }
 
@@ -153,11 +167,17 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
                            float* dense_out, float* workspace) {
   if (s.n == 0) return;  // an empty batch: empty outputs
   const WorkspaceLayout l = workspace_layout(s);
-  struct {
-    float *act, *act_w, *act_w_strided, *a, *g, *wide;
-  } const ws{workspace + l.act, workspace + l.act_w, workspace + l.act_w_strided,
-             workspace + l.a, workspace + l.g, workspace + l.wide};
   const int64_t hw = s.h * s.w, hw_out = s.h_out() * s.w_out(), cin = s.in_channels();
+  // The workspace's layout per plane size: channel-major where that size's 1x1s are wide.
+  const bool wide_in = wide_form(s.n, hw), wide_out = wide_form(s.n, hw_out);
+  const Planes act{workspace + l.act, cin, s.n, hw, wide_in};
+  const Planes act_w{workspace + l.act_w, cin, s.n, hw, wide_in};
+  const Planes act_w_strided{workspace + l.act_w_strided, cin, s.n, hw_out, wide_out};
+  const Planes a{workspace + l.a, s.bottleneck, s.n, hw, wide_in};
+  const Planes g{workspace + l.g, s.bottleneck, s.n, hw_out, wide_out};
+  const Planes resid{resid_out, s.resid, s.n, hw_out, false};
+  const Planes dense{dense_out, s.capacity, s.n, hw_out, false};
+  float* const scratch = workspace + l.scratch;
   PartTimer timer;
 
   // The input's BN + ReLU: one read of (resid, dense) for both BNs of a projection block.
@@ -165,37 +185,36 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   float* acts[kMaxActs] = {};
   if (s.projection) {
     add_batch_norm(affine, wt.bn_w);
-    acts[0] = ws.act_w;
+    acts[0] = act_w.data;
   }
   add_batch_norm(affine, wt.bn_a);
-  acts[affine.num_acts - 1] = ws.act;
-  dual_path_merge_forward_cpu(resid_in, dense_in, nullptr, affine, nullptr, nullptr, acts,
-                              MergeShape{s.n, s.in_resid, s.in_dense, 0, hw, s.in_capacity});
+  acts[affine.num_acts - 1] = act.data;
+  MergeShape merge{s.n, s.in_resid, s.in_dense, 0, hw, s.in_capacity};
+  merge.act_channel_major = wide_in;
+  dual_path_merge_forward_cpu(resid_in, dense_in, nullptr, affine, nullptr, nullptr, acts, merge);
   timer.next(kInputBnRelu);
 
   if (s.projection) {
-    const float* act_w = ws.act_w;
+    const Planes* proj_in = &act_w;
     if (s.stride != 1) {
-      subsample2(ws.act_w, ws.act_w_strided, s.n * cin, s.h, s.w);
-      act_w = ws.act_w_strided;
+      subsample2(act_w, act_w_strided, s.h, s.w);
+      proj_in = &act_w_strided;
     }
-    conv1x1(wt.w_proj, cin, act_w, s.n, hw_out,
-            {{resid_out, s.resid, s.resid, 0, false}, {dense_out, 2 * s.inc, s.capacity, 0, false}},
-            ws.wide);
+    conv1x1(wt.w_proj, *proj_in, {{resid, s.resid, 0, false}, {dense, 2 * s.inc, 0, false}},
+            scratch);
     timer.next(kProjection, 2 * s.n * (s.resid + 2 * s.inc) * cin * hw_out);
   }
 
-  conv1x1(wt.w_a, cin, ws.act, s.n, hw, {{ws.a, s.bottleneck, s.bottleneck, 0, false}}, ws.wide);
+  conv1x1(wt.w_a, act, {{a, s.bottleneck, 0, false}}, scratch);
   timer.next(kConv1x1a, 2 * s.n * s.bottleneck * cin * hw);
   const GroupedConvShape conv{s.n, s.bottleneck, s.h, s.w, s.bottleneck, s.groups, s.stride,
                               s.h_out(), s.w_out()};
-  bn_relu_grouped_conv3x3_bn_relu_infer_cpu(ws.a, wt.w_conv, wt.bn_b, wt.bn_c, ws.g, conv);
+  bn_relu_grouped_conv3x3_bn_relu_infer_cpu(a.data, wt.w_conv, wt.bn_b, wt.bn_c, g.data, conv,
+                                            wide_in, wide_out);
   timer.next(kGroupedConv, 2 * s.n * s.bottleneck * (s.bottleneck / s.groups) * 9 * hw_out);
 
-  conv1x1(wt.w_c, s.bottleneck, ws.g, s.n, hw_out,
-          {{resid_out, s.resid, s.resid, 0, true},
-           {dense_out, s.inc, s.capacity, s.dense_before(), false}},
-          ws.wide);
+  conv1x1(wt.w_c, g, {{resid, s.resid, 0, true}, {dense, s.inc, s.dense_before(), false}},
+          scratch);
   timer.next(kConv1x1c, 2 * s.n * (s.resid + s.inc) * s.bottleneck * hw_out);
 }
 
