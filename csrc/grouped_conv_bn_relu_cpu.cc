@@ -33,7 +33,8 @@ struct ConvArgs {
     return x + (x_channel_major ? c * shape.n + b : b * shape.c + c) * shape.h * shape.w;
   }
   float* out_channel(int64_t b, int64_t c) const {
-    return out + (out_channel_major ? c * shape.n + b : b * shape.c_out + c) * shape.h_out * shape.w_out;
+    const int64_t plane = out_channel_major ? c * shape.n + b : b * shape.c_out + c;
+    return out + plane * shape.h_out * shape.w_out;
   }
 };
 
