@@ -160,8 +160,6 @@ WorkspaceLayout workspace_layout(const DpnBlockShape& s) {
 
 }  // namespace
 
-int64_t dpn_block_workspace_floats(const DpnBlockShape& s) { return workspace_layout(s).total; }
-
 void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
                            const float* resid_in, const float* dense_in, float* resid_out,
                            float* dense_out, float* workspace) {
@@ -216,6 +214,62 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   conv1x1(wt.w_c, g, {{resid, s.resid, 0, true}, {dense, s.inc, s.dense_before(), false}},
           scratch);
   timer.next(kConv1x1c, 2 * s.n * (s.resid + s.inc) * s.bottleneck * hw_out);
+}
+
+namespace {
+
+// Whether a stage runs image by image: every block then keeps one image's planes (a few MB at
+// 56x56 and 28x28) in cache from block to block, where block by block the whole batch's stage
+// buffers stream through memory once per block. Only where no block takes the wide form, whose
+// one GEMM over all the images needs the batch together.
+bool image_major(const DpnBlockShape* shapes, int64_t count) {
+  if (shapes[0].n == 1) return false;
+  for (int64_t i = 0; i < count; ++i) {
+    const DpnBlockShape& s = shapes[i];
+    if (wide_form(s.n, s.h * s.w) || wide_form(s.n, s.h_out() * s.w_out())) return false;
+  }
+  return true;
+}
+
+DpnBlockShape one_image(DpnBlockShape s) {
+  s.n = 1;
+  return s;
+}
+
+}  // namespace
+
+int64_t dpn_stage_workspace_floats(const DpnBlockShape* shapes, int64_t count) {
+  const bool per_image = image_major(shapes, count);
+  int64_t floats = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    floats = std::max(floats, workspace_layout(per_image ? one_image(shapes[i]) : shapes[i]).total);
+  }
+  return floats;
+}
+
+void dpn_stage_forward_cpu(const DpnBlockShape* shapes, const DpnBlockWeights* weights,
+                           int64_t count, const float* resid_in, const float* dense_in,
+                           float* resid_out, float* dense_out, float* workspace) {
+  if (!image_major(shapes, count)) {
+    for (int64_t i = 0; i < count; ++i) {
+      dpn_block_forward_cpu(shapes[i], weights[i], i == 0 ? resid_in : resid_out,
+                            i == 0 ? dense_in : dense_out, resid_out, dense_out, workspace);
+    }
+    return;
+  }
+  // NCHW: image b of each buffer is its own contiguous [1, C, H, W] tensor.
+  for (int64_t b = 0; b < shapes[0].n; ++b) {
+    for (int64_t i = 0; i < count; ++i) {
+      const DpnBlockShape& s = shapes[i];
+      const int64_t hw = s.h * s.w, hw_out = s.h_out() * s.w_out();
+      const float* r_in = i == 0 ? resid_in : resid_out;
+      const float* d_in = i == 0 ? dense_in : dense_out;
+      dpn_block_forward_cpu(one_image(s), weights[i],
+                            r_in ? r_in + b * s.in_resid * hw : nullptr,
+                            d_in + b * s.in_capacity * hw, resid_out + b * s.resid * hw_out,
+                            dense_out + b * s.capacity * hw_out, workspace);
+    }
+  }
 }
 
 void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,

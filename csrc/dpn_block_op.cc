@@ -22,12 +22,11 @@ constexpr const char* kHead = "dpn_fast_dpn_head";
 using Shape = std::vector<int64_t>;
 using dpn_fast::shape_str;
 
-// A block's workspace floats rounded up to a size class (eighths of a power of two). The host
+// A stage's (or block's) workspace floats rounded up to a size class (eighths of a power of two). The host
 // block cache reuses freed blocks of exactly the same size; a stage's blocks, whose workspaces
 // grow a little with each block's input channels, then share a few sizes instead of each keeping
 // its own block in the cache.
-int64_t workspace_size_class(const dpn_fast::DpnBlockShape& s) {
-  const int64_t floats = dpn_fast::dpn_block_workspace_floats(s);
+int64_t workspace_size_class(int64_t floats) {
   if (floats < 16) return floats;
   const int64_t step = int64_t{1} << (63 - __builtin_clzll(floats) - 3);
   return (floats + step - 1) / step * step;
@@ -114,12 +113,35 @@ void check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
   s->groups = groups;
 }
 
+// A block's shape and weights, checked against its operands.
+struct BlockPlan {
+  dpn_fast::DpnBlockShape shape;
+  dpn_fast::DpnBlockWeights weights;
+};
+
+// Runs blocks as a stage does (dpn_stage_forward_cpu): the first from (resid_in, dense_in) into
+// (resid_out, dense_out), the others in place there. `like` gives the workspace's place.
+void run_blocks(const std::vector<BlockPlan>& plans, const float* resid_in, const float* dense_in,
+                float* resid_out, float* dense_out, const paddle::Tensor& like) {
+  std::vector<dpn_fast::DpnBlockShape> shapes;
+  std::vector<dpn_fast::DpnBlockWeights> weights;
+  for (const BlockPlan& p : plans) {
+    shapes.push_back(p.shape);
+    weights.push_back(p.weights);
+  }
+  const int64_t floats = dpn_fast::dpn_stage_workspace_floats(shapes.data(), shapes.size());
+  auto workspace = dpn_fast::empty_output({workspace_size_class(floats)}, like.dtype(),
+                                          like.place());
+  dpn_fast::dpn_stage_forward_cpu(shapes.data(), weights.data(), shapes.size(), resid_in,
+                                  dense_in, resid_out, dense_out, workspace.data<float>());
+}
+
 // A normal block, in place on (resid, dense buffer). `op` names the caller in error messages.
-void run_normal_block(paddle::Tensor& resid, paddle::Tensor& dense, const paddle::Tensor& w_a,
-                      const paddle::Tensor& w_conv, const paddle::Tensor& w_c,
-                      const std::vector<paddle::Tensor>& bn, int64_t groups,
-                      int64_t dense_channels, const std::vector<float>& epsilons,
-                      const char* op) {
+BlockPlan plan_normal_block(const paddle::Tensor& resid, const paddle::Tensor& dense,
+                            const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
+                            const paddle::Tensor& w_c, const std::vector<paddle::Tensor>& bn,
+                            int64_t groups, int64_t dense_channels,
+                            const std::vector<float>& epsilons, const char* op) {
   const Input in = check_input(&resid, dense, dense_channels, op);
   dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
   check_bottleneck(w_a, w_conv, w_c, in.resid + in.dense, groups, op, &s);
@@ -134,14 +156,8 @@ void run_normal_block(paddle::Tensor& resid, paddle::Tensor& dense, const paddle
            " channels; ", in.dense, " old + ", s.inc, " new do not fit");
   check_bns(bn, epsilons, {s.in_channels(), s.bottleneck, s.bottleneck}, {"a", "conv_in", "c"},
             dense, op);
-  const dpn_fast::DpnBlockWeights wt{{}, nullptr, bn_at(bn, 0, epsilons), w_a.data<float>(),
-                                     bn_at(bn, 1, epsilons), w_conv.data<float>(),
-                                     bn_at(bn, 2, epsilons), w_c.data<float>()};
-  auto workspace = dpn_fast::empty_output({workspace_size_class(s)}, dense.dtype(),
-                                          dense.place());
-  dpn_fast::dpn_block_forward_cpu(s, wt, resid.data<float>(), dense.data<float>(),
-                                  resid.data<float>(), dense.data<float>(),
-                                  workspace.data<float>());
+  return {s, {{}, nullptr, bn_at(bn, 0, epsilons), w_a.data<float>(), bn_at(bn, 1, epsilons),
+              w_conv.data<float>(), bn_at(bn, 2, epsilons), w_c.data<float>()}};
 }
 
 // All outputs are its inputs, updated in place: nothing to return.
@@ -149,7 +165,10 @@ void BlockForward(paddle::Tensor& resid, paddle::Tensor& dense, const paddle::Te
                   const paddle::Tensor& w_conv, const paddle::Tensor& w_c,
                   const std::vector<paddle::Tensor>& bn, int64_t groups, int64_t dense_channels,
                   const std::vector<float>& epsilons) {
-  run_normal_block(resid, dense, w_a, w_conv, w_c, bn, groups, dense_channels, epsilons, kBlock);
+  const BlockPlan plan = plan_normal_block(resid, dense, w_a, w_conv, w_c, bn, groups,
+                                           dense_channels, epsilons, kBlock);
+  run_blocks({plan}, resid.data<float>(), dense.data<float>(), resid.data<float>(),
+             dense.data<float>(), dense);
 }
 
 dpn_fast::DpnBlockShape proj_shape(const paddle::optional<paddle::Tensor>& resid,
@@ -179,31 +198,29 @@ dpn_fast::DpnBlockShape proj_shape(const paddle::optional<paddle::Tensor>& resid
 }
 
 // A stage's first block: projects (resid, dense) into a new resid and a new dense buffer of
-// `capacity` channels, returned. `op` names the caller in error messages.
-std::vector<paddle::Tensor> run_projection_block(
-    const paddle::optional<paddle::Tensor>& resid, const paddle::Tensor& dense,
-    const paddle::Tensor& w_proj, const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
-    const paddle::Tensor& w_c, const std::vector<paddle::Tensor>& bn, int64_t groups,
-    int64_t stride, int64_t dense_channels, int64_t capacity, const std::vector<float>& epsilons,
-    const char* op) {
+// `capacity` channels. `op` names the caller in error messages.
+BlockPlan plan_projection_block(const paddle::optional<paddle::Tensor>& resid,
+                                const paddle::Tensor& dense, const paddle::Tensor& w_proj,
+                                const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
+                                const paddle::Tensor& w_c, const std::vector<paddle::Tensor>& bn,
+                                int64_t groups, int64_t stride, int64_t dense_channels,
+                                int64_t capacity, const std::vector<float>& epsilons,
+                                const char* op) {
   const auto s = proj_shape(resid, dense, w_proj, w_a, w_conv, w_c, groups, stride,
                             dense_channels, capacity, op);
   check_bns(bn, epsilons, {s.in_channels(), s.in_channels(), s.bottleneck, s.bottleneck},
             {"proj", "a", "conv_in", "c"}, dense, op);
-  const dpn_fast::DpnBlockWeights wt{bn_at(bn, 0, epsilons), w_proj.data<float>(),
-                                     bn_at(bn, 1, epsilons), w_a.data<float>(),
-                                     bn_at(bn, 2, epsilons), w_conv.data<float>(),
-                                     bn_at(bn, 3, epsilons), w_c.data<float>()};
-  auto resid_out = dpn_fast::empty_output({s.n, s.resid, s.h_out(), s.w_out()}, dense.dtype(),
-                                          dense.place());
-  auto dense_out = dpn_fast::empty_output({s.n, s.capacity, s.h_out(), s.w_out()}, dense.dtype(),
-                                          dense.place());
-  auto workspace = dpn_fast::empty_output({workspace_size_class(s)}, dense.dtype(),
-                                          dense.place());
-  dpn_fast::dpn_block_forward_cpu(s, wt, resid ? resid->data<float>() : nullptr,
-                                  dense.data<float>(), resid_out.data<float>(),
-                                  dense_out.data<float>(), workspace.data<float>());
-  return {resid_out, dense_out};
+  return {s, {bn_at(bn, 0, epsilons), w_proj.data<float>(), bn_at(bn, 1, epsilons),
+              w_a.data<float>(), bn_at(bn, 2, epsilons), w_conv.data<float>(),
+              bn_at(bn, 3, epsilons), w_c.data<float>()}};
+}
+
+// The projection's new (resid, dense buffer), uninitialised.
+std::vector<paddle::Tensor> projection_outputs(const dpn_fast::DpnBlockShape& s,
+                                               const paddle::Tensor& like) {
+  return {dpn_fast::empty_output({s.n, s.resid, s.h_out(), s.w_out()}, like.dtype(), like.place()),
+          dpn_fast::empty_output({s.n, s.capacity, s.h_out(), s.w_out()}, like.dtype(),
+                                 like.place())};
 }
 
 std::vector<paddle::Tensor> ProjForward(const paddle::optional<paddle::Tensor>& resid,
@@ -213,8 +230,12 @@ std::vector<paddle::Tensor> ProjForward(const paddle::optional<paddle::Tensor>& 
                                         const std::vector<paddle::Tensor>& bn, int64_t groups,
                                         int64_t stride, int64_t dense_channels, int64_t capacity,
                                         const std::vector<float>& epsilons) {
-  return run_projection_block(resid, dense, w_proj, w_a, w_conv, w_c, bn, groups, stride,
-                              dense_channels, capacity, epsilons, kProj);
+  const BlockPlan plan = plan_projection_block(resid, dense, w_proj, w_a, w_conv, w_c, bn, groups,
+                                               stride, dense_channels, capacity, epsilons, kProj);
+  auto out = projection_outputs(plan.shape, dense);
+  run_blocks({plan}, resid ? resid->data<float>() : nullptr, dense.data<float>(),
+             out[0].data<float>(), out[1].data<float>(), dense);
+  return out;
 }
 
 // Tensors [first, first + count) of a list.
@@ -242,22 +263,23 @@ std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>&
   PD_CHECK(bn.size() == 4 * bns && epsilons.size() == bns, kStage, ": ", blocks,
            " blocks take ", bns, " BatchNorms (", 4 * bns, " tensors and as many epsilons), got ",
            bn.size(), " tensors and ", epsilons.size(), " epsilons");
-  auto out = run_projection_block(resid, dense, weights[0], weights[1], weights[2], weights[3],
-                                  slice(bn, 0, 16), groups, stride, dense_channels, capacity,
-                                  slice(epsilons, 0, 4), kStage);
-  paddle::Tensor& resid_out = out[0];
-  paddle::Tensor& dense_out = out[1];
+  std::vector<BlockPlan> plans{plan_projection_block(
+      resid, dense, weights[0], weights[1], weights[2], weights[3], slice(bn, 0, 16), groups,
+      stride, dense_channels, capacity, slice(epsilons, 0, 4), kStage)};
+  auto out = projection_outputs(plans[0].shape, dense);
   // Valid dense channels: the projection's 2 inc and the first block's inc, then each block's.
-  const int64_t r = resid_out.shape()[1];
+  const int64_t r = out[0].shape()[1];
   int64_t channels = (weights[0].shape()[0] - r) + (weights[3].shape()[0] - r);
   for (size_t b = 1; b < blocks; ++b) {
     const std::string where = std::string(kStage) + " (block " + std::to_string(b) + ")";
     const size_t w = 4 + 3 * (b - 1), first_bn = 4 + 3 * (b - 1);
-    run_normal_block(resid_out, dense_out, weights[w], weights[w + 1], weights[w + 2],
-                     slice(bn, 4 * first_bn, 12), groups, channels, slice(epsilons, first_bn, 3),
-                     where.c_str());
+    plans.push_back(plan_normal_block(out[0], out[1], weights[w], weights[w + 1], weights[w + 2],
+                                      slice(bn, 4 * first_bn, 12), groups, channels,
+                                      slice(epsilons, first_bn, 3), where.c_str()));
     channels += weights[w + 2].shape()[0] - r;
   }
+  run_blocks(plans, resid ? resid->data<float>() : nullptr, dense.data<float>(),
+             out[0].data<float>(), out[1].data<float>(), dense);
   return out;
 }
 

@@ -285,6 +285,28 @@ def test_stage_op_equals_block_ops(model, n, hw):
             assert np.isfinite(by_stage[1].numpy()[:, :valid]).all()
 
 
+def test_stage_op_runs_images_like_single_images():
+    """Where planes are large (here 41x41, then 21x21 after a stride-2 projection) a stage of
+    several images runs image by image, each through all its blocks: bit for bit what each image
+    gives alone."""
+    rng = np.random.default_rng(11)
+    net = stage_model("DPN68", rng)
+    first = net.blocks[0].shape
+    dense = paddle.to_tensor(rng.standard_normal((3, first.in_dense, 41, 41)).astype("float32"))
+    batch = (None, dense)
+    images = [(None, dense[i:i + 1]) for i in range(3)]
+    with paddle.no_grad():
+        for blocks in net._stages()[:2]:
+            batch = stage_launch(blocks, *batch, blocks[0].shape.in_dense)
+            images = [stage_launch(blocks, *image, blocks[0].shape.in_dense) for image in images]
+            last = blocks[-1].shape
+            valid = last.dense_before + last.inc
+            for i, (resid, dense_out) in enumerate(images):
+                np.testing.assert_array_equal(batch[0].numpy()[i:i + 1], resid.numpy())
+                np.testing.assert_array_equal(batch[1].numpy()[i:i + 1, :valid],
+                                              dense_out.numpy()[:, :valid])
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda a: a[2].pop(), "'weights' must hold 4 tensors for the stage's first block"),
     (lambda a: a[3].pop(), "blocks take 10 BatchNorms"),
