@@ -58,8 +58,8 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& weight
 // A run of blocks, as a stage runs them: block 0 from (resid_in, dense_in) into (resid_out,
 // dense_out), the following ones in place on those (shapes[i] and weights[i] as above; block 0
 // may be a projection block or, alone, a normal one with resid_out == resid_in and dense_out ==
-// dense_in). With several images and only large planes (no block takes the one-GEMM-per-batch
-// form) it runs image by image, each image through all the blocks.
+// dense_in). A batch runs a few images at a time, each group through all the blocks: one image
+// where planes are large, enough for one wide GEMM where they are small.
 int64_t dpn_stage_workspace_floats(const DpnBlockShape* shapes, int64_t count);
 void dpn_stage_forward_cpu(const DpnBlockShape* shapes, const DpnBlockWeights* weights,
                            int64_t count, const float* resid_in, const float* dense_in,
