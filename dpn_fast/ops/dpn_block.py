@@ -13,7 +13,9 @@ slow generic path on AMD. A stage keeps its dense path in one buffer: the first 
 (`dpn_block_proj`) creates it with `capacity` channels, the others (`dpn_block`) append to it and
 accumulate into resid in place, so no split, add or concat runs as a pass of its own. The fused
 model runs each stage's blocks as one op (`dpn_stage`, the same cores block after block): each op
-call's dispatch costs ~0.2 ms after a block has streamed its weights through the cache.
+call's dispatch costs ~0.2 ms after a block has streamed its weights through the cache. A batch
+runs through a stage a few images at a time (one where planes are large, enough for one wide GEMM
+where they are small), so their planes stay in cache from block to block.
 
 Eval BatchNorm (running statistics), no backward: training and gradients run the per-op path
 (dual_path_merge_bn_relu, grouped_conv_bn_relu). `reference_dpn_block` is the plain-Paddle block.
