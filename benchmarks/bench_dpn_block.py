@@ -8,6 +8,8 @@ The pytest groups put the reference block and the op side by side for the first 
 block of each DPN92 stage. The script runs the fused model and splits its blocks' time into input
 BN + ReLU, projection, 1x1a, grouped conv and 1x1c (the op's own timers), and compares the 1x1
 GEMMs' rate with this machine's GEMM peak: a 2048^3 oneDNN matmul through the same code.
+`--per-stage` splits the same parts by stage (the stage ops run one after another, as in the
+model).
 """
 import argparse
 import ctypes
@@ -22,7 +24,8 @@ import dpn_fast
 from dpn_fast import _extension
 from dpn_fast.models.config import CONFIGS, block_shapes
 from dpn_fast.models.dpn import DualPathBlock
-from dpn_fast.ops.dpn_block import dpn_block, reference_dpn_block
+from dpn_fast.ops.dpn_block import dpn_block, reference_dpn_block, stage_launch
+from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 
 PARTS = ("input BN+ReLU", "projection 1x1", "1x1a", "grouped 3x3", "1x1c")
 GEMM_PARTS = (1, 2, 4)
@@ -90,11 +93,35 @@ def profile_model(name, batch, iterations=10):
     return float(np.median(times)), seconds / iterations, flops / iterations
 
 
+def profile_stages(name, batch, iterations=10):
+    """Per stage, its blocks' seconds per part and total, per run of the stage op; the stages run
+    one after another on the outputs of the previous one, as in the model."""
+    paddle.seed(0)
+    model = dpn_fast.create_model(name, fused=True)
+    model.eval()
+    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)), "float32")
+    stem, bn = model.conv1_x_1_func._conv, model.conv1_x_1_func._batch_norm
+    with paddle.no_grad():
+        inputs, resid, dense = [], None, stem_launch(x, stem, bn)
+        for blocks in model._stages():
+            inputs.append((blocks, resid, dense))
+            resid, dense = stage_launch(blocks, resid, dense, blocks[0].shape.in_dense)
+        seconds = np.zeros((len(inputs), len(PARTS)))
+        block_profile(reset=True)
+        for _ in range(iterations):
+            for i, (blocks, resid, dense) in enumerate(inputs):
+                stage_launch(blocks, resid, dense, blocks[0].shape.in_dense)
+                seconds[i] += block_profile(reset=True)[0]
+    return seconds / iterations
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="DPN92", choices=sorted(CONFIGS))
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--per-stage", action="store_true",
+                        help="also split the blocks' time by stage")
     args = parser.parse_args()
     paddle.base.core.set_num_threads(args.threads)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
@@ -111,6 +138,11 @@ def main():
     rate = gemm_f / gemm_s * 1e-9
     print(f"1x1 GEMMs: {gemm_s * 1e3:.1f} ms, {rate:.1f} GFLOP/s = {rate / peak:.0%} of the "
           f"2048^3 matmul's {peak:.1f} GFLOP/s ({impl})")
+    if args.per_stage:
+        print("| stage | " + " | ".join(PARTS) + " | all |\n|" + "---|" * (len(PARTS) + 2))
+        for stage, row in enumerate(profile_stages(args.model, args.batch_size), start=1):
+            print(f"| {stage} | " + " | ".join(f"{v * 1e3:.2f}" for v in row)
+                  + f" | {row.sum() * 1e3:.2f} |")
 
 
 if __name__ == "__main__":
