@@ -47,19 +47,14 @@ struct DpnBlockWeights {
   const float* w_c;       // [resid + inc, bottleneck]
 };
 
-// resid_in: [n, in_resid, h, w] (nullptr when in_resid == 0); dense_in: [n, in_capacity, h, w].
-// resid_out: [n, resid, h_out, w_out]; dense_out: [n, capacity, h_out, w_out]. A normal block
-// runs in place: resid_out == resid_in, dense_out == dense_in (only channels in_dense .. + inc of
-// the buffer are written). workspace: dpn_stage_workspace_floats(&s, 1) floats.
-void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& weights,
-                           const float* resid_in, const float* dense_in, float* resid_out,
-                           float* dense_out, float* workspace);
-
 // A run of blocks, as a stage runs them: block 0 from (resid_in, dense_in) into (resid_out,
-// dense_out), the following ones in place on those (shapes[i] and weights[i] as above; block 0
-// may be a projection block or, alone, a normal one with resid_out == resid_in and dense_out ==
-// dense_in). A batch runs a few images at a time, each group through all the blocks: one image
-// where planes are large, enough for one wide GEMM where they are small.
+// dense_out), the following ones in place on those. Block 0 may be a projection block or, alone,
+// a normal one. For block 0: resid_in [n, in_resid, h, w] (nullptr when in_resid == 0), dense_in
+// [n, in_capacity, h, w]; resid_out [n, resid, h_out, w_out], dense_out [n, capacity, h_out,
+// w_out]. A normal block runs in place (resid_out == resid_in, dense_out == dense_in) and writes
+// only channels in_dense .. in_dense + inc of the dense buffer. A batch runs a few images at a
+// time, each group through all the blocks: one image where planes are large, enough for one wide
+// GEMM where they are small. workspace: dpn_stage_workspace_floats(shapes, count) floats.
 int64_t dpn_stage_workspace_floats(const DpnBlockShape* shapes, int64_t count);
 void dpn_stage_forward_cpu(const DpnBlockShape* shapes, const DpnBlockWeights* weights,
                            int64_t count, const float* resid_in, const float* dense_in,

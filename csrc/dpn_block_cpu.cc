@@ -158,8 +158,8 @@ WorkspaceLayout workspace_layout(const DpnBlockShape& s) {
   return l;
 }
 
-}  // namespace
-
+// One block on n images (the shapes and in-place rules of dpn_stage_forward_cpu's block 0);
+// workspace: workspace_layout(s).total floats.
 void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
                            const float* resid_in, const float* dense_in, float* resid_out,
                            float* dense_out, float* workspace) {
@@ -215,8 +215,6 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
           scratch);
   timer.next(kConv1x1c, 2 * s.n * (s.resid + s.inc) * s.bottleneck * hw_out);
 }
-
-namespace {
 
 // Columns of a wide-form GEMM (images x positions) at which oneDNN's matmul has reached its rate.
 constexpr int64_t kWideColumns = 784;
