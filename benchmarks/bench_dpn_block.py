@@ -73,13 +73,19 @@ def test_block(benchmark, shape, n, impl):
                            rounds=10, iterations=2)
 
 
-def profile_model(name, batch, iterations=10):
-    """Median forward time (s) of the fused model and its blocks' (seconds, flops) per part,
-    per forward."""
+def fused_model_and_input(name, batch):
+    """The fused model (seeded random weights, eval) and a random 224x224 batch."""
     paddle.seed(0)
     model = dpn_fast.create_model(name, fused=True)
     model.eval()
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)), "float32")
+    return model, x
+
+
+def profile_model(name, batch, iterations=10):
+    """Median forward time (s) of the fused model and its blocks' (seconds, flops) per part,
+    per forward."""
+    model, x = fused_model_and_input(name, batch)
     times = []
     with paddle.no_grad():
         for _ in range(3):
@@ -96,10 +102,7 @@ def profile_model(name, batch, iterations=10):
 def profile_stages(name, batch, iterations=10):
     """Per stage, its blocks' seconds per part and total, per run of the stage op; the stages run
     one after another on the outputs of the previous one, as in the model."""
-    paddle.seed(0)
-    model = dpn_fast.create_model(name, fused=True)
-    model.eval()
-    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)), "float32")
+    model, x = fused_model_and_input(name, batch)
     stem, bn = model.conv1_x_1_func._conv, model.conv1_x_1_func._batch_norm
     with paddle.no_grad():
         inputs, resid, dense = [], None, stem_launch(x, stem, bn)

@@ -22,10 +22,10 @@ constexpr const char* kHead = "dpn_fast_dpn_head";
 using Shape = std::vector<int64_t>;
 using dpn_fast::shape_str;
 
-// A stage's (or block's) workspace floats rounded up to a size class (eighths of a power of two). The host
-// block cache reuses freed blocks of exactly the same size; a stage's blocks, whose workspaces
-// grow a little with each block's input channels, then share a few sizes instead of each keeping
-// its own block in the cache.
+// A stage's (or block's) workspace floats rounded up to a size class (eighths of a power of two).
+// The host block cache reuses freed blocks of exactly the same size; stages and blocks, whose
+// workspaces grow a little with each block's input channels, then share a few sizes instead of
+// each keeping its own block in the cache.
 int64_t workspace_size_class(int64_t floats) {
   if (floats < 16) return floats;
   const int64_t step = int64_t{1} << (63 - __builtin_clzll(floats) - 3);
