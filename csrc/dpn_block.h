@@ -1,15 +1,17 @@
-// A whole DPN block, and the network's head, for inference (eval BatchNorm), NCHW float32,
-// framework-free. A block with input (resid, dense) and output (resid', dense'):
+// A whole DPN block, and the network's head, for inference (eval BatchNorm), channels-last
+// (NHWC) float32, framework-free. A block with input (resid, dense) and output (resid', dense'):
 //   act    = relu(bn_a(concat(resid, dense)))          act_w likewise with bn_w (projection)
-//   resid' , dense'[:, :2 inc] = split(W_w x act_w)     projection blocks (stride: subsampled)
-//   g      = relu(bn_c(grouped_conv3x3(relu(bn_b(W_a x act)), stride)))
-//   resid' += W_c[:R] x g;  dense'[:, d : d + inc] = W_c[R:] x g
-// The 1x1 convolutions run on oneDNN (onednn_gemm.h): one GEMM per image, or one over all the
-// images' columns where planes are small (14x14, 7x7; see conv1x1). The grouped conv runs on the
-// project's kernel with bn_b in its prologue and bn_c in its epilogue, and the BN + ReLU of the
-// input in one pass with the dual-path merge's kernel. A normal block works in place on the stage's buffers: the
-// residual accumulates into resid and the new dense channels land in the stage's dense buffer,
-// so nothing is split, added or concatenated in a separate pass.
+//   resid' , dense'[:, :2 inc] = split(act_w x W_w^T)   projection blocks (stride: subsampled)
+//   g      = relu(bn_c(grouped_conv3x3(relu(bn_b(act x W_a^T)), stride)))
+//   resid' += g x W_c[:R]^T;  dense'[:, d : d + inc] = g x W_c[R:]^T
+// Channels-last, a 1x1 convolution is one GEMM over all positions of a run of images, its
+// activations used as oneDNN's matmul reads them and its weights as given; in NCHW the
+// activations were the operand the matmul repacks on every call (docs/benchmarks.md: 1.13-1.2x
+// on DPN92's shapes). bn_b + ReLU is 1x1a's epilogue (oneDNN post-ops), bn_c + ReLU the grouped
+// conv's (the project's channels-last kernel), the input's BN + ReLU one pass. A normal block
+// works in place on the stage's buffers: the residual accumulates into resid and the new dense
+// channels land in the stage's dense buffer, so nothing is split, added or concatenated in a
+// separate pass.
 // Head: logits = fc(mean_hw(relu(bn(concat(resid, dense))))), without materialising the BN'd
 // concat.
 #pragma once
@@ -49,12 +51,13 @@ struct DpnBlockWeights {
 
 // A run of blocks, as a stage runs them: block 0 from (resid_in, dense_in) into (resid_out,
 // dense_out), the following ones in place on those. Block 0 may be a projection block or, alone,
-// a normal one. For block 0: resid_in [n, in_resid, h, w] (nullptr when in_resid == 0), dense_in
-// [n, in_capacity, h, w]; resid_out [n, resid, h_out, w_out], dense_out [n, capacity, h_out,
-// w_out]. A normal block runs in place (resid_out == resid_in, dense_out == dense_in) and writes
-// only channels in_dense .. in_dense + inc of the dense buffer. A batch runs a few images at a
-// time, each group through all the blocks: one image where planes are large, enough for one wide
-// GEMM where they are small. workspace: dpn_stage_workspace_floats(shapes, count) floats.
+// a normal one. Buffers are channels-last: resid_in [n, h, w, in_resid], dense_in [n, h, w,
+// in_capacity]; but a block 0 with in_resid == 0 reads the stem's output, dense_in NCHW [n,
+// in_capacity, h, w] (resid_in nullptr). resid_out [n, h_out, w_out, resid], dense_out [n, h_out,
+// w_out, capacity]. A normal block runs in place (resid_out == resid_in, dense_out == dense_in)
+// and writes only channels in_dense .. in_dense + inc of the dense buffer. A batch runs a few
+// images at a time, each group through all the blocks: one image where planes are large, more
+// where they are small. workspace: dpn_stage_workspace_floats(shapes, count) floats.
 int64_t dpn_stage_workspace_floats(const DpnBlockShape* shapes, int64_t count);
 void dpn_stage_forward_cpu(const DpnBlockShape* shapes, const DpnBlockWeights* weights,
                            int64_t count, const float* resid_in, const float* dense_in,
@@ -70,7 +73,8 @@ struct DpnHeadShape {
 // Workspace of dpn_head_forward_cpu, in floats.
 inline int64_t dpn_head_workspace_floats(const DpnHeadShape& s) { return s.n * s.channels(); }
 
-// fc_weight: [channels, classes] (paddle.nn.Linear's layout); logits: [n, classes].
+// resid [n, hw, resid], dense [n, hw, capacity] (channels-last); fc_weight: [channels, classes]
+// (paddle.nn.Linear's layout); logits: [n, classes].
 void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,
                           const BatchNormParams& bn, const float* fc_weight, const float* fc_bias,
                           float* logits, float* workspace);

@@ -1,12 +1,11 @@
-// Paddle bindings of the whole-block and head ops for inference (CPU, float32, eval BN; no
-// backward: training runs the per-op path):
-//   dpn_fast_dpn_block       a normal block, in place on the stage's (resid, dense buffer)
-//   dpn_fast_dpn_block_proj  a stage's first block: projects its input (the stem's output, or
-//                            the previous stage's resid and dense buffer) into a new resid and a
-//                            new dense buffer of `capacity` channels
-//   dpn_fast_dpn_stage       a whole stage: dpn_block_proj's work, then its normal blocks in place
-//                            (what the fused model runs)
-//   dpn_fast_dpn_head        final BN + ReLU, global average pool and the classifier
+// Paddle bindings of the block, stage and head ops for inference (CPU, float32, eval BN; no
+// backward: training runs the per-op path). Their stage buffers are channels-last (NHWC):
+//   dpn_fast_dpn_block  a normal block, in place on the stage's (resid, dense buffer)
+//   dpn_fast_dpn_stage  a whole stage: its first block projects the input (the stem's NCHW
+//                       output, or the previous stage's resid and dense buffer) into a new resid
+//                       and a new dense buffer of `capacity` channels, then its normal blocks run
+//                       in place there (what the fused model runs)
+//   dpn_fast_dpn_head   final BN + ReLU, global average pool and the classifier
 // BN parameters come as one list, four tensors (weight, bias, mean, variance) per BN, in the
 // block's order: [projection's,] 1x1a's, the grouped conv's, 1x1c's (a stage: block by block).
 #include "binding.h"
@@ -15,7 +14,6 @@
 namespace {
 
 constexpr const char* kBlock = "dpn_fast_dpn_block";
-constexpr const char* kProj = "dpn_fast_dpn_block_proj";
 constexpr const char* kStage = "dpn_fast_dpn_stage";
 constexpr const char* kHead = "dpn_fast_dpn_head";
 
@@ -52,21 +50,25 @@ struct Input {
   int64_t n, h, w, resid, dense, capacity;
 };
 
+// Channels-last (resid, dense) [N, H, W, C]; or, with resid absent and `stem` set, the stem's
+// NCHW output as dense.
 Input check_input(const paddle::Tensor* resid, const paddle::Tensor& dense,
-                  int64_t dense_channels, const char* op) {
+                  int64_t dense_channels, bool stem, const char* op) {
   const Shape& d = dense.shape();
-  PD_CHECK(d.size() == 4, op, ": 'dense' must have rank 4 [N, C, H, W], got shape ", shape_str(d));
-  PD_CHECK(d[2] > 0 && d[3] > 0, op, ": empty image, dense has shape ", shape_str(d));
-  PD_CHECK(dense_channels > 0 && dense_channels <= d[1], op, ": dense_channels must be in [1, ",
-           d[1], "] (channels of 'dense'), got ", dense_channels);
-  Input in{d[0], d[2], d[3], 0, dense_channels, d[1]};
+  const char* layout = stem ? "[N, C, H, W] (the stem's output)" : "[N, H, W, C]";
+  PD_CHECK(d.size() == 4, op, ": 'dense' must have rank 4 ", layout, ", got shape ", shape_str(d));
+  const int64_t h = stem ? d[2] : d[1], w = stem ? d[3] : d[2], c = stem ? d[1] : d[3];
+  PD_CHECK(h > 0 && w > 0, op, ": empty image, dense ", layout, " has shape ", shape_str(d));
+  PD_CHECK(dense_channels > 0 && dense_channels <= c, op, ": dense_channels must be in [1, ", c,
+           "] (channels of 'dense' ", layout, "), got ", dense_channels);
+  Input in{d[0], h, w, 0, dense_channels, c};
   if (resid) {
     const Shape& r = resid->shape();
-    PD_CHECK(r.size() == 4 && r[0] == d[0] && r[2] == d[2] && r[3] == d[3] && r[1] > 0, op,
-             ": 'resid' must have shape [", d[0], ", R, ", d[2], ", ", d[3],
-             "] like 'dense', got ", shape_str(r));
+    PD_CHECK(r.size() == 4 && r[0] == d[0] && r[1] == h && r[2] == w && r[3] > 0, op,
+             ": 'resid' must have shape [", d[0], ", ", h, ", ", w,
+             ", R] like 'dense' (channels-last), got ", shape_str(r));
     check_operand(*resid, op, "resid");
-    in.resid = r[1];
+    in.resid = r[3];
   }
   check_operand(dense, op, "dense");
   return in;
@@ -142,7 +144,7 @@ BlockPlan plan_normal_block(const paddle::Tensor& resid, const paddle::Tensor& d
                             const paddle::Tensor& w_c, const std::vector<paddle::Tensor>& bn,
                             int64_t groups, int64_t dense_channels,
                             const std::vector<float>& epsilons, const char* op) {
-  const Input in = check_input(&resid, dense, dense_channels, op);
+  const Input in = check_input(&resid, dense, dense_channels, false, op);
   dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
   check_bottleneck(w_a, w_conv, w_c, in.resid + in.dense, groups, op, &s);
   s.stride = 1;
@@ -176,7 +178,8 @@ dpn_fast::DpnBlockShape proj_shape(const paddle::optional<paddle::Tensor>& resid
                                    const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
                                    const paddle::Tensor& w_c, int64_t groups, int64_t stride,
                                    int64_t dense_channels, int64_t capacity, const char* op) {
-  const Input in = check_input(resid ? resid.get_ptr() : nullptr, dense, dense_channels, op);
+  const Input in = check_input(resid ? resid.get_ptr() : nullptr, dense, dense_channels, !resid,
+                               op);
   dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
   check_bottleneck(w_a, w_conv, w_c, s.in_channels(), groups, op, &s);
   check_1x1(w_proj, s.in_channels(), op, "w_proj");
@@ -215,27 +218,12 @@ BlockPlan plan_projection_block(const paddle::optional<paddle::Tensor>& resid,
               bn_at(bn, 3, epsilons), w_c.data<float>()}};
 }
 
-// The projection's new (resid, dense buffer), uninitialised.
+// The projection's new (resid, dense buffer), channels-last, uninitialised.
 std::vector<paddle::Tensor> projection_outputs(const dpn_fast::DpnBlockShape& s,
                                                const paddle::Tensor& like) {
-  return {dpn_fast::empty_output({s.n, s.resid, s.h_out(), s.w_out()}, like.dtype(), like.place()),
-          dpn_fast::empty_output({s.n, s.capacity, s.h_out(), s.w_out()}, like.dtype(),
+  return {dpn_fast::empty_output({s.n, s.h_out(), s.w_out(), s.resid}, like.dtype(), like.place()),
+          dpn_fast::empty_output({s.n, s.h_out(), s.w_out(), s.capacity}, like.dtype(),
                                  like.place())};
-}
-
-std::vector<paddle::Tensor> ProjForward(const paddle::optional<paddle::Tensor>& resid,
-                                        const paddle::Tensor& dense, const paddle::Tensor& w_proj,
-                                        const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
-                                        const paddle::Tensor& w_c,
-                                        const std::vector<paddle::Tensor>& bn, int64_t groups,
-                                        int64_t stride, int64_t dense_channels, int64_t capacity,
-                                        const std::vector<float>& epsilons) {
-  const BlockPlan plan = plan_projection_block(resid, dense, w_proj, w_a, w_conv, w_c, bn, groups,
-                                               stride, dense_channels, capacity, epsilons, kProj);
-  auto out = projection_outputs(plan.shape, dense);
-  run_blocks({plan}, resid ? resid->data<float>() : nullptr, dense.data<float>(),
-             out[0].data<float>(), out[1].data<float>(), dense);
-  return out;
 }
 
 // Tensors [first, first + count) of a list.
@@ -268,7 +256,7 @@ std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>&
       stride, dense_channels, capacity, slice(epsilons, 0, 4), kStage)};
   auto out = projection_outputs(plans[0].shape, dense);
   // Valid dense channels: the projection's 2 inc and the first block's inc, then each block's.
-  const int64_t r = out[0].shape()[1];
+  const int64_t r = out[0].shape()[3];
   int64_t channels = (weights[0].shape()[0] - r) + (weights[3].shape()[0] - r);
   for (size_t b = 1; b < blocks; ++b) {
     const std::string where = std::string(kStage) + " (block " + std::to_string(b) + ")";
@@ -288,32 +276,18 @@ int64_t out_size(int64_t in, int64_t stride) {
   return in < 0 ? -1 : dpn_fast::conv3x3_out_size(in, stride);
 }
 
-std::vector<Shape> ProjInferShape(const paddle::optional<Shape>&, const Shape& ds, const Shape& ws,
-                                  const Shape&, const Shape&, const Shape& cs,
-                                  const std::vector<Shape>&, int64_t, int64_t stride, int64_t,
-                                  int64_t capacity, const std::vector<float>&) {
-  PD_CHECK(ds.size() == 4 && ws.size() == 4 && cs.size() == 4, kProj,
-           ": dense, w_proj and w_c must have rank 4");
-  const int64_t inc = ws[0] - cs[0];
-  const int64_t ho = out_size(ds[2], stride), wo = out_size(ds[3], stride);
-  return {{ds[0], cs[0] - inc, ho, wo}, {ds[0], capacity, ho, wo}};
-}
-
-std::vector<paddle::DataType> ProjInferDtype(const paddle::optional<paddle::DataType>&,
-                                             paddle::DataType dense, paddle::DataType,
-                                             paddle::DataType, paddle::DataType,
-                                             paddle::DataType,
-                                             const std::vector<paddle::DataType>&) {
-  return {dense, dense};
-}
-
 std::vector<Shape> StageInferShape(const paddle::optional<Shape>& rs, const Shape& ds,
-                                   const std::vector<Shape>& ws, const std::vector<Shape>& bn,
-                                   int64_t groups, int64_t stride, int64_t dense_channels,
-                                   int64_t capacity, const std::vector<float>& epsilons) {
-  PD_CHECK(ws.size() >= 4, kStage, ": 'weights' must hold at least the first block's 4 tensors");
-  return ProjInferShape(rs, ds, ws[0], ws[1], ws[2], ws[3], bn, groups, stride, dense_channels,
-                        capacity, epsilons);
+                                   const std::vector<Shape>& ws, const std::vector<Shape>&,
+                                   int64_t, int64_t stride, int64_t, int64_t capacity,
+                                   const std::vector<float>&) {
+  PD_CHECK(ws.size() >= 4 && ds.size() == 4 && ws[0].size() == 4 && ws[3].size() == 4, kStage,
+           ": 'weights' must hold at least the first block's 4 tensors; dense, w_proj and w_c "
+           "must have rank 4");
+  // w_proj: resid + 2 inc rows; w_c: resid + inc rows. The stem's output (no resid) is NCHW.
+  const int64_t inc = ws[0][0] - ws[3][0];
+  const int64_t h = rs ? ds[1] : ds[2], w = rs ? ds[2] : ds[3];
+  const int64_t ho = out_size(h, stride), wo = out_size(w, stride);
+  return {{ds[0], ho, wo, ws[3][0] - inc}, {ds[0], ho, wo, capacity}};
 }
 
 std::vector<paddle::DataType> StageInferDtype(const paddle::optional<paddle::DataType>&,
@@ -328,7 +302,7 @@ std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddl
                                         const paddle::Tensor& fc_weight,
                                         const paddle::Tensor& fc_bias, int64_t dense_channels,
                                         const std::vector<float>& epsilons) {
-  const Input in = check_input(&resid, dense, dense_channels, kHead);
+  const Input in = check_input(&resid, dense, dense_channels, false, kHead);
   const int64_t channels = in.resid + in.dense;
   check_bns(bn, epsilons, {channels}, {"head"}, dense, kHead);
   const Shape& fw = fc_weight.shape();
@@ -370,16 +344,6 @@ PD_BUILD_OP(dpn_fast_dpn_block)
     .Attrs({"groups: int64_t", "dense_channels: int64_t", "epsilons: std::vector<float>"})
     .SetInplaceMap({{"resid", "resid_out"}, {"dense", "dense_out"}})
     .SetKernelFn(PD_KERNEL(BlockForward));
-
-PD_BUILD_OP(dpn_fast_dpn_block_proj)
-    .Inputs({paddle::Optional("resid"), "dense", "w_proj", "w_a", "w_conv", "w_c",
-             paddle::Vec("bn")})
-    .Outputs({"resid_out", "dense_out"})
-    .Attrs({"groups: int64_t", "stride: int64_t", "dense_channels: int64_t",
-            "capacity: int64_t", "epsilons: std::vector<float>"})
-    .SetKernelFn(PD_KERNEL(ProjForward))
-    .SetInferShapeFn(PD_INFER_SHAPE(ProjInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(ProjInferDtype));
 
 PD_BUILD_OP(dpn_fast_dpn_head)
     .Inputs({"resid", "dense", paddle::Vec("bn"), "fc_weight", "fc_bias"})

@@ -44,6 +44,14 @@ void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
                                                bool x_channel_major = false,
                                                bool out_channel_major = false);
 
+// Eval forward, channels-last: x [n, h, w, c] (already activated), out [n, h_out, w_out, c_out],
+// out = relu(bn(conv(x, w))). Reads up to kNhwcInputSlack floats past the end of x, which must be
+// readable (their values do not matter).
+constexpr int64_t kNhwcInputSlack = 32;
+void grouped_conv3x3_bn_relu_nhwc_infer_cpu(const float* x, const float* w,
+                                            const BatchNormParams& bn, float* out,
+                                            const GroupedConvShape& s);
+
 // Training forward. Writes y = conv(x, w) and out = relu(bn(y)) with batch statistics; returns the
 // batch mean and 1/sqrt(biased var + eps) in saved_mean / saved_invstd and updates the running
 // statistics in place: running = momentum * running + (1 - momentum) * batch (biased variance,

@@ -90,6 +90,24 @@ void fold_batch_norm(const BatchNormParams& bn, int64_t channels, float* scale, 
   }
 }
 
+// The channels-last convolution (grouped_conv_nhwc_tile.inc): per image, input [h, w, c], output
+// [h_out, w_out, c_out].
+struct NhwcGeometry {
+  int64_t c, h, w, c_out, groups, stride, h_out, w_out;
+};
+
+// kNhwcVL consecutive output channels and how their inputs are gathered (see the tile file).
+struct NhwcBlock {
+  int64_t c0;       // first output channel
+  int lanes;        // output channels in the block (kNhwcVL but in the last block)
+  bool permute;     // shuffle a two-vector window, else broadcast each source
+  int sources;      // input vectors per position: the group's inputs, or all touched groups'
+  int64_t window;   // first input channel the block reads
+  float* weights;   // [3][3][sources][kNhwcVL], zero where a lane does not use the source
+  int32_t* index;   // permute: [sources][kNhwcVL], positions in the window
+  float *scale, *shift;  // [kNhwcVL]: the epilogue's BN fold
+};
+
 int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
   return (rows * pg.wq + kMaxFloatsPerVector - 1) / kMaxFloatsPerVector * kMaxFloatsPerVector;
 }
@@ -97,6 +115,8 @@ int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
 }  // namespace
 
 #define DPN_TILE "grouped_conv_bn_relu_tile.inc"
+#include "cpu_isa_variants.inc"
+#define DPN_TILE "grouped_conv_nhwc_tile.inc"
 #include "cpu_isa_variants.inc"
 
 namespace {
@@ -210,6 +230,21 @@ void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
   args.x_channel_major = x_channel_major;
   args.out_channel_major = out_channel_major;
   run_conv(args, nullptr, nullptr);
+}
+
+void grouped_conv3x3_bn_relu_nhwc_infer_cpu(const float* x, const float* w,
+                                            const BatchNormParams& bn, float* out,
+                                            const GroupedConvShape& s) {
+  std::vector<float> scale(s.c_out), shift(s.c_out);
+  fold_batch_norm(bn, s.c_out, scale.data(), shift.data());
+  const NhwcGeometry g{s.c, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
+  switch (detect_isa()) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+    case Isa::kAvx512: return isa_avx512::nhwc_conv(x, w, scale.data(), shift.data(), g, s.n, out);
+    case Isa::kAvx2: return isa_avx2::nhwc_conv(x, w, scale.data(), shift.data(), g, s.n, out);
+#endif
+    default: return isa_baseline::nhwc_conv(x, w, scale.data(), shift.data(), g, s.n, out);
+  }
 }
 
 void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const float* gamma,

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 // Headers of oneDNN 3.2 (onednn-devel-cpu-gomp) against Paddle's 3.6 library: their config turns
@@ -29,7 +30,7 @@ struct CachedGemm {
 
 // oneDNN sizes its parallel decomposition at creation from the OpenMP thread count, so the
 // count is part of the key, and creation and execution run with the same count.
-using GemmKey = std::array<int64_t, 8>;
+using GemmKey = std::array<int64_t, 10>;
 
 class ScopedOmpThreads {
  public:
@@ -53,20 +54,32 @@ memory::desc matrix(int64_t rows, int64_t cols, int64_t ld) {
   return memory::desc({rows, cols}, memory::data_type::f32, memory::dims{ld, 1});
 }
 
+// A [1, n] per-column operand of a binary post-op.
+memory::desc column_vector(int64_t n) { return matrix(1, n, n); }
+
 class GemmCache {
  public:
   std::shared_ptr<const CachedGemm> get(const GemmShape& s, int threads) {
-    const GemmKey key{s.m, s.n, s.k, s.lda, s.ldb, s.ldc, s.accumulate, threads};
+    const GemmKey key{s.m,          s.n,          s.k,      s.lda, s.ldb, s.ldc, s.accumulate,
+                      s.b_transposed, s.scale_shift_relu, threads};
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = cache_.find(key);
     if (it != cache_.end()) return it->second;
     dnnl::post_ops post_ops;
     if (s.accumulate) post_ops.append_sum(1.0f);
+    if (s.scale_shift_relu) {
+      post_ops.append_binary(dnnl::algorithm::binary_mul, column_vector(s.n));
+      post_ops.append_binary(dnnl::algorithm::binary_add, column_vector(s.n));
+      post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+    }
     dnnl::primitive_attr attr;
     attr.set_post_ops(post_ops);
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per call: safe across threads
-    dnnl::matmul::primitive_desc desc(cpu_engine(), matrix(s.m, s.k, s.lda),
-                                      matrix(s.k, s.n, s.ldb), matrix(s.m, s.n, s.ldc), attr);
+    const memory::desc b = s.b_transposed ? memory::desc({s.k, s.n}, memory::data_type::f32,
+                                                         memory::dims{1, s.ldb})
+                                          : matrix(s.k, s.n, s.ldb);
+    dnnl::matmul::primitive_desc desc(cpu_engine(), matrix(s.m, s.k, s.lda), b,
+                                      matrix(s.m, s.n, s.ldc), attr);
     auto entry = std::make_shared<const CachedGemm>(CachedGemm{desc, dnnl::matmul(desc)});
     cache_.emplace(key, entry);
     return entry;
@@ -85,7 +98,8 @@ GemmCache& cache() {
 
 }  // namespace
 
-void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c) {
+void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c, const float* scale,
+              const float* shift) {
   const int threads = cpu_threads();
   ScopedOmpThreads scoped(threads);
   const auto gemm = cache().get(s, threads);
@@ -94,12 +108,20 @@ void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c) {
   if (scratchpad.size() < scratch_bytes) scratchpad.resize(scratch_bytes);
   thread_local dnnl::stream stream(cpu_engine());
   const dnnl::engine& engine = cpu_engine();
-  gemm->primitive.execute(
-      stream, {{DNNL_ARG_SRC, memory(gemm->desc.src_desc(), engine, const_cast<float*>(a))},
-               {DNNL_ARG_WEIGHTS, memory(gemm->desc.weights_desc(), engine, const_cast<float*>(b))},
-               {DNNL_ARG_DST, memory(gemm->desc.dst_desc(), engine, c)},
-               {DNNL_ARG_SCRATCHPAD,
-                memory(gemm->desc.scratchpad_desc(), engine, scratchpad.data())}});
+  std::unordered_map<int, memory> args{
+      {DNNL_ARG_SRC, memory(gemm->desc.src_desc(), engine, const_cast<float*>(a))},
+      {DNNL_ARG_WEIGHTS, memory(gemm->desc.weights_desc(), engine, const_cast<float*>(b))},
+      {DNNL_ARG_DST, memory(gemm->desc.dst_desc(), engine, c)},
+      {DNNL_ARG_SCRATCHPAD, memory(gemm->desc.scratchpad_desc(), engine, scratchpad.data())}};
+  if (s.scale_shift_relu) {
+    // The sum post-op, when present, comes first: the binary operands' indices follow it.
+    const int first = s.accumulate ? 1 : 0;
+    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(first) | DNNL_ARG_SRC_1,
+                 memory(column_vector(s.n), engine, const_cast<float*>(scale)));
+    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(first + 1) | DNNL_ARG_SRC_1,
+                 memory(column_vector(s.n), engine, const_cast<float*>(shift)));
+  }
+  gemm->primitive.execute(stream, args);
   stream.wait();
 }
 

@@ -101,7 +101,7 @@ def test_block_matches_float64_reference(shape, n):
     assert_matches_reference(resid_out, refs["float64"][0], refs["float32"][0], name="resid")
     assert_matches_reference(dense_out[:, :valid], refs["float64"][1], refs["float32"][1],
                              name="dense")
-    if shape.kind == "normal":  # in place: the same buffers, old channels and spare ones untouched
+    if shape.kind == "normal":  # the old channels and the spare ones come back untouched
         assert resid_out.shape == resid.shape and dense_out.shape == dense.shape
         np.testing.assert_array_equal(dense_out[:, :channels], dense[:, :channels].astype("float32"))
         assert np.isnan(dense_out[:, valid:]).all()
@@ -157,12 +157,13 @@ def test_thread_counts_agree(tmp_path):
 
 
 def normal_block_args(n=1, hw=5):
-    """Arguments of dpn_fast_dpn_block for a small valid normal block (R 8, inc 4, 8 groups)."""
+    """Arguments of dpn_fast_dpn_block for a small valid normal block (R 8, inc 4, 8 groups), its
+    buffers channels-last."""
     rng = np.random.default_rng(0)
     t = lambda *s: paddle.to_tensor(rng.standard_normal(s).astype("float32"))
     bn = [t(c) if k != 3 else paddle.to_tensor(rng.uniform(0.5, 1.5, c).astype("float32"))
           for c in (20, 16, 16) for k in range(4)]
-    return dict(resid=t(n, 8, hw, hw), dense=t(n, 20, hw, hw), w_a=t(16, 20, 1, 1),
+    return dict(resid=t(n, hw, hw, 8), dense=t(n, hw, hw, 20), w_a=t(16, 20, 1, 1),
                 w_conv=t(16, 2, 3, 3), w_c=t(12, 16, 1, 1), bn=bn, groups=8, dense_channels=12,
                 epsilons=[1e-5] * 3)
 
@@ -179,13 +180,14 @@ def test_small_block_runs():
 
 @pytest.mark.parametrize("change,match", [
     (dict(dense_channels=0), "dense_channels must be in"),
-    (dict(dense=(1, 15, 5, 5)), "do not fit"),
+    (dict(dense=(1, 5, 5, 15)), "do not fit"),
     (dict(groups=3), "groups must be > 0 and divide"),
     (dict(w_a="float64"), "float32 only"),
     (dict(w_conv=(16, 4, 3, 3)), "'w_conv' must have shape"),
     (dict(w_c=(8, 16, 1, 1)), "at least one dense channel"),
     (dict(w_a=(16, 19, 1, 1)), "'w_a' must have shape"),
-    (dict(resid=(2, 8, 5, 5)), "'resid' must have shape"),
+    (dict(resid=(2, 5, 5, 8)), "'resid' must have shape"),
+    (dict(resid=(1, 8, 5, 5)), "'resid' must have shape"),  # NCHW
     (dict(epsilons=[1e-5]), "expected 3 BatchNorms"),
     (dict(bn="short"), "'c_bn_var' must have shape"),
 ])
@@ -282,9 +284,9 @@ def test_stage_op_equals_block_ops(model, n, hw):
             last = blocks[-1].shape
             valid = last.dense_before + last.inc
             np.testing.assert_array_equal(by_stage[0].numpy(), by_block[0].numpy())
-            np.testing.assert_array_equal(by_stage[1].numpy()[:, :valid],
-                                          by_block[1].numpy()[:, :valid])
-            assert np.isfinite(by_stage[1].numpy()[:, :valid]).all()
+            np.testing.assert_array_equal(by_stage[1].numpy()[..., :valid],
+                                          by_block[1].numpy()[..., :valid])
+            assert np.isfinite(by_stage[1].numpy()[..., :valid]).all()
 
 
 def test_stage_op_runs_images_like_single_images():
@@ -305,8 +307,8 @@ def test_stage_op_runs_images_like_single_images():
             valid = last.dense_before + last.inc
             for i, (resid, dense_out) in enumerate(images):
                 np.testing.assert_array_equal(batch[0].numpy()[i:i + 1], resid.numpy())
-                np.testing.assert_array_equal(batch[1].numpy()[i:i + 1, :valid],
-                                              dense_out.numpy()[:, :valid])
+                np.testing.assert_array_equal(batch[1].numpy()[i:i + 1, ..., :valid],
+                                              dense_out.numpy()[..., :valid])
 
 
 @pytest.mark.parametrize("change,match", [

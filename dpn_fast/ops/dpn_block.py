@@ -1,4 +1,5 @@
-"""A whole DPN block, and the network's head, as one op each (CPU inference, float32):
+"""A whole DPN block, a whole stage, and the network's head, as one op each (CPU inference,
+float32):
 
     act = relu(bn_a(concat(resid, dense)))              (and act_w = relu(bn_w(...)), projection)
     resid', dense'[:, :2 inc] = split(conv1x1(act_w, W_w, stride))        (projection blocks)
@@ -7,18 +8,22 @@
 
     logits = linear(mean_hw(relu(bn(concat(resid, dense)))))                (the head)
 
-The 1x1 convolutions run on oneDNN's matmul (the oneDNN that Paddle ships), whose kernels follow
-the CPU's features on Intel and AMD alike; Paddle's own CPU convolutions call an MKL that takes a
-slow generic path on AMD. A stage keeps its dense path in one buffer: the first block of a stage
-(`dpn_block_proj`) creates it with `capacity` channels, the others (`dpn_block`) append to it and
-accumulate into resid in place, so no split, add or concat runs as a pass of its own. The fused
-model runs each stage's blocks as one op (`dpn_stage`, the same cores block after block): each op
-call's dispatch costs ~0.2 ms after a block has streamed its weights through the cache. A batch
-runs through a stage a few images at a time (one where planes are large, enough for one wide GEMM
-where they are small), so their planes stay in cache from block to block.
+The ops keep their stage buffers channels-last (NHWC): a 1x1 convolution is then one oneDNN
+matmul over all positions that reads the activations as they lie and the weights as given (the
+oneDNN that Paddle ships, whose kernels follow the CPU's features on Intel and AMD alike; Paddle's
+own CPU convolutions call an MKL that takes a slow generic path on AMD). A stage keeps its dense
+path in one buffer: its first block creates it with `capacity` channels, the others append to it
+and accumulate into resid in place, so no split, add or concat runs as a pass of its own. The
+fused model runs each stage's blocks as one op (`dpn_stage`): each op call's dispatch costs
+~0.2 ms after a block has streamed its weights through the cache. The first stage reads the
+stem's NCHW output directly; the head reads the last stage's buffers. A batch runs through a
+stage a few images at a time (one where planes are large, more where they are small), so their
+planes stay in cache from block to block.
 
-Eval BatchNorm (running statistics), no backward: training and gradients run the per-op path
-(dual_path_merge_bn_relu, grouped_conv_bn_relu). `reference_dpn_block` is the plain-Paddle block.
+`dpn_block` and `dpn_head` take and return NCHW tensors, like the rest of Paddle; they convert
+on the way in and out. Eval BatchNorm (running statistics), no backward: training and gradients
+run the per-op path (dual_path_merge_bn_relu, grouped_conv_bn_relu). `reference_dpn_block` is
+the plain-Paddle block.
 """
 import paddle
 import paddle.nn.functional as F
@@ -44,18 +49,17 @@ def _block_weights(block):
 
 
 def block_launch(block, resid, dense, dense_channels):
-    """The block's op, unchecked in Python (the op checks shapes itself): for the fused model's
-    inference path. `dense`: the stem's output for the first block, else the stage's dense buffer
-    whose first `dense_channels` channels are valid. Returns (resid, dense buffer)."""
+    """The block's op, unchecked in Python (the op checks shapes itself). `resid`, `dense`: the
+    stage's channels-last buffers [N, H, W, C], whose first `dense_channels` dense channels are
+    valid; or, for the first block, resid None and the stem's NCHW output. Returns (resid, dense
+    buffer), channels-last: a projection block's new ones (the stage op with this block alone),
+    a normal block's updated in place."""
+    if block.has_proj:
+        return stage_launch([block], resid, dense, dense_channels)
     weights, bns = _block_weights(block)
     bn, epsilons = batch_norm_params(bns)
-    shape = block.shape
-    if block.has_proj:
-        return _extension.run_op("dpn_fast_dpn_block_proj", resid, dense, *weights, bn,
-                                 shape.groups, shape.stride, dense_channels, block.shape.stage_dense,
-                                 epsilons)
-    return _extension.run_op("dpn_fast_dpn_block", resid, dense, *weights, bn, shape.groups,
-                             dense_channels, epsilons)
+    return _extension.run_op("dpn_fast_dpn_block", resid, dense, *weights, bn,
+                             block.shape.groups, dense_channels, epsilons)
 
 
 def stage_arguments(blocks, resid, dense, dense_channels):
@@ -74,17 +78,29 @@ def stage_arguments(blocks, resid, dense, dense_channels):
 def stage_launch(blocks, resid, dense, dense_channels):
     """A stage's blocks (its projection block first) as one op, unchecked in Python: for the fused
     model's inference path. `resid`, `dense`, `dense_channels`: the stage's input, as for
-    block_launch on its first block. Returns (resid, dense buffer) after the stage's last block;
-    the same as block_launch block by block, with one op dispatch instead of one per block."""
+    block_launch on its first block. Returns (resid, dense buffer) after the stage's last block,
+    channels-last; the same as block_launch block by block, with one op dispatch instead of one
+    per block."""
     return _extension.run_op("dpn_fast_dpn_stage",
                              *stage_arguments(blocks, resid, dense, dense_channels))
 
 
 def head_launch(resid, dense, dense_channels, bn, fc):
-    """The head's op, unchecked in Python: logits of eval BatchNorm `bn` and Linear `fc`."""
+    """The head's op on channels-last stage buffers, unchecked in Python: logits of eval BatchNorm
+    `bn` and Linear `fc`."""
     params, epsilons = batch_norm_params([bn])
     return _extension.run_op("dpn_fast_dpn_head", resid, dense, params, fc.weight, fc.bias,
                              dense_channels, epsilons)[0]
+
+
+def to_channels_last(x):
+    """[N, C, H, W] -> [N, H, W, C], contiguous (the ops read raw memory)."""
+    return paddle.transpose(x, [0, 2, 3, 1]).contiguous()
+
+
+def to_channels_first(x):
+    """[N, H, W, C] -> [N, C, H, W], contiguous."""
+    return paddle.transpose(x, [0, 3, 1, 2]).contiguous()
 
 
 def _check_inference(op, backend, dense, resid, dense_channels):
@@ -153,17 +169,19 @@ def dpn_block(block, resid, dense, dense_channels=None, backend="auto"):
     resid: [N, R, H, W] or None (the first block, whose input is the stem's output `dense`).
     dense: [N, C, H, W] whose first `dense_channels` channels (default and only valid value: the
     block's input dense channels, block.shape.in_dense) are the dense path.
-    Returns (resid_out, dense_out): a projection block returns new tensors, dense_out with
-    `block.shape.stage_dense` channels of which the first 3 inc are written; a normal block updates
-    resid and dense in place (dense must have room for inc more channels) and returns them.
-    backend: "auto"/"cpu" (the op on CPU float32) or "reference" (plain Paddle; its dense_out
-    holds just the valid channels, dense_channels + inc, or 3 inc after a projection).
+    Returns new tensors (resid_out, dense_out), NCHW: dense_out has `block.shape.stage_dense`
+    channels after a projection block (its first 3 inc written), else dense's channels (which
+    must leave room for inc more), of which the first dense_channels + inc are valid.
+    backend: "auto"/"cpu" (the op on CPU float32; it runs channels-last, so this converts on the
+    way in and out) or "reference" (plain Paddle; its dense_out holds just the valid channels).
     """
     if dense_channels is None:
         dense_channels = getattr(getattr(block, "shape", None), "in_dense", None)
     if _check_block(block, resid, dense, dense_channels, backend) == "reference":
         return reference_dpn_block(block, resid, dense, dense_channels)
-    return block_launch(block, resid, dense, dense_channels)
+    if resid is not None:  # the stem's output (resid None) goes in as it is, NCHW
+        resid, dense = to_channels_last(resid), to_channels_last(dense)
+    return tuple(to_channels_first(t) for t in block_launch(block, resid, dense, dense_channels))
 
 
 @paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
@@ -196,7 +214,7 @@ def dpn_head(resid, dense, bn, fc, dense_channels=None, backend="auto"):
         x = F.batch_norm(paddle.concat([resid, dense[:, :dense_channels]], axis=1), bn._mean,
                          bn._variance, bn.weight, bn.bias, training=False, epsilon=bn._epsilon)
         return fc(paddle.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), start_axis=1))
-    return head_launch(resid, dense, dense_channels, bn, fc)
+    return head_launch(to_channels_last(resid), to_channels_last(dense), dense_channels, bn, fc)
 
 
 def reference_dpn_block(block, resid, dense, dense_channels):
