@@ -95,7 +95,7 @@ void check_bns(const std::vector<paddle::Tensor>& bn, const std::vector<float>& 
   }
 }
 
-// The bottleneck's weights (1x1a, grouped 3x3, 1x1c), shared by both block ops; sets the
+// The bottleneck's weights (1x1a, grouped 3x3, 1x1c), shared by the block and stage ops; sets the
 // shape's bottleneck and groups.
 void check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
                       const paddle::Tensor& w_c, int64_t in_channels, int64_t groups,

@@ -27,9 +27,6 @@ struct MergeShape {
   // one stage-wide buffer of this many channels per batch item holding the d old channels; only
   // the inc new ones are written (at channels d .. d + inc), the old ones are just read.
   int64_t dense_capacity = 0;
-  // CPU forward only: act[a] as [C, N, H, W] (channel-major; the block op's small planes)
-  // instead of NCHW.
-  bool act_channel_major = false;
   DPN_FAST_HOST_DEVICE int64_t dense_in_stride() const { return dense_capacity ? dense_capacity : d; }
   DPN_FAST_HOST_DEVICE int64_t dense_out_stride() const {
     return dense_capacity ? dense_capacity : d + inc;

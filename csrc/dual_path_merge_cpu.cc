@@ -108,9 +108,7 @@ void dual_path_merge_forward_cpu(const float* resid, const float* dense, const f
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static) \
     if (rows * s.hw >= kParallelMinElements)
   for (int64_t row = 0; row < rows; ++row) {
-    // Rows in the order of the act planes they write (channel-major: writes stay sequential).
-    const int64_t b = s.act_channel_major ? row % s.n : row / channels;
-    const int64_t c = s.act_channel_major ? row / s.n : row % channels;
+    const int64_t b = row / channels, c = row % channels;
     float sc[kMaxActs] = {}, sh[kMaxActs] = {};
     for (int a = 0; a < num_acts; ++a) affine.at(a, c, &sc[a], &sh[a]);
     float* act0 = num_acts >= 1 ? act[0] + row * s.hw : nullptr;

@@ -34,15 +34,10 @@ struct BatchNormParams {
 
 // Eval forward with the input's BatchNorm + ReLU applied while the input is loaded, one pass:
 // out = relu(bn(conv(relu(in_bn(x)), w))). The zero padding stays 0 (it pads the activated input).
-// x_channel_major / out_channel_major: x is [c, n, h, w], out [c_out, n, h_out, w_out] instead
-// of NCHW (the block op's workspace where small planes make each 1x1 convolution one GEMM over
-// the batch).
 void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
                                                const BatchNormParams& in_bn,
                                                const BatchNormParams& bn, float* out,
-                                               const GroupedConvShape& s,
-                                               bool x_channel_major = false,
-                                               bool out_channel_major = false);
+                                               const GroupedConvShape& s);
 
 // Eval forward, channels-last: x [n, h, w, c] (already activated), out [n, h_out, w_out, c_out],
 // out = relu(bn(conv(x, w))). Reads up to kNhwcInputSlack floats past the end of x, which must be

@@ -25,16 +25,13 @@ struct ConvArgs {
   GroupedConvShape shape;
   const float* in_scale = nullptr;  // [c] or null
   const float* in_shift = nullptr;  // [c], with in_scale
-  bool x_channel_major = false;      // x as [c, n, h, w] instead of NCHW
-  bool out_channel_major = false;    // out as [c_out, n, h_out, w_out]
 
-  int64_t x_channel_stride() const { return (x_channel_major ? shape.n : 1) * shape.h * shape.w; }
+  int64_t x_channel_stride() const { return shape.h * shape.w; }
   const float* x_channel(int64_t b, int64_t c) const {
-    return x + (x_channel_major ? c * shape.n + b : b * shape.c + c) * shape.h * shape.w;
+    return x + (b * shape.c + c) * shape.h * shape.w;
   }
   float* out_channel(int64_t b, int64_t c) const {
-    const int64_t plane = out_channel_major ? c * shape.n + b : b * shape.c_out + c;
-    return out + plane * shape.h_out * shape.w_out;
+    return out + (b * shape.c_out + c) * shape.h_out * shape.w_out;
   }
 };
 
@@ -219,16 +216,13 @@ void grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w, const flo
 void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
                                                const BatchNormParams& in_bn,
                                                const BatchNormParams& bn, float* out,
-                                               const GroupedConvShape& s, bool x_channel_major,
-                                               bool out_channel_major) {
+                                               const GroupedConvShape& s) {
   std::vector<float> in_scale(s.c), in_shift(s.c), scale(s.c_out), shift(s.c_out);
   fold_batch_norm(in_bn, s.c, in_scale.data(), in_shift.data());
   fold_batch_norm(bn, s.c_out, scale.data(), shift.data());
   ConvArgs args{x, w, scale.data(), shift.data(), out, true, s};
   args.in_scale = in_scale.data();
   args.in_shift = in_shift.data();
-  args.x_channel_major = x_channel_major;
-  args.out_channel_major = out_channel_major;
   run_conv(args, nullptr, nullptr);
 }
 

@@ -173,7 +173,7 @@ def test_fused_export_predictor_round_trip(tmp_path, use_onednn):
         "dpn_fast_stem_conv_bn_relu_pool", "dpn_fast_dpn_stage", "dpn_fast_dpn_head")}
     assert counts == {"dpn_fast_stem_conv_bn_relu_pool": 1, "dpn_fast_dpn_stage": 4,
                       "dpn_fast_dpn_head": 1}
-    assert '"3.dpn_fast_dpn_block' not in program  # neither block op (`_` in place, `_proj`)
+    assert '"3.dpn_fast_dpn_block' not in program  # no per-block op
     paddle_ops = [op for op in re.findall(r'"#":"1\.([a-z_0-9]+)"', program)
                   if not op.startswith("a_")]  # "1.a_*": attribute types
     assert paddle_ops == ["data", "fetch"]  # no Paddle op but the input and output
