@@ -146,6 +146,9 @@ extern "C" double dpn_fast_gemm_gflops(int64_t m, int64_t n, int64_t k, int iter
   return 2.0 * m * n * k * iterations / seconds * 1e-9;
 }
 
-extern "C" const char* dpn_fast_gemm_impl(int64_t m, int64_t n, int64_t k) {
-  return dpn_fast::gemm_impl_name(dpn_fast::GemmShape{m, n, k, k, n, n, false});
+// b_transposed: b given as [n, k] (a channels-last 1x1 convolution's weight).
+extern "C" const char* dpn_fast_gemm_impl(int64_t m, int64_t n, int64_t k, int b_transposed) {
+  dpn_fast::GemmShape s{m, n, k, k, b_transposed ? k : n, n, false};
+  s.b_transposed = b_transposed != 0;
+  return dpn_fast::gemm_impl_name(s);
 }
