@@ -87,8 +87,8 @@ void fold_batch_norm(const BatchNormParams& bn, int64_t channels, float* scale, 
   }
 }
 
-// The channels-last convolution (grouped_conv_nhwc_tile.inc): per image, input [h, w, c], output
-// [h_out, w_out, c_out].
+// The channels-last convolution (grouped_conv_bn_relu_nhwc_tile.inc): per image, input [h, w, c],
+// output [h_out, w_out, c_out].
 struct NhwcGeometry {
   int64_t c, h, w, c_out, groups, stride, h_out, w_out;
 };
@@ -113,7 +113,7 @@ int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
 
 #define DPN_TILE "grouped_conv_bn_relu_tile.inc"
 #include "cpu_isa_variants.inc"
-#define DPN_TILE "grouped_conv_nhwc_tile.inc"
+#define DPN_TILE "grouped_conv_bn_relu_nhwc_tile.inc"
 #include "cpu_isa_variants.inc"
 
 namespace {
