@@ -1,7 +1,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cmath>
 #include <initializer_list>
 #include <vector>
 
@@ -32,14 +31,6 @@ class PartTimer {
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
 
-// scale = gamma / sqrt(var + eps), shift = beta - mean * scale: an eval BN per channel.
-void fold(const BatchNormParams& bn, int64_t channels, float* scale, float* shift) {
-  for (int64_t c = 0; c < channels; ++c) {
-    scale[c] = bn.gamma[c] / std::sqrt(bn.var[c] + bn.epsilon);
-    shift[c] = bn.beta[c] - bn.mean[c] * scale[c];
-  }
-}
-
 // NaN -> 0, as paddle's relu.
 inline float relu(float v) { return v > 0.0f ? v : 0.0f; }
 
@@ -47,7 +38,7 @@ inline float relu(float v) { return v > 0.0f ? v : 0.0f; }
 struct BnRelu {
   std::vector<float> scale, shift;
   BnRelu(const BatchNormParams& bn, int64_t channels) : scale(channels), shift(channels) {
-    fold(bn, channels, scale.data(), shift.data());
+    fold_batch_norm(bn, channels, scale.data(), shift.data());
   }
 };
 

@@ -32,6 +32,10 @@ struct BatchNormParams {
   float epsilon;
 };
 
+// An eval BatchNorm per channel as y = x * scale + shift: scale = gamma / sqrt(var + eps),
+// shift = beta - mean * scale.
+void fold_batch_norm(const BatchNormParams& bn, int64_t channels, float* scale, float* shift);
+
 // Eval forward with the input's BatchNorm + ReLU applied while the input is loaded, one pass:
 // out = relu(bn(conv(relu(in_bn(x)), w))). The zero padding stays 0 (it pads the activated input).
 void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,

@@ -79,14 +79,6 @@ PlaneGeometry plane_geometry(const GroupedConvShape& s, int64_t rows) {
   return pg;
 }
 
-// scale = gamma / sqrt(var + eps), shift = beta - mean * scale.
-void fold_batch_norm(const BatchNormParams& bn, int64_t channels, float* scale, float* shift) {
-  for (int64_t ch = 0; ch < channels; ++ch) {
-    scale[ch] = bn.gamma[ch] / std::sqrt(bn.var[ch] + bn.epsilon);
-    shift[ch] = bn.beta[ch] - bn.mean[ch] * scale[ch];
-  }
-}
-
 // The channels-last convolution (grouped_conv_bn_relu_nhwc_tile.inc): per image, input [h, w, c],
 // output [h_out, w_out, c_out].
 struct NhwcGeometry {
@@ -197,6 +189,13 @@ void run_conv(const ConvArgs& a, std::vector<double>* task_sums, int64_t* row_bl
 }
 
 }  // namespace
+
+void fold_batch_norm(const BatchNormParams& bn, int64_t channels, float* scale, float* shift) {
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    scale[ch] = bn.gamma[ch] / std::sqrt(bn.var[ch] + bn.epsilon);
+    shift[ch] = bn.beta[ch] - bn.mean[ch] * scale[ch];
+  }
+}
 
 void grouped_conv3x3_bias_relu_cpu(const float* x, const float* w_folded, const float* bias,
                                    float* out, const GroupedConvShape& s) {

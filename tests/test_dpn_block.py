@@ -2,6 +2,7 @@
 block shape of the five DPNs, odd image sizes and batch 3, the buffers' untouched channels,
 thread counts, and bad inputs. The models' inference path, to_static and Paddle Inference round
 trips run in test_fused_models.py."""
+import dataclasses
 import os
 import textwrap
 
@@ -28,12 +29,26 @@ def block_cases(models, batches, image_size=224, slow_unless=lambda model, n: Fa
     return cases
 
 
-# CI: every block of DPN92 at batch 1, DPN68 at an odd image size with batch 3, and DPN92's
-# 14x14 blocks at batch 5 (runs of 4 images and 1); the other models and batches under -m slow.
+def grouping_cases():
+    """DPN68's first normal block and first stride-2 block at an odd size, with a bottleneck of
+    120 channels (not a multiple of 16: a part-filled last vector) in groups of 3, 12, 24 and 40
+    channels: the channels-last grouped conv's shuffle of a window, its broadcast within one
+    group, and its broadcast over several groups too wide to shuffle."""
+    shapes = block_shapes("DPN68", 97)
+    bases = [shapes[1], next(s for s in shapes if s.kind == "down")]
+    return [pytest.param(dataclasses.replace(base, bottleneck=120, groups=120 // per_group), 3,
+                         id=f"DPN68-97-{base.kind}-120ch-{per_group}per-group-n3")
+            for base in bases for per_group in (3, 12, 24, 40)]
+
+
+# CI: every block of DPN92 at batch 1, DPN68 at an odd image size with batch 3, DPN92's 14x14
+# blocks at batch 5 (runs of 4 images and 1), and odd groupings; the other models and batches
+# under -m slow.
 CASES = (block_cases(CONFIGS, (1, 3), slow_unless=lambda model, n: model == "DPN92" and n == 1)
          + block_cases(["DPN68"], (3,), image_size=97, slow_unless=lambda model, n: True)
          + [case for case in block_cases(["DPN92"], (5,), slow_unless=lambda model, n: True)
-            if case.values[0].stage == 2 and case.values[0].index < 2])
+            if case.values[0].stage == 2 and case.values[0].index < 2]
+         + grouping_cases())
 
 
 def random_state(layer, rng):
