@@ -95,8 +95,8 @@ void check_bns(const std::vector<paddle::Tensor>& bn, const std::vector<float>& 
   }
 }
 
-// The bottleneck's weights (1x1a, grouped 3x3, 1x1c), shared by the block and stage ops; sets the
-// shape's bottleneck and groups.
+// The bottleneck's weights (1x1a, grouped 3x3, 1x1c), shared by the block and stage ops; sets
+// the shape's bottleneck and groups.
 void check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
                       const paddle::Tensor& w_c, int64_t in_channels, int64_t groups,
                       const char* op, dpn_fast::DpnBlockShape* s) {
