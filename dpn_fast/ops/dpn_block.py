@@ -174,14 +174,18 @@ def dpn_block(block, resid, dense, dense_channels=None, backend="auto"):
     must leave room for inc more), of which the first dense_channels + inc are valid.
     backend: "auto"/"cpu" (the op on CPU float32; it runs channels-last, so this converts on the
     way in and out) or "reference" (plain Paddle; its dense_out holds just the valid channels).
+    Dynamic graph: to export, export the model, whose stage ops take their buffers directly.
     """
     if dense_channels is None:
         dense_channels = getattr(getattr(block, "shape", None), "in_dense", None)
     if _check_block(block, resid, dense, dense_channels, backend) == "reference":
         return reference_dpn_block(block, resid, dense, dense_channels)
-    if resid is not None:  # the stem's output (resid None) goes in as it is, NCHW
-        resid, dense = to_channels_last(resid), to_channels_last(dense)
-    return tuple(to_channels_first(t) for t in block_launch(block, resid, dense, dense_channels))
+    if resid is None:  # the stem's output goes in as it is, NCHW
+        outputs = block_launch(block, None, dense, dense_channels)
+    else:
+        outputs = block_launch(block, to_channels_last(resid), to_channels_last(dense),
+                               dense_channels)
+    return tuple(to_channels_first(t) for t in outputs)
 
 
 @paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
