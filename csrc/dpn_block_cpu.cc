@@ -50,43 +50,55 @@ struct BlockInput {
   bool nchw;
 };
 
-// out_i[p, c] = relu(bn_i(concat(resid, dense)[q, c])) for every output position p of n images,
-// q = p subsampled by `stride` ([::2, ::2] for 2), one read of the input for all outputs.
-void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in, int64_t stride,
-                  std::initializer_list<std::pair<const BnRelu*, float*>> outs) {
-  const int64_t hw = s.h * s.w, wo = conv3x3_out_size(s.w, stride);
-  const int64_t ho = conv3x3_out_size(s.h, stride), cin = s.in_channels();
+// One output of bn_relu_rows: relu(bn(input)) at the positions a convolution of `stride` reads
+// ([::2, ::2] for 2), [positions, in_channels] channels-last.
+struct BnReluOut {
+  const BnRelu* bn;
+  float* out;
+  int64_t stride;
+};
+
+// out[p, c] = relu(bn(concat(resid, dense)[q, c])) for each output, q running over the input
+// positions of n images: one read of the input for all outputs (a projection block's two).
+void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
+                  std::initializer_list<BnReluOut> outs) {
+  const int64_t hw = s.h * s.w, cin = s.in_channels();
   // Dense channel c of pixel q: NHWC q * in_capacity + c, NCHW c * hw + q (per image).
   const int64_t dense_pixel = in.nchw ? 1 : s.in_capacity, dense_channel = in.nchw ? hw : 1;
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static)
-  for (int64_t p = 0; p < s.n * ho * wo; ++p) {
-    const int64_t b = p / (ho * wo), i = p % (ho * wo) / wo, j = p % wo;
-    const int64_t q = (i * stride) * s.w + j * stride;
-    const float* r = in.resid + (b * hw + q) * s.in_resid;
-    const float* d = in.dense + b * hw * s.in_capacity + q * dense_pixel;
-    for (const auto& [bn, out] : outs) {
-      const float* scale = bn->scale.data();
-      const float* shift = bn->shift.data();
-      float* o = out + p * cin;
+  for (int64_t q = 0; q < s.n * hw; ++q) {
+    const int64_t b = q / hw, i = q % hw / s.w, j = q % s.w;
+    const float* r = in.resid + q * s.in_resid;
+    const float* d = in.dense + b * hw * s.in_capacity + (q % hw) * dense_pixel;
+    for (const BnReluOut& o : outs) {
+      if (i % o.stride != 0 || j % o.stride != 0) continue;
+      const int64_t ho = conv3x3_out_size(s.h, o.stride), wo = conv3x3_out_size(s.w, o.stride);
+      float* out = o.out + ((b * ho + i / o.stride) * wo + j / o.stride) * cin;
+      const float* scale = o.bn->scale.data();
+      const float* shift = o.bn->shift.data();
 #pragma omp simd
-      for (int64_t c = 0; c < s.in_resid; ++c) o[c] = relu(r[c] * scale[c] + shift[c]);
-      o += s.in_resid;
+      for (int64_t c = 0; c < s.in_resid; ++c) out[c] = relu(r[c] * scale[c] + shift[c]);
+      out += s.in_resid;
       scale += s.in_resid;
       shift += s.in_resid;
 #pragma omp simd
       for (int64_t c = 0; c < s.in_dense; ++c)
-        o[c] = relu(d[c * dense_channel] * scale[c] + shift[c]);
+        out[c] = relu(d[c * dense_channel] * scale[c] + shift[c]);
     }
   }
 }
 
-// out[p, channel0 .. channel0 + rows) (+)= in[p, :] x weight[rows, k]^T for `pixels` positions:
-// a 1x1 convolution, channels-last. out_channels: channels per position of `out`.
+// out[p, 0 .. rows) (+)= in[p, :] x weight[rows, k]^T for `pixels` positions: a 1x1
+// convolution, channels-last. out_channels: channels per position of `out`. epilogue: a BN +
+// ReLU on the result (oneDNN post-ops), or none.
 void conv1x1(const float* in, int64_t pixels, int64_t k, const float* weight, int64_t rows,
-             float* out, int64_t out_channels, bool accumulate) {
+             float* out, int64_t out_channels, bool accumulate,
+             const BnRelu* epilogue = nullptr) {
   GemmShape g{pixels, rows, k, k, k, out_channels, accumulate};
   g.b_transposed = true;
-  gemm_f32(g, in, weight, out);
+  g.scale_shift_relu = epilogue != nullptr;
+  gemm_f32(g, in, weight, out, epilogue ? epilogue->scale.data() : nullptr,
+           epilogue ? epilogue->shift.data() : nullptr);
 }
 
 // Offsets (in floats) of the workspace's parts, and its size: one place for both.
@@ -119,18 +131,13 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   float* const g = workspace + l.g;
   PartTimer timer;
 
-  // The input's BN + ReLU: one read of (resid, dense) for both BNs of a stride-1 projection.
+  // The input's BN + ReLU: one read of (resid, dense) for both BNs of a projection.
   const BnRelu bn_a(wt.bn_a, cin);
   if (s.projection) {
     const BnRelu bn_w(wt.bn_w, cin);
-    if (s.stride == 1) {
-      bn_relu_rows(s, in, 1, {{&bn_w, act_w}, {&bn_a, act}});
-    } else {
-      bn_relu_rows(s, in, 1, {{&bn_a, act}});
-      bn_relu_rows(s, in, s.stride, {{&bn_w, act_w}});
-    }
+    bn_relu_rows(s, in, {{&bn_w, act_w, s.stride}, {&bn_a, act, 1}});
   } else {
-    bn_relu_rows(s, in, 1, {{&bn_a, act}});
+    bn_relu_rows(s, in, {{&bn_a, act, 1}});
   }
   timer.next(kInputBnRelu);
 
@@ -143,9 +150,7 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
 
   // 1x1a with the grouped conv's input BN + ReLU as its epilogue.
   const BnRelu bn_b(wt.bn_b, s.bottleneck);
-  GemmShape conv_a{pixels, s.bottleneck, cin, cin, cin, s.bottleneck, false};
-  conv_a.b_transposed = conv_a.scale_shift_relu = true;
-  gemm_f32(conv_a, act, wt.w_a, a, bn_b.scale.data(), bn_b.shift.data());
+  conv1x1(act, pixels, cin, wt.w_a, s.bottleneck, a, s.bottleneck, false, &bn_b);
   timer.next(kConv1x1a, 2 * pixels * s.bottleneck * cin);
 
   const GroupedConvShape conv{s.n, s.bottleneck, s.h, s.w, s.bottleneck, s.groups, s.stride,

@@ -60,8 +60,8 @@ memory::desc column_vector(int64_t n) { return matrix(1, n, n); }
 class GemmCache {
  public:
   std::shared_ptr<const CachedGemm> get(const GemmShape& s, int threads) {
-    const GemmKey key{s.m,          s.n,          s.k,      s.lda, s.ldb, s.ldc, s.accumulate,
-                      s.b_transposed, s.scale_shift_relu, threads};
+    const GemmKey key{s.m, s.n, s.k, s.lda, s.ldb, s.ldc, s.accumulate, s.b_transposed,
+                      s.scale_shift_relu, threads};
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = cache_.find(key);
     if (it != cache_.end()) return it->second;
