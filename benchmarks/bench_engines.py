@@ -1,14 +1,16 @@
-"""One DPN on every CPU inference engine: each engine in its own process, rounds interleaved.
+"""The DPNs on every CPU inference engine, each engine in its own process; results as a data file.
 
-    python benchmarks/bench_engines.py --model DPN92 --batch-sizes 1 8 --threads 1 2 --rounds 3
+    python benchmarks/bench_engines.py --models DPN92 --batch-sizes 1 8 --threads 1 2 --rounds 3
 
-Runtimes in one process starve each other (libiomp5's and ONNX Runtime's idle threads spin), so
-every (engine, round) is a fresh process; round r runs every engine before round r+1 starts, so
-drift on a shared machine hits all engines alike. A first process saves the random (seeded)
-weights, the exports every selected engine needs and the reference dygraph's logits, in a temp
-dir shared by the runs. Each run loads its engine, warms up, times --iters forwards and prints
-one JSON line: the median ms and its logits' max |difference| from the reference logits,
-relative to the largest |reference logit|.
+Runtimes in one process starve each other (libiomp5's, ONNX Runtime's and OpenVINO's idle threads
+spin), so every (engine, round) is a fresh process; round r runs every engine before round r+1
+starts, so drift on a shared machine hits all engines alike. A first process per model saves the
+random (seeded) weights, the exports the selected engines need and the reference dygraph's
+logits. Each run loads its engine, warms up, times --iters forwards and reports their median.
+
+The run writes one JSON file (docs/performance.md has its schema) to benchmarks/results/, named by
+the CPU kind, the date, the models and the batch sizes, and prints a markdown table per model.
+benchmarks/plot_results.py draws the files and makes docs/performance.md's tables.
 """
 import argparse
 import datetime
@@ -20,22 +22,76 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import namedtuple
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-Engine = namedtuple("Engine", "label runtime fused onednn")
+REPOSITORY = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPOSITORY / "benchmarks" / "results"
+MODEL_NAMES = ("DPN68", "DPN92", "DPN98", "DPN107", "DPN131")
+SCHEMA_VERSION = 1
+
+# The keys every results file has (docs/performance.md describes them). Transcribed files
+# (figures of earlier versions, copied from notes) name their origin in "source" and may hold
+# null for what the notes did not record (round times, logits agreement, versions).
+TOP_KEYS = ("schema_version", "source", "date", "machine", "git", "versions", "settings",
+            "engines", "skipped", "cells")
+MACHINE_KEYS = ("cpu_model", "vendor", "kind", "cores", "flags")
+RESULT_KEYS = ("round_ms", "median_ms", "logits_rel_diff", "precision")
+
+
+@dataclass(frozen=True)
+class Engine:
+    label: str
+    runtime: str  # dygraph, compiled, paddle-inference, onnxruntime, openvino
+    model: str  # what it runs: the reference network, the fused one, or dpn_fast.compile's
+    stock: bool  # runs no dpn_fast code: what a user would deploy without this project
+    description: str
+    onednn: bool = False
+    precision_hint: str = None  # OpenVINO's INFERENCE_PRECISION_HINT; None: its default
+
+
 ENGINES = {
-    "reference-dygraph": Engine("reference dygraph", "dygraph", False, None),
-    "fused-dygraph": Engine("fused dygraph", "dygraph", True, None),
-    "pi-onednn-reference": Engine("PI+oneDNN reference", "paddle-inference", False, True),
-    "pi-fused-onednn": Engine("PI fused, oneDNN on", "paddle-inference", True, True),
-    "pi-fused": Engine("PI fused, oneDNN off", "paddle-inference", True, False),
-    "ort-reference": Engine("ONNX Runtime reference", "onnxruntime", False, None),
+    "compiled": Engine(
+        "dpn_fast.compile", "compiled", "compiled", False,
+        'dpn_fast.compile(model, device="cpu", precision="fp32") called on a paddle tensor'),
+    "pi-compiled": Engine(
+        "compiled export, Paddle Inference", "paddle-inference", "compiled", False,
+        "dpn_fast.inference.export(engine, prefix) run by a Paddle Inference predictor "
+        "(oneDNN on)", onednn=True),
+    "fused-dygraph": Engine(
+        "fused network, dynamic graph", "dygraph", "fused", False,
+        "the fused network in eval under paddle.no_grad()"),
+    "pi-fused-onednn": Engine(
+        "fused export, Paddle Inference, oneDNN on", "paddle-inference", "fused", False,
+        "the fused network exported, Paddle Inference with oneDNN on", onednn=True),
+    "pi-fused": Engine(
+        "fused export, Paddle Inference, oneDNN off", "paddle-inference", "fused", False,
+        "the fused network exported, Paddle Inference with oneDNN off"),
+    "reference-dygraph": Engine(
+        "reference, dynamic graph", "dygraph", "reference", True,
+        "the plain Paddle network in eval under paddle.no_grad()"),
+    "pi-onednn-reference": Engine(
+        "reference export, Paddle Inference + oneDNN", "paddle-inference", "reference", True,
+        "the plain network exported, Paddle Inference with oneDNN on", onednn=True),
+    "ort-reference": Engine(
+        "reference export, ONNX Runtime", "onnxruntime", "reference", True,
+        "the reference export converted by paddle2onnx, ONNX Runtime's CPU provider, "
+        "intra-op threads = threads, sequential"),
+    "openvino-f32-reference": Engine(
+        "reference export, OpenVINO f32", "openvino", "reference", True,
+        "the paddle2onnx conversion compiled by OpenVINO for CPU, latency hint, one stream, "
+        "INFERENCE_PRECISION_HINT f32", precision_hint="f32"),
+    "openvino-default-reference": Engine(
+        "reference export, OpenVINO default precision", "openvino", "reference", True,
+        "as OpenVINO f32 without a precision hint: what OpenVINO picks (bf16 where the CPU "
+        "has bf16 instructions)"),
 }
-RATIO_BASELINES = ("fused-dygraph", "pi-fused")
-ORT_MISSING = ("ONNX Runtime reference: skipped, onnxruntime or paddle2onnx is not installed "
-               "(pip install 'dpn_fast[bench]')")
+
+# Python modules each runtime needs beyond Paddle, and where to get them.
+RUNTIME_MODULES = {"onnxruntime": ("onnxruntime", "paddle2onnx"),
+                   "openvino": ("openvino", "paddle2onnx")}
 
 
 def plural(count, word):
@@ -47,75 +103,121 @@ def images(batch, image_size):
     return np.random.default_rng(0).standard_normal(shape).astype("float32")
 
 
+def compile_available():
+    """Whether the installed dpn_fast has `compile`, asked in a child (importing Paddle here would
+    start its thread pool in the process that only schedules the runs)."""
+    return run_child("--has-compile").strip() == "True"
+
+
+def unavailable_engines(engine_keys):
+    """{key: reason} for the selected engines this environment cannot run."""
+    reasons = {}
+    for key in engine_keys:
+        engine = ENGINES[key]
+        missing = [module for module in RUNTIME_MODULES.get(engine.runtime, ())
+                   if not importlib.util.find_spec(module)]
+        if missing:
+            reasons[key] = (f"{' and '.join(missing)} not installed (pip install "
+                            "'dpn_fast[bench]')")
+    if any(ENGINES[key].model == "compiled" for key in engine_keys) and not compile_available():
+        for key in engine_keys:
+            if ENGINES[key].model == "compiled":
+                reasons[key] = "this dpn_fast has no dpn_fast.compile"
+    return reasons
+
+
+def build_model(model_name, fused=False, weights=None):
+    import dpn_fast
+
+    model = getattr(dpn_fast, model_name)(fused=fused, pretrained=weights)
+    model.eval()
+    return model
+
+
 def prepare(workdir, model_name, engine_keys, batch_sizes, image_size):
     """Writes the weights, the exports the engines need and the reference logits per batch size."""
     import paddle
 
-    from dpn_fast.inference import export
-    from dpn_fast.models import create_model
+    import dpn_fast.inference
 
     paddle.seed(0)
-    reference = create_model(model_name)
-    reference.eval()
+    reference = build_model(model_name)
     paddle.save(reference.state_dict(), f"{workdir}/weights.pdparams")
     with paddle.no_grad():
         for batch in batch_sizes:
             np.save(f"{workdir}/reference_logits_{batch}.npy",
                     reference(paddle.to_tensor(images(batch, image_size))).numpy())
     engines = [ENGINES[key] for key in engine_keys]
-    if any(e.runtime != "dygraph" and not e.fused for e in engines):
-        export(reference, f"{workdir}/reference", image_size)
-    if "ort-reference" in engine_keys:
+    exported = {e.model for e in engines if e.runtime != "dygraph" and e.runtime != "compiled"}
+    if "reference" in exported:
+        dpn_fast.inference.export(reference, f"{workdir}/reference", image_size)
+    if any(e.runtime in RUNTIME_MODULES for e in engines):
         import paddle2onnx
 
         paddle2onnx.export(f"{workdir}/reference.json", f"{workdir}/reference.pdiparams",
                            f"{workdir}/reference.onnx")
-    if any(e.runtime != "dygraph" and e.fused for e in engines):
-        fused = create_model(model_name, fused=True, pretrained=f"{workdir}/weights.pdparams")
-        export(fused, f"{workdir}/fused", image_size)
+    if "fused" in exported:
+        fused = build_model(model_name, fused=True, weights=f"{workdir}/weights.pdparams")
+        dpn_fast.inference.export(fused, f"{workdir}/fused", image_size)
+    if "compiled" in exported:
+        engine = dpn_fast.compile(build_model(model_name, weights=f"{workdir}/weights.pdparams"),
+                                  device="cpu", precision="fp32")
+        dpn_fast.inference.export(engine, f"{workdir}/compiled", image_size)
 
 
-def worker(workdir, model_name, engine_key, batch, threads, image_size, warmup, iters):
-    """Times one engine in this process: {"ms": median ms per forward, "rel_diff": ...}."""
-    engine = ENGINES[engine_key]
-    x = images(batch, image_size)
-    prefix = f"{workdir}/{'fused' if engine.fused else 'reference'}"
-    if engine.runtime == "dygraph":
+def make_forward(workdir, model_name, engine, x, threads):
+    """(forward() -> logits array, the precision it computes in) for `engine` in this process."""
+    if engine.runtime in ("dygraph", "compiled"):
         import paddle
 
-        from dpn_fast.models import create_model
+        import dpn_fast
 
         paddle.base.core.set_num_threads(threads)  # dpn_fast's ops follow it
-        model = create_model(model_name, engine.fused, f"{workdir}/weights.pdparams")
-        model.eval()
+        model = build_model(model_name, engine.model == "fused", f"{workdir}/weights.pdparams")
+        if engine.runtime == "compiled":
+            model = dpn_fast.compile(model, device="cpu", precision="fp32")
         tensor = paddle.to_tensor(x)
 
         def forward():
             with paddle.no_grad():
                 return model(tensor).numpy()
-    elif engine.runtime == "paddle-inference":
+        return forward, "f32"
+    if engine.runtime == "paddle-inference":
         from dpn_fast.inference import create_predictor, run_predictor
 
-        predictor = create_predictor(prefix, use_onednn=engine.onednn, num_threads=threads)
-
-        def forward():
-            return run_predictor(predictor, x)
-    else:
+        predictor = create_predictor(f"{workdir}/{engine.model}", use_onednn=engine.onednn,
+                                     num_threads=threads)
+        return (lambda: run_predictor(predictor, x)), "f32"
+    if engine.runtime == "onnxruntime":
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        session = onnxruntime.InferenceSession(prefix + ".onnx", options,
+        session = onnxruntime.InferenceSession(f"{workdir}/reference.onnx", options,
                                                providers=["CPUExecutionProvider"])
         input_name = session.get_inputs()[0].name
+        return (lambda: session.run(None, {input_name: x})[0]), "f32"
+    import openvino
 
-        def forward():
-            return session.run(None, {input_name: x})[0]
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if engine.precision_hint:
+        config["INFERENCE_PRECISION_HINT"] = engine.precision_hint
+    compiled = openvino.Core().compile_model(f"{workdir}/reference.onnx", "CPU", config)
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+    # The request reuses its output buffer: copy, as every other engine returns fresh logits.
+    return ((lambda: request.infer({0: x})[output].copy()),
+            compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
 
+
+def worker(workdir, model_name, engine_key, batch, threads, image_size, warmup, iters):
+    """Times one engine in this process: {"ms": median ms per forward, "rel_diff", "precision"}."""
+    x = images(batch, image_size)
+    forward, precision = make_forward(workdir, model_name, ENGINES[engine_key], x, threads)
     for _ in range(warmup):
-        logits = forward()
+        forward()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -123,7 +225,7 @@ def worker(workdir, model_name, engine_key, batch, threads, image_size, warmup, 
         times.append((time.perf_counter() - start) * 1e3)
     reference = np.load(f"{workdir}/reference_logits_{batch}.npy")
     rel_diff = np.abs(logits - reference).max() / np.abs(reference).max()
-    return {"ms": float(np.median(times)), "rel_diff": float(rel_diff)}
+    return {"ms": float(np.median(times)), "rel_diff": float(rel_diff), "precision": precision}
 
 
 def run_child(*args):
@@ -138,80 +240,217 @@ def run_child(*args):
     return proc.stdout
 
 
-def machine_line(threads):
+def cpu_kind(vendor, flags):
+    """The project's name for a CPU: the three kinds its machines come in, else vendor and ISA."""
+    if "amx_bf16" in flags:
+        return "intel-amx"
+    if vendor == "AuthenticAMD" and "avx512f" in flags:
+        return "amd-zen4-avx512"
+    if vendor == "AuthenticAMD" and "avx2" in flags:
+        return "amd-zen3-avx2"
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+    return f"{vendor.lower() or 'unknown'}-{isa}"
+
+
+def machine():
     cpuinfo = {}
     with open("/proc/cpuinfo") as f:
         for line in f:
             key, _, value = line.partition(":")
             cpuinfo.setdefault(key.strip(), value.strip())
     flags = set(cpuinfo.get("flags", "").split())
-    isa = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in
-                    (("avx512f", "avx512f"), ("avx512_bf16", "avx512_bf16"), ("amx", "amx_tile")))
+    vendor = cpuinfo.get("vendor_id", "")
+    return {"cpu_model": cpuinfo.get("model name", "unknown"), "vendor": vendor,
+            "kind": cpu_kind(vendor, flags), "cores": len(os.sched_getaffinity(0)),
+            "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}}
 
+
+def git_state():
+    """{"commit", "dirty"} of the repository this file is in; None where that is not a checkout.
+    New results files do not make it dirty (a run would otherwise dirty the next)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPOSITORY), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--", ".",
+                                  ":(exclude)benchmarks/results"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def versions():
     def version(package):
         try:
             return importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
-            return "not installed"
+            return None
 
-    return (f"{cpuinfo.get('model name', 'unknown CPU')} ({cpuinfo.get('vendor_id', '?')}; {isa}), "
-            f"{len(os.sched_getaffinity(0))} cores, {plural(threads, 'thread')}, "
-            f"paddlepaddle {version('paddlepaddle')}, onnxruntime {version('onnxruntime')}, "
-            f"{datetime.date.today().isoformat()}")
-
-
-def format_table(title, results, machine):
-    """Markdown table of `results` {engine key: [{"ms", "rel_diff"} per round]}."""
-    medians = {key: float(np.median([r["ms"] for r in runs])) for key, runs in results.items()}
-
-    def ratio(key, baseline):
-        return f"{medians[key] / medians[baseline]:.2f}" if baseline in medians else "-"
-
-    lines = [f"### {title}", "", machine, "",
-             "| engine | ms per round | median ms | time / fused dygraph | "
-             "time / PI fused, oneDNN off | logits vs reference dygraph |",
-             "|---|---|---|---|---|---|"]
-    for key, runs in results.items():
-        per_round = " / ".join(f"{r['ms']:.1f}" for r in runs)
-        lines.append(f"| {ENGINES[key].label} | {per_round} | "
-                     f"{medians[key]:.1f} | {ratio(key, RATIO_BASELINES[0])} | "
-                     f"{ratio(key, RATIO_BASELINES[1])} | {max(r['rel_diff'] for r in runs):.1e} |")
-    return "\n".join(lines) + "\n"
+    found = {p: version(p) for p in ("paddlepaddle", "onnxruntime", "openvino", "paddle2onnx",
+                                     "dpn_fast")}
+    return {"python": sys.version.split()[0], **found}
 
 
-def run_benchmark(model, batch_sizes, threads, rounds, iters, warmup, engine_keys, image_size):
-    """Every (batch, threads) table as markdown, plus notes on engines skipped."""
-    notes = []
-    if "ort-reference" in engine_keys and not all(
-            importlib.util.find_spec(m) for m in ("onnxruntime", "paddle2onnx")):
-        engine_keys = [key for key in engine_keys if key != "ort-reference"]
-        notes.append(ORT_MISSING)
-    if not engine_keys:
-        return "\n".join(notes) + "\n"
-    tables = []
-    with tempfile.TemporaryDirectory(prefix="bench_engines_") as workdir:
-        run_child("--prepare", workdir, model, ",".join(engine_keys),
-                  ",".join(map(str, batch_sizes)), image_size)
-        for batch in batch_sizes:
-            for thread_count in threads:
-                results = {key: [] for key in engine_keys}
-                for _ in range(rounds):
-                    for key in engine_keys:
-                        out = run_child("--worker", workdir, model, key, batch, thread_count,
-                                        image_size, warmup, iters)
-                        results[key].append(json.loads(out.strip().splitlines()[-1]))
-                title = (f"{model}, batch {batch}, {image_size}x{image_size}, "
-                         f"{plural(thread_count, 'thread')}, {plural(rounds, 'round')} of "
-                         f"{plural(iters, 'iteration')} (median)")
-                tables.append(format_table(title, results, machine_line(thread_count)))
-    return "\n".join(tables + notes) + "\n"
+def check_results(results):
+    """Raises ValueError naming the first key a results document lacks or gets wrong."""
+    def require(mapping, keys, where):
+        missing = [key for key in keys if key not in mapping]
+        if missing:
+            raise ValueError(f"results {where} lacks {', '.join(missing)}")
+
+    require(results, TOP_KEYS, "file")
+    if results["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"results schema_version {results['schema_version']} is not "
+                         f"{SCHEMA_VERSION}")
+    require(results["machine"], MACHINE_KEYS, "machine")
+    require(results["git"], ("commit", "dirty"), "git")
+    datetime.date.fromisoformat(results["date"])
+    for cell in results["cells"]:
+        require(cell, ("model", "batch", "threads", "results"), "cell")
+        for key, result in cell["results"].items():
+            if key not in results["engines"]:
+                raise ValueError(f"results cell {cell['model']} batch {cell['batch']} names "
+                                 f"engine {key!r}, which 'engines' does not describe")
+            require(result, RESULT_KEYS, f"{key} in {cell['model']} batch {cell['batch']}")
+            if result["round_ms"] and result["median_ms"] != float(np.median(result["round_ms"])):
+                raise ValueError(f"results {key}: median_ms is not the median of round_ms")
+
+
+def run_benchmark(models, batch_sizes, threads, rounds, iters, warmup, engine_keys, image_size):
+    """Runs every (model, batch, threads) cell; returns the results document."""
+    skipped = unavailable_engines(engine_keys)
+    runnable = [key for key in engine_keys if key not in skipped]
+    cells = []
+    for model in models:
+        with tempfile.TemporaryDirectory(prefix="bench_engines_") as workdir:
+            if runnable:
+                run_child("--prepare", workdir, model, ",".join(runnable),
+                          ",".join(map(str, batch_sizes)), image_size)
+            for batch in batch_sizes:
+                for thread_count in threads:
+                    runs = {key: [] for key in runnable}
+                    for _ in range(rounds):
+                        for key in runnable:
+                            out = run_child("--worker", workdir, model, key, batch, thread_count,
+                                            image_size, warmup, iters)
+                            runs[key].append(json.loads(out.strip().splitlines()[-1]))
+                    cells.append({"model": model, "batch": batch, "threads": thread_count,
+                                  "results": {key: summarise(r) for key, r in runs.items()}})
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": "benchmarks/bench_engines.py",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "git": git_state(),
+        "versions": versions(),
+        "settings": {"models": list(models), "batch_sizes": list(batch_sizes),
+                     "threads": list(threads), "image_size": image_size, "rounds": rounds,
+                     "iters": iters, "warmup": warmup},
+        "engines": {key: {"label": ENGINES[key].label, "stock": ENGINES[key].stock,
+                          "description": ENGINES[key].description} for key in runnable},
+        "skipped": skipped,
+        "cells": cells,
+    }
+
+
+def summarise(rounds):
+    """One engine's rounds in one cell, as the results file holds them."""
+    round_ms = [r["ms"] for r in rounds]
+    precisions = {r["precision"] for r in rounds}
+    return {"round_ms": round_ms, "median_ms": float(np.median(round_ms)),
+            "logits_rel_diff": max(r["rel_diff"] for r in rounds),
+            "precision": precisions.pop() if len(precisions) == 1 else sorted(precisions)}
+
+
+def results_path(results, directory=RESULTS_DIR):
+    """<kind>_<date>_<models>_b<batches>.json in `directory`, numbered if that name is taken."""
+    settings = results["settings"]
+    models = ("all-models" if sorted(settings["models"]) == sorted(MODEL_NAMES)
+              else "-".join(settings["models"]))
+    stem = (f"{results['machine']['kind']}_{results['date']}_{models}_"
+            f"b{'-'.join(map(str, settings['batch_sizes']))}")
+    path, number = Path(directory) / f"{stem}.json", 2
+    while path.exists():
+        path, number = Path(directory) / f"{stem}_{number}.json", number + 1
+    return path
+
+
+def repository_path(path):
+    """`path` relative to the repository where it lies inside it, for tables and plots."""
+    path = Path(path).resolve()
+    return path.relative_to(REPOSITORY) if path.is_relative_to(REPOSITORY) else path
+
+
+def provenance(results):
+    """Which code the figures came from: commit, uncommitted changes, transcription."""
+    commit = results["git"]["commit"]
+    text = f"commit {commit[:12]}" if commit else "no commit recorded"
+    if results["git"]["dirty"]:
+        text += " with uncommitted changes"
+    if results["source"] != "benchmarks/bench_engines.py":
+        text += f"; {results['source']}"
+    return text
+
+
+def precision_label(label, precision):
+    """`label`, naming the precision where it is not f32 and the label does not already."""
+    return label + (f" ({precision})" if precision != "f32" and precision not in label else "")
+
+
+def cell_heading(batch, threads):
+    return f"batch {batch}, {plural(threads, 'thread')}"
+
+
+def fastest(cell, engines, stock, precision="f32"):
+    """(key, ms) of the fastest `stock` (or dpn_fast) engine computing in `precision`, or None."""
+    candidates = [(r["median_ms"], key) for key, r in cell["results"].items()
+                  if engines[key]["stock"] == stock and r["precision"] == precision]
+    return min(candidates)[::-1] if candidates else None
+
+
+def format_table(results, data_file=None):
+    """Markdown: a line naming the machine, run and data file, then the median ms of each engine
+    per cell, a row per (model, engine), and per model the fastest dpn_fast engine's speed-up."""
+    machine_, settings = results["machine"], results["settings"]
+    columns = list(dict.fromkeys((c["batch"], c["threads"]) for c in results["cells"]))
+    models = list(dict.fromkeys(c["model"] for c in results["cells"]))
+    rounds = f" over {plural(settings['rounds'], 'round')}" if settings["rounds"] else ""
+    lines = [f"{', '.join(models)} on {machine_['cpu_model']} ({machine_['kind']}, "
+             f"{plural(machine_['cores'], 'core')}), {results['date']}, {provenance(results)}. "
+             f"Median ms{rounds}" + (f"; data: `{data_file}`" if data_file else "") + ".", "",
+             "| model | engine | " + " | ".join(cell_heading(*c) for c in columns)
+             + " | logits vs reference |",
+             "|---" * (len(columns) + 3) + "|"]
+    for model in models:
+        cells = {(c["batch"], c["threads"]): c for c in results["cells"] if c["model"] == model}
+        engines = dict.fromkeys(key for c in cells.values() for key in c["results"])
+        for key in engines:
+            measured = [c["results"][key] for c in cells.values() if key in c["results"]]
+            precision = ", ".join(sorted({str(r["precision"]) for r in measured}))
+            diffs = [r["logits_rel_diff"] for r in measured if r["logits_rel_diff"] is not None]
+            row = [f"{cells[c]['results'][key]['median_ms']:.1f}"
+                   if c in cells and key in cells[c]["results"] else "-" for c in columns]
+            lines.append(f"| {model} | {precision_label(results['engines'][key]['label'], precision)}"
+                         f" | {' | '.join(row)} | {f'{max(diffs):.1e}' if diffs else '-'} |")
+        speedups = []
+        for column in columns:
+            ours = column in cells and fastest(cells[column], results["engines"], stock=False)
+            theirs = column in cells and fastest(cells[column], results["engines"], stock=True)
+            speedups.append(f"{theirs[1] / ours[1]:.2f}x" if ours and theirs else "-")
+        lines.append(f"| {model} | fastest dpn_fast engine vs fastest stock f32 engine | "
+                     + " | ".join(speedups) + " | |")
+    lines.append("")
+    if results.get("note"):
+        lines += [results["note"], ""]
+    if results["skipped"]:
+        not_run = ", ".join(f"{key} ({why})" for key, why in results["skipped"].items())
+        lines += [f"Not run: {not_run}.", ""]
+    return "\n".join(lines)
 
 
 def main(argv=None):
-    from dpn_fast.models import MODEL_NAMES
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="DPN92", choices=MODEL_NAMES)
+    parser.add_argument("--models", nargs="+", default=["DPN92"], choices=MODEL_NAMES)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
@@ -220,19 +459,21 @@ def main(argv=None):
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
                         help="a subset (the tables keep this list's order)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--markdown", help="append the tables to this file")
+    parser.add_argument("--out", type=Path,
+                        help="the results file (default: a new file in benchmarks/results/)")
     args = parser.parse_args(argv)
     if min(args.batch_sizes + args.threads + [args.rounds, args.iters, args.image_size]) < 1:
         parser.error("--batch-sizes, --threads, --rounds, --iters and --image-size must be >= 1")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
-    report = run_benchmark(args.model, args.batch_sizes, args.threads, args.rounds, args.iters,
-                           args.warmup, [key for key in ENGINES if key in args.engines],
-                           args.image_size)
-    print(report, end="")
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(report)
+    results = run_benchmark(args.models, args.batch_sizes, args.threads, args.rounds, args.iters,
+                            args.warmup, [key for key in ENGINES if key in args.engines],
+                            args.image_size)
+    path = args.out or results_path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(format_table(results, data_file=repository_path(path)), end="")
+    print(f"Wrote {path}")
     return 0
 
 
@@ -243,5 +484,8 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--worker"]:
         workdir, model, engine, *numbers = sys.argv[2:]
         print(json.dumps(worker(workdir, model, engine, *map(int, numbers))))
+    elif sys.argv[1:2] == ["--has-compile"]:
+        import dpn_fast
+        print(hasattr(dpn_fast, "compile"))
     else:
         sys.exit(main())
