@@ -38,14 +38,15 @@ struct DpnBlockShape {
   int64_t dense_before() const { return projection ? 2 * inc : in_dense; }
 };
 
+// BNs come folded (the caller folds them once, not every call).
 struct DpnBlockWeights {
-  BatchNormParams bn_w;   // projection blocks: the projection's input BN
+  FoldedBatchNorm bn_w;   // projection blocks: the projection's input BN [in_channels]
   const float* w_proj;    // projection blocks: [resid + 2 inc, in_channels]
-  BatchNormParams bn_a;   // 1x1a's input BN
+  FoldedBatchNorm bn_a;   // 1x1a's input BN [in_channels]
   const float* w_a;       // [bottleneck, in_channels]
-  BatchNormParams bn_b;   // the grouped conv's input BN
+  FoldedBatchNorm bn_b;   // the grouped conv's input BN [bottleneck]
   const float* w_conv;    // [bottleneck, bottleneck / groups, 3, 3]
-  BatchNormParams bn_c;   // 1x1c's input BN (the grouped conv's epilogue)
+  FoldedBatchNorm bn_c;   // 1x1c's input BN (the grouped conv's epilogue) [bottleneck]
   const float* w_c;       // [resid + inc, bottleneck]
 };
 
@@ -74,9 +75,9 @@ struct DpnHeadShape {
 inline int64_t dpn_head_workspace_floats(const DpnHeadShape& s) { return s.n * s.channels(); }
 
 // resid [n, hw, resid], dense [n, hw, capacity] (channels-last); fc_weight: [channels, classes]
-// (paddle.nn.Linear's layout); logits: [n, classes].
+// (paddle.nn.Linear's layout); bn: [channels], folded; logits: [n, classes].
 void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,
-                          const BatchNormParams& bn, const float* fc_weight, const float* fc_bias,
+                          const FoldedBatchNorm& bn, const float* fc_weight, const float* fc_bias,
                           float* logits, float* workspace);
 
 }  // namespace dpn_fast

@@ -2,7 +2,6 @@
 #include <atomic>
 #include <chrono>
 #include <initializer_list>
-#include <vector>
 
 #include "cpu_threads.h"
 #include "dpn_block.h"
@@ -34,14 +33,6 @@ class PartTimer {
 // NaN -> 0, as paddle's relu.
 inline float relu(float v) { return v > 0.0f ? v : 0.0f; }
 
-// An eval BN folded per channel, with its ReLU: relu(x * scale + shift).
-struct BnRelu {
-  std::vector<float> scale, shift;
-  BnRelu(const BatchNormParams& bn, int64_t channels) : scale(channels), shift(channels) {
-    fold_batch_norm(bn, channels, scale.data(), shift.data());
-  }
-};
-
 // Where a block reads its input: the stage's resid and dense buffers, channels-last, or the
 // stem's output (dense only, NCHW) for a stage's first block.
 struct BlockInput {
@@ -53,7 +44,7 @@ struct BlockInput {
 // One output of bn_relu_rows: relu(bn(input)) at the positions a convolution of `stride` reads
 // ([::2, ::2] for 2), [positions, in_channels] channels-last.
 struct BnReluOut {
-  const BnRelu* bn;
+  FoldedBatchNorm bn;
   float* out;
   int64_t stride;
 };
@@ -74,8 +65,8 @@ void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
       if (i % o.stride != 0 || j % o.stride != 0) continue;
       const int64_t ho = conv3x3_out_size(s.h, o.stride), wo = conv3x3_out_size(s.w, o.stride);
       float* out = o.out + ((b * ho + i / o.stride) * wo + j / o.stride) * cin;
-      const float* scale = o.bn->scale.data();
-      const float* shift = o.bn->shift.data();
+      const float* scale = o.bn.scale;
+      const float* shift = o.bn.shift;
 #pragma omp simd
       for (int64_t c = 0; c < s.in_resid; ++c) out[c] = relu(r[c] * scale[c] + shift[c]);
       out += s.in_resid;
@@ -93,12 +84,12 @@ void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
 // ReLU on the result (oneDNN post-ops), or none.
 void conv1x1(const float* in, int64_t pixels, int64_t k, const float* weight, int64_t rows,
              float* out, int64_t out_channels, bool accumulate,
-             const BnRelu* epilogue = nullptr) {
+             const FoldedBatchNorm* epilogue = nullptr) {
   GemmShape g{pixels, rows, k, k, k, out_channels, accumulate};
   g.b_transposed = true;
   g.scale_shift_relu = epilogue != nullptr;
-  gemm_f32(g, in, weight, out, epilogue ? epilogue->scale.data() : nullptr,
-           epilogue ? epilogue->shift.data() : nullptr);
+  gemm_f32(g, in, weight, out, epilogue ? epilogue->scale : nullptr,
+           epilogue ? epilogue->shift : nullptr);
 }
 
 // Offsets (in floats) of the workspace's parts, and its size: one place for both.
@@ -132,12 +123,10 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   PartTimer timer;
 
   // The input's BN + ReLU: one read of (resid, dense) for both BNs of a projection.
-  const BnRelu bn_a(wt.bn_a, cin);
   if (s.projection) {
-    const BnRelu bn_w(wt.bn_w, cin);
-    bn_relu_rows(s, in, {{&bn_w, act_w, s.stride}, {&bn_a, act, 1}});
+    bn_relu_rows(s, in, {{wt.bn_w, act_w, s.stride}, {wt.bn_a, act, 1}});
   } else {
-    bn_relu_rows(s, in, {{&bn_a, act, 1}});
+    bn_relu_rows(s, in, {{wt.bn_a, act, 1}});
   }
   timer.next(kInputBnRelu);
 
@@ -149,8 +138,7 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   }
 
   // 1x1a with the grouped conv's input BN + ReLU as its epilogue.
-  const BnRelu bn_b(wt.bn_b, s.bottleneck);
-  conv1x1(act, pixels, cin, wt.w_a, s.bottleneck, a, s.bottleneck, false, &bn_b);
+  conv1x1(act, pixels, cin, wt.w_a, s.bottleneck, a, s.bottleneck, false, &wt.bn_b);
   timer.next(kConv1x1a, 2 * pixels * s.bottleneck * cin);
 
   const GroupedConvShape conv{s.n, s.bottleneck, s.h, s.w, s.bottleneck, s.groups, s.stride,
@@ -216,13 +204,12 @@ void dpn_stage_forward_cpu(const DpnBlockShape* shapes, const DpnBlockWeights* w
 }
 
 void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,
-                          const BatchNormParams& bn, const float* fc_weight, const float* fc_bias,
+                          const FoldedBatchNorm& bn, const float* fc_weight, const float* fc_bias,
                           float* logits, float* pooled) {
   if (s.n == 0) return;  // an empty batch: empty logits
   const int64_t channels = s.channels();
-  const BnRelu bn_relu(bn, channels);
-  const float* scale = bn_relu.scale.data();
-  const float* shift = bn_relu.shift.data();
+  const float* scale = bn.scale;
+  const float* shift = bn.shift;
   const float inv_hw = 1.0f / float(s.hw);
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static)
   for (int64_t b = 0; b < s.n; ++b) {

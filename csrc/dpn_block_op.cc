@@ -6,8 +6,11 @@
 //                       and a new dense buffer of `capacity` channels, then its normal blocks run
 //                       in place there (what the fused model runs)
 //   dpn_fast_dpn_head   final BN + ReLU, global average pool and the classifier
-// BN parameters come as one list, four tensors (weight, bias, mean, variance) per BN, in the
-// block's order: [projection's,] 1x1a's, the grouped conv's, 1x1c's (a stage: block by block).
+//   dpn_fast_fold_batch_norms  eval BNs folded into the others' scale_shift argument
+// Their BNs come folded, as one float32 tensor scale_shift [2, channels]: row 0 the scales, row 1
+// the shifts, BN after BN in the block's order: [projection's,] 1x1a's, the grouped conv's,
+// 1x1c's (a stage: block by block). A caller that owns its weights folds them once; an exported
+// model runs the fold op on its live parameters before each op.
 #include "binding.h"
 #include "dpn_block.h"
 
@@ -16,6 +19,7 @@ namespace {
 constexpr const char* kBlock = "dpn_fast_dpn_block";
 constexpr const char* kStage = "dpn_fast_dpn_stage";
 constexpr const char* kHead = "dpn_fast_dpn_head";
+constexpr const char* kFold = "dpn_fast_fold_batch_norms";
 
 using Shape = std::vector<int64_t>;
 using dpn_fast::shape_str;
@@ -74,26 +78,33 @@ Input check_input(const paddle::Tensor* resid, const paddle::Tensor& dense,
   return in;
 }
 
-dpn_fast::BatchNormParams bn_at(const std::vector<paddle::Tensor>& bn, size_t i,
-                                const std::vector<float>& epsilons) {
-  return {bn[4 * i].data<float>(), bn[4 * i + 1].data<float>(), bn[4 * i + 2].data<float>(),
-          bn[4 * i + 3].data<float>(), epsilons[i]};
+// Folded BNs of `columns` channels in all, [2, columns]; `order` says which BNs, for the error.
+void check_scale_shift(const paddle::Tensor& scale_shift, int64_t columns, const char* op,
+                       const std::string& order) {
+  const Shape& s = scale_shift.shape();
+  PD_CHECK(s.size() == 2 && s[0] == 2 && s[1] == columns, op,
+           ": 'scale_shift' must have shape [2, ", columns, "] (rows: scales, shifts; columns: ",
+           order, "), got ", shape_str(s));
+  check_operand(scale_shift, op, "scale_shift");
 }
 
-// The BN list: one BN per entry of `channels`, of that many channels (x is on the CPU, so they
-// are too).
-void check_bns(const std::vector<paddle::Tensor>& bn, const std::vector<float>& epsilons,
-               const std::vector<int64_t>& channels, const std::vector<std::string>& names,
-               const paddle::Tensor& x, const char* op) {
-  PD_CHECK(bn.size() == 4 * channels.size() && epsilons.size() == channels.size(), op,
-           ": expected ", channels.size(), " BatchNorms (", 4 * channels.size(),
-           " tensors and as many epsilons), got ", bn.size(), " tensors and ", epsilons.size(),
-           " epsilons");
-  for (size_t i = 0; i < channels.size(); ++i) {
-    dpn_fast::check_bn(x, channels[i], bn[4 * i], bn[4 * i + 1], bn[4 * i + 2], bn[4 * i + 3], op,
-                       names[i] + "_bn_");
+// Hands out consecutive columns of a scale_shift tensor, BN by BN.
+class FoldedColumns {
+ public:
+  explicit FoldedColumns(const paddle::Tensor& scale_shift)
+      : scale_(scale_shift.data<float>()), shift_(scale_ + scale_shift.shape()[1]) {}
+
+  dpn_fast::FoldedBatchNorm next(int64_t channels) {
+    const dpn_fast::FoldedBatchNorm bn{scale_ + used_, shift_ + used_};
+    used_ += channels;
+    return bn;
   }
-}
+
+ private:
+  const float* scale_;
+  const float* shift_;
+  int64_t used_ = 0;
+};
 
 // The bottleneck's weights (1x1a, grouped 3x3, 1x1c), shared by the block and stage ops; sets
 // the shape's bottleneck and groups.
@@ -115,11 +126,33 @@ void check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
   s->groups = groups;
 }
 
-// A block's shape and weights, checked against its operands.
+// A block's shape and weights, checked against its operands (BNs: attach_bns).
 struct BlockPlan {
   dpn_fast::DpnBlockShape shape;
   dpn_fast::DpnBlockWeights weights;
 };
+
+// Channels of a block's BNs, in scale_shift order.
+int64_t bn_channels(const dpn_fast::DpnBlockShape& s) {
+  return (s.projection ? 2 : 1) * s.in_channels() + 2 * s.bottleneck;
+}
+
+// Points the blocks' BNs at consecutive columns of scale_shift, after checking that it holds
+// exactly theirs.
+void attach_bns(std::vector<BlockPlan>& plans, const paddle::Tensor& scale_shift, const char* op,
+                const std::string& order) {
+  int64_t columns = 0;
+  for (const BlockPlan& p : plans) columns += bn_channels(p.shape);
+  check_scale_shift(scale_shift, columns, op, order);
+  FoldedColumns folded(scale_shift);
+  for (BlockPlan& p : plans) {
+    const dpn_fast::DpnBlockShape& s = p.shape;
+    if (s.projection) p.weights.bn_w = folded.next(s.in_channels());
+    p.weights.bn_a = folded.next(s.in_channels());
+    p.weights.bn_b = folded.next(s.bottleneck);
+    p.weights.bn_c = folded.next(s.bottleneck);
+  }
+}
 
 // Runs blocks as a stage does (dpn_stage_forward_cpu): the first from (resid_in, dense_in) into
 // (resid_out, dense_out), the others in place there. `like` gives the workspace's place.
@@ -141,9 +174,8 @@ void run_blocks(const std::vector<BlockPlan>& plans, const float* resid_in, cons
 // A normal block, in place on (resid, dense buffer). `op` names the caller in error messages.
 BlockPlan plan_normal_block(const paddle::Tensor& resid, const paddle::Tensor& dense,
                             const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
-                            const paddle::Tensor& w_c, const std::vector<paddle::Tensor>& bn,
-                            int64_t groups, int64_t dense_channels,
-                            const std::vector<float>& epsilons, const char* op) {
+                            const paddle::Tensor& w_c, int64_t groups, int64_t dense_channels,
+                            const char* op) {
   const Input in = check_input(&resid, dense, dense_channels, false, op);
   dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
   check_bottleneck(w_a, w_conv, w_c, in.resid + in.dense, groups, op, &s);
@@ -156,20 +188,23 @@ BlockPlan plan_normal_block(const paddle::Tensor& resid, const paddle::Tensor& d
            " residual channels and at least one dense channel expected");
   PD_CHECK(in.dense + s.inc <= in.capacity, op, ": the dense buffer has ", in.capacity,
            " channels; ", in.dense, " old + ", s.inc, " new do not fit");
-  check_bns(bn, epsilons, {s.in_channels(), s.bottleneck, s.bottleneck}, {"a", "conv_in", "c"},
-            dense, op);
-  return {s, {{}, nullptr, bn_at(bn, 0, epsilons), w_a.data<float>(), bn_at(bn, 1, epsilons),
-              w_conv.data<float>(), bn_at(bn, 2, epsilons), w_c.data<float>()}};
+  BlockPlan plan{s, {}};
+  plan.weights.w_a = w_a.data<float>();
+  plan.weights.w_conv = w_conv.data<float>();
+  plan.weights.w_c = w_c.data<float>();
+  return plan;
 }
 
 // All outputs are its inputs, updated in place: nothing to return.
+// scale_shift: [2, C_in + 2 R], the folded BNs of 1x1a (C_in), the grouped conv (R), 1x1c (R).
 void BlockForward(paddle::Tensor& resid, paddle::Tensor& dense, const paddle::Tensor& w_a,
                   const paddle::Tensor& w_conv, const paddle::Tensor& w_c,
-                  const std::vector<paddle::Tensor>& bn, int64_t groups, int64_t dense_channels,
-                  const std::vector<float>& epsilons) {
-  const BlockPlan plan = plan_normal_block(resid, dense, w_a, w_conv, w_c, bn, groups,
-                                           dense_channels, epsilons, kBlock);
-  run_blocks({plan}, resid.data<float>(), dense.data<float>(), resid.data<float>(),
+                  const paddle::Tensor& scale_shift, int64_t groups, int64_t dense_channels) {
+  std::vector<BlockPlan> plans{
+      plan_normal_block(resid, dense, w_a, w_conv, w_c, groups, dense_channels, kBlock)};
+  attach_bns(plans, scale_shift, kBlock,
+             "the BNs of 1x1a (C_in), the grouped conv (R, w_a's rows), 1x1c (R)");
+  run_blocks(plans, resid.data<float>(), dense.data<float>(), resid.data<float>(),
              dense.data<float>(), dense);
 }
 
@@ -205,17 +240,16 @@ dpn_fast::DpnBlockShape proj_shape(const paddle::optional<paddle::Tensor>& resid
 BlockPlan plan_projection_block(const paddle::optional<paddle::Tensor>& resid,
                                 const paddle::Tensor& dense, const paddle::Tensor& w_proj,
                                 const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
-                                const paddle::Tensor& w_c, const std::vector<paddle::Tensor>& bn,
-                                int64_t groups, int64_t stride, int64_t dense_channels,
-                                int64_t capacity, const std::vector<float>& epsilons,
-                                const char* op) {
-  const auto s = proj_shape(resid, dense, w_proj, w_a, w_conv, w_c, groups, stride,
-                            dense_channels, capacity, op);
-  check_bns(bn, epsilons, {s.in_channels(), s.in_channels(), s.bottleneck, s.bottleneck},
-            {"proj", "a", "conv_in", "c"}, dense, op);
-  return {s, {bn_at(bn, 0, epsilons), w_proj.data<float>(), bn_at(bn, 1, epsilons),
-              w_a.data<float>(), bn_at(bn, 2, epsilons), w_conv.data<float>(),
-              bn_at(bn, 3, epsilons), w_c.data<float>()}};
+                                const paddle::Tensor& w_c, int64_t groups, int64_t stride,
+                                int64_t dense_channels, int64_t capacity, const char* op) {
+  BlockPlan plan{proj_shape(resid, dense, w_proj, w_a, w_conv, w_c, groups, stride,
+                            dense_channels, capacity, op),
+                 {}};
+  plan.weights.w_proj = w_proj.data<float>();
+  plan.weights.w_a = w_a.data<float>();
+  plan.weights.w_conv = w_conv.data<float>();
+  plan.weights.w_c = w_c.data<float>();
+  return plan;
 }
 
 // The projection's new (resid, dense buffer), channels-last, uninitialised.
@@ -226,46 +260,40 @@ std::vector<paddle::Tensor> projection_outputs(const dpn_fast::DpnBlockShape& s,
                                  like.place())};
 }
 
-// Tensors [first, first + count) of a list.
-template <class T>
-std::vector<T> slice(const std::vector<T>& v, size_t first, size_t count) {
-  return std::vector<T>(v.begin() + first, v.begin() + first + count);
-}
-
 // A whole stage in one call: its projection block, then its normal blocks in place on the new
 // (resid, dense buffer). After a block has streamed its weights through the cache, Paddle's
 // dispatch of the next op call runs cold (~0.2 ms, docs/pitfalls.md); one call per stage pays it
 // four times a model instead of once per block.
 // weights: the first block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block.
-// bn / epsilons: the first block's 4 BNs (proj, a, conv_in, c), then 3 (a, conv_in, c) per block.
+// scale_shift: [2, total], the folded BNs: the first block's projection (C_in), 1x1a (C_in),
+// grouped conv (R), 1x1c (R), then 1x1a (that block's C_in), grouped conv, 1x1c per block.
 std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>& resid,
                                          const paddle::Tensor& dense,
                                          const std::vector<paddle::Tensor>& weights,
-                                         const std::vector<paddle::Tensor>& bn, int64_t groups,
+                                         const paddle::Tensor& scale_shift, int64_t groups,
                                          int64_t stride, int64_t dense_channels,
-                                         int64_t capacity, const std::vector<float>& epsilons) {
+                                         int64_t capacity) {
   PD_CHECK(weights.size() >= 4 && (weights.size() - 4) % 3 == 0, kStage,
            ": 'weights' must hold 4 tensors for the stage's first block and 3 for each further "
            "block, got ", weights.size());
-  const size_t blocks = 1 + (weights.size() - 4) / 3, bns = 4 + 3 * (blocks - 1);
-  PD_CHECK(bn.size() == 4 * bns && epsilons.size() == bns, kStage, ": ", blocks,
-           " blocks take ", bns, " BatchNorms (", 4 * bns, " tensors and as many epsilons), got ",
-           bn.size(), " tensors and ", epsilons.size(), " epsilons");
-  std::vector<BlockPlan> plans{plan_projection_block(
-      resid, dense, weights[0], weights[1], weights[2], weights[3], slice(bn, 0, 16), groups,
-      stride, dense_channels, capacity, slice(epsilons, 0, 4), kStage)};
+  const size_t blocks = 1 + (weights.size() - 4) / 3;
+  std::vector<BlockPlan> plans{plan_projection_block(resid, dense, weights[0], weights[1],
+                                                     weights[2], weights[3], groups, stride,
+                                                     dense_channels, capacity, kStage)};
   auto out = projection_outputs(plans[0].shape, dense);
   // Valid dense channels: the projection's 2 inc and the first block's inc, then each block's.
   const int64_t r = out[0].shape()[3];
   int64_t channels = (weights[0].shape()[0] - r) + (weights[3].shape()[0] - r);
   for (size_t b = 1; b < blocks; ++b) {
     const std::string where = std::string(kStage) + " (block " + std::to_string(b) + ")";
-    const size_t w = 4 + 3 * (b - 1), first_bn = 4 + 3 * (b - 1);
+    const size_t w = 4 + 3 * (b - 1);
     plans.push_back(plan_normal_block(out[0], out[1], weights[w], weights[w + 1], weights[w + 2],
-                                      slice(bn, 4 * first_bn, 12), groups, channels,
-                                      slice(epsilons, first_bn, 3), where.c_str()));
+                                      groups, channels, where.c_str()));
     channels += weights[w + 2].shape()[0] - r;
   }
+  attach_bns(plans, scale_shift, kStage,
+             "the BNs of " + std::to_string(blocks) + " blocks: the first's projection C_in, "
+             "1x1a C_in, grouped conv R, 1x1c R, then 1x1a C_in, grouped conv R, 1x1c R each");
   run_blocks(plans, resid ? resid->data<float>() : nullptr, dense.data<float>(),
              out[0].data<float>(), out[1].data<float>(), dense);
   return out;
@@ -277,9 +305,8 @@ int64_t out_size(int64_t in, int64_t stride) {
 }
 
 std::vector<Shape> StageInferShape(const paddle::optional<Shape>& rs, const Shape& ds,
-                                   const std::vector<Shape>& ws, const std::vector<Shape>&,
-                                   int64_t, int64_t stride, int64_t, int64_t capacity,
-                                   const std::vector<float>&) {
+                                   const std::vector<Shape>& ws, const Shape&, int64_t,
+                                   int64_t stride, int64_t, int64_t capacity) {
   PD_CHECK(ws.size() >= 4 && ds.size() == 4 && ws[0].size() == 4 && ws[3].size() == 4, kStage,
            ": 'weights' must hold at least the first block's 4 tensors; dense, w_proj and w_c "
            "must have rank 4");
@@ -293,18 +320,18 @@ std::vector<Shape> StageInferShape(const paddle::optional<Shape>& rs, const Shap
 std::vector<paddle::DataType> StageInferDtype(const paddle::optional<paddle::DataType>&,
                                               paddle::DataType dense,
                                               const std::vector<paddle::DataType>&,
-                                              const std::vector<paddle::DataType>&) {
+                                              paddle::DataType) {
   return {dense, dense};
 }
 
+// scale_shift: [2, C], the folded BN of concat(resid, dense) (C = R + dense_channels).
 std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddle::Tensor& dense,
-                                        const std::vector<paddle::Tensor>& bn,
+                                        const paddle::Tensor& scale_shift,
                                         const paddle::Tensor& fc_weight,
-                                        const paddle::Tensor& fc_bias, int64_t dense_channels,
-                                        const std::vector<float>& epsilons) {
+                                        const paddle::Tensor& fc_bias, int64_t dense_channels) {
   const Input in = check_input(&resid, dense, dense_channels, false, kHead);
   const int64_t channels = in.resid + in.dense;
-  check_bns(bn, epsilons, {channels}, {"head"}, dense, kHead);
+  check_scale_shift(scale_shift, channels, kHead, "the BN of resid's channels + dense_channels");
   const Shape& fw = fc_weight.shape();
   PD_CHECK(fw.size() == 2 && fw[0] == channels && fw[1] > 0, kHead,
            ": 'fc_weight' must have shape [", channels, ", classes], got ", shape_str(fw));
@@ -317,47 +344,105 @@ std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddl
   auto workspace = dpn_fast::empty_output({dpn_fast::dpn_head_workspace_floats(s)},
                                           dense.dtype(), dense.place());
   dpn_fast::dpn_head_forward_cpu(s, resid.data<float>(), dense.data<float>(),
-                                 bn_at(bn, 0, epsilons), fc_weight.data<float>(),
-                                 fc_bias.data<float>(), logits.data<float>(),
-                                 workspace.data<float>());
+                                 FoldedColumns(scale_shift).next(channels),
+                                 fc_weight.data<float>(), fc_bias.data<float>(),
+                                 logits.data<float>(), workspace.data<float>());
   return {logits};
 }
 
-std::vector<Shape> HeadInferShape(const Shape&, const Shape& ds, const std::vector<Shape>&,
-                                  const Shape& fw, const Shape&, int64_t,
-                                  const std::vector<float>&) {
+std::vector<Shape> HeadInferShape(const Shape&, const Shape& ds, const Shape&, const Shape& fw,
+                                  const Shape&, int64_t) {
   PD_CHECK(ds.size() == 4 && fw.size() == 2, kHead, ": dense must have rank 4, fc_weight rank 2");
   return {{ds[0], fw[1]}};
 }
 
 std::vector<paddle::DataType> HeadInferDtype(paddle::DataType, paddle::DataType dense,
-                                             const std::vector<paddle::DataType>&,
-                                             paddle::DataType, paddle::DataType) {
+                                             paddle::DataType, paddle::DataType,
+                                             paddle::DataType) {
   return {dense};
+}
+
+// bn: weight, bias, running mean, running variance per BN, each [C_i]; one epsilon per BN.
+// Returns scale_shift [2, sum C_i], the BNs' columns in list order, folded as the standalone
+// ops fold them (fold_batch_norm).
+std::vector<paddle::Tensor> FoldBatchNormsForward(const std::vector<paddle::Tensor>& bn,
+                                                  const std::vector<float>& epsilons) {
+  PD_CHECK(!epsilons.empty() && bn.size() == 4 * epsilons.size(), kFold,
+           ": 'bn' must hold 4 tensors (weight, bias, mean, variance) per epsilon; got ",
+           bn.size(), " tensors and ", epsilons.size(), " epsilons");
+  int64_t columns = 0;
+  for (size_t i = 0; i < epsilons.size(); ++i) {
+    // Named bn<i>_weight, ...: the i-th BN's tensors.
+    const std::string prefix = "bn" + std::to_string(i) + "_";
+    const paddle::Tensor& weight = bn[4 * i];
+    check_operand(weight, kFold, (prefix + "weight").c_str());
+    dpn_fast::check_rank(weight, 1, kFold, (prefix + "weight").c_str());
+    dpn_fast::check_bn(weight, weight.shape()[0], weight, bn[4 * i + 1], bn[4 * i + 2],
+                       bn[4 * i + 3], kFold, prefix);
+    columns += weight.shape()[0];
+  }
+  auto scale_shift = dpn_fast::empty_output({2, columns}, paddle::DataType::FLOAT32,
+                                            bn[0].place());
+  float* scale = scale_shift.data<float>();
+  for (size_t i = 0; i < epsilons.size(); ++i) {
+    const int64_t channels = bn[4 * i].shape()[0];
+    const dpn_fast::BatchNormParams params{bn[4 * i].data<float>(), bn[4 * i + 1].data<float>(),
+                                           bn[4 * i + 2].data<float>(),
+                                           bn[4 * i + 3].data<float>(), epsilons[i]};
+    dpn_fast::fold_batch_norm(params, channels, scale, scale + columns);
+    scale += channels;
+  }
+  return {scale_shift};
+}
+
+// Unknown (-1) channel counts, as a program's shapes may hold, make the total unknown.
+std::vector<Shape> FoldBatchNormsInferShape(const std::vector<Shape>& bn,
+                                            const std::vector<float>&) {
+  int64_t columns = 0;
+  for (size_t i = 0; i < bn.size(); i += 4) {
+    if (bn[i].size() != 1 || bn[i][0] < 0 || columns < 0) {
+      columns = -1;
+    } else {
+      columns += bn[i][0];
+    }
+  }
+  return {{2, columns}};
+}
+
+std::vector<paddle::DataType> FoldBatchNormsInferDtype(const std::vector<paddle::DataType>&) {
+  return {paddle::DataType::FLOAT32};
 }
 
 }  // namespace
 
 PD_BUILD_OP(dpn_fast_dpn_block)
-    .Inputs({"resid", "dense", "w_a", "w_conv", "w_c", paddle::Vec("bn")})
+    .Inputs({"resid", "dense", "w_a", "w_conv", "w_c", "scale_shift"})
     .Outputs({"resid_out", "dense_out"})
-    .Attrs({"groups: int64_t", "dense_channels: int64_t", "epsilons: std::vector<float>"})
+    .Attrs({"groups: int64_t", "dense_channels: int64_t"})
     .SetInplaceMap({{"resid", "resid_out"}, {"dense", "dense_out"}})
     .SetKernelFn(PD_KERNEL(BlockForward));
 
 PD_BUILD_OP(dpn_fast_dpn_head)
-    .Inputs({"resid", "dense", paddle::Vec("bn"), "fc_weight", "fc_bias"})
+    .Inputs({"resid", "dense", "scale_shift", "fc_weight", "fc_bias"})
     .Outputs({"logits"})
-    .Attrs({"dense_channels: int64_t", "epsilons: std::vector<float>"})
+    .Attrs({"dense_channels: int64_t"})
     .SetKernelFn(PD_KERNEL(HeadForward))
     .SetInferShapeFn(PD_INFER_SHAPE(HeadInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(HeadInferDtype));
 
 PD_BUILD_OP(dpn_fast_dpn_stage)
-    .Inputs({paddle::Optional("resid"), "dense", paddle::Vec("weights"), paddle::Vec("bn")})
+    .Inputs({paddle::Optional("resid"), "dense", paddle::Vec("weights"), "scale_shift"})
     .Outputs({"resid_out", "dense_out"})
     .Attrs({"groups: int64_t", "stride: int64_t", "dense_channels: int64_t",
-            "capacity: int64_t", "epsilons: std::vector<float>"})
+            "capacity: int64_t"})
     .SetKernelFn(PD_KERNEL(StageForward))
     .SetInferShapeFn(PD_INFER_SHAPE(StageInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(StageInferDtype));
+
+PD_BUILD_OP(dpn_fast_fold_batch_norms)
+    .Inputs({paddle::Vec("bn")})
+    .Outputs({"scale_shift"})
+    .Attrs({"epsilons: std::vector<float>"})
+    .SetKernelFn(PD_KERNEL(FoldBatchNormsForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(FoldBatchNormsInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(FoldBatchNormsInferDtype));

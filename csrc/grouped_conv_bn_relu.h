@@ -36,6 +36,12 @@ struct BatchNormParams {
 // shift = beta - mean * scale.
 void fold_batch_norm(const BatchNormParams& bn, int64_t channels, float* scale, float* shift);
 
+// An eval BatchNorm already folded (fold_batch_norm): y = x * scale[c] + shift[c].
+struct FoldedBatchNorm {
+  const float* scale;
+  const float* shift;
+};
+
 // Eval forward with the input's BatchNorm + ReLU applied while the input is loaded, one pass:
 // out = relu(bn(conv(relu(in_bn(x)), w))). The zero padding stays 0 (it pads the activated input).
 void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
@@ -44,11 +50,11 @@ void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
                                                const GroupedConvShape& s);
 
 // Eval forward, channels-last: x [n, h, w, c] (already activated), out [n, h_out, w_out, c_out],
-// out = relu(bn(conv(x, w))). Reads up to kNhwcInputSlack floats past the end of x, which must be
-// readable (their values do not matter).
+// out = relu(bn(conv(x, w))), bn folded by the caller. Reads up to kNhwcInputSlack floats past
+// the end of x, which must be readable (their values do not matter).
 constexpr int64_t kNhwcInputSlack = 32;
 void grouped_conv3x3_bn_relu_nhwc_infer_cpu(const float* x, const float* w,
-                                            const BatchNormParams& bn, float* out,
+                                            const FoldedBatchNorm& bn, float* out,
                                             const GroupedConvShape& s);
 
 // Training forward. Writes y = conv(x, w) and out = relu(bn(y)) with batch statistics; returns the

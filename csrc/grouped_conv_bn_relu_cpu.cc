@@ -226,17 +226,15 @@ void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
 }
 
 void grouped_conv3x3_bn_relu_nhwc_infer_cpu(const float* x, const float* w,
-                                            const BatchNormParams& bn, float* out,
+                                            const FoldedBatchNorm& bn, float* out,
                                             const GroupedConvShape& s) {
-  std::vector<float> scale(s.c_out), shift(s.c_out);
-  fold_batch_norm(bn, s.c_out, scale.data(), shift.data());
   const NhwcGeometry g{s.c, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
   switch (detect_isa()) {
 #ifdef DPN_FAST_HAVE_X86_VARIANTS
-    case Isa::kAvx512: return isa_avx512::nhwc_conv(x, w, scale.data(), shift.data(), g, s.n, out);
-    case Isa::kAvx2: return isa_avx2::nhwc_conv(x, w, scale.data(), shift.data(), g, s.n, out);
+    case Isa::kAvx512: return isa_avx512::nhwc_conv(x, w, bn.scale, bn.shift, g, s.n, out);
+    case Isa::kAvx2: return isa_avx2::nhwc_conv(x, w, bn.scale, bn.shift, g, s.n, out);
 #endif
-    default: return isa_baseline::nhwc_conv(x, w, scale.data(), shift.data(), g, s.n, out);
+    default: return isa_baseline::nhwc_conv(x, w, bn.scale, bn.shift, g, s.n, out);
   }
 }
 
