@@ -6,15 +6,22 @@ time goes.
 
 The pytest groups put the reference block and the op side by side for the first and a normal
 block of each DPN92 stage. The script runs the fused model and splits its blocks' time into input
-BN + ReLU, projection, 1x1a, grouped conv and 1x1c (the op's own timers), and compares the 1x1
-GEMMs' rate with this machine's GEMM peak: a 2048^3 oneDNN matmul through the same code.
+BN + ReLU, projection, 1x1a, grouped conv and 1x1c (the op's own timers, which the script switches
+on with DPN_FAST_PROFILE=1), and compares the 1x1 GEMMs' rate with this machine's GEMM peak: a
+2048^3 oneDNN matmul through the same code.
 `--per-stage` splits the same parts by stage (the stage ops run one after another, as in the
 model).
 """
 import argparse
 import ctypes
+import os
 import platform
 import time
+
+if __name__ == "__main__":
+    # The blocks' timers: read once, when dpn_fast loads its library. The pytest benchmarks run
+    # without them.
+    os.environ["DPN_FAST_PROFILE"] = "1"
 
 import numpy as np
 import paddle
@@ -31,6 +38,7 @@ from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 PARTS = ("input BN+ReLU", "projection 1x1", "1x1a", "grouped 3x3", "1x1c")
 GEMM_PARTS = (1, 2, 4)
 _library = ctypes.CDLL(_extension.LIBRARY_PATH)
+_library.dpn_fast_dpn_block_profile.restype = ctypes.c_int
 _library.dpn_fast_gemm_gflops.restype = ctypes.c_double
 _library.dpn_fast_gemm_gflops.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
 _library.dpn_fast_gemm_impl.restype = ctypes.c_char_p
@@ -40,7 +48,9 @@ _library.dpn_fast_gemm_impl.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
 def block_profile(reset=True):
     """(seconds, flops) per part of the blocks since the last reset."""
     seconds, flops = (ctypes.c_double * len(PARTS))(), (ctypes.c_double * len(PARTS))()
-    _library.dpn_fast_dpn_block_profile(seconds, flops, int(reset))
+    if not _library.dpn_fast_dpn_block_profile(seconds, flops, int(reset)):
+        raise RuntimeError("the blocks' timers are off: set DPN_FAST_PROFILE=1 before importing "
+                           "dpn_fast")
     return np.array(seconds), np.array(flops)
 
 

@@ -1,6 +1,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 
 #include "cpu_threads.h"
@@ -10,24 +12,36 @@
 namespace dpn_fast {
 namespace {
 
-// Time spent per part of the blocks since the last reset (dpn_fast_dpn_block_profile): the
-// benchmarks compare the 1x1 GEMMs' share with the machine's GEMM peak. A few clock reads per
-// block, always on.
+// With DPN_FAST_PROFILE=1 in the environment when the library loads: time and FLOPs per part of
+// the blocks since the last reset (dpn_fast_dpn_block_profile), for the benchmarks, which compare
+// the 1x1 GEMMs' rate with the machine's GEMM peak. Off, the blocks read no clock and touch no
+// shared counter.
+const bool profile_enabled = [] {
+  const char* env = std::getenv("DPN_FAST_PROFILE");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}();
+
 enum Part { kInputBnRelu, kProjection, kConv1x1a, kGroupedConv, kConv1x1c, kParts };
 std::atomic<int64_t> part_nanoseconds[kParts];
 std::atomic<int64_t> part_flops[kParts];
 
 class PartTimer {
  public:
+  PartTimer() {
+    if (profile_enabled) last_ = std::chrono::steady_clock::now();
+  }
+
   void next(Part part, int64_t flops = 0) {
+    if (!profile_enabled) return;
     const auto now = std::chrono::steady_clock::now();
-    part_nanoseconds[part] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last_).count();
+    part_nanoseconds[part] +=
+        std::chrono::duration_cast<std::chrono::nanoseconds>(now - last_).count();
     part_flops[part] += flops;
     last_ = now;
   }
 
  private:
-  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point last_;
 };
 
 // NaN -> 0, as paddle's relu.
@@ -233,12 +247,14 @@ void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float
 
 }  // namespace dpn_fast
 
-// For benchmarks: seconds and FLOPs spent per part of the blocks since the last reset, in the
-// order input BN + ReLU, projection, 1x1a, grouped conv, 1x1c (kParts entries each).
-extern "C" void dpn_fast_dpn_block_profile(double* seconds, double* flops, int reset) {
+// Seconds and FLOPs spent per part of the blocks since the last reset, in the order input BN +
+// ReLU, projection, 1x1a, grouped conv, 1x1c (kParts entries each). Returns 0, and zeros, unless
+// DPN_FAST_PROFILE=1 was set before the library loaded.
+extern "C" int dpn_fast_dpn_block_profile(double* seconds, double* flops, int reset) {
   using namespace dpn_fast;
   for (int p = 0; p < kParts; ++p) {
     seconds[p] = (reset ? part_nanoseconds[p].exchange(0) : part_nanoseconds[p].load()) * 1e-9;
     flops[p] = double(reset ? part_flops[p].exchange(0) : part_flops[p].load());
   }
+  return profile_enabled ? 1 : 0;
 }
