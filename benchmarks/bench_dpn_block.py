@@ -1,14 +1,15 @@
-"""The whole-block op vs the plain-Paddle block (CPU inference), and where a fused model's block
+"""The whole-block op vs the plain-Paddle block (CPU inference), and where the CPU engine's block
 time goes.
 
     pytest benchmarks/bench_dpn_block.py --benchmark-group-by=group
     python benchmarks/bench_dpn_block.py --model DPN92 --batch-size 1 --threads 2
 
-The pytest groups put the reference block and the op side by side for the first and a normal
-block of each DPN92 stage. The script runs the fused model and splits its blocks' time into input
+The pytest groups put the plain-Paddle block and the op (its BNs folded beforehand, as the engine
+does) side by side for the first and a normal block of each DPN92 stage. The script runs the
+compiled model (dpn_fast.compile) and splits its blocks' time into input
 BN + ReLU, projection, 1x1a, grouped conv and 1x1c (the op's own timers, which the script switches
 on with DPN_FAST_PROFILE=1), and compares the 1x1 GEMMs' rate with this machine's GEMM peak: a
-2048^3 oneDNN matmul through the same code.
+2048^3 oneDNN matmul through the same code, timed here.
 `--per-stage` splits the same parts by stage (the stage ops run one after another, as in the
 model).
 """
@@ -29,18 +30,19 @@ import pytest
 
 import dpn_fast
 from dpn_fast import _extension
+from dpn_fast.engines.cpu import stage_batch_norms, stage_layout, stage_weights
 from dpn_fast.models.config import CONFIGS, block_shapes
 from dpn_fast.models.dpn import DualPathBlock
-from dpn_fast.ops.dpn_block import (block_launch, reference_dpn_block, stage_launch,
-                                    to_channels_last)
+from dpn_fast.ops.dpn_block import fold_launch, stage_launch, to_channels_last
 from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 
 PARTS = ("input BN+ReLU", "projection 1x1", "1x1a", "grouped 3x3", "1x1c")
 GEMM_PARTS = (1, 2, 4)
+_FLOAT_P = ctypes.POINTER(ctypes.c_float)
 _library = ctypes.CDLL(_extension.LIBRARY_PATH)
 _library.dpn_fast_dpn_block_profile.restype = ctypes.c_int
-_library.dpn_fast_gemm_gflops.restype = ctypes.c_double
-_library.dpn_fast_gemm_gflops.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
+_library.dpn_fast_gemm_f32.restype = None
+_library.dpn_fast_gemm_f32.argtypes = [ctypes.c_int64] * 3 + [_FLOAT_P] * 3
 _library.dpn_fast_gemm_impl.restype = ctypes.c_char_p
 _library.dpn_fast_gemm_impl.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
 
@@ -54,9 +56,21 @@ def block_profile(reset=True):
     return np.array(seconds), np.array(flops)
 
 
-def gemm_peak(size=2048, iterations=5):
-    """(GFLOP/s, oneDNN implementation) of a size^3 matmul on gemm_f32's path."""
-    rate = _library.dpn_fast_gemm_gflops(size, size, size, iterations)
+def gemm_peak(size=2048, warmup=2, repeats=5):
+    """(GFLOP/s, oneDNN implementation) of a size^3 matmul through the library's gemm_f32, the
+    1x1 convolutions' path: the median of `repeats` timed calls after `warmup` untimed ones."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    c = np.empty((size, size), np.float32)
+    args = (size, size, size, *(x.ctypes.data_as(_FLOAT_P) for x in (a, b, c)))
+    for _ in range(warmup):
+        _library.dpn_fast_gemm_f32(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _library.dpn_fast_gemm_f32(*args)
+        times.append(time.perf_counter() - start)
+    rate = 2 * size**3 / float(np.median(times)) * 1e-9
     return rate, _library.dpn_fast_gemm_impl(size, size, size, 0).decode()
 
 
@@ -69,72 +83,98 @@ def block_gemm_impl():
 STAGE_BLOCKS = [shape for shape in block_shapes("DPN92") if shape.index in (0, 1)]
 
 
+def block_layers(block):
+    """The block's BN + conv layers in the ops' order (projection first)."""
+    return ([block.c1x1_w_func] if block.has_proj else []) + [
+        block.c1x1_a_func, block.c3x3_b_func, block.c1x1_c_func]
+
+
+def block_launch(block, resid, dense, scale_shift):
+    """The block's op on channels-last stage buffers (a projection block: the stage op with this
+    block alone; resid None and the stem's NCHW output for the network's first)."""
+    weights = [layer._conv.weight for layer in block_layers(block)]
+    shape = block.shape
+    if block.has_proj:
+        return stage_launch(resid, dense, weights, scale_shift, shape.groups, shape.stride,
+                            shape.in_dense, shape.stage_dense)
+    return _extension.run_op("dpn_fast_dpn_block", resid, dense, *weights, scale_shift,
+                             shape.groups, shape.in_dense)
+
+
 @pytest.mark.parametrize("impl", ["reference", "cpu"])
 @pytest.mark.parametrize("n", [1, 8])
 @pytest.mark.parametrize("shape", STAGE_BLOCKS, ids=[f"{s.kind}-stage{s.stage}" for s in STAGE_BLOCKS])
 def test_block(benchmark, shape, n, impl):
     paddle.seed(0)
-    block = DualPathBlock(shape, fused=False)
+    block = DualPathBlock(shape)
     block.eval()
     rng = np.random.default_rng(0)
     hw = shape.in_hw
     resid = (None if shape.kind == "proj" else
              paddle.to_tensor(rng.standard_normal((n, shape.in_resid, hw, hw)), "float32"))
-    capacity = shape.stage_dense if shape.kind == "normal" else shape.in_dense
-    dense = paddle.to_tensor(rng.standard_normal((n, capacity, hw, hw)), "float32")
+    dense = paddle.to_tensor(rng.standard_normal((n, shape.in_dense, hw, hw)), "float32")
     benchmark.group = f"DPN92 {shape.kind} block, stage {shape.stage}, n={n}"
-    fn = reference_dpn_block
-    if impl == "cpu":  # the op on the stage buffers' own channels-last layout, as the model runs it
-        fn = block_launch
+    if impl == "reference":
+        fn, args = block, ([resid, dense] if resid is not None else dense,)
+    else:  # the op on the stage buffers' own channels-last layout, as the engine runs it
         if resid is not None:
             resid, dense = to_channels_last(resid), to_channels_last(dense)
+        if shape.kind == "normal":  # room in the stage's dense buffer for the blocks to come
+            dense = paddle.concat([dense, paddle.zeros(dense.shape[:3] + [
+                shape.stage_dense - shape.in_dense], "float32")], axis=3)
+        scale_shift = fold_launch([layer._batch_norm for layer in block_layers(block)])
+        fn, args = block_launch, (block, resid, dense, scale_shift)
     with paddle.no_grad():
         # A normal block updates its buffers in place: rerunning it only changes their values.
-        benchmark.pedantic(fn, args=(block, resid, dense, shape.in_dense), warmup_rounds=2,
-                           rounds=10, iterations=2)
+        benchmark.pedantic(fn, args=args, warmup_rounds=2, rounds=10, iterations=2)
 
 
-def fused_model_and_input(name, batch):
-    """The fused model (seeded random weights, eval) and a random 224x224 batch."""
+def compiled_model_and_input(name, batch):
+    """The model compiled for the CPU engine (seeded random weights) and a random 224x224
+    batch."""
     paddle.seed(0)
-    model = dpn_fast.create_model(name, fused=True)
+    model = dpn_fast.create_model(name)
     model.eval()
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)), "float32")
-    return model, x
+    return model, dpn_fast.compile(model), x
 
 
 def profile_model(name, batch, iterations=10):
-    """Median forward time (s) of the fused model and its blocks' (seconds, flops) per part,
+    """Median forward time (s) of the compiled model and its blocks' (seconds, flops) per part,
     per forward."""
-    model, x = fused_model_and_input(name, batch)
+    _, engine, x = compiled_model_and_input(name, batch)
     times = []
-    with paddle.no_grad():
-        for _ in range(3):
-            model(x)
-        block_profile(reset=True)
-        for _ in range(iterations):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
+    for _ in range(3):
+        engine(x)
+    block_profile(reset=True)
+    for _ in range(iterations):
+        start = time.perf_counter()
+        engine(x)
+        times.append(time.perf_counter() - start)
     seconds, flops = block_profile(reset=True)
     return float(np.median(times)), seconds / iterations, flops / iterations
 
 
 def profile_stages(name, batch, iterations=10):
     """Per stage, its blocks' seconds per part and total, per run of the stage op; the stages run
-    one after another on the outputs of the previous one, as in the model."""
-    model, x = fused_model_and_input(name, batch)
-    stem, bn = model.conv1_x_1_func._conv, model.conv1_x_1_func._batch_norm
+    one after another on the outputs of the previous one, as in the engine."""
+    model, _, x = compiled_model_and_input(name, batch)
+    conv, bn = model.conv1_x_1_func._conv, model.conv1_x_1_func._batch_norm
     with paddle.no_grad():
-        inputs, resid, dense = [], None, stem_launch(x, stem, bn)
-        for blocks in model._stages():
-            inputs.append((blocks, resid, dense))
-            resid, dense = stage_launch(blocks, resid, dense, blocks[0].shape.in_dense)
-        seconds = np.zeros((len(inputs), len(PARTS)))
+        dense = stem_launch(x, conv.weight, bn.weight, bn.bias, bn._mean, bn._variance,
+                            conv._stride[0], bn._epsilon)
+        stages, resid = [], None
+        for blocks in model.stages():
+            layout = stage_layout(blocks)
+            args = [stage_weights(blocks), fold_launch(stage_batch_norms(blocks)), layout.groups,
+                    layout.stride, layout.dense_channels, layout.capacity]
+            stages.append((resid, dense, args))
+            resid, dense = stage_launch(resid, dense, *args)
+        seconds = np.zeros((len(stages), len(PARTS)))
         block_profile(reset=True)
         for _ in range(iterations):
-            for i, (blocks, resid, dense) in enumerate(inputs):
-                stage_launch(blocks, resid, dense, blocks[0].shape.in_dense)
+            for i, (resid, dense, args) in enumerate(stages):
+                stage_launch(resid, dense, *args)
                 seconds[i] += block_profile(reset=True)[0]
     return seconds / iterations
 

@@ -3,7 +3,6 @@
 #include <omp.h>
 
 #include <array>
-#include <chrono>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -133,17 +132,11 @@ const char* gemm_impl_name(const GemmShape& s) {
 
 }  // namespace dpn_fast
 
-// For benchmarks: the GFLOP/s of `iterations` calls of gemm_f32 on [m, k] x [k, n] (after one
-// warm-up call), and the oneDNN implementation it runs.
-extern "C" double dpn_fast_gemm_gflops(int64_t m, int64_t n, int64_t k, int iterations) {
-  const dpn_fast::GemmShape s{m, n, k, k, n, n, false};
-  std::vector<float> a(m * k, 0.5f), b(k * n, 0.25f), c(m * n);
-  dpn_fast::gemm_f32(s, a.data(), b.data(), c.data());
-  const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; i < iterations; ++i) dpn_fast::gemm_f32(s, a.data(), b.data(), c.data());
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return 2.0 * m * n * k * iterations / seconds * 1e-9;
+// c[m, n] = a[m, k] x b[k, n] on the caller's row-major buffers, through gemm_f32: for timing
+// this machine's GEMM rate from outside the library (benchmarks/bench_dpn_block.py).
+extern "C" void dpn_fast_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, const float* b,
+                                  float* c) {
+  dpn_fast::gemm_f32(dpn_fast::GemmShape{m, n, k, k, n, n, false}, a, b, c);
 }
 
 // b_transposed: b given as [n, k] (a channels-last 1x1 convolution's weight).
