@@ -8,7 +8,7 @@ import warnings
 
 __version__ = "0.1.0"
 __all__ = ["DPN68", "DPN92", "DPN98", "DPN107", "DPN131", "MODEL_NAMES", "create_model",
-           "load_checkpoint", "CheckpointError"]
+           "compile", "load_checkpoint", "CheckpointError"]
 
 # Documented submodules, reachable as dpn_fast.<name> after `import dpn_fast`. Those the
 # imports below do not load (inference, predict) load on first use, so importing dpn_fast
@@ -29,7 +29,8 @@ else:
     _PADDLE_MISSING = None
     from dpn_fast import _extension  # noqa: F401  (registers the custom ops)
     from dpn_fast.checkpoint import CheckpointError, load_checkpoint
-    from dpn_fast.models import DPN68, DPN92, DPN98, DPN107, DPN131, MODEL_NAMES, create_model
+    from dpn_fast.api import (DPN68, DPN92, DPN98, DPN107, DPN131, MODEL_NAMES, compile,
+                              create_model)
 
 
 def __getattr__(name):

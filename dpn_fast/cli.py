@@ -7,15 +7,31 @@ import time
 import numpy as np
 
 
-def _model(name, fused, weights, seed=0):
+def _model(name, weights, seed=0):
+    """The plain network, eval, with `weights` or random (seeded, reproducible) ones."""
     import paddle
 
-    from dpn_fast.models import create_model
+    from dpn_fast.api import create_model
 
-    paddle.seed(seed)  # random weights, when no checkpoint is given, are reproducible
-    model = create_model(name, fused=fused, pretrained=weights)
+    paddle.seed(seed)
+    model = create_model(name, pretrained=weights)
     model.eval()
     return model
+
+
+def _fast(model):
+    """What dpn_fast runs `model` as on the current device: the compiled engine on CPU, the fused
+    ops swapped in on GPU."""
+    import paddle
+
+    from dpn_fast.api import compile, create_model
+
+    if paddle.get_device() == "cpu":
+        return compile(model)
+    fused = create_model(model.model_name, fused=True, class_num=model.class_num)
+    fused.set_state_dict(model.state_dict())
+    fused.eval()
+    return fused
 
 
 def _median_ms(fns, repeat):
@@ -35,7 +51,9 @@ def _median_ms(fns, repeat):
 def cmd_predict(args):
     from dpn_fast.predict import predict
 
-    model = _model(args.model, args.fused, args.weights)
+    model = _model(args.model, args.weights)
+    if not args.reference:
+        model = _fast(model)
     for path, top in zip(args.images, predict(model, args.images, args.topk)):
         print(path)
         for rank, (index, name, prob) in enumerate(top, 1):
@@ -45,12 +63,12 @@ def cmd_predict(args):
 
 
 def _compare(name, weights, images, repeat):
-    """Reference vs fused on `images`: (reference logits, fused logits, ref ms, fused ms)."""
+    """Reference vs dpn_fast (_fast) on `images`: (reference logits, fused logits, ref ms, fused
+    ms)."""
     import paddle
 
-    reference = _model(name, False, weights)
-    fused = _model(name, True, None)
-    fused.set_state_dict(reference.state_dict())
+    reference = _model(name, weights)
+    fused = _fast(reference)
     images = paddle.to_tensor(images)
     with paddle.no_grad():
         ref_logits = reference(images).numpy()
@@ -116,8 +134,10 @@ def cmd_bench(args):
 def cmd_export(args):
     from dpn_fast.inference import export
 
-    model = _model(args.model, args.fused, args.weights)
-    prefix = export(model, f"{args.out}/{args.model}{'_fused' if args.fused else ''}",
+    model = _model(args.model, args.weights)
+    if not args.reference:
+        model = _fast(model)
+    prefix = export(model, f"{args.out}/{args.model}{'_reference' if args.reference else ''}",
                     args.image_size)
     print(f"saved {prefix}.json and {prefix}.pdiparams; load with "
           f"dpn_fast.inference.create_predictor({prefix!r})")
@@ -130,7 +150,7 @@ def cmd_info(args):
 
     print(f"{'model':8s} {'params (M)':>10s} {'GMACs':>7s}")
     for name in args.models:
-        model = _model(name, False, None)
+        model = _model(name, None)
         print(f"{name:8s} {count_parameters(model) / 1e6:10.2f} {count_macs(model) / 1e9:7.2f}")
 
 
@@ -150,10 +170,11 @@ def build_parser():
     p.add_argument("--model", default="DPN92", choices=MODEL_NAMES)
     p.add_argument("--weights", help=".pdparams checkpoint (PaddleClas's or ours)")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--fused", action="store_true", help="use the fused model")
+    p.add_argument("--reference", action="store_true",
+                   help="run the plain Paddle network instead of the compiled engine")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("demo", help="fused vs reference on the sample image")
+    p = sub.add_parser("demo", help="compiled engine vs reference on the sample image")
     p.add_argument("--model", default="DPN92", choices=MODEL_NAMES)
     p.add_argument("--weights")
     p.add_argument("--image", default=SAMPLE_IMAGE)
@@ -161,7 +182,7 @@ def build_parser():
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="time reference vs fused on random images")
+    p = sub.add_parser("bench", help="time reference vs compiled engine on random images")
     p.add_argument("--model", default="DPN92", choices=MODEL_NAMES)
     p.add_argument("--weights")
     p.add_argument("--batch-size", type=int, default=1)
@@ -175,7 +196,8 @@ def build_parser():
     p.add_argument("--model", default="DPN92", choices=MODEL_NAMES)
     p.add_argument("--weights")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--fused", action="store_true", help="export the fused model")
+    p.add_argument("--reference", action="store_true",
+                   help="export the plain Paddle network instead of the compiled engine")
     p.add_argument("--image-size", type=int, default=224)
     p.set_defaults(func=cmd_export)
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import paddle
 
-import dpn_fast  # noqa: F401  (registers the custom ops before any program is loaded)
+from dpn_fast import _extension  # noqa: F401  (registers the custom ops before a program loads)
 
 
 class _Traced(paddle.nn.Layer):
@@ -25,7 +25,8 @@ class _Traced(paddle.nn.Layer):
 
 
 def export(model, path_prefix, image_size=224):
-    """Saves `model` in eval mode (batch dimension dynamic) as `path_prefix`.json/.pdiparams.
+    """Saves `model` (a DPN, fused or not, or dpn_fast.compile's engine) in eval mode (batch
+    dimension dynamic) as `path_prefix`.json/.pdiparams.
 
     `model` comes back as it went in: same forward, same training flags on every sublayer.
     """

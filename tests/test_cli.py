@@ -59,9 +59,10 @@ def test_preprocess_matches_paddleclas_pipeline(tmp_path):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_predict_on_sample_image(dpn68_weights, capsys):
+@pytest.mark.parametrize("engine", [[], ["--reference"]])
+def test_predict_on_sample_image(dpn68_weights, capsys, engine):
     assert main(["predict", SAMPLE_IMAGE, "--model", "DPN68", "--weights", dpn68_weights,
-                 "--topk", "3"]) == 0
+                 "--topk", "3", *engine]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == SAMPLE_IMAGE
     ranks = [line.split() for line in lines[1:4]]
@@ -116,10 +117,11 @@ def test_bench_and_export(tmp_path, capsys, threads_set):
                  "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and threads_set == [available_cores()]
-    assert main(["export", "--model", "DPN68", "--fused", "--image-size", "64",
+    assert main(["export", "--model", "DPN68", "--image-size", "64", "--out", str(tmp_path)]) == 0
+    assert "dpn_fast_dpn_stage" in (tmp_path / "DPN68.json").read_text()
+    assert main(["export", "--model", "DPN68", "--reference", "--image-size", "64",
                  "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "DPN68_fused.pdiparams").exists()
-    assert "dpn_fast_" in (tmp_path / "DPN68_fused.json").read_text()
+    assert "dpn_fast_" not in (tmp_path / "DPN68_reference.json").read_text()
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -130,7 +132,7 @@ def test_threads_option_overrides_the_default(capsys, threads_set, threads):
 
 
 def test_readme_cli_block_lists_every_option():
-    block = (REPO / "README.md").read_text().split("Command line:\n\n```\n")[1].split("```")[0]
+    block = (REPO / "README.md").read_text().split("Command line")[1].split("```\n")[1]
     listed = {}
     for line in block.splitlines():
         if line.startswith("dpn-fast "):
@@ -163,7 +165,7 @@ def test_import_reaches_documented_submodules_lazily_and_quietly(tmp_path):
         "assert callable(dpn_fast.inference.create_predictor)",
         "assert callable(dpn_fast.predict.predict)",
         "assert callable(dpn_fast.ops.dual_path_merge)",
-        "assert callable(dpn_fast.models.create_model)",
+        "assert callable(dpn_fast.models.DPN) and callable(dpn_fast.compile)",
         "assert issubclass(dpn_fast.checkpoint.CheckpointError, ValueError)",
         "assert {'inference', 'predict'} <= set(dir(dpn_fast))",
         "try:",

@@ -87,3 +87,21 @@ def test_threads_share_one_dynamic_graph_model():
     for i, outputs in enumerate(run_threads(work)):
         for out in outputs:
             np.testing.assert_array_equal(out, expected[i])
+
+
+def test_threads_share_one_compiled_engine():
+    """dpn_fast.compile's object, called from every thread without paddle.no_grad() (it needs
+    none)."""
+    model = dpn_fast.DPN68()
+    model.set_state_dict(random_state(model, seed=33))
+    engine = dpn_fast.compile(model)
+    inputs = thread_inputs()
+    expected = [engine(paddle.to_tensor(x)).numpy() for x in inputs]
+    assert all(np.isfinite(e).all() for e in expected)
+
+    def work(i):
+        return [engine(paddle.to_tensor(inputs[i])).numpy() for _ in range(ROUNDS)]
+
+    for i, outputs in enumerate(run_threads(work)):
+        for out in outputs:
+            np.testing.assert_array_equal(out, expected[i])

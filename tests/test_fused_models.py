@@ -70,14 +70,14 @@ def eval_logits(trio, x):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_eval_matches_float64_reference(name):
-    """Under no_grad: the inference path (stage dense buffers appended in place)."""
+    """Under no_grad: the CPU stage engine on the live parameters."""
     with paddle.no_grad():
         out, ref32, ref64 = eval_logits(build_trio(name), images((3, 3, 64, 64)))
     assert_matches_reference(out, ref64, ref32, name=f"{name} fused logits")
 
 
 def test_eval_with_gradients_enabled():
-    """Eval with autograd on uses the differentiable merge instead of the in-place buffers."""
+    """Eval with autograd on takes the per-op path (differentiable merges)."""
     out, ref32, ref64 = eval_logits(build_trio("DPN68", seed=2), images((3, 3, 64, 64), seed=2))
     assert_matches_reference(out, ref64, ref32, name="DPN68 fused logits, grad enabled")
 
@@ -141,7 +141,7 @@ def test_state_dicts_are_interchangeable():
 
 
 def test_new_weights_are_used_after_eval(tmp_path):
-    """A checkpoint loaded after the fused model has run must not be shadowed by cached folds."""
+    """A checkpoint loaded after the fused model has run is what it runs next."""
     trio = build_trio("DPN68", seed=8)
     reference, fused, reference64 = trio
     x = images((1, 3, 32, 32), seed=9)
@@ -169,10 +169,12 @@ def test_fused_export_predictor_round_trip(tmp_path, use_onednn):
     fused_prefix = export(fused, str(tmp_path / "dpn68_fused"), image_size=64)
     program = open(fused_prefix + ".json").read()
     # stem -> stages -> head, one op each (DPN68: 4 stages)
+    # (the BN folds of each stage and of the head, from the live parameters)
     counts = {op: program.count(f'"3.{op}"') for op in (
-        "dpn_fast_stem_conv_bn_relu_pool", "dpn_fast_dpn_stage", "dpn_fast_dpn_head")}
-    assert counts == {"dpn_fast_stem_conv_bn_relu_pool": 1, "dpn_fast_dpn_stage": 4,
-                      "dpn_fast_dpn_head": 1}
+        "dpn_fast_stem_conv_bn_relu_pool", "dpn_fast_fold_batch_norms", "dpn_fast_dpn_stage",
+        "dpn_fast_dpn_head")}
+    assert counts == {"dpn_fast_stem_conv_bn_relu_pool": 1, "dpn_fast_fold_batch_norms": 5,
+                      "dpn_fast_dpn_stage": 4, "dpn_fast_dpn_head": 1}
     assert '"3.dpn_fast_dpn_block' not in program  # no per-block op
     paddle_ops = [op for op in re.findall(r'"#":"1\.([a-z_0-9]+)"', program)
                   if not op.startswith("a_")]  # "1.a_*": attribute types

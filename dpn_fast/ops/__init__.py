@@ -1,5 +1,5 @@
 """Fused operators of dpn_fast."""
-from dpn_fast.ops.dpn_block import dpn_block, dpn_head  # noqa: F401
+from dpn_fast.ops.dpn_block import dpn_block, dpn_head, fold_batch_norms  # noqa: F401
 from dpn_fast.ops.dual_path_merge import (  # noqa: F401
     concat_bn_relu, dual_path_merge, dual_path_merge_bn_relu, dual_path_merge_into,
     fold_batch_norm)

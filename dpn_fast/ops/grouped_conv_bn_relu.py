@@ -249,15 +249,6 @@ class GroupedConvBNReLUFolder:
         ibn = self.input_bn
         return ibn.weight, ibn.bias, ibn._mean, ibn._variance, ibn._epsilon
 
-    def infer(self, x):
-        """Eval with input_bn, as a launch of the custom op (CPU float32 or a CUDA build) and no
-        checks: for callers whose shapes are fixed by construction, such as the fused DPN's
-        inference path. Parameters are read live (the op folds both BNs)."""
-        bn = self.bn
-        return _prologue_infer(x, self.conv.weight, self._input_bn_params(),
-                               (bn.weight, bn.bias, bn._mean, bn._variance, bn._epsilon),
-                               self.stride, self.groups)
-
     def __call__(self, x, backend="auto"):
         bn = self.bn
         training = bn.training

@@ -29,7 +29,8 @@ def reference_stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_
     return F.max_pool2d(F.relu(y), kernel_size=3, stride=2, padding=1)
 
 
-def _run(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride, epsilon):
+def stem_launch(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride, epsilon):
+    """The op, unchecked (the CPU engine's path; the op checks shapes itself)."""
     return _extension.run_op(f"dpn_fast_{OP}", x, weight, bn_weight, bn_bias, bn_mean, bn_var,
                              int(stride), float(epsilon))[0]
 
@@ -63,13 +64,6 @@ def _check_args(backend, x, weight, bn, stride, epsilon):
                           paddle.float32 if backend == "cpu" else None)
 
 
-def stem_launch(x, conv, bn):
-    """The op on a Conv2D layer and an eval BatchNorm layer, unchecked (the model's inference
-    path; the op checks shapes itself)."""
-    return _run(x, conv.weight, bn.weight, bn.bias, bn._mean, bn._variance, conv._stride[0],
-                bn._epsilon)
-
-
 def stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride=2,
                            epsilon=1e-5, backend="auto"):
     """The fused stem; `backend`: "auto" (the op on CPU, the reference on GPU), "cpu" or
@@ -87,4 +81,4 @@ def stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_var, strid
             t.stop_gradient for t in (x, weight, bn_weight, bn_bias)):
         raise RuntimeError(f"{OP}: the fused stem has no backward; call it under "
                            "paddle.no_grad() or use backend='reference' for training")
-    return _run(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride, epsilon)
+    return stem_launch(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride, epsilon)

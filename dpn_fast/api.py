@@ -1,0 +1,53 @@
+"""The public entry points: the five models, and `compile`, the step that turns a trained model
+into an inference object."""
+from dpn_fast.checkpoint import load_checkpoint
+from dpn_fast.engines.cpu import CompiledDPN
+from dpn_fast.engines.fused import fuse
+from dpn_fast.models import DPN, MODEL_NAMES
+
+DEVICES = ("cpu",)
+
+
+def create_model(name, fused=False, pretrained=None, class_num=1000):
+    """DPN `name` (one of MODEL_NAMES); `fused=True` swaps the fused ops into its forward (same
+    layers and state dict). `pretrained`: a .pdparams path (PaddleClas's or ours), loaded
+    strictly."""
+    model = DPN(name, class_num=class_num)
+    if pretrained is not None:
+        load_checkpoint(model, pretrained)
+    return fuse(model) if fused else model
+
+
+def DPN68(fused=False, pretrained=None, class_num=1000):
+    return create_model("DPN68", fused, pretrained, class_num)
+
+
+def DPN92(fused=False, pretrained=None, class_num=1000):
+    return create_model("DPN92", fused, pretrained, class_num)
+
+
+def DPN98(fused=False, pretrained=None, class_num=1000):
+    return create_model("DPN98", fused, pretrained, class_num)
+
+
+def DPN107(fused=False, pretrained=None, class_num=1000):
+    return create_model("DPN107", fused, pretrained, class_num)
+
+
+def DPN131(fused=False, pretrained=None, class_num=1000):
+    return create_model("DPN131", fused, pretrained, class_num)
+
+
+def compile(model, device="cpu", precision="fp32"):  # noqa: A001 (the name users look for)
+    """`model` (a DPN, fused or not) prepared for inference on `device`: an object that folds the
+    BNs once and owns its copies of the weights, so later changes to `model` do not reach it.
+    Call it on float32 NCHW tensors; export it with dpn_fast.inference.export. On GPU, use
+    DPN(fused=True) (Paddle) or dpn_fast.torch (torch)."""
+    if device not in DEVICES:
+        raise ValueError(f"compile: device must be one of {DEVICES}, got {device!r}; on GPU use "
+                         "the fused model (fused=True) or dpn_fast.torch")
+    return CompiledDPN(model, precision)
+
+
+__all__ = ["MODEL_NAMES", "create_model", "DPN68", "DPN92", "DPN98", "DPN107", "DPN131",
+           "compile"]

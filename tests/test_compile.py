@@ -1,0 +1,125 @@
+"""dpn_fast.compile: the CPU inference object against the fused model and a float64 reference,
+its ownership of what it prepared, its export and bad arguments (concurrent calls:
+test_concurrency.py)."""
+import re
+
+import numpy as np
+import paddle
+import pytest
+from test_fused_models import build_trio, images, random_state
+from utils import assert_matches_reference
+
+import dpn_fast
+from dpn_fast.inference import create_predictor, export, run_predictor
+
+
+def compiled_trio(name, seed):
+    """(compiled, reference fp32, reference fp64) with the same random state."""
+    reference, _, reference64 = build_trio(name, seed)
+    for model in (reference, reference64):
+        model.eval()
+    return dpn_fast.compile(reference), reference, reference64
+
+
+@pytest.mark.parametrize("name,shape", [("DPN68", (3, 3, 65, 57)), ("DPN92", (1, 3, 224, 224))])
+def test_matches_float64_reference(name, shape):
+    compiled, reference, reference64 = compiled_trio(name, seed=20)
+    x = images(shape, seed=21)
+    with paddle.no_grad():
+        ref32 = reference(paddle.to_tensor(x)).numpy()
+        ref64 = reference64(paddle.to_tensor(x.astype("float64"))).numpy()
+    out = compiled(paddle.to_tensor(x)).numpy()
+    assert out.shape == (shape[0], 1000)
+    assert_matches_reference(out, ref64, ref32, name=f"compiled {name} logits")
+
+
+def test_equals_the_fused_model_bit_for_bit():
+    """The same ops on the same folds: compiling changes where the folds live, not the numbers
+    (and compiling a fused model gives the same object as compiling its reference)."""
+    reference, fused, _ = build_trio("DPN68", seed=22)
+    fused.eval()
+    x = paddle.to_tensor(images((2, 3, 49, 49), seed=23))
+    with paddle.no_grad():
+        expected = fused(x).numpy()
+    for source in (reference, fused):
+        np.testing.assert_array_equal(dpn_fast.compile(source)(x).numpy(), expected)
+
+
+def test_later_changes_to_the_model_do_not_reach_it():
+    """It owns its copies: set_state_dict, in-place set_value and an optimizer step on the source
+    model leave its logits bit for bit as they were."""
+    compiled, reference, _ = compiled_trio("DPN68", seed=24)
+    x = paddle.to_tensor(images((1, 3, 40, 40), seed=25))
+    before = compiled(x).numpy()
+    reference.set_state_dict(random_state(reference, seed=26))
+    reference.out.weight.set_value(paddle.zeros_like(reference.out.weight))
+    reference.train()
+    optimizer = paddle.optimizer.SGD(learning_rate=0.1, parameters=reference.parameters())
+    reference(x).sum().backward()
+    optimizer.step()
+    np.testing.assert_array_equal(compiled(x).numpy(), before)
+
+
+def test_runs_under_grad_mode_and_ignores_train():
+    compiled, _, _ = compiled_trio("DPN68", seed=27)
+    x = paddle.to_tensor(images((1, 3, 32, 32), seed=28))
+    with paddle.no_grad():
+        expected = compiled(x).numpy()
+    compiled.train()
+    np.testing.assert_array_equal(compiled(x).numpy(), expected)
+
+
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_export_runs_in_paddle_inference(tmp_path, use_onednn):
+    """The export holds the prepared tensors: stem, stage and head ops and nothing else (no BN
+    fold at run time), and gives the dynamic graph's logits."""
+    compiled, _, _ = compiled_trio("DPN68", seed=31)
+    prefix = export(compiled, str(tmp_path / "dpn68_compiled"), image_size=64)
+    program = open(prefix + ".json").read()
+    custom_ops = re.findall(r'"3\.(dpn_fast_[a-z_0-9]+)"', program)
+    assert sorted(custom_ops) == sorted(["dpn_fast_stem_conv_bn_relu_pool"]
+                                        + ["dpn_fast_dpn_stage"] * 4 + ["dpn_fast_dpn_head"])
+    paddle_ops = [op for op in re.findall(r'"#":"1\.([a-z_0-9]+)"', program)
+                  if not op.startswith("a_")]  # "1.a_*": attribute types
+    assert paddle_ops == ["data", "fetch"]
+    x = images((2, 3, 64, 64), seed=32)
+    expected = compiled(paddle.to_tensor(x)).numpy()
+    got = run_predictor(create_predictor(prefix, use_onednn=use_onednn), x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_batch():
+    compiled, _, _ = compiled_trio("DPN68", seed=33)
+    assert compiled(paddle.zeros([0, 3, 32, 32])).shape == [0, 1000]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(precision="int8"), ValueError, r"precision must be one of \('fp32',\)"),
+    (dict(device="gpu"), ValueError, "device must be one of"),
+])
+def test_bad_compile_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dpn_fast.compile(dpn_fast.DPN68(), **kwargs)
+
+
+def test_compile_refuses_other_models():
+    with pytest.raises(TypeError, match="expected a dpn_fast DPN model, got Linear"):
+        dpn_fast.compile(paddle.nn.Linear(2, 2))
+    model = dpn_fast.DPN68()
+    model.to(dtype="float64")
+    with pytest.raises(TypeError, match=r"runs float32 models.*model.to\(dtype='float32'\)"):
+        dpn_fast.compile(model)
+
+
+@pytest.mark.parametrize("shape,dtype,error,match", [
+    ((3, 32, 32), "float32", ValueError, r"\[N, 3, H, W\]"),
+    ((1, 4, 32, 32), "float32", ValueError, r"\[N, 3, H, W\]"),
+    ((1, 3, 0, 32), "float32", ValueError, "empty"),
+    ((1, 3, 32, 32), "float64", TypeError, r"x.astype\('float32'\)"),
+])
+def test_bad_inputs_raise_clear_errors(shape, dtype, error, match):
+    compiled = dpn_fast.compile(dpn_fast.DPN68())
+    with pytest.raises(error, match=match):
+        compiled(paddle.zeros(shape, dtype))
+    with pytest.raises(TypeError, match="must be a paddle.Tensor"):
+        compiled(np.zeros((1, 3, 32, 32), "float32"))
