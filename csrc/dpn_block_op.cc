@@ -106,11 +106,11 @@ class FoldedColumns {
   int64_t used_ = 0;
 };
 
-// The bottleneck's weights (1x1a, grouped 3x3, 1x1c), shared by the block and stage ops; sets
-// the shape's bottleneck and groups.
-void check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
-                      const paddle::Tensor& w_c, int64_t in_channels, int64_t groups,
-                      const char* op, dpn_fast::DpnBlockShape* s) {
+// The bottleneck's weights (1x1a, grouped 3x3, 1x1c), shared by the block and stage ops; returns
+// the bottleneck's channels.
+int64_t check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
+                         const paddle::Tensor& w_c, int64_t in_channels, int64_t groups,
+                         const char* op) {
   check_1x1(w_a, in_channels, op, "w_a");
   const int64_t r = w_a.shape()[0];
   PD_CHECK(groups > 0 && r % groups == 0, op, ": groups must be > 0 and divide the bottleneck's ",
@@ -122,8 +122,7 @@ void check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
   check_operand(w_a, op, "w_a");
   check_operand(w_conv, op, "w_conv");
   check_operand(w_c, op, "w_c");
-  s->bottleneck = r;
-  s->groups = groups;
+  return r;
 }
 
 // A block's shape and weights, checked against its operands (BNs: attach_bns).
@@ -177,17 +176,15 @@ BlockPlan plan_normal_block(const paddle::Tensor& resid, const paddle::Tensor& d
                             const paddle::Tensor& w_c, int64_t groups, int64_t dense_channels,
                             const char* op) {
   const Input in = check_input(&resid, dense, dense_channels, false, op);
-  dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
-  check_bottleneck(w_a, w_conv, w_c, in.resid + in.dense, groups, op, &s);
-  s.stride = 1;
-  s.resid = in.resid;
-  s.inc = w_c.shape()[0] - in.resid;
-  s.projection = false;
-  s.capacity = in.capacity;
-  PD_CHECK(s.inc > 0, op, ": 'w_c' has ", w_c.shape()[0], " rows: the ", in.resid,
+  const int64_t bottleneck = check_bottleneck(w_a, w_conv, w_c, in.resid + in.dense, groups, op);
+  const int64_t inc = w_c.shape()[0] - in.resid;
+  PD_CHECK(inc > 0, op, ": 'w_c' has ", w_c.shape()[0], " rows: the ", in.resid,
            " residual channels and at least one dense channel expected");
-  PD_CHECK(in.dense + s.inc <= in.capacity, op, ": the dense buffer has ", in.capacity,
-           " channels; ", in.dense, " old + ", s.inc, " new do not fit");
+  PD_CHECK(in.dense + inc <= in.capacity, op, ": the dense buffer has ", in.capacity,
+           " channels; ", in.dense, " old + ", inc, " new do not fit");
+  const dpn_fast::DpnBlockShape s{in.n,       in.h,   in.w, in.resid, in.dense, in.capacity,
+                                  bottleneck, groups, 1,    in.resid, inc,      false,
+                                  in.capacity};
   BlockPlan plan{s, {}};
   plan.weights.w_a = w_a.data<float>();
   plan.weights.w_conv = w_conv.data<float>();
@@ -215,24 +212,23 @@ dpn_fast::DpnBlockShape proj_shape(const paddle::optional<paddle::Tensor>& resid
                                    int64_t dense_channels, int64_t capacity, const char* op) {
   const Input in = check_input(resid ? resid.get_ptr() : nullptr, dense, dense_channels, !resid,
                                op);
-  dpn_fast::DpnBlockShape s{in.n, in.h, in.w, in.resid, in.dense, in.capacity};
-  check_bottleneck(w_a, w_conv, w_c, s.in_channels(), groups, op, &s);
-  check_1x1(w_proj, s.in_channels(), op, "w_proj");
+  const int64_t in_channels = in.resid + in.dense;
+  const int64_t bottleneck = check_bottleneck(w_a, w_conv, w_c, in_channels, groups, op);
+  check_1x1(w_proj, in_channels, op, "w_proj");
   check_operand(w_proj, op, "w_proj");
   PD_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
-  s.stride = stride;
-  s.projection = true;
   // w_proj: resid + 2 inc rows; w_c: resid + inc rows.
-  s.inc = w_proj.shape()[0] - w_c.shape()[0];
-  s.resid = w_c.shape()[0] - s.inc;
-  PD_CHECK(s.inc > 0 && s.resid > 0, op, ": 'w_proj' (", w_proj.shape()[0],
+  const int64_t inc = w_proj.shape()[0] - w_c.shape()[0];
+  const int64_t resid_out = w_c.shape()[0] - inc;
+  PD_CHECK(inc > 0 && resid_out > 0, op, ": 'w_proj' (", w_proj.shape()[0],
            " rows = resid + 2 inc) and 'w_c' (", w_c.shape()[0],
-           " rows = resid + inc) imply resid ", s.resid, " and inc ", s.inc,
+           " rows = resid + inc) imply resid ", resid_out, " and inc ", inc,
            "; both must be positive");
-  PD_CHECK(capacity >= 3 * s.inc, op, ": capacity must hold the projection's ", 2 * s.inc,
-           " dense channels and this block's ", s.inc, ", got ", capacity);
-  s.capacity = capacity;
-  return s;
+  PD_CHECK(capacity >= 3 * inc, op, ": capacity must hold the projection's ", 2 * inc,
+           " dense channels and this block's ", inc, ", got ", capacity);
+  return {in.n,       in.h,   in.w,   in.resid,  in.dense, in.capacity,
+          bottleneck, groups, stride, resid_out, inc,      true,
+          capacity};
 }
 
 // A stage's first block: projects (resid, dense) into a new resid and a new dense buffer of

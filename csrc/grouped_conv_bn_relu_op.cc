@@ -249,11 +249,12 @@ void bn_relu_backward(const paddle::Tensor& y, const paddle::Tensor& out,
       grad_bn_weight.data<float>(), grad_bn_bias.data<float>(), ys[0], ys[1], ys[2] * ys[3]);
 }
 
+// Unnamed: epsilon and momentum, the forward op's attributes, which the grad kernel receives too.
 std::vector<paddle::Tensor> GroupedConvBnReluTrainBackward(
     const paddle::Tensor& x, const paddle::Tensor& weight, const paddle::Tensor& bn_weight,
     const paddle::Tensor& out, const paddle::Tensor& conv_out, const paddle::Tensor& saved_mean,
     const paddle::Tensor& saved_invstd, const paddle::Tensor& grad_out, int stride, int groups,
-    float epsilon, float momentum) {
+    float, float) {
   const auto& ys = conv_out.shape();
   auto grad_conv_out = dpn_fast::empty_output(ys, conv_out.dtype(), conv_out.place());
   auto grad_bn_weight = dpn_fast::empty_output({ys[1]}, paddle::DataType::FLOAT32, x.place());

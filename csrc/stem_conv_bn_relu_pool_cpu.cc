@@ -139,13 +139,11 @@ void run_image(const float* x, float* out, const StemShape& s, const StemRowArgs
 
 StemShape stem_shape(int64_t n, int64_t c, int64_t h, int64_t w, int64_t c_out, int64_t kernel,
                      int64_t stride) {
-  StemShape s{n, c, h, w, c_out, kernel, stride};
   const int64_t pad = kernel / 2;
-  s.h_conv = (h + 2 * pad - kernel) / stride + 1;
-  s.w_conv = (w + 2 * pad - kernel) / stride + 1;
-  s.h_out = (s.h_conv - 1) / 2 + 1;
-  s.w_out = (s.w_conv - 1) / 2 + 1;
-  return s;
+  const int64_t h_conv = (h + 2 * pad - kernel) / stride + 1;
+  const int64_t w_conv = (w + 2 * pad - kernel) / stride + 1;
+  return {n, c, h, w, c_out, kernel, stride, h_conv, w_conv, (h_conv - 1) / 2 + 1,
+          (w_conv - 1) / 2 + 1};
 }
 
 int64_t stem_workspace_size(const StemShape& s) {
