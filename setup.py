@@ -112,8 +112,8 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["dpn_fast", "dpn_fast.data", "dpn_fast.models", "dpn_fast.ops", "dpn_fast.kernels"],
-    package_dir={"dpn_fast.kernels": "kernels"},
+    packages=["dpn_fast", "dpn_fast.data", "dpn_fast.engines", "dpn_fast.models", "dpn_fast.ops",
+              "dpn_fast.kernels"],
     package_data={"dpn_fast.data": ["*.txt", "*.jpg"]},
     ext_modules=[Extension("dpn_fast.libdpn_fast_ops", sources=[])],
     cmdclass={"build_ext": CMakeBuild},

@@ -1,12 +1,11 @@
-"""Helpers for testing kernels/<op>.py under Triton's CPU interpreter on numpy arrays (no torch,
-no Paddle).
+"""Helpers for testing the Triton kernels (dpn_fast.kernels) under Triton's CPU interpreter, on
+numpy arrays or torch CPU tensors.
 
 The interpreter must be chosen before triton is imported (TRITON_INTERPRET=1: triton's own
 library functions are decorated at import), so a module's interpreter tests run in a pytest
 subprocess with the variable set (`run_module_interpreted`), and are skipped in the parent, as
-tests/test_dual_path_merge.py does. Kernels are loaded from this checkout's kernels/ by path.
+tests/test_dual_path_merge.py does.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from dpn_fast.kernels._host import HostTensor
 
 REPO = Path(__file__).resolve().parents[1]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -36,23 +37,9 @@ def run_module_interpreted(test_file, markers="not slow", env=None):
         proc.stdout[-2000:]
 
 
-def _load(name, path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # NamedTuples look their module up while being built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def load_kernels(op):
-    return _load(f"checkout_kernels_{op}", REPO / "kernels" / f"{op}.py")
-
-
 def host(array):
     """A C-contiguous numpy array (or a view starting inside one) as a kernel argument."""
-    host_tensor = _load("checkout_kernels_host", REPO / "kernels" / "_host.py").HostTensor
-    return host_tensor(array.ctypes.data, str(array.dtype), array)
+    return HostTensor(array.ctypes.data, str(array.dtype), array)
 
 
 def nan_array(shape, dtype):

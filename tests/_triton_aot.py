@@ -1,28 +1,29 @@
-"""Ahead-of-time compiles every Triton kernel in kernels/ for given compute capabilities (no GPU
-needed) and prints one JSON object per compile: registers, local (spill) bytes, shared memory.
+"""Ahead-of-time compiles every Triton kernel in dpn_fast.kernels for given compute capabilities
+(no GPU needed) and prints one JSON object per compile: registers, local (spill) bytes, shared
+memory.
 
 Run as a separate process (tests/test_gpu_compile.py does) so that TRITON_INTERPRET, which the
 test suite may set for the interpreter tests, cannot turn @triton.jit kernels into interpreted
 functions here.
 
-Convention: kernels/<op>.py defines AOT_SPECS, a list of (kernel, signature, constexprs) or
-(kernel, signature, constexprs, options) with options as the launcher passes them (num_warps...):
-signature maps every parameter name to a Triton type string ("*fp16", "i32", ... and "constexpr"
-for constexpr parameters), constexprs gives their values. Every @triton.jit function named
-*_kernel needs at least one spec per activation dtype (fp32, fp16, bf16), at the launchers'
-largest configuration (the one most likely to spill). A module may set AOT_MIN_CC (e.g. 80 for
-tensor-core kernels, which on sm_75 fall back to FMAs Triton does not support there): archs below
-it are not compiled.
+Convention: each op module dpn_fast.kernels.<op> defines AOT_SPECS, a list of (kernel, signature,
+constexprs) or (kernel, signature, constexprs, options) with options as the launcher passes them
+(num_warps...): signature maps every parameter name to a Triton type string ("*fp16", "i32", ...
+and "constexpr" for constexpr parameters), constexprs gives their values. Every @triton.jit
+function named *_kernel needs at least one spec per activation dtype (fp32, fp16, bf16), at the
+launchers' largest configuration (the one most likely to spill). A module may set AOT_MIN_CC
+(e.g. 80 for tensor-core kernels, which on sm_75 fall back to FMAs Triton does not support
+there): archs below it are not compiled.
 
     python tests/_triton_aot.py --archs 75,80,90
 """
 import argparse
-import importlib.util
+import importlib
 import json
 import os
+import pkgutil
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,20 +34,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import dpn_fast.kernels  # noqa: E402
 from test_gpu_compile import parse_ptxas  # noqa: E402  (this script runs from tests/)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def kernel_modules():
-    for path in sorted((REPO / "kernels").glob("*.py")):
-        if path.name.startswith("_"):
-            continue
-        spec = importlib.util.spec_from_file_location(f"dpn_fast_aot_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        yield path.stem, module
+    """(op, module) for each op module of dpn_fast.kernels (those named _* are helpers)."""
+    for info in pkgutil.iter_modules(dpn_fast.kernels.__path__):
+        if not info.name.startswith("_"):
+            yield info.name, importlib.import_module(f"dpn_fast.kernels.{info.name}")
 
 
 def jit_kernels(module):

@@ -2,7 +2,7 @@
 
 - every csrc/*.cu compiled by nvcc for each of sm_75/80/86/89/90 (the archs the local nvcc
   accepts); ptxas's per-kernel resource usage (registers, stack, spills, shared memory) parsed;
-- every Triton kernel in kernels/ compiled ahead of time (tests/_triton_aot.py, AOT_SPECS
+- every Triton kernel in dpn_fast/kernels/ compiled ahead of time (tests/_triton_aot.py, AOT_SPECS
   convention) for sm_75/80/90, with registers / stack / spills from Triton's bundled ptxas.
 
 Both write a table (build/cuda_resource_report.txt, build/triton_resource_report.txt) that
@@ -159,8 +159,6 @@ ptxas info    : Used 255 registers, used 1 barriers, 8 bytes cumulative stack si
 
 def test_triton_kernels_compile_ahead_of_time():
     pytest.importorskip("triton")
-    if not any(p for p in (REPO / "kernels").glob("*.py") if not p.name.startswith("_")):
-        pytest.skip("no Triton kernels in kernels/")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(REPO / "tests" / "_triton_aot.py"), "--archs",
@@ -168,6 +166,9 @@ def test_triton_kernels_compile_ahead_of_time():
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert rows, f"no output from tests/_triton_aot.py:\n{result.stderr[-2000:]}"
+    ops = {p.stem for p in (REPO / "dpn_fast" / "kernels").glob("*.py")
+           if not p.name.startswith("_")}
+    assert {r["op"] for r in rows} == ops
     columns = ["op", "kernel", "dtype", "cc", "regs", "stack", "spill_stores", "spill_loads",
                "shared", "num_warps", "constexprs"]
     text = format_table("Triton kernels (ahead-of-time compile)", [r for r in rows if r.get("ok")],

@@ -1,4 +1,4 @@
-"""kernels/nhwc_conv1x1.py under Triton's CPU interpreter (numpy host; no torch or Paddle).
+"""dpn_fast.kernels.nhwc_conv1x1 under Triton's CPU interpreter (numpy host; no torch).
 
 Each DPN block form at small odd shapes, n = 1 and 2, fp32 and fp16 (bf16 arithmetic is wrong in
 the interpreter; the AOT compile covers it), against float64, with the project's rule: error <=
@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from _interpreter import (INTERPRETED, host, load_kernels, nan_array,  # noqa: E402
-                          needs_interpreter, run_module_interpreted)
+from _interpreter import (INTERPRETED, host, nan_array, needs_interpreter,  # noqa: E402
+                          run_module_interpreted)
 from utils import assert_matches_reference  # noqa: E402
 
 DTYPES = ("float32", "float16")
@@ -25,7 +25,8 @@ def test_under_interpreter():
 
 @pytest.fixture(scope="module")
 def kernels():
-    return load_kernels("nhwc_conv1x1")
+    from dpn_fast.kernels import nhwc_conv1x1
+    return nhwc_conv1x1
 
 
 def gemm_reference(a, w, in_affine, bias, relu, precision):

@@ -1,4 +1,4 @@
-"""kernels/nhwc_grouped_conv3x3.py under Triton's CPU interpreter (numpy host; no torch or Paddle).
+"""dpn_fast.kernels.nhwc_grouped_conv3x3 under Triton's CPU interpreter (numpy host; no torch).
 
 Group widths 3 to 48 (several groups a program where narrow, a last program with fewer groups),
 stride 1 and 2, odd and non-square sizes, n = 1 and 2, fp32 and fp16 (bf16 arithmetic is wrong in
@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from _interpreter import (INTERPRETED, host, load_kernels, nan_array,  # noqa: E402
-                          needs_interpreter, run_module_interpreted)
+from _interpreter import (INTERPRETED, host, nan_array, needs_interpreter,  # noqa: E402
+                          run_module_interpreted)
 from utils import assert_matches_reference  # noqa: E402
 
 
@@ -23,7 +23,8 @@ def test_under_interpreter():
 
 @pytest.fixture(scope="module")
 def kernels():
-    return load_kernels("nhwc_grouped_conv3x3")
+    from dpn_fast.kernels import nhwc_grouped_conv3x3
+    return nhwc_grouped_conv3x3
 
 
 def conv_reference(x, weight, bias, groups, stride, precision):

@@ -125,7 +125,7 @@ def _dtype_name(tensor):
 
 def _check_layout(op, tensors):
     """Tensors that describe themselves (torch, Paddle) must share a device and be rows: unit
-    stride along channels, the given row stride. Raw pointers (kernels/_host.py) are taken as
+    stride along channels, the given row stride. Raw pointers (_host.py) are taken as
     given. tensors: {label: (tensor, row stride or None for a vector)}."""
     devices = {str(t.device) for t, _ in tensors.values() if hasattr(t, "device")}
     if len(devices) > 1:

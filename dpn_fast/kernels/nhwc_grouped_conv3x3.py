@@ -2,7 +2,7 @@
 bias + ReLU epilogue: out = relu(grouped_conv3x3(x, w) + bias), a DPN block's c3x3_b with
 c1x1_c's BatchNorm folded into w and bias.
 
-Rows as in kernels/nhwc_conv1x1.py: position (image, h, w) -> a row of C channels, read and
+Rows as in nhwc_conv1x1.py: position (image, h, w) -> a row of C channels, read and
 written through row strides. A program computes BLOCK_P output positions (flattened over the
 batch, so 7x7 images fill a tile as well as 56x56 ones) by the channels of `groups_per_program`
 consecutive groups. Those channels are contiguous in a row, so each of the nine taps is one
@@ -121,7 +121,7 @@ def _dtype_name(tensor):
 
 def _check_layout(op, tensors):
     """Tensors that describe themselves (torch, Paddle) must share a device and be rows: unit
-    stride along channels, the given row stride. Raw pointers (kernels/_host.py) are taken as
+    stride along channels, the given row stride. Raw pointers (_host.py) are taken as
     given. tensors: {label: (tensor, row stride or None for a vector)}."""
     devices = {str(t.device) for t, _ in tensors.values() if hasattr(t, "device")}
     if len(devices) > 1:
