@@ -1,13 +1,13 @@
 """dpn_fast.torch: the channels-last fused forward of timm's DPNs, on CPU under Triton's
-interpreter (needs torch, triton and timm; skipped where one is missing, e.g. in the Paddle-only
-CI), against timm in float64 with the project's rule: error <= 2x timm eager's error at that
-dtype + atol (tests/utils.py).
+interpreter (needs torch, triton and timm, which .ci/run installs; skipped where one is missing),
+against timm in float64 with the project's rule: error <= 2x timm eager's error at that dtype +
+atol (tests/utils.py).
 
 The quick cases use a small timm DPN (every block kind: projection, stride-2 down, normal; b and
-not b) at an odd, non-square input; the slow one timm's real dpn68. The checkout's
-dpn_fast/torch.py is loaded by path (an installed dpn_fast may be another version).
+not b) at an odd, non-square input; the slow ones timm's real DPNs.
 """
 import copy
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -18,25 +18,14 @@ from _interpreter import INTERPRETED, REPO, needs_interpreter, run_module_interp
 from utils import assert_matches_reference
 
 
-def _load(name, path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def requirements():
     """(torch, timm, dpn_fast.torch), or a skip."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("triton")
     if importlib.util.find_spec("timm") is None:
         pytest.skip("timm not installed")
-    # The dry run's workaround for a torchvision build that does not match the CPU torch.
-    gpu_check = _load("gpu_check_for_tests", REPO / "benchmarks" / "gpu_check.py")
-    timm = gpu_check.import_timm(dry_run=True)
-    return torch, timm, _load("checkout_dpn_fast_torch", REPO / "dpn_fast" / "torch.py")
+    from dpn_fast.engines.torch_host import import_timm
+    return torch, import_timm(), importlib.import_module("dpn_fast.torch")
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the driver of the interpreted run")
@@ -53,7 +42,8 @@ def test_under_interpreter_slow():
 
 
 def test_imports_without_paddle():
-    """`import dpn_fast` without Paddle: dpn_fast.torch usable, the Paddle parts a clear error."""
+    """`import dpn_fast` without Paddle: dpn_fast.kernels and dpn_fast.torch usable, the Paddle
+    parts a clear error."""
     script = f"""
 import importlib.util, sys
 sys.modules["paddle"] = None  # as if Paddle were not installed
@@ -65,8 +55,11 @@ except ImportError as e:
     assert "needs Paddle" in str(e), e
 else:
     raise AssertionError("dpn_fast.create_model without Paddle")
+if importlib.util.find_spec("triton") is not None:
+    from dpn_fast.kernels import nhwc_conv1x1, nhwc_grouped_conv3x3
 if importlib.util.find_spec("torch") is not None:
     from dpn_fast.torch import fuse
+    assert fuse.__module__ == "dpn_fast.engines.torch_host", fuse.__module__
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -181,9 +174,7 @@ def test_launchers_refuse_tensors_that_are_not_rows():
     """With torch tensors the launchers check the layout they index: unit channel stride and the
     row stride given."""
     torch, _, _ = requirements()
-    gemm = _load("checkout_kernels_nhwc_conv1x1_torch", REPO / "kernels" / "nhwc_conv1x1.py")
-    grouped = _load("checkout_kernels_nhwc_grouped_torch",
-                    REPO / "kernels" / "nhwc_grouped_conv3x3.py")
+    from dpn_fast.kernels import nhwc_conv1x1 as gemm, nhwc_grouped_conv3x3 as grouped
     a, w, out = torch.zeros(6, 8), torch.zeros(8, 4), torch.zeros(6, 4)
     with pytest.raises(ValueError, match=r"a must be rows .* row stride 8, got strides \(1, 6\)"):
         gemm.conv1x1_forward(a.t().contiguous().t(), w, out, rows=6, k=8, n=4, lda=8, ldo=4)
