@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.py's CPU dry run: what the GPU check runs, minus the GPU (needs torch;
-skipped where it is absent, e.g. in the Paddle-only CI environment)."""
+"""benchmarks/gpu_check.py's CPU dry run: what the GPU check runs, minus the GPU (needs torch,
+and timm for its e2e stage, which .ci/run installs; skipped where they are absent)."""
 import importlib.util
 import json
 import shutil
@@ -11,6 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+sys.path.insert(0, str(SCRIPT.parent))
+
+import gpu_check  # noqa: E402  (imports neither torch nor dpn_fast until its main() runs)
 
 
 def dry_run(tmp_path, *skip):
@@ -26,7 +29,9 @@ def dry_run(tmp_path, *skip):
 
 
 def test_dry_run_kernels_and_timing_paths(tmp_path):
-    report = dry_run(tmp_path, "e2e")
+    report = dry_run(tmp_path, "sweep", "e2e")
+    assert report["info"]["dpn_fast"] == str(REPO / "dpn_fast")  # the checkout's, without Paddle
+    assert report["info"]["backends"] == {"merge": ["triton", "torch"], "conv": ["triton", "torch"]}
     rows = report["tables"]["correctness"]
     assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     assert report["tables"]["merge timing"] and report["tables"]["conv timing"]
@@ -39,7 +44,7 @@ def test_dry_run_kernels_and_timing_paths(tmp_path):
     for section in ("nhwc grouped conv tile sweep (fp16)", "nhwc 1x1 tile sweep (fp16)"):
         rows = report["tables"][section]
         assert all(v for r in rows for k, v in r.items() if k.endswith(" ok")), rows
-    # Issue 12's targets, by their exact names; nothing is measured without a GPU.
+    # The channels-last forward's targets, by their exact names; nothing is measured on CPU.
     targets = report["tables"]["targets"]
     assert [r["target"] for r in targets] == [
         "grouped conv >= 3x cuDNN at n=64, every shape", "e2e n=64 >= 2x timm eager",
@@ -51,26 +56,26 @@ def test_dry_run_kernels_and_timing_paths(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_timm_fused_equals_eager(tmp_path):
-    if importlib.util.find_spec("timm") is None:  # not imported here: it may need the dry
-        pytest.skip("timm not installed")          # run's torchvision workaround
-    report = dry_run(tmp_path, "build", "correct", "kernels")
+def test_dry_run_conv_tile_sweep_and_timm_fused_equals_eager(tmp_path):
+    """The dry run's two slowest stages under the interpreter: the NCHW conv's tile sweep, and
+    timm dpn92 on dpn_fast.torch's fused forward (32x32 images)."""
+    if importlib.util.find_spec("timm") is None:  # not imported here: it may need
+        pytest.skip("timm not installed")          # import_timm's torchvision workaround
+    report = dry_run(tmp_path, "build", "nhwc-correct", "nhwc-kernels", "nhwc-sweep", "correct",
+                     "kernels")
+    sweep = report["tables"]["conv tile sweep (Triton, fp16)"]
+    assert {r["form"] for r in sweep} == {"plain", "prologue"}
+    assert all(v for r in sweep for k, v in r.items() if k.endswith(" ok")), sweep
     rows = report["tables"]["e2e equivalence (logits vs float64 timm)"]
-    assert rows and all(r["ok"] for r in rows), rows
-
-
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check_targets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    assert [(r["fused"], r["dtype"]) for r in rows] == [("nhwc", "float32")], rows
+    assert rows[0]["ok"] and 0 < rows[0]["err"] <= rows[0]["bound"], rows
+    timed = report["tables"]["e2e timing (timm dpn92, 224x224)"]
+    assert [(r["model"], r["n"]) for r in timed] == [("timm eager", 1)], timed
 
 
 def test_targets_from_measured_rows(tmp_path):
     """The targets table from rows as a GPU run writes them (no torch needed): each verdict and
     figure follows the measured values and the card."""
-    gpu_check = load_gpu_check()
     report = gpu_check.Report(tmp_path, 60)
     report.info["device"] = "NVIDIA H200"
     narrow_copy = {3: 55.0, 6: 45.0}  # the 6-channel groups miss 50% of copy bandwidth
