@@ -7,6 +7,7 @@ Environment:
   CUDA_HOME                  toolkit root (default: found from nvcc on PATH)
   DPN_FAST_BUILD_JOBS        parallel compile jobs (default: CPU count)
   DPN_FAST_PORTABLE=1        compile the CPU kernels without -march=native (for wheels)
+  DPN_FAST_WERROR=1          fail on a compiler warning in dpn_fast's own sources (CI sets it)
   DPN_FAST_ONEDNN_INCLUDE    oneDNN 3.x headers (default: the onednn-devel-cpu-gomp build
                              requirement's; the library itself is Paddle's libdnnl.so.3)
 """
@@ -82,6 +83,8 @@ class CMakeBuild(build_ext):
                 f"-DONEDNN_INCLUDE_DIR={onednn_include()}"]
         if os.environ.get("DPN_FAST_PORTABLE") == "1":
             args.append("-DDPN_FAST_NATIVE=OFF")
+        if os.environ.get("DPN_FAST_WERROR") == "1":
+            args.append("-DDPN_FAST_WERROR=ON")
         nvcc = None if os.environ.get("DPN_FAST_CPU_ONLY") == "1" else find_nvcc()
         if nvcc:
             nvcc = os.path.realpath(nvcc)
