@@ -33,7 +33,8 @@ from dpn_fast import _extension
 from dpn_fast.engines.cpu import stage_batch_norms, stage_layout, stage_weights
 from dpn_fast.models.config import CONFIGS, block_shapes
 from dpn_fast.models.dpn import DualPathBlock
-from dpn_fast.ops.dpn_block import fold_launch, stage_launch, to_channels_last
+from dpn_fast.ops.dpn_block import (fold_launch, pack_stage_launch, stage_launch,
+                                    to_channels_last)
 from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 
 PARTS = ("input BN+ReLU", "projection 1x1", "1x1a", "grouped 3x3", "1x1c")
@@ -166,8 +167,9 @@ def profile_stages(name, batch, iterations=10):
         stages, resid = [], None
         for blocks in model.stages():
             layout = stage_layout(blocks)
-            args = [stage_weights(blocks), fold_launch(stage_batch_norms(blocks)), layout.groups,
-                    layout.stride, layout.dense_channels, layout.capacity]
+            args = [pack_stage_launch(stage_weights(blocks)), fold_launch(stage_batch_norms(blocks)),
+                    layout.groups, layout.stride, layout.dense_channels, layout.capacity,
+                    True]  # packed, as the compiled model runs them
             stages.append((resid, dense, args))
             resid, dense = stage_launch(resid, dense, *args)
         seconds = np.zeros((len(stages), len(PARTS)))

@@ -5,7 +5,8 @@
 //   g      = relu(bn_c(grouped_conv3x3(relu(bn_b(act x W_a^T)), stride)))
 //   resid' += g x W_c[:R]^T;  dense'[:, d : d + inc] = g x W_c[R:]^T
 // Channels-last, a 1x1 convolution is one GEMM over all positions of a run of images, its
-// activations used as oneDNN's matmul reads them and its weights as given; in NCHW the
+// activations used as oneDNN's matmul reads them and its weights as given or packed once for this
+// CPU (the compiled engine's; oneDNN otherwise repacks them on every call); in NCHW the
 // activations were the operand the matmul repacks on every call (docs/benchmarks.md: 1.13-1.2x
 // on DPN92's shapes). bn_b + ReLU is 1x1a's epilogue (oneDNN post-ops), bn_c + ReLU the grouped
 // conv's (the project's channels-last kernel), the input's BN + ReLU one pass. A normal block
@@ -38,16 +39,22 @@ struct DpnBlockShape {
   int64_t dense_before() const { return projection ? 2 * inc : in_dense; }
 };
 
-// BNs come folded (the caller folds them once, not every call).
+// BNs come folded (the caller folds them once, not every call). The projection's and 1x1c's rows
+// are two GEMMs each, the residual rows and the dense rows, so each 1x1 GEMM has its own weight:
+// plain, rows of the layer's [C_out, C_in] weight, or packed (packed_1x1), that GEMM's rows laid
+// out once for this CPU (onednn_gemm.h: pack_weight; here packed_weight_data of the blob).
 struct DpnBlockWeights {
-  FoldedBatchNorm bn_w;   // projection blocks: the projection's input BN [in_channels]
-  const float* w_proj;    // projection blocks: [resid + 2 inc, in_channels]
-  FoldedBatchNorm bn_a;   // 1x1a's input BN [in_channels]
-  const float* w_a;       // [bottleneck, in_channels]
-  FoldedBatchNorm bn_b;   // the grouped conv's input BN [bottleneck]
-  const float* w_conv;    // [bottleneck, bottleneck / groups, 3, 3]
-  FoldedBatchNorm bn_c;   // 1x1c's input BN (the grouped conv's epilogue) [bottleneck]
-  const float* w_c;       // [resid + inc, bottleneck]
+  FoldedBatchNorm bn_w;        // projection blocks: the projection's input BN [in_channels]
+  const float* w_proj_resid;   // projection blocks: [resid, in_channels]
+  const float* w_proj_dense;   // projection blocks: [2 inc, in_channels]
+  FoldedBatchNorm bn_a;        // 1x1a's input BN [in_channels]
+  const float* w_a;            // [bottleneck, in_channels]
+  FoldedBatchNorm bn_b;        // the grouped conv's input BN [bottleneck]
+  const float* w_conv;         // [bottleneck, bottleneck / groups, 3, 3], always plain
+  FoldedBatchNorm bn_c;        // 1x1c's input BN (the grouped conv's epilogue) [bottleneck]
+  const float* w_c_resid;      // [resid, bottleneck]
+  const float* w_c_dense;      // [inc, bottleneck]
+  bool packed_1x1;
 };
 
 // A run of blocks, as a stage runs them: block 0 from (resid_in, dense_in) into (resid_out,

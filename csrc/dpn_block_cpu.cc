@@ -94,13 +94,13 @@ void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
 }
 
 // out[p, 0 .. rows) (+)= in[p, :] x weight[rows, k]^T for `pixels` positions: a 1x1
-// convolution, channels-last. out_channels: channels per position of `out`. epilogue: a BN +
-// ReLU on the result (oneDNN post-ops), or none.
-void conv1x1(const float* in, int64_t pixels, int64_t k, const float* weight, int64_t rows,
-             float* out, int64_t out_channels, bool accumulate,
+// convolution, channels-last; weight plain or packed (DpnBlockWeights). out_channels: channels
+// per position of `out`. epilogue: a BN + ReLU on the result (oneDNN post-ops), or none.
+void conv1x1(const float* in, int64_t pixels, int64_t k, const float* weight, bool packed,
+             int64_t rows, float* out, int64_t out_channels, bool accumulate,
              const FoldedBatchNorm* epilogue = nullptr) {
   GemmShape g{pixels, rows, k, k, k, out_channels, accumulate};
-  g.b_transposed = true;
+  g.b_layout = packed ? BLayout::kPacked : BLayout::kTransposed;
   g.scale_shift_relu = epilogue != nullptr;
   gemm_f32(g, in, weight, out, epilogue ? epilogue->scale : nullptr,
            epilogue ? epilogue->shift : nullptr);
@@ -145,14 +145,16 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   timer.next(kInputBnRelu);
 
   if (s.projection) {
-    conv1x1(act_w, pixels_out, cin, wt.w_proj, s.resid, resid_out, s.resid, false);
-    conv1x1(act_w, pixels_out, cin, wt.w_proj + s.resid * cin, 2 * s.inc, dense_out, s.capacity,
+    conv1x1(act_w, pixels_out, cin, wt.w_proj_resid, wt.packed_1x1, s.resid, resid_out, s.resid,
             false);
+    conv1x1(act_w, pixels_out, cin, wt.w_proj_dense, wt.packed_1x1, 2 * s.inc, dense_out,
+            s.capacity, false);
     timer.next(kProjection, 2 * pixels_out * (s.resid + 2 * s.inc) * cin);
   }
 
   // 1x1a with the grouped conv's input BN + ReLU as its epilogue.
-  conv1x1(act, pixels, cin, wt.w_a, s.bottleneck, a, s.bottleneck, false, &wt.bn_b);
+  conv1x1(act, pixels, cin, wt.w_a, wt.packed_1x1, s.bottleneck, a, s.bottleneck, false,
+          &wt.bn_b);
   timer.next(kConv1x1a, 2 * pixels * s.bottleneck * cin);
 
   const GroupedConvShape conv{s.n, s.bottleneck, s.h, s.w, s.bottleneck, s.groups, s.stride,
@@ -162,8 +164,9 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
                                s.w_out());
 
   // 1x1c: the residual rows accumulate into resid, the dense rows land after the dense before.
-  conv1x1(g, pixels_out, s.bottleneck, wt.w_c, s.resid, resid_out, s.resid, true);
-  conv1x1(g, pixels_out, s.bottleneck, wt.w_c + s.resid * s.bottleneck, s.inc,
+  conv1x1(g, pixels_out, s.bottleneck, wt.w_c_resid, wt.packed_1x1, s.resid, resid_out, s.resid,
+          true);
+  conv1x1(g, pixels_out, s.bottleneck, wt.w_c_dense, wt.packed_1x1, s.inc,
           dense_out + s.dense_before(), s.capacity, false);
   timer.next(kConv1x1c, 2 * pixels_out * (s.resid + s.inc) * s.bottleneck);
 }

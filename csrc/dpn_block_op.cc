@@ -7,12 +7,19 @@
 //                       in place there (what the fused model runs)
 //   dpn_fast_dpn_head   final BN + ReLU, global average pool and the classifier
 //   dpn_fast_fold_batch_norms  eval BNs folded into the others' scale_shift argument
+//   dpn_fast_pack_1x1_weight  rows of a 1x1 weight (one GEMM's) laid out once for this CPU
+//                       (oneDNN's packed format), for dpn_fast_dpn_stage with packed_weights:
+//                       what dpn_fast.compile keeps instead of the plain weights
 // Their BNs come folded, as one float32 tensor scale_shift [2, channels]: row 0 the scales, row 1
 // the shifts, BN after BN in the block's order: [projection's,] 1x1a's, the grouped conv's,
 // 1x1c's (a stage: block by block). A caller that owns its weights folds them once; an exported
 // model runs the fold op on its live parameters before each op.
+#include <algorithm>
+#include <cstring>
+
 #include "binding.h"
 #include "dpn_block.h"
+#include "onednn_gemm.h"
 
 namespace {
 
@@ -20,6 +27,7 @@ constexpr const char* kBlock = "dpn_fast_dpn_block";
 constexpr const char* kStage = "dpn_fast_dpn_stage";
 constexpr const char* kHead = "dpn_fast_dpn_head";
 constexpr const char* kFold = "dpn_fast_fold_batch_norms";
+constexpr const char* kPack = "dpn_fast_pack_1x1_weight";
 
 using Shape = std::vector<int64_t>;
 using dpn_fast::shape_str;
@@ -106,6 +114,16 @@ class FoldedColumns {
   int64_t used_ = 0;
 };
 
+// The grouped 3x3 conv's weight [r, r / groups, 3, 3] (r: the bottleneck's channels).
+void check_grouped_conv(const paddle::Tensor& w_conv, int64_t r, int64_t groups, const char* op) {
+  PD_CHECK(groups > 0 && r % groups == 0, op, ": groups must be > 0 and divide the bottleneck's ",
+           r, " channels, got ", groups);
+  const Shape& wc = w_conv.shape();
+  PD_CHECK(wc.size() == 4 && wc[0] == r && wc[1] == r / groups && wc[2] == 3 && wc[3] == 3, op,
+           ": 'w_conv' must have shape [", r, ", ", r / groups, ", 3, 3], got ", shape_str(wc));
+  check_operand(w_conv, op, "w_conv");
+}
+
 // The bottleneck's weights (1x1a, grouped 3x3, 1x1c), shared by the block and stage ops; returns
 // the bottleneck's channels.
 int64_t check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv,
@@ -113,14 +131,9 @@ int64_t check_bottleneck(const paddle::Tensor& w_a, const paddle::Tensor& w_conv
                          const char* op) {
   check_1x1(w_a, in_channels, op, "w_a");
   const int64_t r = w_a.shape()[0];
-  PD_CHECK(groups > 0 && r % groups == 0, op, ": groups must be > 0 and divide the bottleneck's ",
-           r, " channels, got ", groups);
-  const Shape& wc = w_conv.shape();
-  PD_CHECK(wc.size() == 4 && wc[0] == r && wc[1] == r / groups && wc[2] == 3 && wc[3] == 3, op,
-           ": 'w_conv' must have shape [", r, ", ", r / groups, ", 3, 3], got ", shape_str(wc));
+  check_grouped_conv(w_conv, r, groups, op);
   check_1x1(w_c, r, op, "w_c");
   check_operand(w_a, op, "w_a");
-  check_operand(w_conv, op, "w_conv");
   check_operand(w_c, op, "w_c");
   return r;
 }
@@ -188,7 +201,8 @@ BlockPlan plan_normal_block(const paddle::Tensor& resid, const paddle::Tensor& d
   BlockPlan plan{s, {}};
   plan.weights.w_a = w_a.data<float>();
   plan.weights.w_conv = w_conv.data<float>();
-  plan.weights.w_c = w_c.data<float>();
+  plan.weights.w_c_resid = w_c.data<float>();
+  plan.weights.w_c_dense = w_c.data<float>() + s.resid * bottleneck;
   return plan;
 }
 
@@ -241,10 +255,13 @@ BlockPlan plan_projection_block(const paddle::optional<paddle::Tensor>& resid,
   BlockPlan plan{proj_shape(resid, dense, w_proj, w_a, w_conv, w_c, groups, stride,
                             dense_channels, capacity, op),
                  {}};
-  plan.weights.w_proj = w_proj.data<float>();
+  const dpn_fast::DpnBlockShape& s = plan.shape;
+  plan.weights.w_proj_resid = w_proj.data<float>();
+  plan.weights.w_proj_dense = w_proj.data<float>() + s.resid * s.in_channels();
   plan.weights.w_a = w_a.data<float>();
   plan.weights.w_conv = w_conv.data<float>();
-  plan.weights.w_c = w_c.data<float>();
+  plan.weights.w_c_resid = w_c.data<float>();
+  plan.weights.w_c_dense = w_c.data<float>() + s.resid * s.bottleneck;
   return plan;
 }
 
@@ -256,11 +273,100 @@ std::vector<paddle::Tensor> projection_outputs(const dpn_fast::DpnBlockShape& s,
                                  like.place())};
 }
 
+// The uint8 tensor holding the packed blob of a [rows, k] weight (packed_1x1).
+Shape packed_1x1_shape(int64_t rows, int64_t k) {
+  return {rows, (dpn_fast::packed_weight_bytes(rows, k) + rows - 1) / rows};
+}
+
+// A packed 1x1 weight: pack_weight's blob of a GEMM's [rows, k] weight as a uint8 tensor [rows,
+// bytes per row] (the blob padded to whole rows, so its shape says the GEMM's output channels).
+// Refused unless it was packed for [rows, k] in the layout this CPU's oneDNN uses.
+const float* packed_1x1(const paddle::Tensor& blob, int64_t rows, int64_t k, const char* op,
+                        const std::string& name) {
+  dpn_fast::check_plain_layout(blob, op, name.c_str());
+  PD_CHECK(blob.is_cpu(), op, ": runs on CPU only, '", name, "' is on ",
+           blob.place().DebugString());
+  const Shape expected = packed_1x1_shape(rows, k);
+  PD_CHECK(blob.dtype() == paddle::DataType::UINT8 && blob.shape() == expected, op,
+           ": packed weight '", name, "' must be a uint8 ", shape_str(expected),
+           " tensor (dpn_fast_pack_1x1_weight), got ", phi::DataTypeToString(blob.dtype()), " ",
+           shape_str(blob.shape()));
+  const std::string mismatch = dpn_fast::packed_weight_mismatch(blob.data<uint8_t>(), rows, k);
+  PD_CHECK(mismatch.empty(), op, ": packed weight '", name, "' does not fit this CPU: ", mismatch,
+           ". Packed weights only run where oneDNN picks their layout: compile the model on this "
+           "machine (dpn_fast.compile) and export it from there");
+  return dpn_fast::packed_weight_data(blob.data<uint8_t>());
+}
+
+// Output channels of a packed 1x1 weight (packed_1x1), for the shapes before it is checked.
+int64_t packed_rows(const paddle::Tensor& blob, const char* op, const std::string& name) {
+  PD_CHECK(blob.shape().size() == 2 && blob.shape()[0] > 0, op, ": packed weight '", name,
+           "' must have shape [rows, bytes per row], got ", shape_str(blob.shape()));
+  return blob.shape()[0];
+}
+
+// A stage's blocks on packed weights: the first block's w_proj_resid, w_proj_dense, w_a, w_conv,
+// w_c_resid, w_c_dense, then w_a, w_conv, w_c_resid, w_c_dense per further block (the GEMMs'
+// blobs; w_conv plain).
+std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>& resid,
+                                         const paddle::Tensor& dense,
+                                         const std::vector<paddle::Tensor>& weights,
+                                         int64_t groups, int64_t stride, int64_t dense_channels,
+                                         int64_t capacity) {
+  PD_CHECK(weights.size() >= 6 && (weights.size() - 6) % 4 == 0, kStage,
+           ": packed 'weights' must hold 6 tensors for the stage's first block and 4 for each "
+           "further block, got ", weights.size());
+  PD_CHECK(stride == 1 || stride == 2, kStage, ": stride must be 1 or 2, got ", stride);
+  const Input in = check_input(resid ? resid.get_ptr() : nullptr, dense, dense_channels, !resid,
+                               kStage);
+  PD_CHECK(weights[3].shape().size() == 4, kStage, ": 'w_conv' must have rank 4, got ",
+           shape_str(weights[3].shape()));
+  const int64_t bottleneck = weights[3].shape()[0];
+  const int64_t r = packed_rows(weights[4], kStage, "w_c_resid");
+  std::vector<BlockPlan> plans;
+  int64_t in_resid = in.resid, in_dense = in.dense, in_capacity = in.capacity, h = in.h, w = in.w;
+  for (size_t first = 0; first < weights.size(); first += plans.size() == 1 ? 6 : 4) {
+    const bool projection = plans.empty();
+    const std::string where = std::string(kStage) + " (block " + std::to_string(plans.size()) + ")";
+    const char* op = where.c_str();
+    const size_t i = projection ? first + 2 : first;  // w_a
+    const int64_t inc = packed_rows(weights[i + 3], op, "w_c_dense");
+    const int64_t dense_before = projection ? 2 * inc : in_dense;
+    PD_CHECK(dense_before + inc <= capacity, op, ": the dense buffer has ", capacity,
+             " channels; ", dense_before, " + ", inc, " new do not fit");
+    const dpn_fast::DpnBlockShape s{in.n,   h,      w,  in_resid, in_dense,   in_capacity,
+                                    bottleneck, groups, projection ? stride : 1, r, inc,
+                                    projection, capacity};
+    const int64_t cin = s.in_channels();
+    BlockPlan plan{s, {}};
+    plan.weights.packed_1x1 = true;
+    if (projection) {
+      plan.weights.w_proj_resid = packed_1x1(weights[first], r, cin, op, "w_proj_resid");
+      plan.weights.w_proj_dense = packed_1x1(weights[first + 1], 2 * inc, cin, op,
+                                             "w_proj_dense");
+    }
+    plan.weights.w_a = packed_1x1(weights[i], bottleneck, cin, op, "w_a");
+    check_grouped_conv(weights[i + 1], bottleneck, groups, op);
+    plan.weights.w_conv = weights[i + 1].data<float>();
+    plan.weights.w_c_resid = packed_1x1(weights[i + 2], r, bottleneck, op, "w_c_resid");
+    plan.weights.w_c_dense = packed_1x1(weights[i + 3], inc, bottleneck, op, "w_c_dense");
+    plans.push_back(plan);
+    in_resid = r;
+    in_dense = dense_before + inc;
+    in_capacity = capacity;
+    h = s.h_out();
+    w = s.w_out();
+  }
+  return plans;
+}
+
 // A whole stage in one call: its projection block, then its normal blocks in place on the new
 // (resid, dense buffer). After a block has streamed its weights through the cache, Paddle's
 // dispatch of the next op call runs cold (~0.2 ms, docs/pitfalls.md); one call per stage pays it
 // four times a model instead of once per block.
-// weights: the first block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block.
+// weights: the first block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block;
+// with packed_weights, the 1x1 weights packed per GEMM (dpn_fast_pack_1x1_weight), in
+// plan_packed_stage's order.
 // scale_shift: [2, total], the folded BNs: the first block's projection (C_in), 1x1a (C_in),
 // grouped conv (R), 1x1c (R), then 1x1a (that block's C_in), grouped conv, 1x1c per block.
 std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>& resid,
@@ -268,31 +374,65 @@ std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>&
                                          const std::vector<paddle::Tensor>& weights,
                                          const paddle::Tensor& scale_shift, int64_t groups,
                                          int64_t stride, int64_t dense_channels,
-                                         int64_t capacity) {
-  PD_CHECK(weights.size() >= 4 && (weights.size() - 4) % 3 == 0, kStage,
-           ": 'weights' must hold 4 tensors for the stage's first block and 3 for each further "
-           "block, got ", weights.size());
-  const size_t blocks = 1 + (weights.size() - 4) / 3;
-  std::vector<BlockPlan> plans{plan_projection_block(resid, dense, weights[0], weights[1],
-                                                     weights[2], weights[3], groups, stride,
-                                                     dense_channels, capacity, kStage)};
+                                         int64_t capacity, bool packed_weights) {
+  std::vector<BlockPlan> plans;
+  if (packed_weights) {
+    plans = plan_packed_stage(resid, dense, weights, groups, stride, dense_channels, capacity);
+  } else {
+    PD_CHECK(weights.size() >= 4 && (weights.size() - 4) % 3 == 0, kStage,
+             ": 'weights' must hold 4 tensors for the stage's first block and 3 for each further "
+             "block, got ", weights.size());
+    plans.push_back(plan_projection_block(resid, dense, weights[0], weights[1], weights[2],
+                                          weights[3], groups, stride, dense_channels, capacity,
+                                          kStage));
+  }
   auto out = projection_outputs(plans[0].shape, dense);
-  // Valid dense channels: the projection's 2 inc and the first block's inc, then each block's.
-  const int64_t r = out[0].shape()[3];
-  int64_t channels = (weights[0].shape()[0] - r) + (weights[3].shape()[0] - r);
-  for (size_t b = 1; b < blocks; ++b) {
-    const std::string where = std::string(kStage) + " (block " + std::to_string(b) + ")";
-    const size_t w = 4 + 3 * (b - 1);
-    plans.push_back(plan_normal_block(out[0], out[1], weights[w], weights[w + 1], weights[w + 2],
-                                      groups, channels, where.c_str()));
-    channels += weights[w + 2].shape()[0] - r;
+  if (!packed_weights) {
+    // Valid dense channels: the projection's 2 inc and the first block's inc, then each block's.
+    const int64_t r = out[0].shape()[3];
+    int64_t channels = (weights[0].shape()[0] - r) + (weights[3].shape()[0] - r);
+    for (size_t w = 4; w < weights.size(); w += 3) {
+      const std::string where = std::string(kStage) + " (block " + std::to_string(plans.size()) +
+                                ")";
+      plans.push_back(plan_normal_block(out[0], out[1], weights[w], weights[w + 1],
+                                        weights[w + 2], groups, channels, where.c_str()));
+      channels += weights[w + 2].shape()[0] - r;
+    }
   }
   attach_bns(plans, scale_shift, kStage,
-             "the BNs of " + std::to_string(blocks) + " blocks: the first's projection C_in, "
-             "1x1a C_in, grouped conv R, 1x1c R, then 1x1a C_in, grouped conv R, 1x1c R each");
+             "the BNs of " + std::to_string(plans.size()) + " blocks: the first's projection "
+             "C_in, 1x1a C_in, grouped conv R, 1x1c R, then 1x1a C_in, grouped conv R, 1x1c R "
+             "each");
   run_blocks(plans, resid ? resid->data<float>() : nullptr, dense.data<float>(),
              out[0].data<float>(), out[1].data<float>(), dense);
   return out;
+}
+
+// Rows [first_row, first_row + rows) of a 1x1 convolution's weight [C_out, C_in, 1, 1], packed
+// for this CPU: the blob of one GEMM's weight (packed_1x1).
+std::vector<paddle::Tensor> Pack1x1WeightForward(const paddle::Tensor& weight, int64_t first_row,
+                                                 int64_t rows) {
+  check_operand(weight, kPack, "weight");
+  const Shape& s = weight.shape();
+  PD_CHECK(s.size() == 4 && s[0] > 0 && s[1] > 0 && s[2] == 1 && s[3] == 1, kPack,
+           ": 'weight' must have shape [C_out, C_in, 1, 1], got ", shape_str(s));
+  PD_CHECK(first_row >= 0 && rows > 0 && first_row + rows <= s[0], kPack, ": rows [", first_row,
+           ", ", first_row + rows, ") must lie in the weight's ", s[0], " rows");
+  const Shape shape = packed_1x1_shape(rows, s[1]);
+  auto blob = dpn_fast::empty_output(shape, paddle::DataType::UINT8, weight.place());
+  uint8_t* data = blob.data<uint8_t>();
+  const int64_t bytes = dpn_fast::packed_weight_bytes(rows, s[1]);
+  std::fill(data + bytes, data + blob.numel(), uint8_t{0});  // an export's bytes: deterministic
+  dpn_fast::pack_weight(rows, s[1], weight.data<float>() + first_row * s[1], s[1], data);
+  return {blob};
+}
+
+std::vector<Shape> Pack1x1WeightInferShape(const Shape& weight, int64_t, int64_t rows) {
+  return {packed_1x1_shape(rows, weight[1])};
+}
+
+std::vector<paddle::DataType> Pack1x1WeightInferDtype(paddle::DataType) {
+  return {paddle::DataType::UINT8};
 }
 
 // Unknown (-1) sizes, as in an export with a dynamic batch or image size, stay unknown.
@@ -302,15 +442,16 @@ int64_t out_size(int64_t in, int64_t stride) {
 
 std::vector<Shape> StageInferShape(const paddle::optional<Shape>& rs, const Shape& ds,
                                    const std::vector<Shape>& ws, const Shape&, int64_t,
-                                   int64_t stride, int64_t, int64_t capacity) {
-  PD_CHECK(ws.size() >= 4 && ds.size() == 4 && ws[0].size() == 4 && ws[3].size() == 4, kStage,
-           ": 'weights' must hold at least the first block's 4 tensors; dense, w_proj and w_c "
-           "must have rank 4");
-  // w_proj: resid + 2 inc rows; w_c: resid + inc rows. The stem's output (no resid) is NCHW.
-  const int64_t inc = ws[0][0] - ws[3][0];
+                                   int64_t stride, int64_t, int64_t capacity,
+                                   bool packed_weights) {
+  PD_CHECK(ws.size() >= (packed_weights ? 6 : 4) && ds.size() == 4, kStage,
+           ": 'weights' must hold at least the first block's tensors; dense must have rank 4");
+  // Plain: w_proj has resid + 2 inc rows, w_c resid + inc. Packed: w_c_resid has resid rows.
+  const int64_t resid = packed_weights ? ws[4][0] : 2 * ws[3][0] - ws[0][0];
+  // The stem's output (no resid) is NCHW.
   const int64_t h = rs ? ds[1] : ds[2], w = rs ? ds[2] : ds[3];
   const int64_t ho = out_size(h, stride), wo = out_size(w, stride);
-  return {{ds[0], ho, wo, ws[3][0] - inc}, {ds[0], ho, wo, capacity}};
+  return {{ds[0], ho, wo, resid}, {ds[0], ho, wo, capacity}};
 }
 
 std::vector<paddle::DataType> StageInferDtype(const paddle::optional<paddle::DataType>&,
@@ -430,7 +571,7 @@ PD_BUILD_OP(dpn_fast_dpn_stage)
     .Inputs({paddle::Optional("resid"), "dense", paddle::Vec("weights"), "scale_shift"})
     .Outputs({"resid_out", "dense_out"})
     .Attrs({"groups: int64_t", "stride: int64_t", "dense_channels: int64_t",
-            "capacity: int64_t"})
+            "capacity: int64_t", "packed_weights: bool"})
     .SetKernelFn(PD_KERNEL(StageForward))
     .SetInferShapeFn(PD_INFER_SHAPE(StageInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(StageInferDtype));
@@ -442,3 +583,11 @@ PD_BUILD_OP(dpn_fast_fold_batch_norms)
     .SetKernelFn(PD_KERNEL(FoldBatchNormsForward))
     .SetInferShapeFn(PD_INFER_SHAPE(FoldBatchNormsInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(FoldBatchNormsInferDtype));
+
+PD_BUILD_OP(dpn_fast_pack_1x1_weight)
+    .Inputs({"weight"})
+    .Outputs({"packed"})
+    .Attrs({"first_row: int64_t", "rows: int64_t"})
+    .SetKernelFn(PD_KERNEL(Pack1x1WeightForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(Pack1x1WeightInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Pack1x1WeightInferDtype));

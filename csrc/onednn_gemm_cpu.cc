@@ -2,10 +2,13 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <array>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <unordered_map>
 #include <vector>
 
@@ -56,10 +59,76 @@ memory::desc matrix(int64_t rows, int64_t cols, int64_t ld) {
 // A [1, n] per-column operand of a binary post-op.
 memory::desc column_vector(int64_t n) { return matrix(1, n, n); }
 
+// How oneDNN packs one [n, k] weight on this CPU (packed_weight_bytes' comment).
+struct PackedLayout {
+  memory::desc desc;  // b [k, n], packed
+  std::string impl;   // the implementation that picked it
+  std::string name;   // impl and format tag: the identity a blob's header records
+};
+
+// oneDNN's tag of a 2-D format (b [k, n]: a = k, b = n), e.g. "BA16a64b": the dimensions from
+// outermost to innermost (upper case if blocked), then the inner blocks.
+std::string format_tag(const memory::desc& d) {
+  const memory::dims strides = d.get_strides(), blocks = d.get_inner_blks(),
+                     block_dims = d.get_inner_idxs();
+  std::array<int, 2> order{0, 1};
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int x, int y) { return strides[x] > strides[y]; });
+  std::string tag;
+  for (int dim : order) {
+    const bool blocked = std::find(block_dims.begin(), block_dims.end(), dim) != block_dims.end();
+    tag += char((blocked ? 'A' : 'a') + dim);
+  }
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    tag += std::to_string(blocks[i]) + char('a' + block_dims[i]);
+  }
+  return tag;
+}
+
+PackedLayout pick_packed_layout(int64_t n, int64_t k) {
+  ScopedOmpThreads one_thread(1);  // the same choice whatever the caller's thread count
+  const memory::desc any({k, n}, memory::data_type::f32, memory::format_tag::any);
+  dnnl::matmul::primitive_desc desc(cpu_engine(), matrix(kPackReferenceRows, k, k), any,
+                                    matrix(kPackReferenceRows, n, n));
+  PackedLayout layout{desc.weights_desc(), desc.impl_info_str(), ""};
+  layout.name = layout.impl + " " + format_tag(layout.desc);
+  return layout;
+}
+
+// Never destroyed, like the GEMM cache.
+const PackedLayout& packed_layout(int64_t n, int64_t k) {
+  static auto* mutex = new std::mutex();
+  static auto* layouts = new std::map<std::array<int64_t, 2>, PackedLayout>();
+  std::lock_guard<std::mutex> lock(*mutex);
+  auto it = layouts->find({n, k});
+  if (it == layouts->end()) it = layouts->emplace(std::array<int64_t, 2>{n, k},
+                                                  pick_packed_layout(n, k)).first;
+  return it->second;
+}
+
+// A blob's header: the layout's name (NUL-padded), n and k. 128 bytes, so the packed floats keep
+// the blob's alignment.
+struct PackedHeader {
+  char layout[112];
+  int64_t n, k;
+};
+static_assert(sizeof(PackedHeader) == 128, "the packed floats start 128 bytes into a blob");
+
+memory::desc b_desc(const GemmShape& s) {
+  switch (s.b_layout) {
+    case BLayout::kTransposed:
+      return memory::desc({s.k, s.n}, memory::data_type::f32, memory::dims{1, s.ldb});
+    case BLayout::kPacked:
+      return packed_layout(s.n, s.k).desc;
+    default:
+      return matrix(s.k, s.n, s.ldb);
+  }
+}
+
 class GemmCache {
  public:
   std::shared_ptr<const CachedGemm> get(const GemmShape& s, int threads) {
-    const GemmKey key{s.m, s.n, s.k, s.lda, s.ldb, s.ldc, s.accumulate, s.b_transposed,
+    const GemmKey key{s.m,   s.n, s.k, s.lda, s.ldb, s.ldc, s.accumulate, int64_t(s.b_layout),
                       s.scale_shift_relu, threads};
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = cache_.find(key);
@@ -74,11 +143,15 @@ class GemmCache {
     dnnl::primitive_attr attr;
     attr.set_post_ops(post_ops);
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per call: safe across threads
-    const memory::desc b = s.b_transposed ? memory::desc({s.k, s.n}, memory::data_type::f32,
-                                                         memory::dims{1, s.ldb})
-                                          : matrix(s.k, s.n, s.ldb);
-    dnnl::matmul::primitive_desc desc(cpu_engine(), matrix(s.m, s.k, s.lda), b,
+    dnnl::matmul::primitive_desc desc(cpu_engine(), matrix(s.m, s.k, s.lda), b_desc(s),
                                       matrix(s.m, s.n, s.ldc), attr);
+    if (s.b_layout == BLayout::kPacked && packed_layout(s.n, s.k).impl != desc.impl_info_str()) {
+      throw std::runtime_error(
+          "dpn_fast: oneDNN runs the " + std::to_string(s.m) + "x" + std::to_string(s.k) + " x " +
+          std::to_string(s.k) + "x" + std::to_string(s.n) + " GEMM on packed weights with " +
+          desc.impl_info_str() + ", not " + packed_layout(s.n, s.k).impl +
+          ", which chose their layout");
+    }
     auto entry = std::make_shared<const CachedGemm>(CachedGemm{desc, dnnl::matmul(desc)});
     cache_.emplace(key, entry);
     return entry;
@@ -130,6 +203,50 @@ const char* gemm_impl_name(const GemmShape& s) {
   return cache().get(s, threads)->desc.impl_info_str();
 }
 
+int64_t packed_weight_bytes(int64_t n, int64_t k) {
+  return int64_t(sizeof(PackedHeader) + packed_layout(n, k).desc.get_size());
+}
+
+void pack_weight(int64_t n, int64_t k, const float* w, int64_t ldw, uint8_t* blob) {
+  const PackedLayout& layout = packed_layout(n, k);
+  PackedHeader header{};
+  if (layout.name.size() >= sizeof(header.layout)) {
+    throw std::runtime_error("dpn_fast: packed layout name too long: " + layout.name);
+  }
+  std::memcpy(header.layout, layout.name.data(), layout.name.size());
+  header.n = n;
+  header.k = k;
+  std::memcpy(blob, &header, sizeof(header));
+  ScopedOmpThreads scoped(cpu_threads());
+  const dnnl::engine& engine = cpu_engine();
+  memory plain(memory::desc({k, n}, memory::data_type::f32, memory::dims{1, ldw}), engine,
+               const_cast<float*>(w));
+  memory packed(layout.desc, engine, blob + sizeof(header));
+  dnnl::stream stream(engine);
+  dnnl::reorder(plain, packed).execute(stream, plain, packed);
+  stream.wait();
+}
+
+std::string packed_weight_mismatch(const uint8_t* blob, int64_t n, int64_t k) {
+  PackedHeader header;
+  std::memcpy(&header, blob, sizeof(header));
+  const std::string packed_for(header.layout, strnlen(header.layout, sizeof(header.layout)));
+  if (header.n != n || header.k != k) {
+    return "it holds a packed [" + std::to_string(header.n) + ", " + std::to_string(header.k) +
+           "] weight, expected [" + std::to_string(n) + ", " + std::to_string(k) + "]";
+  }
+  const std::string& here = packed_layout(n, k).name;
+  if (packed_for != here) {
+    return "it was packed for '" + packed_for + "', this CPU's oneDNN lays this weight out as '" +
+           here + "'";
+  }
+  return "";
+}
+
+const float* packed_weight_data(const uint8_t* blob) {
+  return reinterpret_cast<const float*>(blob + sizeof(PackedHeader));
+}
+
 }  // namespace dpn_fast
 
 // c[m, n] = a[m, k] x b[k, n] on the caller's row-major buffers, through gemm_f32: for timing
@@ -142,6 +259,6 @@ extern "C" void dpn_fast_gemm_f32(int64_t m, int64_t n, int64_t k, const float* 
 // b_transposed: b given as [n, k] (a channels-last 1x1 convolution's weight).
 extern "C" const char* dpn_fast_gemm_impl(int64_t m, int64_t n, int64_t k, int b_transposed) {
   dpn_fast::GemmShape s{m, n, k, k, b_transposed ? k : n, n, false};
-  s.b_transposed = b_transposed != 0;
+  s.b_layout = b_transposed ? dpn_fast::BLayout::kTransposed : dpn_fast::BLayout::kPlain;
   return dpn_fast::gemm_impl_name(s);
 }

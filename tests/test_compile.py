@@ -34,8 +34,10 @@ def test_matches_float64_reference(name, shape):
 
 
 def test_equals_the_fused_model_bit_for_bit():
-    """The same ops on the same folds: compiling changes where the folds live, not the numbers
-    (and compiling a fused model gives the same object as compiling its reference)."""
+    """The same ops on the same folds: compiling changes where the folds live and how the 1x1
+    weights are laid out (packed for this CPU), not the numbers: oneDNN's kernels accumulate in
+    the same order on packed weights as on the copies they pack per call (and compiling a fused
+    model gives the same object as compiling its reference)."""
     reference, fused, _ = build_trio("DPN68", seed=22)
     fused.eval()
     x = paddle.to_tensor(images((2, 3, 49, 49), seed=23))
@@ -86,6 +88,46 @@ def test_export_runs_in_paddle_inference(tmp_path, use_onednn):
     expected = compiled(paddle.to_tensor(x)).numpy()
     got = run_predictor(create_predictor(prefix, use_onednn=use_onednn), x)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _foreign_layout(compiled):
+    """Rewrites one packed 1x1 weight's header as if packed on a CPU whose oneDNN lays it out
+    otherwise (an AVX2 machine's layout); returns that layout's name."""
+    blob = compiled.stage0_weight0
+    foreign = b"brg_matmul:avx2 BA8a24b"
+    data = blob.numpy()
+    header = data.reshape(-1)[:112]
+    header[:] = 0
+    header[:len(foreign)] = np.frombuffer(foreign, np.uint8)
+    blob.set_value(data)
+    return foreign.decode()
+
+
+def test_keeps_only_packed_1x1_weights():
+    """Each 1x1 GEMM's weight is one uint8 blob (the projection's and 1x1c's split into their
+    resid and dense GEMMs); the plain float32 copies are not kept beside them."""
+    compiled, _, _ = compiled_trio("DPN68", seed=34)
+    weights, _, layout = compiled._stages[0]
+    assert layout.packed_weights
+    assert [w.dtype for w in weights[:6]] == [paddle.uint8] * 3 + [paddle.float32] + [
+        paddle.uint8] * 2  # w_proj resid, dense, w_a, w_conv, w_c resid, dense
+    float_buffers = [b for b in compiled.buffers() if b.dtype == paddle.float32]
+    assert all(len(b.shape) != 4 or b.shape[2:] != [1, 1] for b in float_buffers)
+
+
+def test_refuses_weights_packed_for_another_cpu(tmp_path):
+    """A blob packed where oneDNN picks another layout never runs: the stage op refuses it,
+    naming both layouts, in the dynamic graph and in an export run by Paddle Inference (which
+    passes a custom op's error on as a bare 'std::exception')."""
+    compiled, _, _ = compiled_trio("DPN68", seed=35)
+    foreign = _foreign_layout(compiled)
+    x = images((1, 3, 32, 32), seed=36)
+    match = rf"packed for '{foreign}', this CPU's oneDNN lays this weight out as 'brg_matmul:"
+    with pytest.raises(OSError, match=match):
+        compiled(paddle.to_tensor(x))
+    prefix = export(compiled, str(tmp_path / "dpn68_foreign"), image_size=32)
+    with pytest.raises(Exception, match="std::exception"):
+        run_predictor(create_predictor(prefix, use_onednn=False), x)
 
 
 def test_empty_batch():

@@ -7,18 +7,20 @@ A stage op runs all of its blocks (dpn_fast.ops.dpn_block's sequence) on channel
 buffers; its BNs come folded to one [2, channels] (scale, shift) tensor. Two entry points share
 the runner:
 - `CompiledDPN` (`dpn_fast.compile(model)`): folds the BNs once and owns copies of everything it
-  runs on, so later changes to the source model do not reach it. Callable from several threads
-  (it keeps no state between calls) and exportable to Paddle Inference
-  (dpn_fast.inference.export).
+  runs on, so later changes to the source model do not reach it; its 1x1 weights it keeps only
+  laid out for this CPU (oneDNN's packed format, which its matmul otherwise rebuilds on every
+  call). Callable from several threads (it keeps no state between calls) and exportable to Paddle
+  Inference (dpn_fast.inference.export); packed weights only run on a CPU whose oneDNN picks the
+  same layout, and elsewhere the stage op refuses them, naming both layouts.
 - `forward_live(model, x)`: the fused model's eval path (dpn_fast.engines.fused), which reads the
   model's parameters at every call and folds a stage's BNs in one op call before the stage's.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import paddle
 
 from dpn_fast.models.dpn import DPN
-from dpn_fast.ops.dpn_block import fold_launch, head_launch, stage_launch
+from dpn_fast.ops.dpn_block import fold_launch, head_launch, pack_stage_launch, stage_launch
 from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 
 PRECISIONS = ("fp32",)
@@ -27,11 +29,13 @@ PRECISIONS = ("fp32",)
 @dataclass(frozen=True)
 class StageLayout:
     """A stage op's attributes: its blocks' groups, the first block's stride, the dense channels
-    of the stage's input and the capacity of its dense buffer."""
+    of the stage's input, the capacity of its dense buffer and whether its weights come packed
+    (pack_stage_launch)."""
     groups: int
     stride: int
     dense_channels: int
     capacity: int
+    packed_weights: bool = False
 
 
 def stage_layout(blocks):
@@ -65,7 +69,8 @@ def _run(x, stem, stages, head):
     resid = None
     for weights, scale_shift, layout in stages:
         resid, dense = stage_launch(resid, dense, weights, scale_shift, layout.groups,
-                                    layout.stride, layout.dense_channels, layout.capacity)
+                                    layout.stride, layout.dense_channels, layout.capacity,
+                                    layout.packed_weights)
     return head_launch(resid, dense, *head)
 
 
@@ -93,8 +98,8 @@ def forward_live(model, x):
 
 
 class CompiledDPN(paddle.nn.Layer):
-    """A DPN prepared for CPU inference: BNs folded once, every tensor its own copy (buffers, so
-    an export carries them). Call it on float32 NCHW CPU tensors [N, 3, H, W]; it returns the
+    """A DPN prepared for CPU inference: BNs folded once, 1x1 weights packed for this CPU, every
+    tensor its own copy (buffers, so an export carries them). Call it on float32 NCHW CPU tensors [N, 3, H, W]; it returns the
     logits [N, classes]. Inference only: it has no backward and ignores train()."""
 
     def __init__(self, model, precision="fp32"):
@@ -115,22 +120,27 @@ class CompiledDPN(paddle.nn.Layer):
                           for i, t in enumerate(_stem(model))]
             self._stages = []
             for s, blocks in enumerate(model.stages()):
-                weights = [self._own(f"stage{s}_weight{i}", w)
-                           for i, w in enumerate(stage_weights(blocks))]
-                scale_shift = self._own(f"stage{s}_scale_shift",
-                                        fold_launch(stage_batch_norms(blocks)))
-                self._stages.append((weights, scale_shift, stage_layout(blocks)))
-            self._head = (self._own("head_scale_shift", fold_launch([model.conv5_x_x_bn])),
+                weights = [self._keep(f"stage{s}_weight{i}", w)
+                           for i, w in enumerate(pack_stage_launch(stage_weights(blocks)))]
+                scale_shift = self._keep(f"stage{s}_scale_shift",
+                                         fold_launch(stage_batch_norms(blocks)))
+                self._stages.append((weights, scale_shift,
+                                     replace(stage_layout(blocks), packed_weights=True)))
+            self._head = (self._keep("head_scale_shift", fold_launch([model.conv5_x_x_bn])),
                           self._own("fc_weight", model.out.weight),
                           self._own("fc_bias", model.out.bias), _head_dense_channels(model))
         self.eval()
 
     def _own(self, name, tensor):
         """A copy of `tensor` registered as a persistable buffer `name`."""
-        copy = paddle.assign(tensor.detach())
-        copy.stop_gradient = True
-        self.register_buffer(name, copy)
-        return copy
+        return self._keep(name, paddle.assign(tensor.detach()))
+
+    def _keep(self, name, tensor):
+        """`tensor`, which this engine made (nothing else refers to it), registered as a
+        persistable buffer `name`."""
+        tensor.stop_gradient = True
+        self.register_buffer(name, tensor)
+        return tensor
 
     @paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
     def _check_input(self, x):

@@ -39,15 +39,37 @@ def fold_launch(layers):
                              [float(layer._epsilon) for layer in layers])[0]
 
 
-def stage_launch(resid, dense, weights, scale_shift, groups, stride, dense_channels, capacity):
+def stage_launch(resid, dense, weights, scale_shift, groups, stride, dense_channels, capacity,
+                 packed_weights=False):
     """A stage's blocks as one op, unchecked (the CPU engine's path; the op checks shapes itself).
     resid, dense: the stage's input, channels-last [N, H, W, C] (dense: its first
     `dense_channels` channels valid), or resid None and the stem's NCHW output. weights: the first
-    block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block; scale_shift: their
-    input BNs folded, in the same order. Returns the new (resid, dense buffer of `capacity`
-    channels), channels-last."""
+    block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block, or with
+    `packed_weights` what pack_stage_launch made of them; scale_shift: their input BNs folded, in
+    the same order. Returns the new (resid, dense buffer of `capacity` channels), channels-last."""
     return _extension.run_op("dpn_fast_dpn_stage", resid, dense, weights, scale_shift, groups,
-                             stride, dense_channels, capacity)
+                             stride, dense_channels, capacity, packed_weights)
+
+
+def pack_stage_launch(weights):
+    """A stage's plain weights (stage_launch's) with its 1x1 weights laid out once for this CPU
+    (oneDNN's packed format): one uint8 blob per GEMM, each naming its layout, w_proj and w_c
+    split into their resid and dense rows (the first block's w_proj_resid, w_proj_dense, w_a,
+    w_conv, w_c_resid, w_c_dense, then w_a, w_conv, w_c_resid, w_c_dense per further block);
+    w_conv copied. stage_launch runs them with packed_weights=True on a CPU whose oneDNN picks
+    the same layout, and refuses them elsewhere."""
+    def pack(weight, first_row, rows):
+        return _extension.run_op("dpn_fast_pack_1x1_weight", weight, first_row, rows)[0]
+
+    w_proj, w_a, w_conv, w_c = weights[:4]
+    inc = w_proj.shape[0] - w_c.shape[0]  # w_proj: resid + 2 inc rows; w_c: resid + inc rows
+    resid = w_c.shape[0] - inc
+    packed = [pack(w_proj, 0, resid), pack(w_proj, resid, 2 * inc)]
+    for w_a, w_conv, w_c in [(w_a, w_conv, w_c)] + list(zip(weights[4::3], weights[5::3],
+                                                            weights[6::3])):
+        packed += [pack(w_a, 0, w_a.shape[0]), paddle.assign(w_conv), pack(w_c, 0, resid),
+                   pack(w_c, resid, w_c.shape[0] - resid)]
+    return packed
 
 
 def head_launch(resid, dense, scale_shift, fc_weight, fc_bias, dense_channels):
