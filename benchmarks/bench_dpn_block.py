@@ -167,9 +167,10 @@ def profile_stages(name, batch, iterations=10):
         stages, resid = [], None
         for blocks in model.stages():
             layout = stage_layout(blocks)
-            args = [pack_stage_launch(stage_weights(blocks)), fold_launch(stage_batch_norms(blocks)),
-                    layout.groups, layout.stride, layout.dense_channels, layout.capacity,
-                    True]  # packed, as the compiled model runs them
+            # Packed weights, as the compiled model runs them.
+            args = [pack_stage_launch(stage_weights(blocks)),
+                    fold_launch(stage_batch_norms(blocks)), layout.groups, layout.stride,
+                    layout.dense_channels, layout.capacity, True]
             stages.append((resid, dense, args))
             resid, dense = stage_launch(resid, dense, *args)
         seconds = np.zeros((len(stages), len(PARTS)))

@@ -99,8 +99,9 @@ def forward_live(model, x):
 
 class CompiledDPN(paddle.nn.Layer):
     """A DPN prepared for CPU inference: BNs folded once, 1x1 weights packed for this CPU, every
-    tensor its own copy (buffers, so an export carries them). Call it on float32 NCHW CPU tensors [N, 3, H, W]; it returns the
-    logits [N, classes]. Inference only: it has no backward and ignores train()."""
+    tensor its own copy (buffers, so an export carries them). Call it on float32 NCHW CPU
+    tensors [N, 3, H, W]; it returns the logits [N, classes]. Inference only: it has no backward
+    and ignores train()."""
 
     def __init__(self, model, precision="fp32"):
         super().__init__()
