@@ -33,18 +33,21 @@ def test_matches_float64_reference(name, shape):
     assert_matches_reference(out, ref64, ref32, name=f"compiled {name} logits")
 
 
-def test_equals_the_fused_model_bit_for_bit():
-    """The same ops on the same folds: compiling changes where the folds live and how the 1x1
-    weights are laid out (packed for this CPU), not the numbers: oneDNN's kernels accumulate in
-    the same order on packed weights as on the copies they pack per call (and compiling a fused
-    model gives the same object as compiling its reference)."""
+def test_agrees_with_the_fused_model():
+    """The same ops on the same folds; only the 1x1 weights' layout differs (packed for this CPU).
+    Where oneDNN runs both layouts with one kernel (brg_matmul on AVX-512) the logits are bit
+    for bit the fused model's; where it does not (gemm:jit on AVX2 CPUs: the plain weights are
+    read transposed) they differ in the last bits of the accumulation. Compiling a fused model
+    gives what compiling its reference gives."""
     reference, fused, _ = build_trio("DPN68", seed=22)
     fused.eval()
     x = paddle.to_tensor(images((2, 3, 49, 49), seed=23))
     with paddle.no_grad():
         expected = fused(x).numpy()
-    for source in (reference, fused):
-        np.testing.assert_array_equal(dpn_fast.compile(source)(x).numpy(), expected)
+    from_reference = dpn_fast.compile(reference)(x).numpy()
+    np.testing.assert_array_equal(dpn_fast.compile(fused)(x).numpy(), from_reference)
+    np.testing.assert_allclose(from_reference, expected, rtol=0,
+                               atol=1e-5 * float(np.abs(expected).max()))
 
 
 def test_later_changes_to_the_model_do_not_reach_it():
@@ -92,9 +95,10 @@ def test_export_runs_in_paddle_inference(tmp_path, use_onednn):
 
 def _foreign_layout(compiled):
     """Rewrites one packed 1x1 weight's header as if packed on a CPU whose oneDNN lays it out
-    otherwise (an AVX2 machine's layout); returns that layout's name."""
+    otherwise (a layout no oneDNN picks, so the test means the same on every CPU); returns that
+    layout's name."""
     blob = compiled.stage0_weight0
-    foreign = b"brg_matmul:avx2 BA8a24b"
+    foreign = b"brg_matmul:foreign_isa BA8a24b"
     data = blob.numpy()
     header = data.reshape(-1)[:112]
     header[:] = 0
@@ -122,7 +126,7 @@ def test_refuses_weights_packed_for_another_cpu(tmp_path):
     compiled, _, _ = compiled_trio("DPN68", seed=35)
     foreign = _foreign_layout(compiled)
     x = images((1, 3, 32, 32), seed=36)
-    match = rf"packed for '{foreign}', this CPU's oneDNN lays this weight out as 'brg_matmul:"
+    match = rf"packed for '{foreign}', this CPU's oneDNN lays this weight out as '"
     with pytest.raises(OSError, match=match):
         compiled(paddle.to_tensor(x))
     prefix = export(compiled, str(tmp_path / "dpn68_foreign"), image_size=32)
