@@ -35,7 +35,8 @@ def find_nvcc():
 
 
 def supported_archs(nvcc):
-    out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True,
+                         check=True).stdout
     return {int(line.split("_")[1]) for line in out.split() if line.startswith("compute_")}
 
 

@@ -430,7 +430,8 @@ def format_table(results, data_file=None):
             diffs = [r["logits_rel_diff"] for r in measured if r["logits_rel_diff"] is not None]
             row = [f"{cells[c]['results'][key]['median_ms']:.1f}"
                    if c in cells and key in cells[c]["results"] else "-" for c in columns]
-            lines.append(f"| {model} | {precision_label(results['engines'][key]['label'], precision)}"
+            lines.append(f"| {model} | "
+                         f"{precision_label(results['engines'][key]['label'], precision)}"
                          f" | {' | '.join(row)} | {f'{max(diffs):.1e}' if diffs else '-'} |")
         speedups = []
         for column in columns:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One-command GPU check of dpn_fast's kernels, for a GPU machine WITHOUT Paddle (torch is the host).
+"""One-command GPU check of dpn_fast's kernels for a GPU machine WITHOUT Paddle (torch is the host).
 
     python3 benchmarks/gpu_check.py --out DIR [--quick]     # on the GPU machine, < 6 minutes
     python3 benchmarks/gpu_check.py --out DIR --dry-run     # CPU: everything a CPU can run
@@ -11,7 +11,8 @@ what is left, with a note, so the run always ends with a report):
              sweep
   correct    every kernel and backend (CUDA C ABI, Triton) vs a float64 torch reference at DPN92's
              shapes, fp32/fp16/bf16, forward and backward, NaN-poisoned outputs; passes when
-             max|fused - ref64| <= 2 * max|plain torch at that dtype - ref64| + atol * max(1, |ref64|)
+             max|fused - ref64| <= 2 * max|plain torch at that dtype - ref64|
+                                   + atol * max(1, |ref64|)
   sanitize   compute-sanitizer memcheck of small cases (this script re-run with --sanitize-case)
   kernels    CUDA-event timings of each fused kernel vs the unfused torch sequence, batch 1/8/64
   e2e        timm dpn92 on the fused kernels (dpn_fast.torch's channels-last forward) vs timm
@@ -122,7 +123,8 @@ class Report:
 
     def write(self):
         data = {"info": self.info, "stage_seconds": self.stage_times, "tables": self.tables,
-                "notes": self.notes, "errors": [{"stage": s, "traceback": t} for s, t in self.errors]}
+                "notes": self.notes,
+                "errors": [{"stage": s, "traceback": t} for s, t in self.errors]}
         (self.out_dir / "gpu_check.json").write_text(json.dumps(data, indent=1, default=str))
         lines = ["# dpn_fast GPU check", ""]
         lines += [f"- {k}: {_fmt(v)}" for k, v in self.info.items()]
@@ -272,12 +274,12 @@ def _check_status(name, status):
 
 # ---- dual_path_merge: csrc/dual_path_merge.h, dpn_fast/kernels/dual_path_merge.py ----------------
 # forward(resid, dense, y|None, scale|None, shift|None, resid_out|None, dense_out|None, act|None,
-#         n, r, d, inc, hw, num_acts[, dense_capacity]); scale/shift fp32 [A, C]; act [A, n, C, H, W];
-#         C = r + d + inc. dense_capacity > 0 (backends with has("buffer")): stage-buffer form,
-#         dense is dense_out, a [n, dense_capacity] buffer whose first d channels are read and
-#         whose channels d .. d + inc get y's dense part.
-# backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift, g_resid, g_dense, g_y|None,
-#          n, r, d, inc, hw, num_acts)
+#         n, r, d, inc, hw, num_acts[, dense_capacity]); scale/shift fp32 [A, C];
+#         act [A, n, C, H, W]; C = r + d + inc. dense_capacity > 0 (backends with has("buffer")):
+#         stage-buffer form, dense is dense_out, a [n, dense_capacity] buffer whose first d
+#         channels are read and whose channels d .. d + inc get y's dense part.
+# backward(x_resid, x_dense, g_resid_out, g_dense_out, g_act, scale, shift, g_resid, g_dense,
+#          g_y|None, n, r, d, inc, hw, num_acts)
 
 MAX_ACTS = 2
 
@@ -327,7 +329,8 @@ class MergeCuda:
     def forward(self, resid, dense, y, scale, shift, resid_out, dense_out, act, n, r, d, inc, hw,
                 num_acts, dense_capacity=0):
         status = self.fwd(_ptr(resid), _ptr(dense), _ptr(y), _folded_affine(scale, shift, num_acts),
-                          _ptr(resid_out), _ptr(dense_out), _planes(act, num_acts) if num_acts else None,
+                          _ptr(resid_out), _ptr(dense_out),
+                          _planes(act, num_acts) if num_acts else None,
                           n, r, d, inc, hw, dense_capacity, _dtype_code(resid), _stream())
         _check_status("dpn_fast_dual_path_merge_forward_cuda", status)
 
@@ -732,7 +735,8 @@ def check_merge_case(backend, case, n, dtype, device, gen, report, section):
     plain = merge_unfused(resid, dense_in, y, bns)
     rows = []
     if has_y:
-        rows += [("resid_out", resid_out, ref[0], plain[0]), ("dense_out", dense_out, ref[1], plain[1])]
+        rows += [("resid_out", resid_out, ref[0], plain[0]),
+                 ("dense_out", dense_out, ref[1], plain[1])]
     rows += [(f"act{a}", act[a], ref[2][a], plain[2][a]) for a in range(acts)]
     for out_name, actual, ref64, plain_t in rows:
         report.add(section, {"op": "merge", "backend": backend.name, "case": case.label, "n": n,
@@ -831,7 +835,8 @@ def check_conv_case(backend, case, n, dtype, device, gen, report, section):
     add("eval", "out", out, ref64, plain)
     if backend.has("forward_bn"):
         out = nan_like(out_shape, device, dtype)
-        w_ws, bias_ws = nan_like(weight.shape, device, torch.float32), nan_like((c,), device, torch.float32)
+        w_ws = nan_like(weight.shape, device, torch.float32)
+        bias_ws = nan_like((c,), device, torch.float32)
         backend.forward_bn(x, weight.to(dtype), bn.weight, bn.bias, bn.mean, bn.var, bn.eps,
                            w_ws, bias_ws, out, *shape_args)
         add("eval-bn", "out", out, ref64, plain)
@@ -949,7 +954,8 @@ def run_correctness(report, backends, merges, convs, dtypes, n, device, first=()
             jobs += [(check_merge_case, b, case, dtype) for b in backends["merge"]]
     for i, (check, backend, case, dtype) in enumerate(jobs):
         if report.past(PHASE_END["correctness"]):
-            report.note(f"correctness: budget reached, {len(jobs) - i} of {len(jobs)} cases skipped")
+            report.note(f"correctness: budget reached, {len(jobs) - i} of {len(jobs)} cases"
+                        " skipped")
             return
         op = "conv" if check is check_conv_case else "merge"
         _guarded(report, section, f"{op}/{backend.name}/{case.label}/{dtype}",
@@ -1031,7 +1037,8 @@ def finish_sanitizer(report, started, timeout_s):
         rc = "timeout"
     handle.close()
     text = log_path.read_text(errors="replace")
-    summary = [ln for ln in text.splitlines() if "ERROR SUMMARY" in ln or "sanitize-case results" in ln]
+    summary = [ln for ln in text.splitlines()
+               if "ERROR SUMMARY" in ln or "sanitize-case results" in ln]
     cases = sum("sanitize-case " in ln and ln.endswith("done") for ln in text.splitlines())
     report.add("sanitizer", {"tool": "memcheck", "exit": rc, "cases_done": cases,
                              "summary": "; ".join(summary) or text[-300:]})
@@ -1080,7 +1087,8 @@ def _timed(report, fn, iters, graph):
     try:
         return time_fn(fn, iters, graph=graph)
     except Exception as e:  # noqa: BLE001 - a backend that can't be captured still gets eager
-        report.note(f"timing ({'graph' if graph else 'eager'}) failed: {type(e).__name__}: {e}"[:300])
+        report.note((f"timing ({'graph' if graph else 'eager'}) failed:"
+                     f" {type(e).__name__}: {e}")[:300])
         return None
 
 
@@ -1117,7 +1125,8 @@ def time_merges(report, backends, merges, batches, dtypes, device, quick, copy_g
                 shift = torch.stack([bn.folded()[1] for bn in bns]) if acts else None
                 resid_out = torch.empty_like(resid)
                 dense_out = torch.empty((n, d + inc, hw, hw), device=device, dtype=dtype)
-                act = torch.empty((acts, n, c, hw, hw), device=device, dtype=dtype) if acts else None
+                act = (torch.empty((acts, n, c, hw, hw), device=device, dtype=dtype) if acts
+                       else None)
                 nbytes = resid.element_size() * n * hw * hw * (
                     (r + d + r + inc) + (r + d + inc) + acts * c)
                 iters = iters_for(n, quick) if device == "cuda" else 1
@@ -1187,7 +1196,9 @@ def time_convs(report, backends, convs, batches, dtypes, device, quick):
                 row["cudnn_bn_relu_conv_bn_relu_graph_ms"] = _timed(report, unfused_p, iters,
                                                                     graph=graph)
                 for backend in backends["conv"]:
-                    def fused(b=backend, w=backend.weight(w_folded, dtype)):
+                    w_prepared = backend.weight(w_folded, dtype)
+
+                    def fused(b=backend, w=w_prepared):
                         b.forward(x, w, bias, out, n, case.c, case.hw, case.hw, case.c,
                                   case.groups, case.stride)
                     row[f"{backend.name}_ms"] = _timed(report, fused, iters, graph=False)
@@ -1212,10 +1223,11 @@ def time_convs(report, backends, convs, batches, dtypes, device, quick):
 
 def sweep_conv_tiles(report, module, convs, batches, forms, device):
     """The Triton conv's tile choices side by side (fp16, graph replay), against the unfused cuDNN
-    sequence: the data behind dpn_fast.kernels.grouped_conv_bn_relu's choose_tiles. Each form in `forms`:
-    `plain` (conv + BN + ReLU) and `prologue` (the input's BN + ReLU fused too; there `split`
-    runs that BN + ReLU as its own torch pass before the plain-form kernel instead). Each choice's
-    output is also checked against float64 (`<choice> ok`), so a fast wrong one can't be picked."""
+    sequence: the data behind dpn_fast.kernels.grouped_conv_bn_relu's choose_tiles. Each form in
+    `forms`: `plain` (conv + BN + ReLU) and `prologue` (the input's BN + ReLU fused too; there
+    `split` runs that BN + ReLU as its own torch pass before the plain-form kernel instead). Each
+    choice's output is also checked against float64 (`<choice> ok`), so a fast wrong one can't be
+    picked."""
     gen = torch.Generator().manual_seed(7)
     dtype = torch.float16
     for n in batches:
@@ -1705,7 +1717,8 @@ def _time_e2e(report, model, fused_models, n, side, dtype, device, quick, gen):
         with torch.no_grad():
             peak = peak_mib(fn) if device == "cuda" else None
             ms = _timed(report, fn, iters, graph=False)
-            graph_ms = _timed(report, fn, iters, graph=True) if device == "cuda" and n == 1 else None
+            graph_ms = (_timed(report, fn, iters, graph=True) if device == "cuda" and n == 1
+                        else None)
         _e2e_row(report, name, dn, n, ms, graph_ms, peak=peak)
 
 
@@ -1818,11 +1831,13 @@ def evaluate_targets(report):
 
 def evaluate_nchw_targets(report):
     verdicts = []
-    merges = [r for r in report.tables.get("merge timing", []) if r["n"] == 64 and r["dtype"] == "float16"]
+    merges = [r for r in report.tables.get("merge timing", [])
+              if r["n"] == 64 and r["dtype"] == "float16"]
     pct = [max(v for k, v in r.items() if k.endswith("%copy") and v is not None) for r in merges
            if any(k.endswith("%copy") and r[k] is not None for k in r)]
     verdicts.append(("merge >= 80% of copy bandwidth (fp16, n=64, every timed shape)",
-                     _verdict(pct and min(pct) >= 80, pct, f"min {min(pct):.0f}% over {len(pct)} shapes" if pct else "")))
+                     _verdict(pct and min(pct) >= 80, pct,
+                              f"min {min(pct):.0f}% over {len(pct)} shapes" if pct else "")))
     convs = [r for r in report.tables.get("conv timing", []) if r["dtype"] == "float16"]
 
     def best_speedup(r):
@@ -1832,10 +1847,12 @@ def evaluate_nchw_targets(report):
     s1 = [best_speedup(r) for r in convs if r["n"] == 1]
     verdicts.append(("fused conv >= 2x cuDNN conv+BN+ReLU at every stage shape (fp16, n=64)",
                      _verdict(s64 and None not in s64 and min(s64) >= 2, s64,
-                              f"min {min(s64):.2f}x over {len(s64)} shapes" if s64 and None not in s64 else "")))
+                              f"min {min(s64):.2f}x over {len(s64)} shapes"
+                              if s64 and None not in s64 else "")))
     verdicts.append(("fused conv not slower than cuDNN conv+BN+ReLU (fp16, n=1)",
                      _verdict(s1 and None not in s1 and min(s1) >= 1, s1,
-                              f"min {min(s1):.2f}x over {len(s1)} shapes" if s1 and None not in s1 else "")))
+                              f"min {min(s1):.2f}x over {len(s1)} shapes"
+                              if s1 and None not in s1 else "")))
     for target, (verdict, detail) in verdicts:
         report.add("targets (NCHW kernels)", {"target": target, "verdict": verdict,
                                               "measured": detail})
@@ -1905,8 +1922,10 @@ def build_kernels(report, build_dir, arch):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="directory for gpu_check.json / gpu_check.md / logs")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True,
+                   help="directory for gpu_check.json / gpu_check.md / logs")
     p.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU: imports, shapes, references, Triton under TRITON_INTERPRET=1, "
@@ -1951,7 +1970,8 @@ def main(argv=None):
     # A hang (a kernel that never finishes) still leaves the partial report and a stack dump.
     faulthandler.dump_traceback_later(args.budget_s + 50, exit=True)
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
-    report.info.update({"mode": "dry-run (CPU)" if args.dry_run else ("quick" if args.quick else "full"),
+    report.info.update({"mode": "dry-run (CPU)" if args.dry_run
+                                else ("quick" if args.quick else "full"),
                         "python": platform.python_version(), "torch": torch.__version__,
                         "dpn_fast": str(Path(dpn_fast.__file__).parent),
                         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"})

@@ -59,13 +59,15 @@ def plot(results, data_file, out_path):
         ax.barh(range(len(present)), ms, color=colours)
         ax.set_yticks(range(len(present)), [
             bench_engines.precision_label(results["engines"][key]["label"],
-                                          cell["results"][key]["precision"]) for key in present], fontsize=7)
+                                          cell["results"][key]["precision"])
+            for key in present], fontsize=7)
         ax.invert_yaxis()
         for y, value in enumerate(ms):
             ax.text(value, y, f" {value:.1f}", va="center", fontsize=7)
         ax.set_xlim(0, max(ms) * 1.18)
-        ax.set_title(f"{cell['model']}, {bench_engines.cell_heading(cell['batch'], cell['threads'])}"
-                     ", ms", fontsize=8)
+        ax.set_title(f"{cell['model']}, "
+                     f"{bench_engines.cell_heading(cell['batch'], cell['threads'])}, ms",
+                     fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
     machine = results["machine"]
     fig.suptitle(f"{machine['cpu_model']} ({machine['kind']}), {results['date']}, "

@@ -54,9 +54,11 @@ def check_state_dict(model, state, source="checkpoint"):
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [(k, list(state[k].shape), list(expected[k].shape))
-                  for k in expected if k in state and list(state[k].shape) != list(expected[k].shape)]
+                  for k in expected
+                  if k in state and list(state[k].shape) != list(expected[k].shape)]
     if missing or unexpected or mismatched:
-        raise CheckpointError(f"{source} does not match {getattr(model, 'model_name', 'the model')}",
+        raise CheckpointError(f"{source} does not match "
+                              f"{getattr(model, 'model_name', 'the model')}",
                               missing, unexpected, mismatched)
 
 

@@ -46,5 +46,6 @@ def predict(model, paths, topk=5):
     results = []
     for row in probs:
         top = np.argsort(-row)[:topk]
-        results.append([(int(i), names[i] if i < len(names) else str(i), float(row[i])) for i in top])
+        results.append([(int(i), names[i] if i < len(names) else str(i), float(row[i]))
+                        for i in top])
     return results

@@ -28,7 +28,8 @@ def run_module_interpreted(test_file, markers="not slow", env=None):
     (test_under_interpreter*) and tests of the compiled path (named *uninterpreted*)."""
     env = dict(env or os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-m", markers, "-k", "not under_interpreter and not uninterpreted", str(test_file)],
+                           "-m", markers, "-k", "not under_interpreter and not uninterpreted",
+                           str(test_file)],
                           env=env, capture_output=True, text=True, cwd=Path(test_file).parent,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

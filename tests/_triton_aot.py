@@ -92,13 +92,13 @@ def main():
         specs = getattr(module, "AOT_SPECS", None)
         kernels = jit_kernels(module)
         if specs is None:
-            print(json.dumps({"op": op, "ok": False, "error": "no AOT_SPECS", "kernels": sorted(kernels)}),
-                  flush=True)
+            print(json.dumps({"op": op, "ok": False, "error": "no AOT_SPECS",
+                              "kernels": sorted(kernels)}), flush=True)
             continue
         missing = sorted(kernels - {spec[0].fn.__name__ for spec in specs})
         if missing:
-            print(json.dumps({"op": op, "ok": False, "error": f"kernels without AOT_SPECS: {missing}"}),
-                  flush=True)
+            print(json.dumps({"op": op, "ok": False,
+                              "error": f"kernels without AOT_SPECS: {missing}"}), flush=True)
         module_archs = [cc for cc in archs if cc >= getattr(module, "AOT_MIN_CC", 0)]
         for kernel, signature, constexprs, *options in specs:
             options = options[0] if options else {}

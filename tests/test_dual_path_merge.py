@@ -121,7 +121,8 @@ def test_down_block_two_bns_dpn92():
 def test_concat_bn_relu_network_end(model):
     r, d = final_channels(model)
     g = np.random.default_rng(3)
-    resid, dense = g.standard_normal((2, r, 7, 7)).astype("f4"), g.standard_normal((2, d, 7, 7)).astype("f4")
+    resid = g.standard_normal((2, r, 7, 7)).astype("f4")
+    dense = g.standard_normal((2, d, 7, 7)).astype("f4")
     scale, shift = rng_affine(r + d)
     tensors = to_pd(resid, dense, scale, shift)
     fused = ops.concat_bn_relu(*tensors)
@@ -191,7 +192,8 @@ def test_backward_merge(num_acts, used):
     def cast_affine(dtype):
         return [paddle.to_tensor(np.asarray(a, dtype)) for a in (scale, shift)] if affine else []
 
-    fused = _grads(lambda *t: ops.dual_path_merge(*t, *affine, backend="cpu"), arrays, "float32", weights)
+    fused = _grads(lambda *t: ops.dual_path_merge(*t, *affine, backend="cpu"),
+                   arrays, "float32", weights)
     ref32 = _grads(lambda *t: merge_mod.reference_dual_path_merge(*t, *cast_affine("float32")),
                    arrays, "float32", weights)
     ref64 = _grads(lambda *t: merge_mod.reference_dual_path_merge(*t, *cast_affine("float64")),
@@ -206,7 +208,8 @@ def test_backward_concat_bn_relu(num_acts):
     g = np.random.default_rng(4)
     arrays = [g.standard_normal((n, r, hw, hw)), g.standard_normal((n, d, hw, hw))]
     scale, shift = rng_affine(r + d, num_acts)
-    weight = g.standard_normal(scale.shape[:-1] + (n, r + d, hw, hw) if num_acts else (n, r + d, hw, hw))
+    weight = g.standard_normal(scale.shape[:-1] + (n, r + d, hw, hw) if num_acts
+                               else (n, r + d, hw, hw))
 
     def run(fn, dtype):
         s, t = (paddle.to_tensor(np.asarray(a, dtype)) for a in (scale, shift))
@@ -248,7 +251,8 @@ def copy_bn(bn):
 
 def fold64(bn):
     """(scale, shift) of an eval BN layer, in float64."""
-    w, b, m, v = (t.numpy().astype(np.float64) for t in (bn.weight, bn.bias, bn._mean, bn._variance))
+    w, b, m, v = (t.numpy().astype(np.float64)
+                  for t in (bn.weight, bn.bias, bn._mean, bn._variance))
     scale = w / np.sqrt(v + bn._epsilon)
     return scale, b - m * scale
 
@@ -273,7 +277,8 @@ def test_bn_layer_kinds_eval_match_float64(kind, pair):
 
     resid_out, dense_out, act = ops.dual_path_merge_bn_relu(*tensors, bn)
     for name, a, e64, e32 in zip(("resid_out", "dense_out", "act"),
-                                 (resid_out.numpy(), dense_out.numpy(), as_array(act)), ref64, ref32):
+                                 (resid_out.numpy(), dense_out.numpy(), as_array(act)),
+                                 ref64, ref32):
         assert_matches_reference(a, e64, e32, name=name)
     head = ops.concat_bn_relu(resid_out, dense_out, bn=bn)
     assert_matches_reference(as_array(head), ref64[2], ref32[2], name="concat_bn_relu")
@@ -305,7 +310,8 @@ def test_bn_layer_without_relu_training_matches_layer_then_relu(kind):
     expected32 = paddle.nn.functional.relu(twin(paddle.to_tensor(x.astype("f4")))).numpy()
     assert_matches_reference(act.numpy(), expected64, expected32, name="act")
     np.testing.assert_allclose(layer._mean.numpy(), twin._mean.numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(layer._variance.numpy(), twin._variance.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layer._variance.numpy(), twin._variance.numpy(),
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("pair", [False, True])
@@ -345,7 +351,8 @@ def test_bn_relu_eval_sees_parameter_updates():
     second = check()
     assert not np.allclose(first, second)
     opt = paddle.optimizer.SGD(0.5, parameters=bn.parameters())
-    x = paddle.to_tensor(np.random.default_rng(0).standard_normal((4, r + d + inc, 3, 3)).astype("f4"))
+    x = paddle.to_tensor(
+        np.random.default_rng(0).standard_normal((4, r + d + inc, 3, 3)).astype("f4"))
     bn(x).sum().backward()
     opt.step()
     third = check()
@@ -367,7 +374,8 @@ def test_eval_head_parameter_gradients(form):
         params = to_pd(scale, shift, stop_gradient=False)
         bn.clear_gradients()
         if form == "bn_layer":
-            fn = ops.dual_path_merge_bn_relu if fused else merge_mod.reference_dual_path_merge_bn_relu
+            fn = (ops.dual_path_merge_bn_relu if fused
+                  else merge_mod.reference_dual_path_merge_bn_relu)
             act = fn(*ts, bn)[2]
         elif form == "scale_shift":
             fn = ops.dual_path_merge if fused else merge_mod.reference_dual_path_merge
@@ -375,7 +383,8 @@ def test_eval_head_parameter_gradients(form):
         else:
             fn = ops.concat_bn_relu if fused else merge_mod.reference_concat_bn_relu
             act = fn(ts[0], ts[2], *params)
-        (act * paddle.to_tensor(np.random.default_rng(6).standard_normal(act.shape).astype("f4"))).sum().backward()
+        upstream = np.random.default_rng(6).standard_normal(act.shape).astype("f4")
+        (act * paddle.to_tensor(upstream)).sum().backward()
         grads = [t.grad.numpy() for t in (ts if form != "head" else ts[::2])]
         if form == "bn_layer":
             return grads + [bn.weight.grad.numpy(), bn.bias.grad.numpy()]
@@ -399,17 +408,22 @@ def test_bn_relu_training_matches_layer(pair):
         ours = to_pd(*arrays, stop_gradient=False)
         theirs = to_pd(*arrays, stop_gradient=False)
         out = ops.dual_path_merge_bn_relu(*ours, tuple(layers) if pair else layers[0])
-        ref = merge_mod.reference_dual_path_merge_bn_relu(*theirs, tuple(twins) if pair else twins[0])
+        ref = merge_mod.reference_dual_path_merge_bn_relu(*theirs,
+                                                           tuple(twins) if pair else twins[0])
         acts, ref_acts = (out[2], ref[2]) if pair else ((out[2],), (ref[2],))
         for a, e in zip(acts, ref_acts):
             np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
         sum(a.sum() * (i + 1) for i, a in enumerate(acts)).backward()
         sum(a.sum() * (i + 1) for i, a in enumerate(ref_acts)).backward()
         for layer, twin in zip(layers, twins):
-            np.testing.assert_allclose(layer._mean.numpy(), twin._mean.numpy(), rtol=1e-6, atol=1e-6)
-            np.testing.assert_allclose(layer._variance.numpy(), twin._variance.numpy(), rtol=1e-6, atol=1e-6)
-            np.testing.assert_allclose(layer.weight.grad.numpy(), twin.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(layer.bias.grad.numpy(), twin.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(layer._mean.numpy(), twin._mean.numpy(),
+                                       rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(layer._variance.numpy(), twin._variance.numpy(),
+                                       rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(layer.weight.grad.numpy(), twin.weight.grad.numpy(),
+                                       rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(layer.bias.grad.numpy(), twin.bias.grad.numpy(),
+                                       rtol=1e-4, atol=1e-4)
         for a, e in zip(ours, theirs):
             np.testing.assert_allclose(a.grad.numpy(), e.grad.numpy(), rtol=1e-4, atol=1e-4)
 
@@ -454,7 +468,8 @@ def tiny_model():
         bn.set_state_dict(make_bn(14, 20 + i).state_dict())
     model.eval()
     g = np.random.default_rng(2)
-    inputs = to_pd(g.standard_normal((2, 6, 5, 5)).astype("f4"), g.standard_normal((2, 5, 5, 5)).astype("f4"))
+    inputs = to_pd(g.standard_normal((2, 6, 5, 5)).astype("f4"),
+                   g.standard_normal((2, 5, 5, 5)).astype("f4"))
     return model, inputs
 
 
@@ -519,22 +534,47 @@ def _bad_cases():
     resid, dense, y = map(t, good)
     return [
         ("rank", lambda: ops.dual_path_merge(t(good[0][0]), dense, y), ValueError, "4-D"),
-        ("y channels", lambda: ops.dual_path_merge(resid, dense, t(good[2][:, :r])), ValueError, "new dense"),
-        ("batch", lambda: ops.dual_path_merge(resid, t(good[1][:1]), y), ValueError, "batch sizes differ"),
-        ("spatial", lambda: ops.dual_path_merge(resid, dense, t(good[2][:, :, :4])), ValueError, "height"),
-        ("dtype", lambda: ops.dual_path_merge(resid, dense, t(good[2].astype("f8"))), TypeError, "float32"),
-        ("fp16 on cpu", lambda: ops.dual_path_merge(*(x.astype("float16") for x in (resid, dense, y))), TypeError, "float32 only"),
-        ("not a tensor", lambda: ops.dual_path_merge(good[0], dense, y), TypeError, "paddle.Tensor"),
-        ("scale length", lambda: ops.dual_path_merge(resid, dense, y, t(scale[:-1]), t(shift[:-1])), ValueError, "scale"),
-        ("scale without shift", lambda: ops.dual_path_merge(resid, dense, y, t(scale)), ValueError, "both"),
-        ("scale dtype", lambda: ops.dual_path_merge(resid, dense, y, t(scale.astype("f8")), t(shift)), TypeError, "float32"),
-        ("three acts", lambda: ops.dual_path_merge(resid, dense, y, t(np.stack([scale] * 3)), t(np.stack([shift] * 3))), ValueError, "A <= 2"),
-        ("backend", lambda: ops.dual_path_merge(resid, dense, y, backend="tpu"), ValueError, "backend"),
-        ("cuda on cpu", lambda: ops.dual_path_merge(resid, dense, y, backend="cuda"), ValueError, "GPU"),
-        ("bn channels", lambda: ops.dual_path_merge_bn_relu(resid, dense, y, paddle.nn.BatchNorm(5, act="relu")), ValueError, "channels"),
-        ("bn act", lambda: ops.dual_path_merge_bn_relu(resid, dense, y, paddle.nn.BatchNorm(r + d + inc, act="sigmoid")), TypeError, "act='sigmoid'"),
-        ("bn type", lambda: ops.dual_path_merge_bn_relu(resid, dense, y, paddle.nn.BatchNorm1D(r + d + inc)), TypeError, "BatchNorm2D"),
-        ("fold type", lambda: ops.fold_batch_norm(paddle.nn.LayerNorm(r + d + inc)), TypeError, "BatchNorm2D"),
+        ("y channels", lambda: ops.dual_path_merge(resid, dense, t(good[2][:, :r])),
+         ValueError, "new dense"),
+        ("batch", lambda: ops.dual_path_merge(resid, t(good[1][:1]), y),
+         ValueError, "batch sizes differ"),
+        ("spatial", lambda: ops.dual_path_merge(resid, dense, t(good[2][:, :, :4])),
+         ValueError, "height"),
+        ("dtype", lambda: ops.dual_path_merge(resid, dense, t(good[2].astype("f8"))),
+         TypeError, "float32"),
+        ("fp16 on cpu",
+         lambda: ops.dual_path_merge(*(x.astype("float16") for x in (resid, dense, y))),
+         TypeError, "float32 only"),
+        ("not a tensor", lambda: ops.dual_path_merge(good[0], dense, y),
+         TypeError, "paddle.Tensor"),
+        ("scale length",
+         lambda: ops.dual_path_merge(resid, dense, y, t(scale[:-1]), t(shift[:-1])),
+         ValueError, "scale"),
+        ("scale without shift", lambda: ops.dual_path_merge(resid, dense, y, t(scale)),
+         ValueError, "both"),
+        ("scale dtype",
+         lambda: ops.dual_path_merge(resid, dense, y, t(scale.astype("f8")), t(shift)),
+         TypeError, "float32"),
+        ("three acts",
+         lambda: ops.dual_path_merge(resid, dense, y, t(np.stack([scale] * 3)),
+                                     t(np.stack([shift] * 3))),
+         ValueError, "A <= 2"),
+        ("backend", lambda: ops.dual_path_merge(resid, dense, y, backend="tpu"),
+         ValueError, "backend"),
+        ("cuda on cpu", lambda: ops.dual_path_merge(resid, dense, y, backend="cuda"),
+         ValueError, "GPU"),
+        ("bn channels",
+         lambda: ops.dual_path_merge_bn_relu(resid, dense, y, paddle.nn.BatchNorm(5, act="relu")),
+         ValueError, "channels"),
+        ("bn act",
+         lambda: ops.dual_path_merge_bn_relu(resid, dense, y,
+                                             paddle.nn.BatchNorm(r + d + inc, act="sigmoid")),
+         TypeError, "act='sigmoid'"),
+        ("bn type",
+         lambda: ops.dual_path_merge_bn_relu(resid, dense, y, paddle.nn.BatchNorm1D(r + d + inc)),
+         TypeError, "BatchNorm2D"),
+        ("fold type", lambda: ops.fold_batch_norm(paddle.nn.LayerNorm(r + d + inc)),
+         TypeError, "BatchNorm2D"),
     ]
 
 
@@ -554,7 +594,8 @@ def test_bad_input_cpp_checks():
     with pytest.raises(Exception, match="batch/spatial sizes differ"):
         run_op("dpn_fast_dual_path_merge", resid, dense[:1], y)
     with pytest.raises(Exception, match="scale/shift must be"):
-        run_op("dpn_fast_dual_path_merge_bn_relu", resid, dense, y, [paddle.ones([3]), paddle.ones([3])], [])
+        run_op("dpn_fast_dual_path_merge_bn_relu", resid, dense, y,
+               [paddle.ones([3]), paddle.ones([3])], [])
     with pytest.raises(Exception, match="same dtype"):
         run_op("dpn_fast_dual_path_merge", resid, dense, y.astype("float64"))
     with pytest.raises(Exception, match="GPU only"):
@@ -577,7 +618,8 @@ def test_non_contiguous_inputs_are_handled():
 
 @pytest.mark.skipif(INTERPRETED, reason="driver for the interpreted run")
 def test_triton_interpreted():
-    """Runs this module's triton tests in a subprocess with TRITON_INTERPRET=1 (set before import)."""
+    """Runs this module's triton tests in a subprocess with TRITON_INTERPRET=1 (set before
+    import)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            __file__, "-k", "triton_kernel or triton_api"],
@@ -592,14 +634,16 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INT
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("with_y,num_acts", [(True, 0), (True, 1), (True, 2), (False, 1), (False, 2)])
+@pytest.mark.parametrize("with_y,num_acts",
+                         [(True, 0), (True, 1), (True, 2), (False, 1), (False, 2)])
 def test_triton_kernel(dtype, with_y, num_acts):
     from dpn_fast.kernels import dual_path_merge as kernels
     from dpn_fast.kernels._host import HostTensor
     n, r, d, inc, hw = 2, 5, 3, (2 if with_y else 0), 15
     c = r + d + inc
     g = np.random.default_rng(0)
-    resid, dense, y = (g.standard_normal(s).astype(dtype) for s in ((n, r, hw), (n, d, hw), (n, r + inc, hw)))
+    resid, dense, y = (g.standard_normal(s).astype(dtype)
+                       for s in ((n, r, hw), (n, d, hw), (n, r + inc, hw)))
     scale, shift = (g.standard_normal((max(num_acts, 1), c)).astype("f4") for _ in range(2))
     nan = lambda *s: np.full(s, np.nan, dtype)  # noqa: E731
     resid_out, dense_out, act = nan(n, r, hw), nan(n, d + inc, hw), nan(max(num_acts, 1), n, c, hw)
@@ -618,7 +662,8 @@ def test_triton_kernel(dtype, with_y, num_acts):
         e = ref64_concat_bn_relu(x_r[..., None], x_d[..., None], scale[:num_acts], shift[:num_acts])
         np.testing.assert_allclose(act[:num_acts].astype("f8"), e[..., 0], **tol)
     # Backward with NaN-poisoned gradients out.
-    g_ro, g_do = g.standard_normal((n, r, hw)).astype(dtype), g.standard_normal((n, d + inc, hw)).astype(dtype)
+    g_ro = g.standard_normal((n, r, hw)).astype(dtype)
+    g_do = g.standard_normal((n, d + inc, hw)).astype(dtype)
     g_act = g.standard_normal((max(num_acts, 1), n, c, hw)).astype(dtype)
     g_r, g_d, g_y = nan(n, r, hw), nan(n, d, hw), nan(n, r + inc, hw)
     kernels.merge_backward(h(x_r), h(x_d), h(g_ro) if with_y else None, h(g_do) if with_y else None,
@@ -632,7 +677,8 @@ def test_triton_kernel(dtype, with_y, num_acts):
     np.testing.assert_allclose(g_r.astype("f8"), gx[:, :r], **tol)
     np.testing.assert_allclose(g_d.astype("f8"), gx[:, r:r + d], **tol)
     if with_y:
-        np.testing.assert_allclose(g_y.astype("f8"), np.concatenate([gx[:, :r], gx[:, r + d:]], 1), **tol)
+        np.testing.assert_allclose(g_y.astype("f8"), np.concatenate([gx[:, :r], gx[:, r + d:]], 1),
+                                   **tol)
 
 
 @needs_interpreter
@@ -667,7 +713,8 @@ def run_stage(merge_into, n, r, inc, blocks, hw, seed=0):
     g = np.random.default_rng(seed)
     dense0 = paddle.to_tensor(g.standard_normal((n, 2 * inc, hw, hw)).astype("f4"))
     resid = paddle.to_tensor(g.standard_normal((n, r, hw, hw)).astype("f4"))
-    ys = [paddle.to_tensor(g.standard_normal((n, r + inc, hw, hw)).astype("f4")) for _ in range(blocks)]
+    ys = [paddle.to_tensor(g.standard_normal((n, r + inc, hw, hw)).astype("f4"))
+          for _ in range(blocks)]
     bns = [make_bn(r + 2 * inc + (k + 1) * inc, 100 + k) for k in range(blocks)]
     for bn in bns:
         bn.eval()
@@ -707,7 +754,8 @@ def test_merge_into_two_bns_and_scale_shift(backend):
     layers = (make_bn(r + d + inc, 1), make_bn(r + d + inc, 2))
     for layer in layers:
         layer.eval()
-    buffer = paddle.to_tensor(np.random.default_rng(5).standard_normal((n, cap, hw, hw)).astype("f4"))
+    buffer = paddle.to_tensor(
+        np.random.default_rng(5).standard_normal((n, cap, hw, hw)).astype("f4"))
     before = buffer.numpy()
     buffer[:, :d] = dense
     with paddle.no_grad():
@@ -720,9 +768,11 @@ def test_merge_into_two_bns_and_scale_shift(backend):
         for a, e in zip((act_w, act_a), ref[2]):
             np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
         scale, shift = rng_affine(r + d + inc)
-        act = ops.dual_path_merge_into(resid, buffer, d, y, *to_pd(scale, shift), backend=backend)[2]
+        act = ops.dual_path_merge_into(resid, buffer, d, y, *to_pd(scale, shift),
+                                       backend=backend)[2]
+        ref32 = merge_mod.reference_dual_path_merge(resid, dense, y, *to_pd(scale, shift))[2]
         assert_matches_reference(act.numpy(), ref64_merge(*arrays, scale, shift)[2],
-                                 merge_mod.reference_dual_path_merge(resid, dense, y, *to_pd(scale, shift))[2].numpy())
+                                 ref32.numpy())
 
 
 def test_merge_into_bad_input():
@@ -753,7 +803,8 @@ class TinyStage(paddle.nn.Layer):
         super().__init__()
         self.r, self.inc = r, inc
         self.convs = paddle.nn.LayerList([paddle.nn.Conv2D(r, r + inc, 1) for _ in range(2)])
-        self.bns = paddle.nn.LayerList([paddle.nn.BatchNorm(r + (3 + k) * inc, act="relu") for k in range(2)])
+        self.bns = paddle.nn.LayerList([paddle.nn.BatchNorm(r + (3 + k) * inc, act="relu")
+                                        for k in range(2)])
 
     def forward(self, resid, dense):
         buffer = paddle.zeros([resid.shape[0], 4 * self.inc, resid.shape[2], resid.shape[3]])
@@ -773,14 +824,16 @@ def test_merge_into_to_static_and_jit_save(tmp_path):
         bn.set_state_dict(make_bn(6 + (3 + k) * 3, 40 + k).state_dict())
     model.eval()
     g = np.random.default_rng(1)
-    inputs = to_pd(g.standard_normal((2, 6, 5, 5)).astype("f4"), g.standard_normal((2, 6, 5, 5)).astype("f4"))
+    inputs = to_pd(g.standard_normal((2, 6, 5, 5)).astype("f4"),
+                   g.standard_normal((2, 6, 5, 5)).astype("f4"))
     with paddle.no_grad():
         eager = [o.numpy() for o in model(*inputs)]
         static = paddle.jit.to_static(model, full_graph=True)
         for a, e in zip(static(*inputs), eager):
             np.testing.assert_allclose(a.numpy(), e, rtol=1e-6, atol=1e-6)
     path = str(tmp_path / "stage")
-    spec = [paddle.static.InputSpec([None, 6, 5, 5], "float32", name) for name in ("resid", "dense")]
+    spec = [paddle.static.InputSpec([None, 6, 5, 5], "float32", name)
+            for name in ("resid", "dense")]
     paddle.jit.save(model, path, input_spec=spec)
     loaded = paddle.jit.load(path)
     with paddle.no_grad():

@@ -84,7 +84,8 @@ def test_eval_with_gradients_enabled():
 
 def test_dpn92_eval_at_224():
     with paddle.no_grad():
-        out, ref32, ref64 = eval_logits(build_trio("DPN92", seed=3), images((1, 3, 224, 224), seed=4))
+        out, ref32, ref64 = eval_logits(build_trio("DPN92", seed=3),
+                                        images((1, 3, 224, 224), seed=4))
     assert_matches_reference(out, ref64, ref32, name="DPN92 fused logits at 224")
     assert (np.argsort(-out[0])[:5] == np.argsort(-ref64[0])[:5]).all()
 

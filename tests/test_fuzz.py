@@ -308,8 +308,10 @@ def _bn_reference(x, layers, dtype):
     """relu(eval batch_norm(x)) per layer, with the layers' parameters cast to `dtype`."""
     import paddle.nn.functional as F
     cast = lambda t: t.astype(dtype)  # noqa: E731
-    return tuple(F.relu(F.batch_norm(x, cast(l._mean), cast(l._variance), cast(l.weight),
-                                     cast(l.bias), False, epsilon=l._epsilon)) for l in layers)
+    return tuple(F.relu(F.batch_norm(x, cast(layer._mean), cast(layer._variance),
+                                     cast(layer.weight), cast(layer.bias), False,
+                                     epsilon=layer._epsilon))
+                 for layer in layers)
 
 
 def gen_merge(rng):

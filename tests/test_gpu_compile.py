@@ -6,8 +6,8 @@
   convention) for sm_75/80/90, with registers / stack / spills from Triton's bundled ptxas.
 
 Both write a table (build/cuda_resource_report.txt, build/triton_resource_report.txt) that
-tests/conftest.py names, with its spill count, at the end of the pytest run. Spills are reported, not failed: they are a
-performance question for a GPU run, while a compile error fails here.
+tests/conftest.py names, with its spill count, at the end of the pytest run. Spills are reported,
+not failed: they are a performance question for a GPU run, while a compile error fails here.
 """
 import json
 import os
@@ -51,7 +51,8 @@ def demangle(names):
 
 
 def short_kernel_name(name):
-    """'(anonymous namespace)::merge_kernel<float, 4>(float const*, ...)' -> 'merge_kernel<float, 4>'."""
+    """'(anonymous namespace)::merge_kernel<float, 4>(float const*, ...)'
+    -> 'merge_kernel<float, 4>'."""
     name = re.sub(r"\(anonymous namespace\)::", "", name)
     depth, cut = 0, len(name)
     for i, ch in enumerate(name):  # first '(' outside template brackets starts the parameters
@@ -75,7 +76,8 @@ def parse_ptxas(output):
             continue
         if current is None:
             continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                      line)
         if m:
             current["stack"], current["spill_stores"], current["spill_loads"] = map(int, m.groups())
         m = re.search(r"Used (\d+) registers", line)

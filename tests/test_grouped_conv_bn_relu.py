@@ -258,7 +258,8 @@ def test_folder_refolds_after_optimizer_step():
     bn.eval()
     before = folder(x).numpy()
     np.testing.assert_allclose(before, eval_expected(conv, bn, x), rtol=1e-5, atol=1e-5)
-    opt = paddle.optimizer.Momentum(learning_rate=0.5, parameters=conv.parameters() + bn.parameters())
+    opt = paddle.optimizer.Momentum(learning_rate=0.5,
+                                    parameters=conv.parameters() + bn.parameters())
     bn.train()
     folder(x).square().mean().backward()
     opt.step()
@@ -440,7 +441,10 @@ def test_folder_takes_batchnorm2d(training, with_input_bn):
 
     def reference(dtype):
         t = lambda a: paddle.to_tensor(np.asarray(a, dtype))  # noqa: E731
-        params = lambda l: [t(p.numpy()) for p in (l.weight, l.bias, l._mean, l._variance)]  # noqa: E731
+
+        def params(layer):
+            return [t(p.numpy()) for p in (layer.weight, layer.bias, layer._mean, layer._variance)]
+
         return reference_grouped_conv_bn_relu(
             t(x), t(conv.weight.numpy()), *params(bn), stride=stride, groups=groups,
             training=training, input_bn=(*params(input_bn), 1e-5) if with_input_bn else None
@@ -589,7 +593,8 @@ TRITON_SCRIPT = textwrap.dedent("""
         ref = {{}}
         for dt in ("float64", "float32"):
             t = as_tensors(arrays, dt)
-            ref[dt] = reference_grouped_conv_bn_relu(*t.values(), stride=stride, groups=groups).numpy()
+            ref[dt] = reference_grouped_conv_bn_relu(*t.values(), stride=stride,
+                                                     groups=groups).numpy()
         for dtype in ("float32", "float16"):
             t = as_tensors(arrays, "float32")
             w_folded, bias = fold_bn_into_conv(*list(t.values())[1:])

@@ -167,8 +167,8 @@ def test_to_static_save_load_gives_same_output(model, tmp_path):
     x = paddle.to_tensor(np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype("float32"))
     with paddle.no_grad():
         expected = model(x).numpy()
-    static = paddle.jit.to_static(model, input_spec=[paddle.static.InputSpec([None, 3, 64, 64], "float32")],
-                                  full_graph=True)
+    spec = [paddle.static.InputSpec([None, 3, 64, 64], "float32")]
+    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
     path = str(tmp_path / "exported")
     paddle.jit.save(static, path)
     loaded = paddle.jit.load(path)

@@ -109,8 +109,8 @@ def test_residual_add_and_dense_append(kernels, dtype, n, h, w):
         if p == "float64":
             ref64 = (resid + y[:, :r], y[:, r:])
         else:
-            cast = lambda x: np.asarray(x, np.float32).astype(p).astype(np.float32)  # noqa: E731
-            plain = (cast(resid + y[:, :r]), y[:, r:])
+            plain = (np.asarray(resid + y[:, :r], np.float32).astype(p).astype(np.float32),
+                     y[:, r:])
     assert_matches_reference(stage[:, :r], ref64[0], plain[0], dtype, "resid")
     np.testing.assert_array_equal(stage[:, r:r + d], before[:, r:r + d])
     assert_matches_reference(stage[:, r + d:r + d + inc], ref64[1], plain[1], dtype, "dense")

@@ -34,7 +34,8 @@ def test_openmp_imports_are_all_in_paddles_runtime():
     if not runtime.exists():
         pytest.skip("this Paddle wheel ships no libiomp5 (the library links the system OpenMP)")
     library = Path(dpn_fast.__file__).parent / "libdpn_fast_ops.so"
-    imported = {s for s in dynamic_symbols(library, undefined=True) if s.startswith(OPENMP_PREFIXES)}
+    imported = {s for s in dynamic_symbols(library, undefined=True)
+                if s.startswith(OPENMP_PREFIXES)}
     assert imported, "no OpenMP imports found: is the CPU core still built with OpenMP?"
     missing = imported - dynamic_symbols(runtime, undefined=False)
     assert not missing, f"OpenMP entry points missing from {runtime.name}: {sorted(missing)}"

@@ -35,7 +35,8 @@ def assert_matches_reference(actual, ref64, ref32, dtype="float32", name="output
     err = max_abs_err(actual, ref64)
     ref_err = max_abs_err(ref32, ref64)
     bound = 2.0 * ref_err + ATOL[dtype] * max(1.0, float(np.abs(ref64).max()))
-    assert err <= bound, f"{name}: max|fused - ref64| = {err:.3e} > {bound:.3e} (paddle fp32 err {ref_err:.3e})"
+    assert err <= bound, (f"{name}: max|fused - ref64| = {err:.3e} > {bound:.3e}"
+                          f" (paddle fp32 err {ref_err:.3e})")
 
 
 def run_script(script, env=None):

@@ -1,4 +1,4 @@
-"""Triton 1x1 convolution of channels-last rows as a GEMM, with a DPN block's prologue and epilogues.
+"""Triton 1x1 convolution of channels-last rows as a GEMM with a DPN block's prologue and epilogues.
 
 Activations are rows: position (image, h, w) -> one row of channels, `[rows, channels]` read and
 written through a row stride, so a GEMM can read a prefix of a wider buffer (a DPN stage buffer's

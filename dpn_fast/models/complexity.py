@@ -20,7 +20,8 @@ def count_macs(model, image_size=224):
     def linear_hook(layer, inputs, output):
         macs.append(int(np.prod(layer.weight.shape)))
 
-    hooks = [layer.register_forward_post_hook(conv_hook if isinstance(layer, nn.Conv2D) else linear_hook)
+    hooks = [layer.register_forward_post_hook(conv_hook if isinstance(layer, nn.Conv2D)
+                                              else linear_hook)
              for layer in model.sublayers() if isinstance(layer, (nn.Conv2D, nn.Linear))]
     was_training = model.training
     model.eval()

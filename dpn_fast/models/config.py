@@ -25,11 +25,16 @@ class DPNConfig:
 
 
 CONFIGS = {
-    "DPN68": DPNConfig("DPN68", 10, 3, 128, 32, (3, 4, 12, 3), (16, 32, 32, 64), (64, 128, 256, 512), 64),
-    "DPN92": DPNConfig("DPN92", 64, 7, 96, 32, (3, 4, 20, 3), (16, 32, 24, 128), (256, 512, 1024, 2048), 256),
-    "DPN98": DPNConfig("DPN98", 96, 7, 160, 40, (3, 6, 20, 3), (16, 32, 32, 128), (256, 512, 1024, 2048), 256),
-    "DPN107": DPNConfig("DPN107", 128, 7, 200, 50, (4, 8, 20, 3), (20, 64, 64, 128), (256, 512, 1024, 2048), 256),
-    "DPN131": DPNConfig("DPN131", 128, 7, 160, 40, (4, 8, 28, 3), (16, 32, 32, 128), (256, 512, 1024, 2048), 256),
+    "DPN68": DPNConfig("DPN68", 10, 3, 128, 32, (3, 4, 12, 3), (16, 32, 32, 64),
+                       (64, 128, 256, 512), 64),
+    "DPN92": DPNConfig("DPN92", 64, 7, 96, 32, (3, 4, 20, 3), (16, 32, 24, 128),
+                       (256, 512, 1024, 2048), 256),
+    "DPN98": DPNConfig("DPN98", 96, 7, 160, 40, (3, 6, 20, 3), (16, 32, 32, 128),
+                       (256, 512, 1024, 2048), 256),
+    "DPN107": DPNConfig("DPN107", 128, 7, 200, 50, (4, 8, 20, 3), (20, 64, 64, 128),
+                        (256, 512, 1024, 2048), 256),
+    "DPN131": DPNConfig("DPN131", 128, 7, 160, 40, (4, 8, 28, 3), (16, 32, 32, 128),
+                        (256, 512, 1024, 2048), 256),
 }
 
 
@@ -77,7 +82,8 @@ def block_shapes(model: str, image_size: int = 224) -> List[BlockShape]:
                 dense_before = in_dense
             out_hw = (hw + 2 - 3) // stride + 1
             shapes.append(BlockShape(model, stage, index, kind, in_resid, in_dense, hw, out_hw,
-                                     cfg.bottleneck(stage), cfg.groups, stride, bw, dense_before, inc))
+                                     cfg.bottleneck(stage), cfg.groups, stride, bw, dense_before,
+                                     inc))
             in_resid, in_dense, hw = bw, dense_before + inc, out_hw
     return shapes
 

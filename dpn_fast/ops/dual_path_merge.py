@@ -373,10 +373,11 @@ def _bn_relu_paddle(resid, dense, y, layers, bn, backend, training):
             merged = tuple(run_op("dpn_fast_dual_path_merge", resid, dense, y))
         resid, dense = merged
     x = paddle.concat([resid, dense], axis=1)
-    acts = tuple(F.relu(F.batch_norm(x, l._mean, l._variance, l.weight, l.bias, training,
-                                     l._momentum, l._epsilon,
-                                     use_global_stats=l._use_global_stats if training else None))
-                 for l in layers)
+    acts = tuple(F.relu(F.batch_norm(x, layer._mean, layer._variance, layer.weight, layer.bias,
+                                     training, layer._momentum, layer._epsilon,
+                                     use_global_stats=(layer._use_global_stats if training
+                                                       else None)))
+                 for layer in layers)
     return _with_acts(merged, acts, bn)
 
 
