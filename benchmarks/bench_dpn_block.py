@@ -104,7 +104,8 @@ def block_launch(block, resid, dense, scale_shift):
 
 @pytest.mark.parametrize("impl", ["reference", "cpu"])
 @pytest.mark.parametrize("n", [1, 8])
-@pytest.mark.parametrize("shape", STAGE_BLOCKS, ids=[f"{s.kind}-stage{s.stage}" for s in STAGE_BLOCKS])
+@pytest.mark.parametrize("shape", STAGE_BLOCKS,
+                         ids=[f"{s.kind}-stage{s.stage}" for s in STAGE_BLOCKS])
 def test_block(benchmark, shape, n, impl):
     paddle.seed(0)
     block = DualPathBlock(shape)

@@ -61,12 +61,13 @@ def pack_stage_launch(weights):
     def pack(weight, first_row, rows):
         return _extension.run_op("dpn_fast_pack_1x1_weight", weight, first_row, rows)[0]
 
-    w_proj, w_a, w_conv, w_c = weights[:4]
-    inc = w_proj.shape[0] - w_c.shape[0]  # w_proj: resid + 2 inc rows; w_c: resid + inc rows
-    resid = w_c.shape[0] - inc
+    w_proj, first_w_c = weights[0], weights[3]
+    # w_proj: resid + 2 inc rows; w_c: resid + inc rows
+    inc = w_proj.shape[0] - first_w_c.shape[0]
+    resid = first_w_c.shape[0] - inc
     packed = [pack(w_proj, 0, resid), pack(w_proj, resid, 2 * inc)]
-    for w_a, w_conv, w_c in [(w_a, w_conv, w_c)] + list(zip(weights[4::3], weights[5::3],
-                                                            weights[6::3])):
+    bottlenecks = zip(weights[1::3], weights[2::3], weights[3::3])  # (w_a, w_conv, w_c) per block
+    for w_a, w_conv, w_c in bottlenecks:
         packed += [pack(w_a, 0, w_a.shape[0]), paddle.assign(w_conv), pack(w_c, 0, resid),
                    pack(w_c, resid, w_c.shape[0] - resid)]
     return packed
