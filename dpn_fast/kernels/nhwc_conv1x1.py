@@ -27,6 +27,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from dpn_fast.kernels._rows import ACTIVATION_DTYPES, check_rows, dtype_name
+
 # Decided when the kernels are decorated: @triton.jit reads TRITON_INTERPRET at that moment.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -116,29 +118,6 @@ def choose_tiles(rows, k, n, half, interpret=False):
     return Tiles(128, 128 if wide else 64, 32, 8, 8 if wide else 4, 3)
 
 
-ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _dtype_name(tensor):
-    return str(tensor.dtype).replace("torch.", "").replace("paddle.", "")
-
-
-def _check_layout(op, tensors):
-    """Tensors that describe themselves (torch, Paddle) must share a device and be rows: unit
-    stride along channels, the given row stride. Raw pointers (_host.py) are taken as
-    given. tensors: {label: (tensor, row stride or None for a vector)}."""
-    devices = {str(t.device) for t, _ in tensors.values() if hasattr(t, "device")}
-    if len(devices) > 1:
-        raise ValueError(f"{op}: tensors on different devices: {sorted(devices)}")
-    for label, (t, ld) in tensors.items():
-        strides = tuple(t.stride()) if callable(getattr(t, "stride", None)) else ()
-        if strides and (strides[-1] != 1 or (ld is not None and len(strides) > 1
-                                              and strides[-2] != ld)):
-            raise ValueError(f"{op}: {label} must be rows of unit channel stride"
-                             + ("" if ld is None else f" and row stride {ld}")
-                             + f", got strides {strides}")
-
-
 def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in_scale=None,
                     in_shift=None, bias=None, relu=False, split=None, dense_gap=0,
                     add_to_out=False, tiles=None):
@@ -150,15 +129,15 @@ def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in
     add_to_out adds columns < split to out's values.
     """
     name = "conv1x1_forward"
-    dtype = _dtype_name(a)
+    dtype = dtype_name(a)
     if dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"{name}: activations must be one of {ACTIVATION_DTYPES}, got {dtype}")
     for label, t in (("w", w), ("out", out)):
-        if _dtype_name(t) != dtype:
-            raise TypeError(f"{name}: {label} dtype {_dtype_name(t)} != a's {dtype}")
+        if dtype_name(t) != dtype:
+            raise TypeError(f"{name}: {label} dtype {dtype_name(t)} != a's {dtype}")
     for label, t in (("in_scale", in_scale), ("in_shift", in_shift), ("bias", bias)):
-        if t is not None and _dtype_name(t) != "float32":
-            raise TypeError(f"{name}: {label} must be float32, got {_dtype_name(t)}")
+        if t is not None and dtype_name(t) != "float32":
+            raise TypeError(f"{name}: {label} must be float32, got {dtype_name(t)}")
     if (in_scale is None) != (in_shift is None):
         raise ValueError(f"{name}: give both in_scale and in_shift or neither")
     split = n if split is None else split
@@ -181,7 +160,7 @@ def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in
                              "output images")
     else:
         h = w_in = h_out = w_out = 1
-    _check_layout(name, {"a": (a, lda), "w": (w, n), "out": (out, ldo),
+    check_rows(name, {"a": (a, lda), "w": (w, n), "out": (out, ldo),
                          **{label: (t, None) for label, t in (("in_scale", in_scale),
                                                               ("in_shift", in_shift),
                                                               ("bias", bias)) if t is not None}})

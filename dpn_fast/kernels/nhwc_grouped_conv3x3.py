@@ -24,6 +24,8 @@ import numpy as np
 import triton
 import triton.language as tl
 
+from dpn_fast.kernels._rows import ACTIVATION_DTYPES, check_rows, dtype_name
+
 # Decided when the kernels are decorated: @triton.jit reads TRITON_INTERPRET at that moment.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -112,29 +114,6 @@ def pack_weights(weight, groups, tiles):
     return packed
 
 
-ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _dtype_name(tensor):
-    return str(tensor.dtype).replace("torch.", "").replace("paddle.", "")
-
-
-def _check_layout(op, tensors):
-    """Tensors that describe themselves (torch, Paddle) must share a device and be rows: unit
-    stride along channels, the given row stride. Raw pointers (_host.py) are taken as
-    given. tensors: {label: (tensor, row stride or None for a vector)}."""
-    devices = {str(t.device) for t, _ in tensors.values() if hasattr(t, "device")}
-    if len(devices) > 1:
-        raise ValueError(f"{op}: tensors on different devices: {sorted(devices)}")
-    for label, (t, ld) in tensors.items():
-        strides = tuple(t.stride()) if callable(getattr(t, "stride", None)) else ()
-        if strides and (strides[-1] != 1 or (ld is not None and len(strides) > 1
-                                              and strides[-2] != ld)):
-            raise ValueError(f"{op}: {label} must be rows of unit channel stride"
-                             + ("" if ld is None else f" and row stride {ld}")
-                             + f", got strides {strides}")
-
-
 def grouped_conv3x3_forward(x, packed_w, bias, out, *, images, h, w, c, groups, stride, ldx,
                             ldo, tiles):
     """out rows = relu(grouped_conv3x3(x rows) + bias), padding 1; out preallocated.
@@ -144,14 +123,14 @@ def grouped_conv3x3_forward(x, packed_w, bias, out, *, images, h, w, c, groups, 
     dtype; tiles: the Tiles the weights were packed for. bias: fp32 [c].
     """
     name = "grouped_conv3x3_forward"
-    dtype = _dtype_name(x)
+    dtype = dtype_name(x)
     if dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"{name}: activations must be one of {ACTIVATION_DTYPES}, got {dtype}")
     for label, t in (("packed_w", packed_w), ("out", out)):
-        if _dtype_name(t) != dtype:
-            raise TypeError(f"{name}: {label} dtype {_dtype_name(t)} != x's {dtype}")
-    if _dtype_name(bias) != "float32":
-        raise TypeError(f"{name}: bias must be float32, got {_dtype_name(bias)}")
+        if dtype_name(t) != dtype:
+            raise TypeError(f"{name}: {label} dtype {dtype_name(t)} != x's {dtype}")
+    if dtype_name(bias) != "float32":
+        raise TypeError(f"{name}: bias must be float32, got {dtype_name(bias)}")
     if stride not in (1, 2):
         raise ValueError(f"{name}: stride must be 1 or 2, got {stride}")
     if min(images, h, w) < 0 or c <= 0 or groups <= 0 or c % groups:
@@ -162,7 +141,7 @@ def grouped_conv3x3_forward(x, packed_w, bias, out, *, images, h, w, c, groups, 
                          f"fit {tiles.block_c} lanes")
     if ldx < c or ldo < c:
         raise ValueError(f"{name}: row strides ldx={ldx}, ldo={ldo} are below c={c}")
-    _check_layout(name, {"x": (x, ldx), "packed_w": (packed_w, tiles.block_c), "bias": (bias, None),
+    check_rows(name, {"x": (x, ldx), "packed_w": (packed_w, tiles.block_c), "bias": (bias, None),
                          "out": (out, ldo)})
     h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
     rows_out = images * h_out * w_out
