@@ -49,6 +49,7 @@ class Engine:
     stock: bool  # runs no dpn_fast code: what a user would deploy without this project
     description: str
     onednn: bool = False
+    onednn_bf16: bool = False  # Paddle Inference: Config.enable_mkldnn_bfloat16()
     precision_hint: str = None  # OpenVINO's INFERENCE_PRECISION_HINT; None: its default
 
 
@@ -75,6 +76,10 @@ ENGINES = {
     "pi-onednn-reference": Engine(
         "reference export, Paddle Inference + oneDNN", "paddle-inference", "reference", True,
         "the plain network exported, Paddle Inference with oneDNN on", onednn=True),
+    "pi-onednn-bf16-reference": Engine(
+        "reference export, Paddle Inference + oneDNN bf16", "paddle-inference", "reference", True,
+        "the plain network exported, Paddle Inference with oneDNN and "
+        "Config.enable_mkldnn_bfloat16()", onednn=True, onednn_bf16=True),
     "ort-reference": Engine(
         "reference export, ONNX Runtime", "onnxruntime", "reference", True,
         "the reference export converted by paddle2onnx, ONNX Runtime's CPU provider, "
@@ -185,6 +190,18 @@ def make_forward(workdir, model_name, engine, x, threads):
     if engine.runtime == "paddle-inference":
         from dpn_fast.inference import create_predictor, run_predictor
 
+        if engine.onednn_bf16:  # a stock setting that dpn_fast's own helper does not offer
+            import paddle
+
+            prefix = f"{workdir}/{engine.model}"
+            config = paddle.inference.Config(f"{prefix}.json", f"{prefix}.pdiparams")
+            config.disable_gpu()
+            config.enable_mkldnn()
+            config.enable_mkldnn_bfloat16()
+            config.set_cpu_math_library_num_threads(threads)
+            config.disable_glog_info()
+            predictor = paddle.inference.create_predictor(config)
+            return (lambda: run_predictor(predictor, x)), "bf16"
         predictor = create_predictor(f"{workdir}/{engine.model}", use_onednn=engine.onednn,
                                      num_threads=threads)
         return (lambda: run_predictor(predictor, x)), "f32"
