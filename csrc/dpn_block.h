@@ -7,12 +7,22 @@
 // Channels-last, a 1x1 convolution is one GEMM over all positions of a run of images, its
 // activations used as oneDNN's matmul reads them and its weights as given or packed once for this
 // CPU (the compiled engine's; oneDNN otherwise repacks them on every call); in NCHW the
-// activations were the operand the matmul repacks on every call (docs/benchmarks.md: 1.13-1.2x
+// activations were the operand the matmul repacks on every call (docs/design_notes.md: 1.13-1.2x
 // on DPN92's shapes). bn_b + ReLU is 1x1a's epilogue (oneDNN post-ops), bn_c + ReLU the grouped
 // conv's (the project's channels-last kernel), the input's BN + ReLU one pass. A normal block
 // works in place on the stage's buffers: the residual accumulates into resid and the new dense
 // channels land in the stage's dense buffer, so nothing is split, added or concatenated in a
 // separate pass.
+// bf16 GEMMs (DpnBlockWeights::bf16_gemms, on packed weights only): every 1x1 GEMM (projection,
+// 1x1a, 1x1c) multiplies bf16 by bf16 and sums in float32: its weight is the float32 weight
+// rounded to bf16 when packed, its activations are rounded to bf16 by whoever writes them (the
+// input's BN + ReLU pass writes act and act_w as bf16; the grouped conv's float32 output g is
+// rounded in a pass of its own over what the conv just wrote to cache: 0.26 ms of DPN92's 75 ms
+// (batch 1, 1 thread, AMD EPYC Zen 4), the most a bf16 variant of the conv's epilogue could
+// save). Everything else stays float32: the GEMMs' outputs and epilogues (1x1a's BN +
+// ReLU, the sum into resid), a, the stage buffers, the grouped conv. So the result is the float32
+// network's with each 1x1 convolution's input and weight rounded to bf16 (to nearest even), up to
+// the order of the float32 sums. The stem and head are float32 either way.
 // Head: logits = fc(mean_hw(relu(bn(concat(resid, dense))))), without materialising the BN'd
 // concat.
 #pragma once
@@ -41,20 +51,22 @@ struct DpnBlockShape {
 
 // BNs come folded (the caller folds them once, not every call). The projection's and 1x1c's rows
 // are two GEMMs each, the residual rows and the dense rows, so each 1x1 GEMM has its own weight:
-// plain, rows of the layer's [C_out, C_in] weight, or packed (packed_1x1), that GEMM's rows laid
-// out once for this CPU (onednn_gemm.h: pack_weight; here packed_weight_data of the blob).
+// plain floats, rows of the layer's [C_out, C_in] weight, or packed (packed_1x1), that GEMM's rows
+// laid out once for this CPU (onednn_gemm.h: pack_weight; here packed_weight_data of the blob),
+// as floats or, for bf16_gemms, as bf16.
 struct DpnBlockWeights {
   FoldedBatchNorm bn_w;        // projection blocks: the projection's input BN [in_channels]
-  const float* w_proj_resid;   // projection blocks: [resid, in_channels]
-  const float* w_proj_dense;   // projection blocks: [2 inc, in_channels]
+  const void* w_proj_resid;    // projection blocks: [resid, in_channels]
+  const void* w_proj_dense;    // projection blocks: [2 inc, in_channels]
   FoldedBatchNorm bn_a;        // 1x1a's input BN [in_channels]
-  const float* w_a;            // [bottleneck, in_channels]
+  const void* w_a;             // [bottleneck, in_channels]
   FoldedBatchNorm bn_b;        // the grouped conv's input BN [bottleneck]
   const float* w_conv;         // [bottleneck, bottleneck / groups, 3, 3], always plain
   FoldedBatchNorm bn_c;        // 1x1c's input BN (the grouped conv's epilogue) [bottleneck]
-  const float* w_c_resid;      // [resid, bottleneck]
-  const float* w_c_dense;      // [inc, bottleneck]
+  const void* w_c_resid;       // [resid, bottleneck]
+  const void* w_c_dense;       // [inc, bottleneck]
   bool packed_1x1;
+  bool bf16_gemms;             // packed_1x1 weights packed as bf16: bf16 GEMMs (above)
 };
 
 // A run of blocks, as a stage runs them: block 0 from (resid_in, dense_in) into (resid_out,

@@ -55,18 +55,23 @@ struct BlockInput {
   bool nchw;
 };
 
+inline void store(float* out, float v) { *out = v; }
+inline void store(Bf16* out, float v) { *out = round_to_bf16(v); }
+
 // One output of bn_relu_rows: relu(bn(input)) at the positions a convolution of `stride` reads
-// ([::2, ::2] for 2), [positions, in_channels] channels-last.
+// ([::2, ::2] for 2), [positions, in_channels] channels-last, as float or (bf16 GEMMs) Bf16.
+template <typename Out>
 struct BnReluOut {
   FoldedBatchNorm bn;
-  float* out;
+  Out* out;
   int64_t stride;
 };
 
 // out[p, c] = relu(bn(concat(resid, dense)[q, c])) for each output, q running over the input
 // positions of n images: one read of the input for all outputs (a projection block's two).
+template <typename Out>
 void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
-                  std::initializer_list<BnReluOut> outs) {
+                  std::initializer_list<BnReluOut<Out>> outs) {
   const int64_t hw = s.h * s.w, cin = s.in_channels();
   // Dense channel c of pixel q: NHWC q * in_capacity + c, NCHW c * hw + q (per image).
   const int64_t dense_pixel = in.nchw ? 1 : s.in_capacity, dense_channel = in.nchw ? hw : 1;
@@ -75,38 +80,55 @@ void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
     const int64_t b = q / hw, i = q % hw / s.w, j = q % s.w;
     const float* r = in.resid + q * s.in_resid;
     const float* d = in.dense + b * hw * s.in_capacity + (q % hw) * dense_pixel;
-    for (const BnReluOut& o : outs) {
+    for (const BnReluOut<Out>& o : outs) {
       if (i % o.stride != 0 || j % o.stride != 0) continue;
       const int64_t ho = conv3x3_out_size(s.h, o.stride), wo = conv3x3_out_size(s.w, o.stride);
-      float* out = o.out + ((b * ho + i / o.stride) * wo + j / o.stride) * cin;
+      Out* out = o.out + ((b * ho + i / o.stride) * wo + j / o.stride) * cin;
       const float* scale = o.bn.scale;
       const float* shift = o.bn.shift;
 #pragma omp simd
-      for (int64_t c = 0; c < s.in_resid; ++c) out[c] = relu(r[c] * scale[c] + shift[c]);
+      for (int64_t c = 0; c < s.in_resid; ++c) store(out + c, relu(r[c] * scale[c] + shift[c]));
       out += s.in_resid;
       scale += s.in_resid;
       shift += s.in_resid;
 #pragma omp simd
       for (int64_t c = 0; c < s.in_dense; ++c)
-        out[c] = relu(d[c * dense_channel] * scale[c] + shift[c]);
+        store(out + c, relu(d[c * dense_channel] * scale[c] + shift[c]));
     }
   }
 }
 
 // out[p, 0 .. rows) (+)= in[p, :] x weight[rows, k]^T for `pixels` positions: a 1x1
-// convolution, channels-last; weight plain or packed (DpnBlockWeights). out_channels: channels
-// per position of `out`. epilogue: a BN + ReLU on the result (oneDNN post-ops), or none.
-void conv1x1(const float* in, int64_t pixels, int64_t k, const float* weight, bool packed,
-             int64_t rows, float* out, int64_t out_channels, bool accumulate,
+// convolution, channels-last; weight plain or packed (DpnBlockWeights), `in` float, or Bf16 with
+// bf16 GEMMs. out_channels: channels per position of `out`. epilogue: a BN + ReLU on the result
+// (oneDNN post-ops), or none.
+void conv1x1(const DpnBlockWeights& wt, const void* in, int64_t pixels, int64_t k,
+             const void* weight, int64_t rows, float* out, int64_t out_channels, bool accumulate,
              const FoldedBatchNorm* epilogue = nullptr) {
   GemmShape g{pixels, rows, k, k, k, out_channels, accumulate};
-  g.b_layout = packed ? BLayout::kPacked : BLayout::kTransposed;
+  g.b_layout = wt.packed_1x1 ? BLayout::kPacked : BLayout::kTransposed;
   g.scale_shift_relu = epilogue != nullptr;
-  gemm_f32(g, in, weight, out, epilogue ? epilogue->scale : nullptr,
-           epilogue ? epilogue->shift : nullptr);
+  g.bf16 = wt.bf16_gemms;
+  const float* scale = epilogue ? epilogue->scale : nullptr;
+  const float* shift = epilogue ? epilogue->shift : nullptr;
+  if (wt.bf16_gemms) {
+    gemm_bf16(g, static_cast<const Bf16*>(in), static_cast<const Bf16*>(weight), out, scale,
+              shift);
+  } else {
+    gemm_f32(g, static_cast<const float*>(in), static_cast<const float*>(weight), out, scale,
+             shift);
+  }
 }
 
-// Offsets (in floats) of the workspace's parts, and its size: one place for both.
+// out = x rounded to bf16, `count` values: the grouped conv's output as 1x1c's bf16 operand.
+void round_rows_to_bf16(const float* x, int64_t count, Bf16* out) {
+#pragma omp parallel for simd num_threads(cpu_threads()) schedule(static)
+  for (int64_t i = 0; i < count; ++i) out[i] = round_to_bf16(x[i]);
+}
+
+// Offsets (in floats) of the workspace's parts, and its size: one place for both. With bf16 GEMMs
+// act and act_w hold Bf16 (half their space unused), and a's space, free once the grouped conv
+// has read it, takes g rounded to bf16.
 struct WorkspaceLayout {
   int64_t act, act_w, a, g, total;
 };
@@ -134,39 +156,49 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   float* const act_w = workspace + l.act_w;
   float* const a = workspace + l.a;
   float* const g = workspace + l.g;
+  Bf16* const act_bf16 = reinterpret_cast<Bf16*>(act);
+  Bf16* const act_w_bf16 = reinterpret_cast<Bf16*>(act_w);
+  Bf16* const g_bf16 = reinterpret_cast<Bf16*>(a);
+  // The 1x1 GEMMs' activations (A operands): float, or Bf16 with bf16 GEMMs.
+  const void* const gemm_act = wt.bf16_gemms ? static_cast<void*>(act_bf16) : act;
+  const void* const gemm_act_w = wt.bf16_gemms ? static_cast<void*>(act_w_bf16) : act_w;
+  const void* const gemm_g = wt.bf16_gemms ? static_cast<void*>(g_bf16) : g;
   PartTimer timer;
 
   // The input's BN + ReLU: one read of (resid, dense) for both BNs of a projection.
-  if (s.projection) {
-    bn_relu_rows(s, in, {{wt.bn_w, act_w, s.stride}, {wt.bn_a, act, 1}});
+  if (wt.bf16_gemms && s.projection) {
+    bn_relu_rows<Bf16>(s, in, {{wt.bn_w, act_w_bf16, s.stride}, {wt.bn_a, act_bf16, 1}});
+  } else if (wt.bf16_gemms) {
+    bn_relu_rows<Bf16>(s, in, {{wt.bn_a, act_bf16, 1}});
+  } else if (s.projection) {
+    bn_relu_rows<float>(s, in, {{wt.bn_w, act_w, s.stride}, {wt.bn_a, act, 1}});
   } else {
-    bn_relu_rows(s, in, {{wt.bn_a, act, 1}});
+    bn_relu_rows<float>(s, in, {{wt.bn_a, act, 1}});
   }
   timer.next(kInputBnRelu);
 
   if (s.projection) {
-    conv1x1(act_w, pixels_out, cin, wt.w_proj_resid, wt.packed_1x1, s.resid, resid_out, s.resid,
+    conv1x1(wt, gemm_act_w, pixels_out, cin, wt.w_proj_resid, s.resid, resid_out, s.resid,
             false);
-    conv1x1(act_w, pixels_out, cin, wt.w_proj_dense, wt.packed_1x1, 2 * s.inc, dense_out,
-            s.capacity, false);
+    conv1x1(wt, gemm_act_w, pixels_out, cin, wt.w_proj_dense, 2 * s.inc, dense_out, s.capacity,
+            false);
     timer.next(kProjection, 2 * pixels_out * (s.resid + 2 * s.inc) * cin);
   }
 
   // 1x1a with the grouped conv's input BN + ReLU as its epilogue.
-  conv1x1(act, pixels, cin, wt.w_a, wt.packed_1x1, s.bottleneck, a, s.bottleneck, false,
-          &wt.bn_b);
+  conv1x1(wt, gemm_act, pixels, cin, wt.w_a, s.bottleneck, a, s.bottleneck, false, &wt.bn_b);
   timer.next(kConv1x1a, 2 * pixels * s.bottleneck * cin);
 
   const GroupedConvShape conv{s.n, s.bottleneck, s.h, s.w, s.bottleneck, s.groups, s.stride,
                               s.h_out(), s.w_out()};
   grouped_conv3x3_bn_relu_nhwc_infer_cpu(a, wt.w_conv, wt.bn_c, g, conv);
+  if (wt.bf16_gemms) round_rows_to_bf16(g, pixels_out * s.bottleneck, g_bf16);
   timer.next(kGroupedConv, 2 * s.n * s.bottleneck * (s.bottleneck / s.groups) * 9 * s.h_out() *
                                s.w_out());
 
   // 1x1c: the residual rows accumulate into resid, the dense rows land after the dense before.
-  conv1x1(g, pixels_out, s.bottleneck, wt.w_c_resid, wt.packed_1x1, s.resid, resid_out, s.resid,
-          true);
-  conv1x1(g, pixels_out, s.bottleneck, wt.w_c_dense, wt.packed_1x1, s.inc,
+  conv1x1(wt, gemm_g, pixels_out, s.bottleneck, wt.w_c_resid, s.resid, resid_out, s.resid, true);
+  conv1x1(wt, gemm_g, pixels_out, s.bottleneck, wt.w_c_dense, s.inc,
           dense_out + s.dense_before(), s.capacity, false);
   timer.next(kConv1x1c, 2 * pixels_out * (s.resid + s.inc) * s.bottleneck);
 }

@@ -9,7 +9,8 @@
 //   dpn_fast_fold_batch_norms  eval BNs folded into the others' scale_shift argument
 //   dpn_fast_pack_1x1_weight  rows of a 1x1 weight (one GEMM's) laid out once for this CPU
 //                       (oneDNN's packed format), for dpn_fast_dpn_stage with packed_weights:
-//                       what dpn_fast.compile keeps instead of the plain weights
+//                       what dpn_fast.compile keeps instead of the plain weights; with bf16,
+//                       rounded to bf16 for the stage op's bf16_gemms (dpn_block.h)
 // Their BNs come folded, as one float32 tensor scale_shift [2, channels]: row 0 the scales, row 1
 // the shifts, BN after BN in the block's order: [projection's,] 1x1a's, the grouped conv's,
 // 1x1c's (a stage: block by block). A caller that owns its weights folds them once; an exported
@@ -274,24 +275,36 @@ std::vector<paddle::Tensor> projection_outputs(const dpn_fast::DpnBlockShape& s,
 }
 
 // The uint8 tensor holding the packed blob of a [rows, k] weight (packed_1x1).
-Shape packed_1x1_shape(int64_t rows, int64_t k) {
-  return {rows, (dpn_fast::packed_weight_bytes(rows, k) + rows - 1) / rows};
+Shape packed_1x1_shape(int64_t rows, int64_t k, bool bf16) {
+  return {rows, (dpn_fast::packed_weight_bytes(rows, k, bf16) + rows - 1) / rows};
 }
+
+const char* packed_type_name(bool bf16) { return bf16 ? "bf16" : "float32"; }
 
 // A packed 1x1 weight: pack_weight's blob of a GEMM's [rows, k] weight as a uint8 tensor [rows,
 // bytes per row] (the blob padded to whole rows, so its shape says the GEMM's output channels).
-// Refused unless it was packed for [rows, k] in the layout this CPU's oneDNN uses.
-const float* packed_1x1(const paddle::Tensor& blob, int64_t rows, int64_t k, const char* op,
-                        const std::string& name) {
+// Refused unless it was packed for [rows, k] in the layout this CPU's oneDNN uses, as bf16 values
+// for bf16 GEMMs and as floats otherwise.
+const void* packed_1x1(const paddle::Tensor& blob, int64_t rows, int64_t k, bool bf16,
+                       const char* op, const std::string& name) {
   dpn_fast::check_plain_layout(blob, op, name.c_str());
   PD_CHECK(blob.is_cpu(), op, ": runs on CPU only, '", name, "' is on ",
            blob.place().DebugString());
-  const Shape expected = packed_1x1_shape(rows, k);
+  const Shape expected = packed_1x1_shape(rows, k, bf16);
+  const bool is_blob = blob.dtype() == paddle::DataType::UINT8 && blob.shape().size() == 2 &&
+                       blob.numel() >= dpn_fast::kPackedHeaderBytes;
+  PD_CHECK(!is_blob || dpn_fast::packed_weight_is_bf16(blob.data<uint8_t>()) == bf16, op,
+           ": packed weight '", name, "' holds ",
+           packed_type_name(dpn_fast::packed_weight_is_bf16(blob.data<uint8_t>())),
+           " values; bf16_gemms=", bf16 ? "true" : "false", " runs on weights packed as ",
+           packed_type_name(bf16), " (dpn_fast_pack_1x1_weight with bf16=",
+           bf16 ? "true" : "false", ")");
   PD_CHECK(blob.dtype() == paddle::DataType::UINT8 && blob.shape() == expected, op,
            ": packed weight '", name, "' must be a uint8 ", shape_str(expected),
            " tensor (dpn_fast_pack_1x1_weight), got ", phi::DataTypeToString(blob.dtype()), " ",
            shape_str(blob.shape()));
-  const std::string mismatch = dpn_fast::packed_weight_mismatch(blob.data<uint8_t>(), rows, k);
+  const std::string mismatch =
+      dpn_fast::packed_weight_mismatch(blob.data<uint8_t>(), rows, k, bf16);
   PD_CHECK(mismatch.empty(), op, ": packed weight '", name, "' does not fit this CPU: ", mismatch,
            ". Packed weights only run where oneDNN picks their layout: compile the model on this "
            "machine (dpn_fast.compile) and export it from there");
@@ -312,7 +325,7 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
                                          const paddle::Tensor& dense,
                                          const std::vector<paddle::Tensor>& weights,
                                          int64_t groups, int64_t stride, int64_t dense_channels,
-                                         int64_t capacity) {
+                                         int64_t capacity, bool bf16_gemms) {
   PD_CHECK(weights.size() >= 6 && (weights.size() - 6) % 4 == 0, kStage,
            ": packed 'weights' must hold 6 tensors for the stage's first block and 4 for each "
            "further block, got ", weights.size());
@@ -340,16 +353,20 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
     const int64_t cin = s.in_channels();
     BlockPlan plan{s, {}};
     plan.weights.packed_1x1 = true;
+    plan.weights.bf16_gemms = bf16_gemms;
     if (projection) {
-      plan.weights.w_proj_resid = packed_1x1(weights[first], r, cin, op, "w_proj_resid");
-      plan.weights.w_proj_dense = packed_1x1(weights[first + 1], 2 * inc, cin, op,
+      plan.weights.w_proj_resid = packed_1x1(weights[first], r, cin, bf16_gemms, op,
+                                             "w_proj_resid");
+      plan.weights.w_proj_dense = packed_1x1(weights[first + 1], 2 * inc, cin, bf16_gemms, op,
                                              "w_proj_dense");
     }
-    plan.weights.w_a = packed_1x1(weights[i], bottleneck, cin, op, "w_a");
+    plan.weights.w_a = packed_1x1(weights[i], bottleneck, cin, bf16_gemms, op, "w_a");
     check_grouped_conv(weights[i + 1], bottleneck, groups, op);
     plan.weights.w_conv = weights[i + 1].data<float>();
-    plan.weights.w_c_resid = packed_1x1(weights[i + 2], r, bottleneck, op, "w_c_resid");
-    plan.weights.w_c_dense = packed_1x1(weights[i + 3], inc, bottleneck, op, "w_c_dense");
+    plan.weights.w_c_resid = packed_1x1(weights[i + 2], r, bottleneck, bf16_gemms, op,
+                                        "w_c_resid");
+    plan.weights.w_c_dense = packed_1x1(weights[i + 3], inc, bottleneck, bf16_gemms, op,
+                                        "w_c_dense");
     plans.push_back(plan);
     in_resid = r;
     in_dense = dense_before + inc;
@@ -366,7 +383,8 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
 // four times a model instead of once per block.
 // weights: the first block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block;
 // with packed_weights, the 1x1 weights packed per GEMM (dpn_fast_pack_1x1_weight), in
-// plan_packed_stage's order.
+// plan_packed_stage's order. bf16_gemms: the 1x1 GEMMs in bf16 (dpn_block.h), on weights packed
+// with bf16 (packed_weights only).
 // scale_shift: [2, total], the folded BNs: the first block's projection (C_in), 1x1a (C_in),
 // grouped conv (R), 1x1c (R), then 1x1a (that block's C_in), grouped conv, 1x1c per block.
 std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>& resid,
@@ -374,10 +392,15 @@ std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>&
                                          const std::vector<paddle::Tensor>& weights,
                                          const paddle::Tensor& scale_shift, int64_t groups,
                                          int64_t stride, int64_t dense_channels,
-                                         int64_t capacity, bool packed_weights) {
+                                         int64_t capacity, bool packed_weights,
+                                         bool bf16_gemms) {
+  PD_CHECK(packed_weights || !bf16_gemms, kStage,
+           ": bf16_gemms runs on packed weights only (packed_weights=true, each 1x1 weight packed "
+           "by dpn_fast_pack_1x1_weight with bf16=true)");
   std::vector<BlockPlan> plans;
   if (packed_weights) {
-    plans = plan_packed_stage(resid, dense, weights, groups, stride, dense_channels, capacity);
+    plans = plan_packed_stage(resid, dense, weights, groups, stride, dense_channels, capacity,
+                              bf16_gemms);
   } else {
     PD_CHECK(weights.size() >= 4 && (weights.size() - 4) % 3 == 0, kStage,
              ": 'weights' must hold 4 tensors for the stage's first block and 3 for each further "
@@ -409,26 +432,32 @@ std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>&
 }
 
 // Rows [first_row, first_row + rows) of a 1x1 convolution's weight [C_out, C_in, 1, 1], packed
-// for this CPU: the blob of one GEMM's weight (packed_1x1).
+// for this CPU: the blob of one GEMM's weight (packed_1x1). bf16: rounded to bf16 (to nearest
+// even), for bf16_gemms; refused where oneDNN has no bf16 instructions to run them on.
 std::vector<paddle::Tensor> Pack1x1WeightForward(const paddle::Tensor& weight, int64_t first_row,
-                                                 int64_t rows) {
+                                                 int64_t rows, bool bf16) {
   check_operand(weight, kPack, "weight");
   const Shape& s = weight.shape();
   PD_CHECK(s.size() == 4 && s[0] > 0 && s[1] > 0 && s[2] == 1 && s[3] == 1, kPack,
            ": 'weight' must have shape [C_out, C_in, 1, 1], got ", shape_str(s));
   PD_CHECK(first_row >= 0 && rows > 0 && first_row + rows <= s[0], kPack, ": rows [", first_row,
            ", ", first_row + rows, ") must lie in the weight's ", s[0], " rows");
-  const Shape shape = packed_1x1_shape(rows, s[1]);
+  if (bf16) {
+    const std::string unsupported = dpn_fast::bf16_gemm_unsupported_reason();
+    PD_CHECK(unsupported.empty(), kPack, ": bf16=true: ", unsupported);
+  }
+  const Shape shape = packed_1x1_shape(rows, s[1], bf16);
   auto blob = dpn_fast::empty_output(shape, paddle::DataType::UINT8, weight.place());
   uint8_t* data = blob.data<uint8_t>();
-  const int64_t bytes = dpn_fast::packed_weight_bytes(rows, s[1]);
+  const int64_t bytes = dpn_fast::packed_weight_bytes(rows, s[1], bf16);
   std::fill(data + bytes, data + blob.numel(), uint8_t{0});  // an export's bytes: deterministic
-  dpn_fast::pack_weight(rows, s[1], weight.data<float>() + first_row * s[1], s[1], data);
+  dpn_fast::pack_weight(rows, s[1], weight.data<float>() + first_row * s[1], s[1], data, bf16);
   return {blob};
 }
 
-std::vector<Shape> Pack1x1WeightInferShape(const Shape& weight, int64_t, int64_t rows) {
-  return {packed_1x1_shape(rows, weight[1])};
+std::vector<Shape> Pack1x1WeightInferShape(const Shape& weight, int64_t, int64_t rows,
+                                           bool bf16) {
+  return {packed_1x1_shape(rows, weight[1], bf16)};
 }
 
 std::vector<paddle::DataType> Pack1x1WeightInferDtype(paddle::DataType) {
@@ -443,7 +472,7 @@ int64_t out_size(int64_t in, int64_t stride) {
 std::vector<Shape> StageInferShape(const paddle::optional<Shape>& rs, const Shape& ds,
                                    const std::vector<Shape>& ws, const Shape&, int64_t,
                                    int64_t stride, int64_t, int64_t capacity,
-                                   bool packed_weights) {
+                                   bool packed_weights, bool) {
   PD_CHECK(ws.size() >= (packed_weights ? 6 : 4) && ds.size() == 4, kStage,
            ": 'weights' must hold at least the first block's tensors; dense must have rank 4");
   // Plain: w_proj has resid + 2 inc rows, w_c resid + inc. Packed: w_c_resid has resid rows.
@@ -571,7 +600,7 @@ PD_BUILD_OP(dpn_fast_dpn_stage)
     .Inputs({paddle::Optional("resid"), "dense", paddle::Vec("weights"), "scale_shift"})
     .Outputs({"resid_out", "dense_out"})
     .Attrs({"groups: int64_t", "stride: int64_t", "dense_channels: int64_t",
-            "capacity: int64_t", "packed_weights: bool"})
+            "capacity: int64_t", "packed_weights: bool", "bf16_gemms: bool"})
     .SetKernelFn(PD_KERNEL(StageForward))
     .SetInferShapeFn(PD_INFER_SHAPE(StageInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(StageInferDtype));
@@ -587,7 +616,7 @@ PD_BUILD_OP(dpn_fast_fold_batch_norms)
 PD_BUILD_OP(dpn_fast_pack_1x1_weight)
     .Inputs({"weight"})
     .Outputs({"packed"})
-    .Attrs({"first_row: int64_t", "rows: int64_t"})
+    .Attrs({"first_row: int64_t", "rows: int64_t", "bf16: bool"})
     .SetKernelFn(PD_KERNEL(Pack1x1WeightForward))
     .SetInferShapeFn(PD_INFER_SHAPE(Pack1x1WeightInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(Pack1x1WeightInferDtype));

@@ -32,7 +32,7 @@ struct CachedGemm {
 
 // oneDNN sizes its parallel decomposition at creation from the OpenMP thread count, so the
 // count is part of the key, and creation and execution run with the same count.
-using GemmKey = std::array<int64_t, 10>;
+using GemmKey = std::array<int64_t, 11>;
 
 class ScopedOmpThreads {
  public:
@@ -52,8 +52,13 @@ const dnnl::engine& cpu_engine() {
   return engine;
 }
 
-memory::desc matrix(int64_t rows, int64_t cols, int64_t ld) {
-  return memory::desc({rows, cols}, memory::data_type::f32, memory::dims{ld, 1});
+memory::desc matrix(int64_t rows, int64_t cols, int64_t ld,
+                    memory::data_type type = memory::data_type::f32) {
+  return memory::desc({rows, cols}, type, memory::dims{ld, 1});
+}
+
+memory::data_type operand_type(bool bf16) {
+  return bf16 ? memory::data_type::bf16 : memory::data_type::f32;
 }
 
 // A [1, n] per-column operand of a binary post-op.
@@ -85,41 +90,67 @@ std::string format_tag(const memory::desc& d) {
   return tag;
 }
 
-PackedLayout pick_packed_layout(int64_t n, int64_t k) {
+constexpr const char* kBf16NameSuffix = " bf16";
+
+PackedLayout pick_packed_layout(int64_t n, int64_t k, bool bf16) {
   ScopedOmpThreads one_thread(1);  // the same choice whatever the caller's thread count
-  const memory::desc any({k, n}, memory::data_type::f32, memory::format_tag::any);
-  dnnl::matmul::primitive_desc desc(cpu_engine(), matrix(kPackReferenceRows, k, k), any,
+  const memory::desc any({k, n}, operand_type(bf16), memory::format_tag::any);
+  dnnl::matmul::primitive_desc desc(cpu_engine(),
+                                    matrix(kPackReferenceRows, k, k, operand_type(bf16)), any,
                                     matrix(kPackReferenceRows, n, n));
   PackedLayout layout{desc.weights_desc(), desc.impl_info_str(), ""};
-  layout.name = layout.impl + " " + format_tag(layout.desc);
+  layout.name = layout.impl + " " + format_tag(layout.desc) + (bf16 ? kBf16NameSuffix : "");
   return layout;
 }
 
 // Never destroyed, like the GEMM cache.
-const PackedLayout& packed_layout(int64_t n, int64_t k) {
+const PackedLayout& packed_layout(int64_t n, int64_t k, bool bf16) {
   static auto* mutex = new std::mutex();
-  static auto* layouts = new std::map<std::array<int64_t, 2>, PackedLayout>();
+  static auto* layouts = new std::map<std::array<int64_t, 3>, PackedLayout>();
   std::lock_guard<std::mutex> lock(*mutex);
-  auto it = layouts->find({n, k});
-  if (it == layouts->end()) it = layouts->emplace(std::array<int64_t, 2>{n, k},
-                                                  pick_packed_layout(n, k)).first;
+  const std::array<int64_t, 3> key{n, k, bf16};
+  auto it = layouts->find(key);
+  if (it == layouts->end()) it = layouts->emplace(key, pick_packed_layout(n, k, bf16)).first;
   return it->second;
 }
 
-// A blob's header: the layout's name (NUL-padded), n and k. 128 bytes, so the packed floats keep
+// oneDNN runs a bf16 matmul on bf16 instructions with these implementations; anything else
+// (reference loops, `gemm:` with bf16 emulated in float32) is slower than the float32 matmul.
+bool runs_on_bf16_instructions(const std::string& impl) {
+  return impl.rfind("brg", 0) == 0 &&
+         (impl.find("_bf16") != std::string::npos || impl.find("amx") != std::string::npos);
+}
+
+// A DPN-sized shape: the check does not depend on it, as long as oneDNN has a kernel for it.
+constexpr int64_t kBf16ProbeChannels = 256;
+
+std::string find_bf16_gemm_unsupported_reason() {
+  std::string found;
+  try {
+    const std::string impl = packed_layout(kBf16ProbeChannels, kBf16ProbeChannels, true).impl;
+    if (runs_on_bf16_instructions(impl)) return "";
+    found = "oneDNN's bf16 matmul would run as '" + impl + "', slower than float32";
+  } catch (const std::exception&) {
+    found = "oneDNN has no bf16 matmul for it";
+  }
+  return "bf16 GEMMs need AVX512_BF16 or AMX-BF16; this CPU has neither (" + found + ")";
+}
+
+// A blob's header: the layout's name (NUL-padded), n and k. 128 bytes, so the packed values keep
 // the blob's alignment.
 struct PackedHeader {
   char layout[112];
   int64_t n, k;
 };
-static_assert(sizeof(PackedHeader) == 128, "the packed floats start 128 bytes into a blob");
+static_assert(sizeof(PackedHeader) == kPackedHeaderBytes,
+              "the packed values start kPackedHeaderBytes into a blob");
 
 memory::desc b_desc(const GemmShape& s) {
   switch (s.b_layout) {
     case BLayout::kTransposed:
       return memory::desc({s.k, s.n}, memory::data_type::f32, memory::dims{1, s.ldb});
     case BLayout::kPacked:
-      return packed_layout(s.n, s.k).desc;
+      return packed_layout(s.n, s.k, s.bf16).desc;
     default:
       return matrix(s.k, s.n, s.ldb);
   }
@@ -129,7 +160,7 @@ class GemmCache {
  public:
   std::shared_ptr<const CachedGemm> get(const GemmShape& s, int threads) {
     const GemmKey key{s.m,   s.n, s.k, s.lda, s.ldb, s.ldc, s.accumulate, int64_t(s.b_layout),
-                      s.scale_shift_relu, threads};
+                      s.scale_shift_relu, s.bf16, threads};
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = cache_.find(key);
     if (it != cache_.end()) return it->second;
@@ -143,13 +174,18 @@ class GemmCache {
     dnnl::primitive_attr attr;
     attr.set_post_ops(post_ops);
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per call: safe across threads
-    dnnl::matmul::primitive_desc desc(cpu_engine(), matrix(s.m, s.k, s.lda), b_desc(s),
+    if (s.bf16 && s.b_layout != BLayout::kPacked) {
+      throw std::runtime_error("dpn_fast: bf16 GEMMs run on packed weights only");
+    }
+    dnnl::matmul::primitive_desc desc(cpu_engine(),
+                                      matrix(s.m, s.k, s.lda, operand_type(s.bf16)), b_desc(s),
                                       matrix(s.m, s.n, s.ldc), attr);
-    if (s.b_layout == BLayout::kPacked && packed_layout(s.n, s.k).impl != desc.impl_info_str()) {
+    if (s.b_layout == BLayout::kPacked &&
+        packed_layout(s.n, s.k, s.bf16).impl != desc.impl_info_str()) {
       throw std::runtime_error(
           "dpn_fast: oneDNN runs the " + std::to_string(s.m) + "x" + std::to_string(s.k) + " x " +
           std::to_string(s.k) + "x" + std::to_string(s.n) + " GEMM on packed weights with " +
-          desc.impl_info_str() + ", not " + packed_layout(s.n, s.k).impl +
+          desc.impl_info_str() + ", not " + packed_layout(s.n, s.k, s.bf16).impl +
           ", which chose their layout");
     }
     auto entry = std::make_shared<const CachedGemm>(CachedGemm{desc, dnnl::matmul(desc)});
@@ -168,9 +204,8 @@ GemmCache& cache() {
   return *instance;
 }
 
-}  // namespace
-
-void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c, const float* scale,
+// a, b: float or Bf16 as s.bf16 says.
+void run_gemm(const GemmShape& s, const void* a, const void* b, float* c, const float* scale,
               const float* shift) {
   const int threads = cpu_threads();
   ScopedOmpThreads scoped(threads);
@@ -181,8 +216,8 @@ void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c, cons
   thread_local dnnl::stream stream(cpu_engine());
   const dnnl::engine& engine = cpu_engine();
   std::unordered_map<int, memory> args{
-      {DNNL_ARG_SRC, memory(gemm->desc.src_desc(), engine, const_cast<float*>(a))},
-      {DNNL_ARG_WEIGHTS, memory(gemm->desc.weights_desc(), engine, const_cast<float*>(b))},
+      {DNNL_ARG_SRC, memory(gemm->desc.src_desc(), engine, const_cast<void*>(a))},
+      {DNNL_ARG_WEIGHTS, memory(gemm->desc.weights_desc(), engine, const_cast<void*>(b))},
       {DNNL_ARG_DST, memory(gemm->desc.dst_desc(), engine, c)},
       {DNNL_ARG_SCRATCHPAD, memory(gemm->desc.scratchpad_desc(), engine, scratchpad.data())}};
   if (s.scale_shift_relu) {
@@ -197,18 +232,40 @@ void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c, cons
   stream.wait();
 }
 
+}  // namespace
+
+void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c, const float* scale,
+              const float* shift) {
+  if (s.bf16) throw std::runtime_error("dpn_fast: gemm_f32 on a bf16 shape");
+  run_gemm(s, a, b, c, scale, shift);
+}
+
+void gemm_bf16(const GemmShape& s, const Bf16* a, const Bf16* b, float* c, const float* scale,
+               const float* shift) {
+  if (!s.bf16) throw std::runtime_error("dpn_fast: gemm_bf16 on a float32 shape");
+  run_gemm(s, a, b, c, scale, shift);
+}
+
 const char* gemm_impl_name(const GemmShape& s) {
   const int threads = cpu_threads();
   ScopedOmpThreads scoped(threads);
   return cache().get(s, threads)->desc.impl_info_str();
 }
 
-int64_t packed_weight_bytes(int64_t n, int64_t k) {
-  return int64_t(sizeof(PackedHeader) + packed_layout(n, k).desc.get_size());
+int64_t packed_weight_bytes(int64_t n, int64_t k, bool bf16) {
+  return int64_t(sizeof(PackedHeader) + packed_layout(n, k, bf16).desc.get_size());
 }
 
-void pack_weight(int64_t n, int64_t k, const float* w, int64_t ldw, uint8_t* blob) {
-  const PackedLayout& layout = packed_layout(n, k);
+std::string bf16_gemm_unsupported_reason() {
+  static const std::string reason = find_bf16_gemm_unsupported_reason();
+  return reason;
+}
+
+void pack_weight(int64_t n, int64_t k, const float* w, int64_t ldw, uint8_t* blob, bool bf16) {
+  if (bf16 && !bf16_gemm_unsupported_reason().empty()) {
+    throw std::runtime_error("dpn_fast: " + bf16_gemm_unsupported_reason());
+  }
+  const PackedLayout& layout = packed_layout(n, k, bf16);
   PackedHeader header{};
   if (layout.name.size() >= sizeof(header.layout)) {
     throw std::runtime_error("dpn_fast: packed layout name too long: " + layout.name);
@@ -219,15 +276,30 @@ void pack_weight(int64_t n, int64_t k, const float* w, int64_t ldw, uint8_t* blo
   std::memcpy(blob, &header, sizeof(header));
   ScopedOmpThreads scoped(cpu_threads());
   const dnnl::engine& engine = cpu_engine();
-  memory plain(memory::desc({k, n}, memory::data_type::f32, memory::dims{1, ldw}), engine,
-               const_cast<float*>(w));
+  // bf16: rounded here rather than by oneDNN's reorder, whose rounding of denormals follows the
+  // instructions it picks.
+  std::vector<Bf16> rounded(bf16 ? n * k : 0);
+  for (int64_t i = 0; i < int64_t(rounded.size()); ++i) {
+    rounded[i] = round_to_bf16(w[i / k * ldw + i % k]);
+  }
+  memory plain(memory::desc({k, n}, operand_type(bf16), memory::dims{1, bf16 ? k : ldw}), engine,
+               bf16 ? static_cast<void*>(rounded.data()) : const_cast<float*>(w));
   memory packed(layout.desc, engine, blob + sizeof(header));
   dnnl::stream stream(engine);
   dnnl::reorder(plain, packed).execute(stream, plain, packed);
   stream.wait();
 }
 
-std::string packed_weight_mismatch(const uint8_t* blob, int64_t n, int64_t k) {
+bool packed_weight_is_bf16(const uint8_t* blob) {
+  PackedHeader header;
+  std::memcpy(&header, blob, sizeof(header));
+  const std::string name(header.layout, strnlen(header.layout, sizeof(header.layout)));
+  const std::string suffix = kBf16NameSuffix;
+  return name.size() > suffix.size() &&
+         name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::string packed_weight_mismatch(const uint8_t* blob, int64_t n, int64_t k, bool bf16) {
   PackedHeader header;
   std::memcpy(&header, blob, sizeof(header));
   const std::string packed_for(header.layout, strnlen(header.layout, sizeof(header.layout)));
@@ -235,7 +307,7 @@ std::string packed_weight_mismatch(const uint8_t* blob, int64_t n, int64_t k) {
     return "it holds a packed [" + std::to_string(header.n) + ", " + std::to_string(header.k) +
            "] weight, expected [" + std::to_string(n) + ", " + std::to_string(k) + "]";
   }
-  const std::string& here = packed_layout(n, k).name;
+  const std::string& here = packed_layout(n, k, bf16).name;
   if (packed_for != here) {
     return "it was packed for '" + packed_for + "', this CPU's oneDNN lays this weight out as '" +
            here + "'";
@@ -243,9 +315,7 @@ std::string packed_weight_mismatch(const uint8_t* blob, int64_t n, int64_t k) {
   return "";
 }
 
-const float* packed_weight_data(const uint8_t* blob) {
-  return reinterpret_cast<const float*>(blob + sizeof(PackedHeader));
-}
+const void* packed_weight_data(const uint8_t* blob) { return blob + sizeof(PackedHeader); }
 
 }  // namespace dpn_fast
 
@@ -261,4 +331,10 @@ extern "C" const char* dpn_fast_gemm_impl(int64_t m, int64_t n, int64_t k, int b
   dpn_fast::GemmShape s{m, n, k, k, b_transposed ? k : n, n, false};
   s.b_layout = b_transposed ? dpn_fast::BLayout::kTransposed : dpn_fast::BLayout::kPlain;
   return dpn_fast::gemm_impl_name(s);
+}
+
+// 1 if oneDNN runs bf16 GEMMs on this CPU's bf16 instructions (dpn_fast_pack_1x1_weight with bf16
+// works), else 0 (`dpn-fast info`).
+extern "C" int dpn_fast_bf16_gemm_supported(void) {
+  return dpn_fast::bf16_gemm_unsupported_reason().empty() ? 1 : 0;
 }

@@ -40,26 +40,30 @@ def fold_launch(layers):
 
 
 def stage_launch(resid, dense, weights, scale_shift, groups, stride, dense_channels, capacity,
-                 packed_weights=False):
+                 packed_weights=False, bf16_gemms=False):
     """A stage's blocks as one op, unchecked (the CPU engine's path; the op checks shapes itself).
     resid, dense: the stage's input, channels-last [N, H, W, C] (dense: its first
     `dense_channels` channels valid), or resid None and the stem's NCHW output. weights: the first
     block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block, or with
     `packed_weights` what pack_stage_launch made of them; scale_shift: their input BNs folded, in
-    the same order. Returns the new (resid, dense buffer of `capacity` channels), channels-last."""
+    the same order. `bf16_gemms`: the 1x1 convolutions as bf16 GEMMs with float32 sums, on
+    weights packed with bf16=True (each 1x1 convolution's input and weight rounded to bf16,
+    everything else float32). Returns the new (resid, dense buffer of `capacity` channels),
+    channels-last."""
     return _extension.run_op("dpn_fast_dpn_stage", resid, dense, weights, scale_shift, groups,
-                             stride, dense_channels, capacity, packed_weights)
+                             stride, dense_channels, capacity, packed_weights, bf16_gemms)
 
 
-def pack_stage_launch(weights):
+def pack_stage_launch(weights, bf16=False):
     """A stage's plain weights (stage_launch's) with its 1x1 weights laid out once for this CPU
     (oneDNN's packed format): one uint8 blob per GEMM, each naming its layout, w_proj and w_c
     split into their resid and dense rows (the first block's w_proj_resid, w_proj_dense, w_a,
     w_conv, w_c_resid, w_c_dense, then w_a, w_conv, w_c_resid, w_c_dense per further block);
     w_conv copied. stage_launch runs them with packed_weights=True on a CPU whose oneDNN picks
-    the same layout, and refuses them elsewhere."""
+    the same layout, and refuses them elsewhere. `bf16`: rounded to bf16, for bf16_gemms=True;
+    raises where the CPU has no bf16 instructions (AVX512_BF16 or AMX-BF16)."""
     def pack(weight, first_row, rows):
-        return _extension.run_op("dpn_fast_pack_1x1_weight", weight, first_row, rows)[0]
+        return _extension.run_op("dpn_fast_pack_1x1_weight", weight, first_row, rows, bf16)[0]
 
     w_proj, first_w_c = weights[0], weights[3]
     # w_proj: resid + 2 inc rows; w_c: resid + inc rows
