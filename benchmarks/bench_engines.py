@@ -51,12 +51,17 @@ class Engine:
     onednn: bool = False
     onednn_bf16: bool = False  # Paddle Inference: Config.enable_mkldnn_bfloat16()
     precision_hint: str = None  # OpenVINO's INFERENCE_PRECISION_HINT; None: its default
+    compile_precision: str = "fp32"  # dpn_fast.compile's precision (the compiled runtime)
 
 
 ENGINES = {
     "compiled": Engine(
         "dpn_fast.compile", "compiled", "compiled", False,
         'dpn_fast.compile(model, device="cpu", precision="fp32") called on a paddle tensor'),
+    "compiled-bf16": Engine(
+        "dpn_fast.compile, bf16 1x1 GEMMs", "compiled", "compiled", False,
+        'dpn_fast.compile(model, device="cpu", precision="bf16") called on a paddle tensor',
+        compile_precision="bf16"),
     "pi-compiled": Engine(
         "compiled export, Paddle Inference", "paddle-inference", "compiled", False,
         "dpn_fast.inference.export(engine, prefix) run by a Paddle Inference predictor "
@@ -97,6 +102,8 @@ ENGINES = {
 # Python modules each runtime needs beyond Paddle, and where to get them.
 RUNTIME_MODULES = {"onnxruntime": ("onnxruntime", "paddle2onnx"),
                    "openvino": ("openvino", "paddle2onnx")}
+# dpn_fast.compile's precisions by the names the results files use (OpenVINO's).
+COMPILE_PRECISION_NAMES = {"fp32": "f32", "bf16": "bf16"}
 
 
 def plural(count, word):
@@ -114,6 +121,11 @@ def compile_available():
     return run_child("--has-compile").strip() == "True"
 
 
+def native_compile_precisions():
+    """The precisions dpn_fast.compile runs natively on this CPU, asked in a child."""
+    return run_child("--native-compile-precisions").split()
+
+
 def unavailable_engines(engine_keys):
     """{key: reason} for the selected engines this environment cannot run."""
     reasons = {}
@@ -124,10 +136,16 @@ def unavailable_engines(engine_keys):
         if missing:
             reasons[key] = (f"{' and '.join(missing)} not installed (pip install "
                             "'dpn_fast[bench]')")
-    if any(ENGINES[key].model == "compiled" for key in engine_keys) and not compile_available():
-        for key in engine_keys:
-            if ENGINES[key].model == "compiled":
-                reasons[key] = "this dpn_fast has no dpn_fast.compile"
+    compiled = [key for key in engine_keys if ENGINES[key].model == "compiled"]
+    if compiled and not compile_available():
+        reasons.update((key, "this dpn_fast has no dpn_fast.compile") for key in compiled)
+    elif any(ENGINES[key].compile_precision != "fp32" for key in compiled):
+        native = native_compile_precisions()
+        for key in compiled:
+            precision = ENGINES[key].compile_precision
+            if precision not in native:
+                reasons[key] = (f"this CPU has no {precision} matmul kernels (dpn_fast.compile's "
+                                f"precision={precision!r} needs them)")
     return reasons
 
 
@@ -180,13 +198,13 @@ def make_forward(workdir, model_name, engine, x, threads):
         paddle.base.core.set_num_threads(threads)  # dpn_fast's ops follow it
         model = build_model(model_name, engine.model == "fused", f"{workdir}/weights.pdparams")
         if engine.runtime == "compiled":
-            model = dpn_fast.compile(model, device="cpu", precision="fp32")
+            model = dpn_fast.compile(model, device="cpu", precision=engine.compile_precision)
         tensor = paddle.to_tensor(x)
 
         def forward():
             with paddle.no_grad():
                 return model(tensor).numpy()
-        return forward, "f32"
+        return forward, COMPILE_PRECISION_NAMES[engine.compile_precision]
     if engine.runtime == "paddle-inference":
         from dpn_fast.inference import create_predictor, run_predictor
 
@@ -505,5 +523,8 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--has-compile"]:
         import dpn_fast
         print(hasattr(dpn_fast, "compile"))
+    elif sys.argv[1:2] == ["--native-compile-precisions"]:
+        from dpn_fast.engines.cpu import native_precisions
+        print(" ".join(native_precisions()))
     else:
         sys.exit(main())

@@ -41,8 +41,10 @@ def DPN131(fused=False, pretrained=None, class_num=1000):
 def compile(model, device="cpu", precision="fp32"):  # noqa: A001 (the name users look for)
     """`model` (a DPN, fused or not) prepared for inference on `device`: an object that folds the
     BNs once and owns its copies of the weights, so later changes to `model` do not reach it.
-    Call it on float32 NCHW tensors; export it with dpn_fast.inference.export. On GPU, use
-    DPN(fused=True) (Paddle) or dpn_fast.torch (torch)."""
+    Call it on float32 NCHW tensors; export it with dpn_fast.inference.export. `precision`:
+    "fp32", or "bf16" (the 1x1 convolutions' weights and inputs rounded to bf16, float32
+    accumulation, float32 input and logits; needs a CPU with AVX512_BF16 or AMX-BF16). On GPU,
+    use DPN(fused=True) (Paddle) or dpn_fast.torch (torch)."""
     if device not in DEVICES:
         raise ValueError(f"compile: device must be one of {DEVICES}, got {device!r}; on GPU use "
                          "the fused model (fused=True) or dpn_fast.torch")

@@ -146,12 +146,14 @@ def cmd_export(args):
 
 
 def cmd_info(args):
+    from dpn_fast.engines.cpu import native_precisions
     from dpn_fast.models.complexity import count_macs, count_parameters
 
     print(f"{'model':8s} {'params (M)':>10s} {'GMACs':>7s}")
     for name in args.models:
         model = _model(name, None)
         print(f"{name:8s} {count_parameters(model) / 1e6:10.2f} {count_macs(model) / 1e9:7.2f}")
+    print(f"compile precisions this CPU runs natively: {', '.join(native_precisions())}")
 
 
 THREADS_HELP = ("CPU threads for reference and fused alike (default: all available cores, "
@@ -201,7 +203,7 @@ def build_parser():
     p.add_argument("--image-size", type=int, default=224)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("info", help="parameter and MAC counts")
+    p = sub.add_parser("info", help="parameter and MAC counts, and the precisions this CPU runs")
     p.add_argument("models", nargs="*", default=list(MODEL_NAMES))
     p.set_defaults(func=cmd_info)
     return parser

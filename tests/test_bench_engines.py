@@ -66,7 +66,7 @@ def table_rows(markdown):
 @pytest.mark.slow
 def test_run_writes_a_results_file(tmp_path, capsys):
     engines = ["fused-dygraph", "reference-dygraph", "ort-reference", "openvino-f32-reference",
-               "openvino-default-reference", "compiled"]
+               "openvino-default-reference", "compiled", "compiled-bf16"]
     out = tmp_path / "run.json"
     assert bench_engines.main(["--models", "DPN68", "--image-size", "64", "--batch-sizes", "1",
                                "--threads", "1", "--rounds", "2", "--iters", "2", "--warmup", "1",
@@ -85,11 +85,13 @@ def test_run_writes_a_results_file(tmp_path, capsys):
     assert results["settings"]["models"] == ["DPN68"] and results["settings"]["rounds"] == 2
 
     import dpn_fast
+    from dpn_fast.ops.cpu_features import bf16_gemm_supported
     expected = {"fused-dygraph", "reference-dygraph"}
     expected |= {"ort-reference"} if installed("onnxruntime", "paddle2onnx") else set()
     expected |= ({"openvino-f32-reference", "openvino-default-reference"}
                  if installed("openvino", "paddle2onnx") else set())
     expected |= {"compiled"} if hasattr(dpn_fast, "compile") else set()
+    expected |= {"compiled-bf16"} if bf16_gemm_supported() else set()
     assert set(results["engines"]) == expected
     assert set(results["skipped"]) == set(engines) - expected
     [cell] = results["cells"]
@@ -99,9 +101,22 @@ def test_run_writes_a_results_file(tmp_path, capsys):
         assert len(result["round_ms"]) == 2 and all(ms > 0 for ms in result["round_ms"])
         if result["precision"] == "f32":
             assert result["logits_rel_diff"] < 1e-4, f"{key}'s logits disagree with the reference"
+        elif key == "compiled-bf16":
+            assert result["precision"] == "bf16" and result["logits_rel_diff"] < 2e-2
         else:  # OpenVINO's default may pick bf16: close, not exact
             assert key == "openvino-default-reference" and result["logits_rel_diff"] < 0.1
     assert cell["results"]["reference-dygraph"]["logits_rel_diff"] == 0.0  # it is the reference
+
+
+@pytest.mark.parametrize("native,skipped", [("fp32 bf16", set()), ("fp32", {"compiled-bf16"})])
+def test_compiled_engines_the_cpu_cannot_run_are_listed_not_run(monkeypatch, native, skipped):
+    answers = {"--has-compile": "True\n", "--native-compile-precisions": f"{native}\n"}
+    monkeypatch.setattr(bench_engines, "run_child", lambda flag: answers[flag])
+    reasons = bench_engines.unavailable_engines(["compiled", "compiled-bf16", "fused-dygraph"])
+    assert set(reasons) == skipped
+    if skipped:
+        assert reasons["compiled-bf16"] == ("this CPU has no bf16 matmul kernels "
+                                            "(dpn_fast.compile's precision='bf16' needs them)")
 
 
 def test_cpu_kinds():

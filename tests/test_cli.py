@@ -96,10 +96,14 @@ def test_console_script_exit_code(tmp_path):
     assert done.returncode == 1 and "image not found" in done.stderr
 
 
-def test_info_prints_counts(capsys):
+def test_info_prints_counts_and_native_precisions(capsys):
+    from dpn_fast.ops.cpu_features import bf16_gemm_supported
+
     assert main(["info", "DPN68"]) == 0
     out = capsys.readouterr().out
     assert "DPN68" in out and "12.61" in out and "2.33" in out
+    precisions = "fp32, bf16" if bf16_gemm_supported() else "fp32"
+    assert f"compile precisions this CPU runs natively: {precisions}\n" in out
 
 
 def test_demo_compares_fused_and_reference(capsys, threads_set):

@@ -140,7 +140,7 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(precision="int8"), ValueError, r"precision must be one of \('fp32',\)"),
+    (dict(precision="int8"), ValueError, r"precision must be one of \('fp32', 'bf16'\)"),
     (dict(device="gpu"), ValueError, "device must be one of"),
 ])
 def test_bad_compile_arguments(kwargs, error, match):

@@ -1,5 +1,5 @@
 """The CPU inference engine: the stem, each stage and the head as one op each (float32, eval
-BatchNorm, no backward).
+BatchNorm, no backward; in bf16 precision the 1x1 GEMMs take bf16 weights and inputs).
 
     stem_conv_bn_relu_pool -> dpn_stage x 4 -> dpn_head
 
@@ -11,7 +11,9 @@ the runner:
   laid out for this CPU (oneDNN's packed format, which its matmul otherwise rebuilds on every
   call). Callable from several threads (it keeps no state between calls) and exportable to Paddle
   Inference (dpn_fast.inference.export); packed weights only run on a CPU whose oneDNN picks the
-  same layout, and elsewhere the stage op refuses them, naming both layouts.
+  same layout, and elsewhere the stage op refuses them, naming both layouts. precision="bf16"
+  packs them as bf16 and runs every 1x1 GEMM on bf16-rounded inputs with float32 accumulation
+  (everything else stays float32), on CPUs with bf16 matmul kernels only.
 - `forward_live(model, x)`: the fused model's eval path (dpn_fast.engines.fused), which reads the
   model's parameters at every call and folds a stage's BNs in one op call before the stage's.
 """
@@ -20,22 +22,29 @@ from dataclasses import dataclass, replace
 import paddle
 
 from dpn_fast.models.dpn import DPN
+from dpn_fast.ops.cpu_features import bf16_gemm_supported
 from dpn_fast.ops.dpn_block import fold_launch, head_launch, pack_stage_launch, stage_launch
 from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "bf16")
+
+
+def native_precisions():
+    """The PRECISIONS this CPU runs with its own instructions (bf16: bf16 matmul kernels)."""
+    return PRECISIONS if bf16_gemm_supported() else ("fp32",)
 
 
 @dataclass(frozen=True)
 class StageLayout:
     """A stage op's attributes: its blocks' groups, the first block's stride, the dense channels
-    of the stage's input, the capacity of its dense buffer and whether its weights come packed
-    (pack_stage_launch)."""
+    of the stage's input, the capacity of its dense buffer, whether its weights come packed
+    (pack_stage_launch) and whether its 1x1 GEMMs run in bf16 (packed as bf16 then)."""
     groups: int
     stride: int
     dense_channels: int
     capacity: int
     packed_weights: bool = False
+    bf16_gemms: bool = False
 
 
 def stage_layout(blocks):
@@ -70,7 +79,7 @@ def _run(x, stem, stages, head):
     for weights, scale_shift, layout in stages:
         resid, dense = stage_launch(resid, dense, weights, scale_shift, layout.groups,
                                     layout.stride, layout.dense_channels, layout.capacity,
-                                    layout.packed_weights)
+                                    layout.packed_weights, bf16_gemms=layout.bf16_gemms)
     return head_launch(resid, dense, *head)
 
 
@@ -100,8 +109,8 @@ def forward_live(model, x):
 class CompiledDPN(paddle.nn.Layer):
     """A DPN prepared for CPU inference: BNs folded once, 1x1 weights packed for this CPU, every
     tensor its own copy (buffers, so an export carries them). Call it on float32 NCHW CPU
-    tensors [N, 3, H, W]; it returns the logits [N, classes]. Inference only: it has no backward
-    and ignores train()."""
+    tensors [N, 3, H, W]; it returns the float32 logits [N, classes] in either precision.
+    Inference only: it has no backward and ignores train()."""
 
     def __init__(self, model, precision="fp32"):
         super().__init__()
@@ -114,6 +123,11 @@ class CompiledDPN(paddle.nn.Layer):
         if dtype != paddle.float32:
             raise TypeError(f"compile: the model's parameters are {dtype}; the CPU engine runs "
                             "float32 models (convert with model.to(dtype='float32'))")
+        bf16 = precision == "bf16"
+        if bf16 and not bf16_gemm_supported():
+            raise RuntimeError("compile: precision='bf16' needs a CPU with AVX512_BF16 or "
+                               "AMX-BF16 (oneDNN's bf16 matmul kernels); this CPU has neither; "
+                               "use precision='fp32'")
         self.model_name, self.class_num = model.model_name, model.class_num
         self.precision = precision
         with paddle.no_grad():
@@ -122,11 +136,13 @@ class CompiledDPN(paddle.nn.Layer):
             self._stages = []
             for s, blocks in enumerate(model.stages()):
                 weights = [self._keep(f"stage{s}_weight{i}", w)
-                           for i, w in enumerate(pack_stage_launch(stage_weights(blocks)))]
+                           for i, w in enumerate(pack_stage_launch(stage_weights(blocks),
+                                                                   bf16=bf16))]
                 scale_shift = self._keep(f"stage{s}_scale_shift",
                                          fold_launch(stage_batch_norms(blocks)))
                 self._stages.append((weights, scale_shift,
-                                     replace(stage_layout(blocks), packed_weights=True)))
+                                     replace(stage_layout(blocks), packed_weights=True,
+                                             bf16_gemms=bf16)))
             self._head = (self._keep("head_scale_shift", fold_launch([model.conv5_x_x_bn])),
                           self._own("fc_weight", model.out.weight),
                           self._own("fc_bias", model.out.bias), _head_dense_channels(model))

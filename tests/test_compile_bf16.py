@@ -1,0 +1,175 @@
+"""dpn_fast.compile(precision="bf16"): its logits against a plain-Paddle emulation of its numerics
+(the 1x1 convolutions' weights and inputs rounded to bf16, everything else float32) and the same
+emulation in float64, against the float32 model, its export and its packed weights; on a CPU
+without bf16 matmul kernels, its error."""
+import os
+import re
+
+import numpy as np
+import paddle
+import pytest
+from test_fused_models import build_trio, images
+from utils import assert_matches_reference, max_abs_err, run_script
+
+import dpn_fast
+from dpn_fast.inference import create_predictor, export, run_predictor
+from dpn_fast.ops.cpu_features import bf16_gemm_supported
+
+NO_BF16_REASON = "this CPU has no bf16 matmul kernels (AVX512_BF16 or AMX-BF16)"
+needs_bf16 = pytest.mark.skipif(not bf16_gemm_supported(), reason=NO_BF16_REASON)
+
+# A loose bound on |bf16 logits - float32 model's| / max |logit|: far above bf16's rounding
+# noise, far below what a wrong operand, layout or weight gives.
+MAX_REL_ERR_VS_FP32 = 2e-2
+
+
+def round_to_bf16(array):
+    """float32 or float64 `array` rounded to the nearest bf16 value (ties to even), kept in its
+    dtype: the mantissa bits bf16 lacks dropped, rounding on the kept bits."""
+    array = np.ascontiguousarray(array)
+    uint, dropped = {np.float32: (np.uint32, 16), np.float64: (np.uint64, 45)}[array.dtype.type]
+    bits = array.view(uint)
+    one, dropped = uint(1), uint(dropped)
+    kept_lsb = (bits >> dropped) & one
+    rounded = (bits + ((one << (dropped - one)) - one) + kept_lsb) & ~((one << dropped) - one)
+    return rounded.view(array.dtype)
+
+
+def one_by_one_convs(model):
+    """The Conv2D layers the bf16 engine runs as bf16 GEMMs: each block's projection, 1x1a and
+    1x1c."""
+    layers = []
+    for block in model.blocks:
+        layers += [block.c1x1_w_func] if block.has_proj else []
+        layers += [block.c1x1_a_func, block.c1x1_c_func]
+    return [layer._conv for layer in layers]
+
+
+def emulate_bf16_gemms(model):
+    """Turns `model` (float32 or float64) into the plain-Paddle emulation of the bf16 engine, in
+    its own dtype: each 1x1 conv's weight rounded to bf16 now, its input (the BN + ReLU output)
+    at every call."""
+    def round_input(layer, inputs):
+        return (paddle.to_tensor(round_to_bf16(inputs[0].numpy())),)
+
+    for conv in one_by_one_convs(model):
+        conv.weight.set_value(round_to_bf16(conv.weight.numpy()))
+        conv.register_forward_pre_hook(round_input)
+
+
+def bf16_logits(name, shape, seed):
+    """(compiled bf16 logits, float32 emulation's, float64 emulation's, float32 model's) on
+    random images of `shape`, one random state."""
+    reference, _, reference64 = build_trio(name, seed)
+    for model in (reference, reference64):
+        model.eval()
+    compiled = dpn_fast.compile(reference, precision="bf16")
+    x = images(shape, seed=seed + 1)
+    with paddle.no_grad():
+        fp32 = reference(paddle.to_tensor(x)).numpy()
+        for model in (reference, reference64):
+            emulate_bf16_gemms(model)
+        emulation32 = reference(paddle.to_tensor(x)).numpy()
+        emulation64 = reference64(paddle.to_tensor(x.astype("float64"))).numpy()
+    return compiled(paddle.to_tensor(x)).numpy(), emulation32, emulation64, fp32
+
+
+def check_bf16_logits(name, shape, seed):
+    out, emulation32, emulation64, fp32 = bf16_logits(name, shape, seed)
+    assert out.shape == (shape[0], 1000) and out.dtype == np.float32
+    rel_err_vs_fp32 = max_abs_err(out, fp32) / float(np.abs(fp32).max())
+    rel_err_vs_emulation = max_abs_err(out, emulation64) / float(np.abs(emulation64).max())
+    summary = (f"compiled bf16 {name}: max |bf16 - fp32 model| / max |logit| = "
+               f"{rel_err_vs_fp32:.2e}, max |bf16 - float64 emulation| / max |logit| = "
+               f"{rel_err_vs_emulation:.2e}")
+    assert_matches_reference(out, emulation64, emulation32, dtype="bfloat16",
+                             name=f"{summary}; logits vs the float64 emulation")
+    assert rel_err_vs_fp32 < MAX_REL_ERR_VS_FP32, summary
+
+
+def test_rounding_matches_paddles_cast():
+    """round_to_bf16 rounds float32 as Paddle's cast to bfloat16 does (to nearest, ties to even),
+    and float64 to the same bf16 values where they are float32 values."""
+    x = np.concatenate([images((4096,), seed=40),
+                        np.float32([1 + 2**-8, 1 + 3 * 2**-8, -1 - 2**-8, 1 + 2**-8 + 2**-20])])
+    by_paddle = paddle.cast(paddle.cast(paddle.to_tensor(x), "bfloat16"), "float32").numpy()
+    np.testing.assert_array_equal(round_to_bf16(x), by_paddle)
+    np.testing.assert_array_equal(round_to_bf16(x.astype("float64")), by_paddle)
+    assert list(round_to_bf16(x[-4:])) == [1.0, 1 + 2**-6, -1.0, 1 + 2**-7]
+
+
+@needs_bf16
+@pytest.mark.parametrize("name,shape", [
+    ("DPN68", (3, 3, 65, 57)),
+    ("DPN92", (1, 3, 224, 224)),
+])
+def test_matches_the_emulation(name, shape):
+    check_bf16_logits(name, shape, seed=50)
+
+
+@needs_bf16
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["DPN98", "DPN107", "DPN131"])
+def test_other_models_match_the_emulation(name):
+    check_bf16_logits(name, (2, 3, 64, 64), seed=52)
+
+
+@needs_bf16
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_export_runs_in_paddle_inference(tmp_path, use_onednn):
+    """The export carries the bf16 blobs and the stage ops' bf16 attribute: Paddle Inference gives
+    the dynamic graph's logits."""
+    reference, _, _ = build_trio("DPN68", seed=54)
+    reference.eval()
+    compiled = dpn_fast.compile(reference, precision="bf16")
+    prefix = export(compiled, str(tmp_path / "dpn68_bf16"), image_size=64)
+    assert len(re.findall(r'"3\.dpn_fast_dpn_stage"', open(prefix + ".json").read())) == 4
+    x = images((2, 3, 64, 64), seed=55)
+    expected = compiled(paddle.to_tensor(x)).numpy()
+    got = run_predictor(create_predictor(prefix, use_onednn=use_onednn), x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_bf16
+def test_packed_weights_are_bf16():
+    """The 1x1 GEMMs' blobs hold bf16 values: about half the float32 blobs' bytes in all (a
+    small weight's blob is mostly header and oneDNN's padding, as large in either); the grouped
+    convs' weights stay float32."""
+    reference, _, _ = build_trio("DPN68", seed=56)
+    fp32, bf16 = (dpn_fast.compile(reference, precision=p) for p in ("fp32", "bf16"))
+    fp32_bytes = bf16_bytes = 0
+    for (fp32_weights, _, fp32_layout), (bf16_weights, _, bf16_layout) in zip(fp32._stages,
+                                                                             bf16._stages):
+        assert bf16_layout.bf16_gemms and not fp32_layout.bf16_gemms
+        assert [w.dtype for w in bf16_weights] == [w.dtype for w in fp32_weights]
+        for fp32_weight, bf16_weight in zip(fp32_weights, bf16_weights):
+            if fp32_weight.dtype == paddle.float32:  # w_conv
+                np.testing.assert_array_equal(bf16_weight.numpy(), fp32_weight.numpy())
+            else:
+                assert bf16_weight.size <= fp32_weight.size
+                fp32_bytes += fp32_weight.size
+                bf16_bytes += bf16_weight.size
+    assert 0.45 < bf16_bytes / fp32_bytes < 0.55, f"bf16 blobs {bf16_bytes} B, fp32 {fp32_bytes} B"
+
+
+@pytest.mark.skipif(bf16_gemm_supported(), reason="this CPU has bf16 matmul kernels")
+def test_compile_refuses_bf16_without_bf16_kernels():
+    with pytest.raises(RuntimeError, match=r"AVX512_BF16 or AMX-BF16.*this CPU has neither; use "
+                                           r"precision='fp32'"):
+        dpn_fast.compile(dpn_fast.DPN68(), precision="bf16")
+
+
+
+def test_compile_refuses_bf16_where_onednn_is_held_below_bf16():
+    """The same error on every CPU: oneDNN held to AVX-512 without bf16 (ONEDNN_MAX_CPU_ISA) has
+    no bf16 matmul kernels to offer."""
+    run_script("""
+import dpn_fast
+from dpn_fast.ops.cpu_features import bf16_gemm_supported
+assert not bf16_gemm_supported()
+try:
+    dpn_fast.compile(dpn_fast.DPN68(), precision="bf16")
+except RuntimeError as e:
+    assert "this CPU has neither; use precision='fp32'" in str(e), e
+    print("ok")
+""", env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"})
