@@ -19,15 +19,23 @@ def _model(name, weights, seed=0):
     return model
 
 
-def _fast(model):
-    """What dpn_fast runs `model` as on the current device: the compiled engine on CPU, the fused
-    ops swapped in on GPU."""
+def _fast(model, precision="fp32"):
+    """What dpn_fast runs `model` as on the current device: the compiled engine on CPU (in
+    `precision`), the fused ops swapped in on GPU."""
     import paddle
 
     from dpn_fast.api import compile, create_model
+    from dpn_fast.engines.cpu import native_precisions
 
     if paddle.get_device() == "cpu":
-        return compile(model)
+        native = native_precisions()
+        if precision not in native:
+            raise ValueError(f"--precision {precision}: this CPU runs {', '.join(native)} "
+                             "natively (bf16 needs AVX512_BF16 or AMX-BF16)")
+        return compile(model, precision=precision)
+    if precision != "fp32":
+        raise ValueError(f"--precision {precision} runs on CPU (dpn_fast.compile); on GPU the "
+                         "fused model runs in the model's dtype")
     fused = create_model(model.model_name, fused=True, class_num=model.class_num)
     fused.set_state_dict(model.state_dict())
     fused.eval()
@@ -53,7 +61,7 @@ def cmd_predict(args):
 
     model = _model(args.model, args.weights)
     if not args.reference:
-        model = _fast(model)
+        model = _fast(model, args.precision)
     for path, top in zip(args.images, predict(model, args.images, args.topk)):
         print(path)
         for rank, (index, name, prob) in enumerate(top, 1):
@@ -62,13 +70,13 @@ def cmd_predict(args):
         print("note: random weights (no --weights given); predictions are meaningless")
 
 
-def _compare(name, weights, images, repeat):
+def _compare(name, weights, images, repeat, precision):
     """Reference vs dpn_fast (_fast) on `images`: (reference logits, fused logits, ref ms, fused
     ms)."""
     import paddle
 
     reference = _model(name, weights)
-    fused = _fast(reference)
+    fused = _fast(reference, precision)
     images = paddle.to_tensor(images)
     with paddle.no_grad():
         ref_logits = reference(images).numpy()
@@ -107,12 +115,12 @@ def cmd_demo(args):
     threads = _set_threads(args.threads)
 
     ref_logits, fused_logits, ref_ms, fused_ms = _compare(
-        args.model, args.weights, preprocess(args.image)[None], args.repeat)
+        args.model, args.weights, preprocess(args.image)[None], args.repeat, args.precision)
     ref_top = np.argsort(-ref_logits[0])[:5]
     fused_top = np.argsort(-fused_logits[0])[:5]
     print(f"{args.model} on {args.image if args.image != SAMPLE_IMAGE else 'the sample image'}, "
           f"weights: {args.weights or 'random (seed 0)'}, device: {paddle.get_device()}, "
-          f"{threads} CPU threads")
+          f"{threads} CPU threads, dpn_fast in {args.precision}")
     print(f"top-1: reference {class_names()[ref_top[0]]!r}, fused {class_names()[fused_top[0]]!r}")
     print(f"top-5 agreement: {len(set(ref_top) & set(fused_top))}/5 (same order: "
           f"{bool((ref_top == fused_top).all())})")
@@ -127,18 +135,21 @@ def cmd_bench(args):
     images = np.random.default_rng(0).standard_normal(
         (args.batch_size, 3, args.image_size, args.image_size)).astype("float32")
     print(f"{args.model} eval, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-          f"device {paddle.get_device()}, {threads} CPU threads")
-    _print_timing(*_compare(args.model, args.weights, images, args.repeat), args.repeat)
+          f"device {paddle.get_device()}, {threads} CPU threads, dpn_fast in {args.precision}")
+    _print_timing(*_compare(args.model, args.weights, images, args.repeat, args.precision),
+                  args.repeat)
 
 
 def cmd_export(args):
     from dpn_fast.inference import export
 
     model = _model(args.model, args.weights)
-    if not args.reference:
-        model = _fast(model)
-    prefix = export(model, f"{args.out}/{args.model}{'_reference' if args.reference else ''}",
-                    args.image_size)
+    if args.reference:
+        name = f"{args.model}_reference"
+    else:
+        model = _fast(model, args.precision)
+        name = args.model + ("" if args.precision == "fp32" else f"_{args.precision}")
+    prefix = export(model, f"{args.out}/{name}", args.image_size)
     print(f"saved {prefix}.json and {prefix}.pdiparams; load with "
           f"dpn_fast.inference.create_predictor({prefix!r})")
     print("(Paddle 3.3.1 logs 'Paddle static graph(PIR) not support input out tensor for now' "
@@ -160,6 +171,11 @@ THREADS_HELP = ("CPU threads for reference and fused alike (default: all availab
                 f"{available_cores()} here)")
 
 
+PRECISION_OPTION = dict(choices=("fp32", "bf16"), default="fp32",
+                        help="the compiled engine's precision (dpn_fast.compile; bf16 needs "
+                             "AVX512_BF16 or AMX-BF16; `dpn-fast info` lists this CPU's)")
+
+
 def build_parser():
     from dpn_fast.models import MODEL_NAMES
     from dpn_fast.predict import SAMPLE_IMAGE
@@ -174,6 +190,7 @@ def build_parser():
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--reference", action="store_true",
                    help="run the plain Paddle network instead of the compiled engine")
+    p.add_argument("--precision", **PRECISION_OPTION)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="compiled engine vs reference on the sample image")
@@ -182,6 +199,7 @@ def build_parser():
     p.add_argument("--image", default=SAMPLE_IMAGE)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--precision", **PRECISION_OPTION)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="time reference vs compiled engine on random images")
@@ -192,6 +210,7 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="cpu or gpu")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--precision", **PRECISION_OPTION)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="save a model for Paddle Inference")
@@ -201,6 +220,7 @@ def build_parser():
     p.add_argument("--reference", action="store_true",
                    help="export the plain Paddle network instead of the compiled engine")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--precision", **PRECISION_OPTION)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="parameter and MAC counts, and the precisions this CPU runs")

@@ -14,6 +14,7 @@ from PIL import Image
 
 import dpn_fast
 from dpn_fast.cli import available_cores, build_parser, main
+from dpn_fast.ops.cpu_features import bf16_gemm_supported
 from dpn_fast.predict import SAMPLE_IMAGE, class_names, preprocess
 
 
@@ -97,8 +98,6 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_info_prints_counts_and_native_precisions(capsys):
-    from dpn_fast.ops.cpu_features import bf16_gemm_supported
-
     assert main(["info", "DPN68"]) == 0
     out = capsys.readouterr().out
     assert "DPN68" in out and "12.61" in out and "2.33" in out
@@ -191,3 +190,20 @@ def test_source_tree_shadowing_the_installed_package_is_named():
     assert f"imported from {REPO / 'dpn_fast'}, a source checkout" in message
     assert "shadows the installed dpn_fast in " + os.path.dirname(dpn_fast.__file__) in message
     assert "Run Python from another directory" in message
+
+
+def test_precision_bf16_predicts_and_exports_or_is_refused(dpn68_weights, tmp_path, capsys):
+    """--precision bf16 runs the compiled engine in bf16 where the CPU has bf16 matmul kernels;
+    elsewhere it is a clear error, exit status 1."""
+    args = ["predict", SAMPLE_IMAGE, "--model", "DPN68", "--weights", dpn68_weights,
+            "--topk", "1", "--precision", "bf16"]
+    if not bf16_gemm_supported():
+        assert main(args) == 1
+        assert "this CPU runs fp32 natively" in capsys.readouterr().err
+        return
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[0] == SAMPLE_IMAGE
+    assert main(["export", "--model", "DPN68", "--image-size", "64", "--precision", "bf16",
+                 "--out", str(tmp_path)]) == 0
+    assert "bf16_gemms" in (tmp_path / "DPN68_bf16.json").read_text()
+
