@@ -8,6 +8,23 @@ def dtype_name(tensor):
     return str(tensor.dtype).replace("torch.", "").replace("paddle.", "")
 
 
+def check_dtypes(op, activation, same_dtype, float32):
+    """activation: (label, tensor) in one of ACTIVATION_DTYPES; same_dtype: (label, tensor) pairs
+    in that dtype; float32: (label, tensor or None) pairs that are float32 where given. Returns
+    the activations' dtype name."""
+    activation_label, activation_tensor = activation
+    dtype = dtype_name(activation_tensor)
+    if dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{op}: activations must be one of {ACTIVATION_DTYPES}, got {dtype}")
+    for label, t in same_dtype:
+        if dtype_name(t) != dtype:
+            raise TypeError(f"{op}: {label} dtype {dtype_name(t)} != {activation_label}'s {dtype}")
+    for label, t in float32:
+        if t is not None and dtype_name(t) != "float32":
+            raise TypeError(f"{op}: {label} must be float32, got {dtype_name(t)}")
+    return dtype
+
+
 def check_rows(op, tensors):
     """Tensors that describe themselves (torch, Paddle) must share a device and be rows: unit
     stride along channels, the given row stride. Raw pointers (_host.py) are taken as

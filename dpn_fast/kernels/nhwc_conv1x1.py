@@ -27,7 +27,7 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from dpn_fast.kernels._rows import ACTIVATION_DTYPES, check_rows, dtype_name
+from dpn_fast.kernels._rows import check_dtypes, check_rows
 
 # Decided when the kernels are decorated: @triton.jit reads TRITON_INTERPRET at that moment.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -129,15 +129,8 @@ def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in
     add_to_out adds columns < split to out's values.
     """
     name = "conv1x1_forward"
-    dtype = dtype_name(a)
-    if dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"{name}: activations must be one of {ACTIVATION_DTYPES}, got {dtype}")
-    for label, t in (("w", w), ("out", out)):
-        if dtype_name(t) != dtype:
-            raise TypeError(f"{name}: {label} dtype {dtype_name(t)} != a's {dtype}")
-    for label, t in (("in_scale", in_scale), ("in_shift", in_shift), ("bias", bias)):
-        if t is not None and dtype_name(t) != "float32":
-            raise TypeError(f"{name}: {label} must be float32, got {dtype_name(t)}")
+    dtype = check_dtypes(name, ("a", a), (("w", w), ("out", out)),
+                         (("in_scale", in_scale), ("in_shift", in_shift), ("bias", bias)))
     if (in_scale is None) != (in_shift is None):
         raise ValueError(f"{name}: give both in_scale and in_shift or neither")
     split = n if split is None else split

@@ -24,7 +24,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from dpn_fast.kernels._rows import ACTIVATION_DTYPES, check_rows, dtype_name
+from dpn_fast.kernels._rows import check_dtypes, check_rows
 
 # Decided when the kernels are decorated: @triton.jit reads TRITON_INTERPRET at that moment.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -123,14 +123,10 @@ def grouped_conv3x3_forward(x, packed_w, bias, out, *, images, h, w, c, groups, 
     dtype; tiles: the Tiles the weights were packed for. bias: fp32 [c].
     """
     name = "grouped_conv3x3_forward"
-    dtype = dtype_name(x)
-    if dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"{name}: activations must be one of {ACTIVATION_DTYPES}, got {dtype}")
-    for label, t in (("packed_w", packed_w), ("out", out)):
-        if dtype_name(t) != dtype:
-            raise TypeError(f"{name}: {label} dtype {dtype_name(t)} != x's {dtype}")
-    if dtype_name(bias) != "float32":
-        raise TypeError(f"{name}: bias must be float32, got {dtype_name(bias)}")
+    if bias is None:  # check_dtypes skips absent optional tensors; this one is required
+        raise TypeError(f"{name}: bias (fp32 [c]) is required")
+    dtype = check_dtypes(name, ("x", x), (("packed_w", packed_w), ("out", out)),
+                         (("bias", bias),))
     if stride not in (1, 2):
         raise ValueError(f"{name}: stride must be 1 or 2, got {stride}")
     if min(images, h, w) < 0 or c <= 0 or groups <= 0 or c % groups:
