@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import paddle
 
-from dpn_fast.models.dpn import DPN
+from dpn_fast.models.dpn import DPN, check_images
 from dpn_fast.ops.cpu_features import bf16_gemm_supported
 from dpn_fast.ops.dpn_block import fold_launch, head_launch, pack_stage_launch, stage_launch
 from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
@@ -162,12 +162,7 @@ class CompiledDPN(paddle.nn.Layer):
     @paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
     def _check_input(self, x):
         name = f"compiled {self.model_name}"
-        if not isinstance(x, (paddle.Tensor, paddle.pir.Value)):
-            raise TypeError(f"{name}: input must be a paddle.Tensor, got {type(x).__name__}")
-        if len(x.shape) != 4 or x.shape[1] != 3:
-            raise ValueError(f"{name}: input must be [N, 3, H, W], got shape {list(x.shape)}")
-        if x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(f"{name}: input image is empty, shape {list(x.shape)}")
+        check_images(name, x)
         if x.dtype != paddle.float32:
             raise TypeError(f"{name}: input must be float32, got {x.dtype}; cast it with "
                             "x.astype('float32')")

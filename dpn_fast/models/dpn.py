@@ -75,6 +75,20 @@ class DualPathBlock(nn.Layer):
         return [resid + y_resid, paddle.concat([dense, y_dense], axis=1)]
 
 
+def check_images(name, x):
+    """`x` is a batch of RGB images, [N, 3, H, W] with H, W > 0 (sizes unknown under to_static,
+    -1, pass); errors are prefixed with `name`."""
+    if not isinstance(x, (paddle.Tensor, paddle.pir.Value)):
+        raise TypeError(f"{name}: input must be a paddle.Tensor, got {type(x).__name__}")
+    if len(x.shape) != 4:
+        raise ValueError(f"{name}: input must be 4-D [N, 3, H, W], got shape {list(x.shape)}")
+    if x.shape[1] != 3:
+        raise ValueError(f"{name}: input must have 3 channels (RGB), [N, 3, H, W], got shape "
+                         f"{list(x.shape)}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name}: input image is empty, shape {list(x.shape)}")
+
+
 class DPN(nn.Layer):
     def __init__(self, model_name, class_num=1000):
         super().__init__()
@@ -112,15 +126,7 @@ class DPN(nn.Layer):
     @paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
     def _check_input(self, x):
         name = self.model_name
-        if not isinstance(x, (paddle.Tensor, paddle.pir.Value)):
-            raise TypeError(f"{name}: input must be a paddle.Tensor, got {type(x).__name__}")
-        if len(x.shape) != 4:
-            raise ValueError(f"{name}: input must be 4-D [N, 3, H, W], got shape {list(x.shape)}")
-        if x.shape[1] != 3:
-            raise ValueError(f"{name}: input must have 3 channels (RGB), got shape "
-                             f"{list(x.shape)}")
-        if x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(f"{name}: input image is empty, shape {list(x.shape)}")
+        check_images(name, x)
         dtype = self.out.weight.dtype
         dtype_name = str(dtype).split(".")[-1].lower()  # paddle.float32 / DataType.FLOAT32
         if (paddle.in_dynamic_mode() and x.place.is_cpu_place()
