@@ -33,6 +33,7 @@ from dpn_fast import _extension
 from dpn_fast.engines.cpu import stage_batch_norms, stage_layout, stage_weights
 from dpn_fast.models.config import CONFIGS, block_shapes
 from dpn_fast.models.dpn import DualPathBlock
+from dpn_fast.ops.cpu_features import gemm_impl
 from dpn_fast.ops.dpn_block import (fold_launch, pack_stage_launch, stage_launch,
                                     to_channels_last)
 from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
@@ -44,8 +45,6 @@ _library = ctypes.CDLL(_extension.LIBRARY_PATH)
 _library.dpn_fast_dpn_block_profile.restype = ctypes.c_int
 _library.dpn_fast_gemm_f32.restype = None
 _library.dpn_fast_gemm_f32.argtypes = [ctypes.c_int64] * 3 + [_FLOAT_P] * 3
-_library.dpn_fast_gemm_impl.restype = ctypes.c_char_p
-_library.dpn_fast_gemm_impl.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
 
 
 def block_profile(reset=True):
@@ -72,13 +71,13 @@ def gemm_peak(size=2048, warmup=2, repeats=5):
         _library.dpn_fast_gemm_f32(*args)
         times.append(time.perf_counter() - start)
     rate = 2 * size**3 / float(np.median(times)) * 1e-9
-    return rate, _library.dpn_fast_gemm_impl(size, size, size, 0).decode()
+    return rate, gemm_impl(size, size, size, b_transposed=False)
 
 
 def block_gemm_impl():
     """The oneDNN implementation of a block's 1x1 convolution (DPN92's first 1x1a: 56x56
     positions, 64 -> 96 channels, weights as given)."""
-    return _library.dpn_fast_gemm_impl(56 * 56, 96, 64, 1).decode()
+    return gemm_impl(56 * 56, 96, 64, b_transposed=True)
 
 
 STAGE_BLOCKS = [shape for shape in block_shapes("DPN92") if shape.index in (0, 1)]

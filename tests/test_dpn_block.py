@@ -2,7 +2,6 @@
 block shape of the five DPNs, odd image sizes and batch 3, thread counts, the stage op against
 the block ops, and bad inputs. The compiled engine and the fused model's inference path, to_static
 and Paddle Inference round trips run in test_compile.py and test_fused_models.py."""
-import ctypes
 import dataclasses
 import os
 import textwrap
@@ -16,6 +15,7 @@ from dpn_fast.engines.cpu import stage_batch_norms, stage_layout, stage_weights
 from dpn_fast.models.config import CONFIGS, block_shapes, final_channels
 from dpn_fast.models.dpn import DualPathBlock, _batch_norm
 from dpn_fast.ops import dpn_block, dpn_head, fold_batch_norms
+from dpn_fast.ops.cpu_features import gemm_impl
 from dpn_fast.ops.dpn_block import stage_launch, to_channels_first
 from utils import assert_matches_reference, run_script
 
@@ -334,10 +334,7 @@ def gemm_rows_are_independent():
     """Whether oneDNN's matmul here gives each output row the same bits whatever the number of
     rows: brg_matmul (AVX-512 CPUs) does; gemm:jit (its choice on AVX2 CPUs) splits K by the
     problem's size, so a row's last bits depend on how many images run together."""
-    library = ctypes.CDLL(_extension.LIBRARY_PATH)
-    library.dpn_fast_gemm_impl.restype = ctypes.c_char_p
-    library.dpn_fast_gemm_impl.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return library.dpn_fast_gemm_impl(441, 128, 160, 1).decode().startswith("brg_matmul")
+    return gemm_impl(441, 128, 160, b_transposed=True).startswith("brg_matmul")
 
 
 def test_stage_op_runs_images_like_single_images():

@@ -13,3 +13,12 @@ def bf16_gemm_supported():
     # nothing twice.
     library = ctypes.CDLL(_extension.LIBRARY_PATH)
     return bool(library.dpn_fast_bf16_gemm_supported())
+
+
+def gemm_impl(m, n, k, b_transposed):
+    """The oneDNN implementation the ops' float32 GEMM gets for [m, k] x [k, n] (b_transposed: b
+    given as [n, k], a channels-last 1x1 convolution's weight), e.g. "brg_matmul:avx512_core"."""
+    library = ctypes.CDLL(_extension.LIBRARY_PATH)
+    library.dpn_fast_gemm_impl.restype = ctypes.c_char_p
+    library.dpn_fast_gemm_impl.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return library.dpn_fast_gemm_impl(m, n, k, int(b_transposed)).decode()
