@@ -9,7 +9,8 @@ does) side by side for the first and a normal block of each DPN92 stage. The scr
 compiled model (dpn_fast.compile) and splits its blocks' time into input
 BN + ReLU, projection, 1x1a, grouped conv and 1x1c (the op's own timers, which the script switches
 on with DPN_FAST_PROFILE=1), and compares the 1x1 GEMMs' rate with this machine's GEMM peak: a
-2048^3 oneDNN matmul through the same code, timed here.
+2048^3 oneDNN matmul through the same code, timed here, in the model's precision
+(`--precision bf16`: the bf16 engine against a bf16 matmul on bf16-packed weights).
 `--per-stage` splits the same parts by stage (the stage ops run one after another, as in the
 model).
 """
@@ -30,7 +31,7 @@ import pytest
 
 import dpn_fast
 from dpn_fast import _extension
-from dpn_fast.engines.cpu import stage_batch_norms, stage_layout, stage_weights
+from dpn_fast.engines.cpu import PRECISIONS, stage_batch_norms, stage_layout, stage_weights
 from dpn_fast.models.config import CONFIGS, block_shapes
 from dpn_fast.models.dpn import DualPathBlock
 from dpn_fast.ops.cpu_features import gemm_impl
@@ -45,6 +46,8 @@ _library = ctypes.CDLL(_extension.LIBRARY_PATH)
 _library.dpn_fast_dpn_block_profile.restype = ctypes.c_int
 _library.dpn_fast_gemm_f32.restype = None
 _library.dpn_fast_gemm_f32.argtypes = [ctypes.c_int64] * 3 + [_FLOAT_P] * 3
+_library.dpn_fast_gemm_bf16_packed.restype = ctypes.c_char_p
+_library.dpn_fast_gemm_bf16_packed.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
 
 
 def block_profile(reset=True):
@@ -56,28 +59,62 @@ def block_profile(reset=True):
     return np.array(seconds), np.array(flops)
 
 
-def gemm_peak(size=2048, warmup=2, repeats=5):
-    """(GFLOP/s, oneDNN implementation) of a size^3 matmul through the library's gemm_f32, the
-    1x1 convolutions' path: the median of `repeats` timed calls after `warmup` untimed ones."""
+def gemm_call(size, precision):
+    """A call of a size^3 GEMM through the library's 1x1-convolution path (gemm_f32, or gemm_bf16
+    on a bf16-packed weight), on random operands."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     c = np.empty((size, size), np.float32)
-    args = (size, size, size, *(x.ctypes.data_as(_FLOAT_P) for x in (a, b, c)))
+    if precision == "fp32":
+        args = (size, size, size, *(x.ctypes.data_as(_FLOAT_P) for x in (a, b, c)))
+        return lambda: _library.dpn_fast_gemm_f32(*args)
+    a_bf16 = paddle.to_tensor(a).astype("bfloat16").view("uint16").numpy()
+    weight = paddle.to_tensor(b.reshape(size, size, 1, 1))  # a 1x1 convolution's [n, k, 1, 1]
+    blob = _extension.run_op("dpn_fast_pack_1x1_weight", weight, 0, size, True)[0].numpy()
+    # data_as keeps each array alive with the pointer (ctypes.data is a bare address).
+    args = (size, size, size, *(x.ctypes.data_as(ctypes.c_void_p) for x in (a_bf16, blob, c)))
+
+    def call():
+        error = _library.dpn_fast_gemm_bf16_packed(*args)
+        if error:
+            raise RuntimeError(error.decode())
+
+    return call
+
+
+def gemm_peak(precision, size=2048, warmup=2, repeats=5):
+    """(GFLOP/s, oneDNN implementation) of a size^3 matmul in `precision` through the 1x1
+    convolutions' path: the median of `repeats` timed calls after `warmup` untimed ones."""
+    call = gemm_call(size, precision)
     for _ in range(warmup):
-        _library.dpn_fast_gemm_f32(*args)
+        call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        _library.dpn_fast_gemm_f32(*args)
+        call()
         times.append(time.perf_counter() - start)
     rate = 2 * size**3 / float(np.median(times)) * 1e-9
-    return rate, gemm_impl(size, size, size, b_transposed=False)
+    if precision == "fp32":
+        return rate, gemm_impl(size, size, size, "plain")
+    return rate, gemm_impl(size, size, size, "packed", bf16=True)
 
 
-def block_gemm_impl():
-    """The oneDNN implementation of a block's 1x1 convolution (DPN92's first 1x1a: 56x56
-    positions, 64 -> 96 channels, weights as given)."""
-    return gemm_impl(56 * 56, 96, 64, b_transposed=True)
+def model_gemm_impls(name, batch, precision):
+    """{oneDNN implementation: count} over the compiled model's 1x1 GEMMs (packed weights, as it
+    runs them; a batch's stage runs images_per_run images together, which the row counts here
+    ignore: the choice depends on the weight, not the rows, for packed GEMMs)."""
+    impls = {}
+    for s in block_shapes(name):
+        pixels, pixels_out = batch * s.in_hw**2, batch * s.out_hw**2
+        cin = s.in_resid + s.in_dense
+        gemms = [(pixels, s.bottleneck, cin), (pixels_out, s.resid, s.bottleneck),
+                 (pixels_out, s.inc, s.bottleneck)]
+        if s.kind != "normal":
+            gemms += [(pixels_out, s.resid, cin), (pixels_out, 2 * s.inc, cin)]
+        for m, n, k in gemms:
+            impl = gemm_impl(m, n, k, "packed", bf16=precision == "bf16")
+            impls[impl] = impls.get(impl, 0) + 1
+    return impls
 
 
 STAGE_BLOCKS = [shape for shape in block_shapes("DPN92") if shape.index in (0, 1)]
@@ -130,20 +167,20 @@ def test_block(benchmark, shape, n, impl):
         benchmark.pedantic(fn, args=args, warmup_rounds=2, rounds=10, iterations=2)
 
 
-def compiled_model_and_input(name, batch):
-    """The model compiled for the CPU engine (seeded random weights) and a random 224x224
-    batch."""
+def compiled_model_and_input(name, batch, precision="fp32"):
+    """The model compiled for the CPU engine in `precision` (seeded random weights) and a random
+    224x224 batch."""
     paddle.seed(0)
     model = dpn_fast.create_model(name)
     model.eval()
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)), "float32")
-    return model, dpn_fast.compile(model), x
+    return model, dpn_fast.compile(model, precision=precision), x
 
 
-def profile_model(name, batch, iterations=10):
+def profile_model(name, batch, precision, iterations=10):
     """Median forward time (s) of the compiled model and its blocks' (seconds, flops) per part,
     per forward."""
-    _, engine, x = compiled_model_and_input(name, batch)
+    _, engine, x = compiled_model_and_input(name, batch, precision)
     times = []
     for _ in range(3):
         engine(x)
@@ -156,10 +193,11 @@ def profile_model(name, batch, iterations=10):
     return float(np.median(times)), seconds / iterations, flops / iterations
 
 
-def profile_stages(name, batch, iterations=10):
+def profile_stages(name, batch, precision, iterations=10):
     """Per stage, its blocks' seconds per part and total, per run of the stage op; the stages run
     one after another on the outputs of the previous one, as in the engine."""
-    model, _, x = compiled_model_and_input(name, batch)
+    model, _, x = compiled_model_and_input(name, batch, precision)
+    bf16 = precision == "bf16"
     conv, bn = model.conv1_x_1_func._conv, model.conv1_x_1_func._batch_norm
     with paddle.no_grad():
         dense = stem_launch(x, conv.weight, bn.weight, bn.bias, bn._mean, bn._variance,
@@ -168,9 +206,9 @@ def profile_stages(name, batch, iterations=10):
         for blocks in model.stages():
             layout = stage_layout(blocks)
             # Packed weights, as the compiled model runs them.
-            args = [pack_stage_launch(stage_weights(blocks)),
+            args = [pack_stage_launch(stage_weights(blocks), bf16),
                     fold_launch(stage_batch_norms(blocks)), layout.groups, layout.stride,
-                    layout.dense_channels, layout.capacity, True]
+                    layout.dense_channels, layout.capacity, True, bf16]
             stages.append((resid, dense, args))
             resid, dense = stage_launch(resid, dense, *args)
         seconds = np.zeros((len(stages), len(PARTS)))
@@ -187,27 +225,31 @@ def main():
     parser.add_argument("--model", default="DPN92", choices=sorted(CONFIGS))
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--per-stage", action="store_true",
                         help="also split the blocks' time by stage")
     args = parser.parse_args()
     paddle.base.core.set_num_threads(args.threads)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
-    peak, impl = gemm_peak()
-    total, seconds, flops = profile_model(args.model, args.batch_size)
-    print(f"{args.model}, batch {args.batch_size}, {args.threads} thread(s), {cpu}, "
-          f"{time.strftime('%Y-%m-%d')}")
+    peak, impl = gemm_peak(args.precision)
+    total, seconds, flops = profile_model(args.model, args.batch_size, args.precision)
+    print(f"{args.model} {args.precision}, batch {args.batch_size}, {args.threads} thread(s), "
+          f"{cpu}, {time.strftime('%Y-%m-%d')}")
     print(f"forward {total * 1e3:.1f} ms, blocks {seconds.sum() * 1e3:.1f} ms")
     print("| part | ms | GFLOP/s |\n|---|---|---|")
     for part, s, f in zip(PARTS, seconds, flops):
         print(f"| {part} | {s * 1e3:.2f} | {f / s * 1e-9 if s else 0:.1f} |")
     gemm_s, gemm_f = seconds[list(GEMM_PARTS)].sum(), flops[list(GEMM_PARTS)].sum()
     rate = gemm_f / gemm_s * 1e-9
-    print(f"1x1 GEMMs ({block_gemm_impl()}): {gemm_s * 1e3:.1f} ms, {rate:.1f} GFLOP/s = "
-          f"{rate / peak:.0%} of the 2048^3 matmul's {peak:.1f} GFLOP/s ({impl})")
+    impls = ", ".join(f"{name} x{count}" for name, count in
+                      model_gemm_impls(args.model, args.batch_size, args.precision).items())
+    print(f"1x1 GEMMs ({impls}): {gemm_s * 1e3:.1f} ms, {rate:.1f} GFLOP/s = "
+          f"{rate / peak:.0%} of the 2048^3 {args.precision} matmul's {peak:.1f} GFLOP/s ({impl})")
     if args.per_stage:
         print("| stage | " + " | ".join(PARTS) + " | all |\n|" + "---|" * (len(PARTS) + 2))
-        for stage, row in enumerate(profile_stages(args.model, args.batch_size), start=1):
+        rows = profile_stages(args.model, args.batch_size, args.precision)
+        for stage, row in enumerate(rows, start=1):
             print(f"| {stage} | " + " | ".join(f"{v * 1e3:.2f}" for v in row)
                   + f" | {row.sum() * 1e3:.2f} |")
 

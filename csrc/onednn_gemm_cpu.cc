@@ -326,11 +326,40 @@ extern "C" void dpn_fast_gemm_f32(int64_t m, int64_t n, int64_t k, const float* 
   dpn_fast::gemm_f32(dpn_fast::GemmShape{m, n, k, k, n, n, false}, a, b, c);
 }
 
-// b_transposed: b given as [n, k] (a channels-last 1x1 convolution's weight).
-extern "C" const char* dpn_fast_gemm_impl(int64_t m, int64_t n, int64_t k, int b_transposed) {
-  dpn_fast::GemmShape s{m, n, k, k, b_transposed ? k : n, n, false};
-  s.b_layout = b_transposed ? dpn_fast::BLayout::kTransposed : dpn_fast::BLayout::kPlain;
-  return dpn_fast::gemm_impl_name(s);
+// c[m, n] = a[m, k] x w[n, k]^T in bf16 (a's bf16 bit patterns; w packed as bf16 by
+// dpn_fast_pack_1x1_weight, blob included), through gemm_bf16: the bf16 counterpart of
+// dpn_fast_gemm_f32. Returns "" or why the blob cannot be used here.
+extern "C" const char* dpn_fast_gemm_bf16_packed(int64_t m, int64_t n, int64_t k,
+                                                 const uint16_t* a, const uint8_t* blob,
+                                                 float* c) {
+  thread_local std::string error;
+  error = dpn_fast::packed_weight_is_bf16(blob) ? dpn_fast::packed_weight_mismatch(blob, n, k, true)
+                                                : "the blob holds float32 weights";
+  if (!error.empty()) return error.c_str();
+  dpn_fast::GemmShape s{m, n, k, k, k, n, false};
+  s.b_layout = dpn_fast::BLayout::kPacked;
+  s.bf16 = true;
+  dpn_fast::gemm_bf16(s, a, static_cast<const dpn_fast::Bf16*>(dpn_fast::packed_weight_data(blob)),
+                      c);
+  return "";
+}
+
+// The implementation a [m, k] x [k, n] GEMM gets: b_layout 0 plain, 1 transposed (b given as
+// [n, k], a channels-last 1x1 convolution's weight), 2 packed (as the compiled engine runs it);
+// bf16 (packed only). A shape oneDNN refuses answers "error: " and why.
+extern "C" const char* dpn_fast_gemm_impl(int64_t m, int64_t n, int64_t k, int b_layout, int bf16) {
+  thread_local std::string name;
+  dpn_fast::GemmShape s{m, n, k, k, b_layout == 0 ? n : k, n, false};
+  s.b_layout = b_layout == 0   ? dpn_fast::BLayout::kPlain
+               : b_layout == 1 ? dpn_fast::BLayout::kTransposed
+                               : dpn_fast::BLayout::kPacked;
+  s.bf16 = bf16 != 0;
+  try {
+    name = dpn_fast::gemm_impl_name(s);
+  } catch (const std::exception& e) {
+    name = std::string("error: ") + e.what();
+  }
+  return name.c_str();
 }
 
 // 1 if oneDNN runs bf16 GEMMs on this CPU's bf16 instructions (dpn_fast_pack_1x1_weight with bf16

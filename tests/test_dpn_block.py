@@ -334,7 +334,7 @@ def gemm_rows_are_independent():
     """Whether oneDNN's matmul here gives each output row the same bits whatever the number of
     rows: brg_matmul (AVX-512 CPUs) does; gemm:jit (its choice on AVX2 CPUs) splits K by the
     problem's size, so a row's last bits depend on how many images run together."""
-    return gemm_impl(441, 128, 160, b_transposed=True).startswith("brg_matmul")
+    return gemm_impl(441, 128, 160, "transposed").startswith("brg_matmul")
 
 
 def test_stage_op_runs_images_like_single_images():

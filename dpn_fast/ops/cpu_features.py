@@ -15,10 +15,20 @@ def bf16_gemm_supported():
     return bool(library.dpn_fast_bf16_gemm_supported())
 
 
-def gemm_impl(m, n, k, b_transposed):
-    """The oneDNN implementation the ops' float32 GEMM gets for [m, k] x [k, n] (b_transposed: b
-    given as [n, k], a channels-last 1x1 convolution's weight), e.g. "brg_matmul:avx512_core"."""
+GEMM_LAYOUTS = ("plain", "transposed", "packed")
+
+
+def gemm_impl(m, n, k, layout, bf16=False):
+    """The oneDNN implementation the ops' GEMM gets for [m, k] x [k, n], e.g.
+    "brg_matmul:avx512_core". layout: how b is given: "plain" [k, n], "transposed" [n, k] (a
+    channels-last 1x1 convolution's weight), "packed" (as the compiled engine runs it); bf16:
+    bf16 operands (packed only). Raises RuntimeError where oneDNN refuses the GEMM."""
+    if layout not in GEMM_LAYOUTS:
+        raise ValueError(f"layout must be one of {GEMM_LAYOUTS}, got {layout!r}")
     library = ctypes.CDLL(_extension.LIBRARY_PATH)
     library.dpn_fast_gemm_impl.restype = ctypes.c_char_p
-    library.dpn_fast_gemm_impl.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return library.dpn_fast_gemm_impl(m, n, k, int(b_transposed)).decode()
+    library.dpn_fast_gemm_impl.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+    name = library.dpn_fast_gemm_impl(m, n, k, GEMM_LAYOUTS.index(layout), int(bf16)).decode()
+    if name.startswith("error: "):
+        raise RuntimeError(name[len("error: "):])
+    return name
