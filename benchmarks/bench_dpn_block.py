@@ -206,7 +206,7 @@ def profile_stages(name, batch, precision, iterations=10):
         for blocks in model.stages():
             layout = stage_layout(blocks)
             # Packed weights, as the compiled model runs them.
-            args = [pack_stage_launch(stage_weights(blocks), bf16),
+            args = [pack_stage_launch(stage_weights(blocks), layout.groups, bf16),
                     fold_launch(stage_batch_norms(blocks)), layout.groups, layout.stride,
                     layout.dense_channels, layout.capacity, True, bf16]
             stages.append((resid, dense, args))

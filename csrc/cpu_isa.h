@@ -29,4 +29,13 @@ inline Isa detect_isa() {
   return Isa::kBaseline;
 }
 
+// DPN_FAST_CPU_ISA's spelling of an ISA.
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
 }  // namespace dpn_fast

@@ -51,9 +51,11 @@ struct DpnBlockShape {
 
 // BNs come folded (the caller folds them once, not every call). The projection's and 1x1c's rows
 // are two GEMMs each, the residual rows and the dense rows, so each 1x1 GEMM has its own weight:
-// plain floats, rows of the layer's [C_out, C_in] weight, or packed (packed_1x1), that GEMM's rows
-// laid out once for this CPU (onednn_gemm.h: pack_weight; here packed_weight_data of the blob),
-// as floats or, for bf16_gemms, as bf16.
+// plain floats, rows of the layer's [C_out, C_in] weight, or packed, that GEMM's rows laid out
+// once for this CPU (onednn_gemm.h: pack_weight; here packed_weight_data of the blob), as floats
+// or, for bf16_gemms, as bf16. The grouped conv's weight likewise: plain [bottleneck, bottleneck /
+// groups, 3, 3] floats, or packed, the blob of grouped_conv3x3_nhwc_pack (whose kernel otherwise
+// lays it out on every call).
 struct DpnBlockWeights {
   FoldedBatchNorm bn_w;        // projection blocks: the projection's input BN [in_channels]
   const void* w_proj_resid;    // projection blocks: [resid, in_channels]
@@ -61,12 +63,12 @@ struct DpnBlockWeights {
   FoldedBatchNorm bn_a;        // 1x1a's input BN [in_channels]
   const void* w_a;             // [bottleneck, in_channels]
   FoldedBatchNorm bn_b;        // the grouped conv's input BN [bottleneck]
-  const float* w_conv;         // [bottleneck, bottleneck / groups, 3, 3], always plain
+  const void* w_conv;          // [bottleneck, bottleneck / groups, 3, 3]
   FoldedBatchNorm bn_c;        // 1x1c's input BN (the grouped conv's epilogue) [bottleneck]
   const void* w_c_resid;       // [resid, bottleneck]
   const void* w_c_dense;       // [inc, bottleneck]
-  bool packed_1x1;
-  bool bf16_gemms;             // packed_1x1 weights packed as bf16: bf16 GEMMs (above)
+  bool packed;                 // every weight packed (above)
+  bool bf16_gemms;             // the packed 1x1 weights packed as bf16: bf16 GEMMs (above)
 };
 
 // A run of blocks, as a stage runs them: block 0 from (resid_in, dense_in) into (resid_out,

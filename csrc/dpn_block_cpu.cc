@@ -106,7 +106,7 @@ void conv1x1(const DpnBlockWeights& wt, const void* in, int64_t pixels, int64_t 
              const void* weight, int64_t rows, float* out, int64_t out_channels, bool accumulate,
              const FoldedBatchNorm* epilogue = nullptr) {
   GemmShape g{pixels, rows, k, k, k, out_channels, accumulate};
-  g.b_layout = wt.packed_1x1 ? BLayout::kPacked : BLayout::kTransposed;
+  g.b_layout = wt.packed ? BLayout::kPacked : BLayout::kTransposed;
   g.scale_shift_relu = epilogue != nullptr;
   g.bf16 = wt.bf16_gemms;
   const float* scale = epilogue ? epilogue->scale : nullptr;
@@ -191,7 +191,13 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
 
   const GroupedConvShape conv{s.n, s.bottleneck, s.h, s.w, s.bottleneck, s.groups, s.stride,
                               s.h_out(), s.w_out()};
-  grouped_conv3x3_bn_relu_nhwc_infer_cpu(a, wt.w_conv, wt.bn_c, g, conv);
+  if (wt.packed) {
+    grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(a, static_cast<const uint8_t*>(wt.w_conv),
+                                                  wt.bn_c, g, conv);
+  } else {
+    grouped_conv3x3_bn_relu_nhwc_infer_cpu(a, static_cast<const float*>(wt.w_conv), wt.bn_c, g,
+                                           conv);
+  }
   if (wt.bf16_gemms) round_rows_to_bf16(g, pixels_out * s.bottleneck, g_bf16);
   timer.next(kGroupedConv, 2 * s.n * s.bottleneck * (s.bottleneck / s.groups) * 9 * s.h_out() *
                                s.w_out());

@@ -11,6 +11,8 @@
 //                       (oneDNN's packed format), for dpn_fast_dpn_stage with packed_weights:
 //                       what dpn_fast.compile keeps instead of the plain weights; with bf16,
 //                       rounded to bf16 for the stage op's bf16_gemms (dpn_block.h)
+//   dpn_fast_pack_grouped_conv_weight  a grouped 3x3 conv's weight laid out once for this CPU's
+//                       channels-last kernel, likewise
 // Their BNs come folded, as one float32 tensor scale_shift [2, channels]: row 0 the scales, row 1
 // the shifts, BN after BN in the block's order: [projection's,] 1x1a's, the grouped conv's,
 // 1x1c's (a stage: block by block). A caller that owns its weights folds them once; an exported
@@ -29,6 +31,7 @@ constexpr const char* kStage = "dpn_fast_dpn_stage";
 constexpr const char* kHead = "dpn_fast_dpn_head";
 constexpr const char* kFold = "dpn_fast_fold_batch_norms";
 constexpr const char* kPack = "dpn_fast_pack_1x1_weight";
+constexpr const char* kPackConv = "dpn_fast_pack_grouped_conv_weight";
 
 using Shape = std::vector<int64_t>;
 using dpn_fast::shape_str;
@@ -311,16 +314,46 @@ const void* packed_1x1(const paddle::Tensor& blob, int64_t rows, int64_t k, bool
   return dpn_fast::packed_weight_data(blob.data<uint8_t>());
 }
 
-// Output channels of a packed 1x1 weight (packed_1x1), for the shapes before it is checked.
+// Output channels of a packed weight (packed_1x1, packed_grouped_conv), for the shapes before it
+// is checked.
 int64_t packed_rows(const paddle::Tensor& blob, const char* op, const std::string& name) {
   PD_CHECK(blob.shape().size() == 2 && blob.shape()[0] > 0, op, ": packed weight '", name,
            "' must have shape [rows, bytes per row], got ", shape_str(blob.shape()));
   return blob.shape()[0];
 }
 
+// The uint8 tensor holding the packed blob of an r -> r channel grouped conv's weight.
+Shape packed_grouped_conv_shape(int64_t r, int64_t groups) {
+  return {r, (dpn_fast::grouped_conv3x3_nhwc_packed_bytes(r, r, groups) + r - 1) / r};
+}
+
+// A packed grouped conv weight: grouped_conv3x3_nhwc_pack's blob of an r -> r channel conv in
+// `groups` as a uint8 tensor [r, bytes per row]. Refused unless it was packed for that conv and
+// this CPU's kernel variant.
+const void* packed_grouped_conv(const paddle::Tensor& blob, int64_t r, int64_t groups,
+                                const char* op) {
+  PD_CHECK(groups > 0 && r % groups == 0, op, ": groups must be > 0 and divide the bottleneck's ",
+           r, " channels, got ", groups);
+  dpn_fast::check_plain_layout(blob, op, "w_conv");
+  PD_CHECK(blob.is_cpu(), op, ": runs on CPU only, 'w_conv' is on ", blob.place().DebugString());
+  // The header first: it says what a blob of another size was packed for.
+  if (blob.dtype() == paddle::DataType::UINT8 && blob.numel() >= dpn_fast::kNhwcPackedHeaderBytes) {
+    const std::string mismatch =
+        dpn_fast::grouped_conv3x3_nhwc_packed_mismatch(blob.data<uint8_t>(), r, r, groups);
+    PD_CHECK(mismatch.empty(), op, ": packed weight 'w_conv' does not fit this CPU: ", mismatch,
+             ". Compile the model on this machine (dpn_fast.compile) and export it from there");
+  }
+  const Shape expected = packed_grouped_conv_shape(r, groups);
+  PD_CHECK(blob.dtype() == paddle::DataType::UINT8 && blob.shape() == expected, op,
+           ": packed weight 'w_conv' must be a uint8 ", shape_str(expected), " tensor (",
+           kPackConv, "), got ", phi::DataTypeToString(blob.dtype()), " ",
+           shape_str(blob.shape()));
+  return blob.data<uint8_t>();
+}
+
 // A stage's blocks on packed weights: the first block's w_proj_resid, w_proj_dense, w_a, w_conv,
-// w_c_resid, w_c_dense, then w_a, w_conv, w_c_resid, w_c_dense per further block (the GEMMs'
-// blobs; w_conv plain).
+// w_c_resid, w_c_dense, then w_a, w_conv, w_c_resid, w_c_dense per further block (the GEMMs' and
+// the grouped convs' blobs).
 std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>& resid,
                                          const paddle::Tensor& dense,
                                          const std::vector<paddle::Tensor>& weights,
@@ -332,9 +365,7 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
   PD_CHECK(stride == 1 || stride == 2, kStage, ": stride must be 1 or 2, got ", stride);
   const Input in = check_input(resid ? resid.get_ptr() : nullptr, dense, dense_channels, !resid,
                                kStage);
-  PD_CHECK(weights[3].shape().size() == 4, kStage, ": 'w_conv' must have rank 4, got ",
-           shape_str(weights[3].shape()));
-  const int64_t bottleneck = weights[3].shape()[0];
+  const int64_t bottleneck = packed_rows(weights[3], kStage, "w_conv");
   const int64_t r = packed_rows(weights[4], kStage, "w_c_resid");
   std::vector<BlockPlan> plans;
   int64_t in_resid = in.resid, in_dense = in.dense, in_capacity = in.capacity, h = in.h, w = in.w;
@@ -352,7 +383,7 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
                                     projection, capacity};
     const int64_t cin = s.in_channels();
     BlockPlan plan{s, {}};
-    plan.weights.packed_1x1 = true;
+    plan.weights.packed = true;
     plan.weights.bf16_gemms = bf16_gemms;
     if (projection) {
       plan.weights.w_proj_resid = packed_1x1(weights[first], r, cin, bf16_gemms, op,
@@ -361,8 +392,7 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
                                              "w_proj_dense");
     }
     plan.weights.w_a = packed_1x1(weights[i], bottleneck, cin, bf16_gemms, op, "w_a");
-    check_grouped_conv(weights[i + 1], bottleneck, groups, op);
-    plan.weights.w_conv = weights[i + 1].data<float>();
+    plan.weights.w_conv = packed_grouped_conv(weights[i + 1], bottleneck, groups, op);
     plan.weights.w_c_resid = packed_1x1(weights[i + 2], r, bottleneck, bf16_gemms, op,
                                         "w_c_resid");
     plan.weights.w_c_dense = packed_1x1(weights[i + 3], inc, bottleneck, bf16_gemms, op,
@@ -382,8 +412,8 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
 // dispatch of the next op call runs cold (~0.2 ms, docs/pitfalls.md); one call per stage pays it
 // four times a model instead of once per block.
 // weights: the first block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block;
-// with packed_weights, the 1x1 weights packed per GEMM (dpn_fast_pack_1x1_weight), in
-// plan_packed_stage's order. bf16_gemms: the 1x1 GEMMs in bf16 (dpn_block.h), on weights packed
+// with packed_weights, the 1x1 weights packed per GEMM (dpn_fast_pack_1x1_weight) and the grouped
+// convs' (dpn_fast_pack_grouped_conv_weight), in plan_packed_stage's order. bf16_gemms: the 1x1 GEMMs in bf16 (dpn_block.h), on weights packed
 // with bf16 (packed_weights only).
 // scale_shift: [2, total], the folded BNs: the first block's projection (C_in), 1x1a (C_in),
 // grouped conv (R), 1x1c (R), then 1x1a (that block's C_in), grouped conv, 1x1c per block.
@@ -460,8 +490,30 @@ std::vector<Shape> Pack1x1WeightInferShape(const Shape& weight, int64_t, int64_t
   return {packed_1x1_shape(rows, weight[1], bf16)};
 }
 
-std::vector<paddle::DataType> Pack1x1WeightInferDtype(paddle::DataType) {
+std::vector<paddle::DataType> PackedWeightInferDtype(paddle::DataType) {
   return {paddle::DataType::UINT8};
+}
+
+// A grouped 3x3 conv's weight [r, r / groups, 3, 3] laid out once for this CPU's channels-last
+// kernel (its ISA variant): packed_grouped_conv's blob.
+std::vector<paddle::Tensor> PackGroupedConvWeightForward(const paddle::Tensor& weight,
+                                                         int64_t groups) {
+  check_operand(weight, kPackConv, "weight");
+  const Shape& s = weight.shape();
+  PD_CHECK(s.size() == 4 && s[0] > 0, kPackConv,
+           ": 'weight' must have shape [C, C / groups, 3, 3], got ", shape_str(s));
+  check_grouped_conv(weight, s[0], groups, kPackConv);
+  auto blob = dpn_fast::empty_output(packed_grouped_conv_shape(s[0], groups),
+                                     paddle::DataType::UINT8, weight.place());
+  uint8_t* data = blob.data<uint8_t>();
+  const int64_t bytes = dpn_fast::grouped_conv3x3_nhwc_packed_bytes(s[0], s[0], groups);
+  std::fill(data + bytes, data + blob.numel(), uint8_t{0});  // an export's bytes: deterministic
+  dpn_fast::grouped_conv3x3_nhwc_pack(weight.data<float>(), s[0], s[0], groups, data);
+  return {blob};
+}
+
+std::vector<Shape> PackGroupedConvWeightInferShape(const Shape& weight, int64_t groups) {
+  return {packed_grouped_conv_shape(weight[0], groups)};
 }
 
 // Unknown (-1) sizes, as in an export with a dynamic batch or image size, stay unknown.
@@ -619,4 +671,12 @@ PD_BUILD_OP(dpn_fast_pack_1x1_weight)
     .Attrs({"first_row: int64_t", "rows: int64_t", "bf16: bool"})
     .SetKernelFn(PD_KERNEL(Pack1x1WeightForward))
     .SetInferShapeFn(PD_INFER_SHAPE(Pack1x1WeightInferShape))
-    .SetInferDtypeFn(PD_INFER_DTYPE(Pack1x1WeightInferDtype));
+    .SetInferDtypeFn(PD_INFER_DTYPE(PackedWeightInferDtype));
+
+PD_BUILD_OP(dpn_fast_pack_grouped_conv_weight)
+    .Inputs({"weight"})
+    .Outputs({"packed"})
+    .Attrs({"groups: int64_t"})
+    .SetKernelFn(PD_KERNEL(PackGroupedConvWeightForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(PackGroupedConvWeightInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(PackedWeightInferDtype));

@@ -5,6 +5,7 @@
 //              then out = relu((y - mean) * gamma / sqrt(var + eps) + beta) in a second pass.
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace dpn_fast {
 
@@ -56,6 +57,23 @@ constexpr int64_t kNhwcInputSlack = 32;
 void grouped_conv3x3_bn_relu_nhwc_infer_cpu(const float* x, const float* w,
                                             const FoldedBatchNorm& bn, float* out,
                                             const GroupedConvShape& s);
+
+// The same on weights laid out once (what the above does on every call): the channel blocks of
+// this CPU's kernel variant (its ISA and vector width), each block's taps and shuffle indices. A
+// blob's header names the variant and the convolution (c -> c_out channels in `groups`), so a blob
+// made on another kind of CPU is refused (grouped_conv3x3_nhwc_packed_mismatch), never misread.
+int64_t grouped_conv3x3_nhwc_packed_bytes(int64_t c, int64_t c_out, int64_t groups);
+// w: [c_out, c / groups, 3, 3]; blob: grouped_conv3x3_nhwc_packed_bytes bytes.
+void grouped_conv3x3_nhwc_pack(const float* w, int64_t c, int64_t c_out, int64_t groups,
+                               uint8_t* blob);
+// "" if blob (at least kNhwcPackedHeaderBytes) holds this convolution's weight packed for this
+// CPU's kernels, else what differs.
+constexpr int64_t kNhwcPackedHeaderBytes = 128;
+std::string grouped_conv3x3_nhwc_packed_mismatch(const uint8_t* blob, int64_t c, int64_t c_out,
+                                                 int64_t groups);
+void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const float* x, const uint8_t* blob,
+                                                   const FoldedBatchNorm& bn, float* out,
+                                                   const GroupedConvShape& s);
 
 // Training forward. Writes y = conv(x, w) and out = relu(bn(y)) with batch statistics; returns the
 // batch mean and 1/sqrt(biased var + eps) in saved_mean / saved_invstd and updates the running

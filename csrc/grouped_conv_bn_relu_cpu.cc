@@ -1,5 +1,8 @@
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -85,17 +88,33 @@ struct NhwcGeometry {
   int64_t c, h, w, c_out, groups, stride, h_out, w_out;
 };
 
-// kNhwcVL consecutive output channels and how their inputs are gathered (see the tile file).
+// kNhwcVL consecutive output channels and how their inputs are gathered (see the tile file), as
+// a run uses them: pointers into a packed blob and the run's BN fold.
 struct NhwcBlock {
   int64_t c0;       // first output channel
   int lanes;        // output channels in the block (kNhwcVL but in the last block)
   bool permute;     // shuffle a two-vector window, else broadcast each source
   int sources;      // input vectors per position: the group's inputs, or all touched groups'
   int64_t window;   // first input channel the block reads
-  float* weights;   // [3][3][sources][kNhwcVL], zero where a lane does not use the source
-  int32_t* index;   // permute: [sources][kNhwcVL], positions in the window
-  float *scale, *shift;  // [kNhwcVL]: the epilogue's BN fold
+  const float* weights;  // [3][3][sources][kNhwcVL], zero where a lane does not use the source
+  const int32_t* index;  // permute: [sources][kNhwcVL], positions in the window
+  const float *scale, *shift;  // [kNhwcVL]: the epilogue's BN fold
 };
+
+// A block as a packed blob stores it: offsets (in elements) into the blob's weights and indices.
+struct NhwcPackedBlock {
+  int64_t c0, window, weights, index;
+  int32_t lanes, sources, permute, unused;
+};
+
+// A packed blob's header: the ISA variant (and its vector width) that laid it out, and the
+// convolution it is for.
+struct NhwcPackedHeader {
+  char isa[16];
+  int64_t floats_per_vector, c, c_out, groups, blocks, floats, indices;
+};
+static_assert(sizeof(NhwcPackedHeader) <= kNhwcPackedHeaderBytes,
+              "grouped_conv3x3_nhwc_packed_mismatch reads the header from a blob that size");
 
 int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
   return (rows * pg.wq + kMaxFloatsPerVector - 1) / kMaxFloatsPerVector * kMaxFloatsPerVector;
@@ -225,17 +244,62 @@ void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
   run_conv(args, nullptr, nullptr);
 }
 
+// The ISA variant a packed blob is for: the one this CPU runs (detect_isa).
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+#define DPN_NHWC_DISPATCH(call)                                 \
+  switch (detect_isa()) {                                       \
+    case Isa::kAvx512: return isa_avx512::call;                 \
+    case Isa::kAvx2: return isa_avx2::call;                     \
+    default: return isa_baseline::call;                         \
+  }
+#else
+#define DPN_NHWC_DISPATCH(call) return isa_baseline::call;
+#endif
+
+int64_t grouped_conv3x3_nhwc_packed_bytes(int64_t c, int64_t c_out, int64_t groups) {
+  DPN_NHWC_DISPATCH(nhwc_packed_bytes(c, c_out, groups))
+}
+
+void grouped_conv3x3_nhwc_pack(const float* w, int64_t c, int64_t c_out, int64_t groups,
+                               uint8_t* blob) {
+  const char* isa = isa_name(detect_isa());
+  DPN_NHWC_DISPATCH(nhwc_pack(w, c, c_out, groups, isa, blob))
+}
+
+std::string grouped_conv3x3_nhwc_packed_mismatch(const uint8_t* blob, int64_t c, int64_t c_out,
+                                                 int64_t groups) {
+  NhwcPackedHeader header;
+  std::memcpy(&header, blob, sizeof(header));
+  const std::string packed_for(header.isa, strnlen(header.isa, sizeof(header.isa)));
+  if (header.c != c || header.c_out != c_out || header.groups != groups) {
+    return "it holds the weight of a " + std::to_string(header.c) + " -> " +
+           std::to_string(header.c_out) + " channel conv in " + std::to_string(header.groups) +
+           " groups, expected " + std::to_string(c) + " -> " + std::to_string(c_out) + " in " +
+           std::to_string(groups);
+  }
+  const std::string here = isa_name(detect_isa());
+  if (packed_for != here) {
+    return "it was packed for the " + packed_for + " kernels, this CPU runs the " + here + " ones";
+  }
+  return "";
+}
+
+void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const float* x, const uint8_t* blob,
+                                                   const FoldedBatchNorm& bn, float* out,
+                                                   const GroupedConvShape& s) {
+  const NhwcGeometry g{s.c, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
+  DPN_NHWC_DISPATCH(nhwc_conv_packed(x, blob, bn.scale, bn.shift, g, s.n, out))
+}
+
+#undef DPN_NHWC_DISPATCH
+
 void grouped_conv3x3_bn_relu_nhwc_infer_cpu(const float* x, const float* w,
                                             const FoldedBatchNorm& bn, float* out,
                                             const GroupedConvShape& s) {
-  const NhwcGeometry g{s.c, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
-  switch (detect_isa()) {
-#ifdef DPN_FAST_HAVE_X86_VARIANTS
-    case Isa::kAvx512: return isa_avx512::nhwc_conv(x, w, bn.scale, bn.shift, g, s.n, out);
-    case Isa::kAvx2: return isa_avx2::nhwc_conv(x, w, bn.scale, bn.shift, g, s.n, out);
-#endif
-    default: return isa_baseline::nhwc_conv(x, w, bn.scale, bn.shift, g, s.n, out);
-  }
+  thread_local std::vector<uint8_t> blob;
+  blob.resize(grouped_conv3x3_nhwc_packed_bytes(s.c, s.c_out, s.groups));
+  grouped_conv3x3_nhwc_pack(w, s.c, s.c_out, s.groups, blob.data());
+  grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(x, blob.data(), bn, out, s);
 }
 
 void grouped_conv3x3_bn_relu_train_cpu(const float* x, const float* w, const float* gamma,

@@ -107,16 +107,39 @@ def _foreign_layout(compiled):
     return foreign.decode()
 
 
-def test_keeps_only_packed_1x1_weights():
+def grouped_conv_blobs(stage_weights):
+    """Positions of the grouped convs' blobs in a compiled stage's weights: the first block's
+    w_proj resid, dense, w_a, w_conv, w_c resid, dense, then w_a, w_conv, w_c resid, dense."""
+    return [3] + list(range(7, len(stage_weights), 4))
+
+
+def test_keeps_only_packed_weights():
     """Each 1x1 GEMM's weight is one uint8 blob (the projection's and 1x1c's split into their
-    resid and dense GEMMs); the plain float32 copies are not kept beside them."""
-    compiled, _, _ = compiled_trio("DPN68", seed=34)
+    resid and dense GEMMs), each grouped conv's too; the plain float32 copies are not kept beside
+    them (only the stem's convolution and the classifier stay float32)."""
+    compiled, reference, _ = compiled_trio("DPN68", seed=34)
     weights, _, layout = compiled._stages[0]
     assert layout.packed_weights
-    assert [w.dtype for w in weights[:6]] == [paddle.uint8] * 3 + [paddle.float32] + [
-        paddle.uint8] * 2  # w_proj resid, dense, w_a, w_conv, w_c resid, dense
+    assert [w.dtype for w in weights] == [paddle.uint8] * len(weights)
+    for w, conv in zip([weights[i] for i in grouped_conv_blobs(weights)],
+                       [block.c3x3_b_func._conv.weight for block in reference.stages()[0]]):
+        assert w.shape[0] == conv.shape[0]  # one row per output channel
     float_buffers = [b for b in compiled.buffers() if b.dtype == paddle.float32]
-    assert all(len(b.shape) != 4 or b.shape[2:] != [1, 1] for b in float_buffers)
+    assert [b.shape for b in float_buffers if len(b.shape) == 4] == [
+        reference.conv1_x_1_func._conv.weight.shape]
+
+
+def test_refuses_grouped_conv_packed_for_other_kernels(monkeypatch):
+    """A grouped conv blob laid out for another kernel variant (vector width) never runs: here one
+    packed for the portable kernels (DPN_FAST_CPU_ISA=baseline) on a CPU that runs wider ones."""
+    _, reference, _ = compiled_trio("DPN68", seed=37)
+    monkeypatch.setenv("DPN_FAST_CPU_ISA", "baseline")
+    foreign = dpn_fast.compile(reference)
+    monkeypatch.delenv("DPN_FAST_CPU_ISA")
+    x = paddle.to_tensor(images((1, 3, 32, 32), seed=38))
+    with pytest.raises(OSError, match=r"'w_conv' does not fit this CPU: it was packed for the "
+                                      r"baseline kernels, this CPU runs the avx(512|2) ones"):
+        foreign(x)
 
 
 def test_refuses_weights_packed_for_another_cpu(tmp_path):

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import paddle
 import pytest
+from test_compile import grouped_conv_blobs
 from test_fused_models import build_trio, images
 from utils import assert_matches_reference, max_abs_err, run_script
 
@@ -134,16 +135,16 @@ def test_export_runs_in_paddle_inference(tmp_path, use_onednn):
 def test_packed_weights_are_bf16():
     """The 1x1 GEMMs' blobs hold bf16 values: about half the float32 blobs' bytes in all (a
     small weight's blob is mostly header and oneDNN's padding, as large in either); the grouped
-    convs' weights stay float32."""
+    convs' weights stay float32, packed as for fp32."""
     reference, _, _ = build_trio("DPN68", seed=56)
     fp32, bf16 = (dpn_fast.compile(reference, precision=p) for p in ("fp32", "bf16"))
     fp32_bytes = bf16_bytes = 0
     for (fp32_weights, _, fp32_layout), (bf16_weights, _, bf16_layout) in zip(fp32._stages,
                                                                              bf16._stages):
         assert bf16_layout.bf16_gemms and not fp32_layout.bf16_gemms
-        assert [w.dtype for w in bf16_weights] == [w.dtype for w in fp32_weights]
-        for fp32_weight, bf16_weight in zip(fp32_weights, bf16_weights):
-            if fp32_weight.dtype == paddle.float32:  # w_conv
+        convs = grouped_conv_blobs(fp32_weights)
+        for i, (fp32_weight, bf16_weight) in enumerate(zip(fp32_weights, bf16_weights)):
+            if i in convs:
                 np.testing.assert_array_equal(bf16_weight.numpy(), fp32_weight.numpy())
             else:
                 assert bf16_weight.size <= fp32_weight.size

@@ -135,14 +135,14 @@ class CompiledDPN(paddle.nn.Layer):
                           for i, t in enumerate(_stem(model))]
             self._stages = []
             for s, blocks in enumerate(model.stages()):
+                layout = stage_layout(blocks)
                 weights = [self._keep(f"stage{s}_weight{i}", w)
                            for i, w in enumerate(pack_stage_launch(stage_weights(blocks),
-                                                                   bf16=bf16))]
+                                                                   layout.groups, bf16=bf16))]
                 scale_shift = self._keep(f"stage{s}_scale_shift",
                                          fold_launch(stage_batch_norms(blocks)))
                 self._stages.append((weights, scale_shift,
-                                     replace(stage_layout(blocks), packed_weights=True,
-                                             bf16_gemms=bf16)))
+                                     replace(layout, packed_weights=True, bf16_gemms=bf16)))
             self._head = (self._keep("head_scale_shift", fold_launch([model.conv5_x_x_bn])),
                           self._own("fc_weight", model.out.weight),
                           self._own("fc_bias", model.out.bias), _head_dense_channels(model))

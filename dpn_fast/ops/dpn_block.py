@@ -54,16 +54,21 @@ def stage_launch(resid, dense, weights, scale_shift, groups, stride, dense_chann
                              stride, dense_channels, capacity, packed_weights, bf16_gemms)
 
 
-def pack_stage_launch(weights, bf16=False):
-    """A stage's plain weights (stage_launch's) with its 1x1 weights laid out once for this CPU
-    (oneDNN's packed format): one uint8 blob per GEMM, each naming its layout, w_proj and w_c
-    split into their resid and dense rows (the first block's w_proj_resid, w_proj_dense, w_a,
-    w_conv, w_c_resid, w_c_dense, then w_a, w_conv, w_c_resid, w_c_dense per further block);
-    w_conv copied. stage_launch runs them with packed_weights=True on a CPU whose oneDNN picks
-    the same layout, and refuses them elsewhere. `bf16`: rounded to bf16, for bf16_gemms=True;
-    raises where the CPU has no bf16 instructions (AVX512_BF16 or AMX-BF16)."""
+def pack_stage_launch(weights, groups, bf16=False):
+    """A stage's plain weights (stage_launch's) laid out once for this CPU: one uint8 blob per
+    1x1 GEMM in oneDNN's packed format, each naming its layout, w_proj and w_c split into their
+    resid and dense rows, and one per grouped conv (`groups` groups) in the channel blocks of this
+    CPU's kernel variant (the first block's w_proj_resid, w_proj_dense, w_a, w_conv, w_c_resid,
+    w_c_dense, then w_a, w_conv, w_c_resid, w_c_dense per further block). stage_launch runs them
+    with packed_weights=True on a CPU whose oneDNN picks the same layouts and whose kernels have
+    the same vector width, and refuses them elsewhere. `bf16`: the 1x1 weights rounded to bf16,
+    for bf16_gemms=True; raises where the CPU has no bf16 instructions (AVX512_BF16 or
+    AMX-BF16)."""
     def pack(weight, first_row, rows):
         return _extension.run_op("dpn_fast_pack_1x1_weight", weight, first_row, rows, bf16)[0]
+
+    def pack_conv(weight):
+        return _extension.run_op("dpn_fast_pack_grouped_conv_weight", weight, groups)[0]
 
     w_proj, first_w_c = weights[0], weights[3]
     # w_proj: resid + 2 inc rows; w_c: resid + inc rows
@@ -72,7 +77,7 @@ def pack_stage_launch(weights, bf16=False):
     packed = [pack(w_proj, 0, resid), pack(w_proj, resid, 2 * inc)]
     bottlenecks = zip(weights[1::3], weights[2::3], weights[3::3])  # (w_a, w_conv, w_c) per block
     for w_a, w_conv, w_c in bottlenecks:
-        packed += [pack(w_a, 0, w_a.shape[0]), paddle.assign(w_conv), pack(w_c, 0, resid),
+        packed += [pack(w_a, 0, w_a.shape[0]), pack_conv(w_conv), pack(w_c, 0, resid),
                    pack(w_c, resid, w_c.shape[0] - resid)]
     return packed
 
