@@ -100,35 +100,32 @@ void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
 
 // out[p, 0 .. rows) (+)= in[p, :] x weight[rows, k]^T for `pixels` positions: a 1x1
 // convolution, channels-last; weight plain or packed (DpnBlockWeights), `in` float, or Bf16 with
-// bf16 GEMMs. out_channels: channels per position of `out`. epilogue: a BN + ReLU on the result
-// (oneDNN post-ops), or none.
+// bf16 GEMMs. out_channels: channels per position of `out`, which is float, or with bf16 GEMMs and
+// out_bf16, Bf16. epilogue: a BN + ReLU on the result (oneDNN post-ops), or none.
 void conv1x1(const DpnBlockWeights& wt, const void* in, int64_t pixels, int64_t k,
-             const void* weight, int64_t rows, float* out, int64_t out_channels, bool accumulate,
-             const FoldedBatchNorm* epilogue = nullptr) {
+             const void* weight, int64_t rows, void* out, int64_t out_channels, bool accumulate,
+             const FoldedBatchNorm* epilogue = nullptr, bool out_bf16 = false) {
   GemmShape g{pixels, rows, k, k, k, out_channels, accumulate};
   g.b_layout = wt.packed ? BLayout::kPacked : BLayout::kTransposed;
   g.scale_shift_relu = epilogue != nullptr;
   g.bf16 = wt.bf16_gemms;
+  g.c_bf16 = out_bf16;
   const float* scale = epilogue ? epilogue->scale : nullptr;
   const float* shift = epilogue ? epilogue->shift : nullptr;
-  if (wt.bf16_gemms) {
-    gemm_bf16(g, static_cast<const Bf16*>(in), static_cast<const Bf16*>(weight), out, scale,
-              shift);
+  const auto* in_bf16 = static_cast<const Bf16*>(in);
+  const auto* weight_bf16 = static_cast<const Bf16*>(weight);
+  if (out_bf16) {
+    gemm_bf16(g, in_bf16, weight_bf16, static_cast<Bf16*>(out), scale, shift);
+  } else if (wt.bf16_gemms) {
+    gemm_bf16(g, in_bf16, weight_bf16, static_cast<float*>(out), scale, shift);
   } else {
-    gemm_f32(g, static_cast<const float*>(in), static_cast<const float*>(weight), out, scale,
-             shift);
+    gemm_f32(g, static_cast<const float*>(in), static_cast<const float*>(weight),
+             static_cast<float*>(out), scale, shift);
   }
 }
 
-// out = x rounded to bf16, `count` values: the grouped conv's output as 1x1c's bf16 operand.
-void round_rows_to_bf16(const float* x, int64_t count, Bf16* out) {
-#pragma omp parallel for simd num_threads(cpu_threads()) schedule(static)
-  for (int64_t i = 0; i < count; ++i) out[i] = round_to_bf16(x[i]);
-}
-
 // Offsets (in floats) of the workspace's parts, and its size: one place for both. With bf16 GEMMs
-// act and act_w hold Bf16 (half their space unused), and a's space, free once the grouped conv
-// has read it, takes g rounded to bf16.
+// act, act_w, a and g hold Bf16 (half their space unused).
 struct WorkspaceLayout {
   int64_t act, act_w, a, g, total;
 };
@@ -158,11 +155,13 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   float* const g = workspace + l.g;
   Bf16* const act_bf16 = reinterpret_cast<Bf16*>(act);
   Bf16* const act_w_bf16 = reinterpret_cast<Bf16*>(act_w);
-  Bf16* const g_bf16 = reinterpret_cast<Bf16*>(a);
-  // The 1x1 GEMMs' activations (A operands): float, or Bf16 with bf16 GEMMs.
-  const void* const gemm_act = wt.bf16_gemms ? static_cast<void*>(act_bf16) : act;
-  const void* const gemm_act_w = wt.bf16_gemms ? static_cast<void*>(act_w_bf16) : act_w;
-  const void* const gemm_g = wt.bf16_gemms ? static_cast<void*>(g_bf16) : g;
+  Bf16* const a_bf16 = reinterpret_cast<Bf16*>(a);
+  Bf16* const g_bf16 = reinterpret_cast<Bf16*>(g);
+  // The activations between the GEMMs: float, or Bf16 with bf16 GEMMs.
+  void* const gemm_act = wt.bf16_gemms ? static_cast<void*>(act_bf16) : act;
+  void* const gemm_act_w = wt.bf16_gemms ? static_cast<void*>(act_w_bf16) : act_w;
+  void* const bottleneck_a = wt.bf16_gemms ? static_cast<void*>(a_bf16) : a;
+  void* const bottleneck_g = wt.bf16_gemms ? static_cast<void*>(g_bf16) : g;
   PartTimer timer;
 
   // The input's BN + ReLU: one read of (resid, dense) for both BNs of a projection.
@@ -186,25 +185,28 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   }
 
   // 1x1a with the grouped conv's input BN + ReLU as its epilogue.
-  conv1x1(wt, gemm_act, pixels, cin, wt.w_a, s.bottleneck, a, s.bottleneck, false, &wt.bn_b);
+  conv1x1(wt, gemm_act, pixels, cin, wt.w_a, s.bottleneck, bottleneck_a, s.bottleneck, false,
+          &wt.bn_b, wt.bf16_gemms);
   timer.next(kConv1x1a, 2 * pixels * s.bottleneck * cin);
 
   const GroupedConvShape conv{s.n, s.bottleneck, s.h, s.w, s.bottleneck, s.groups, s.stride,
                               s.h_out(), s.w_out()};
-  if (wt.packed) {
-    grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(a, static_cast<const uint8_t*>(wt.w_conv),
-                                                  wt.bn_c, g, conv);
+  const auto* w_conv_blob = static_cast<const uint8_t*>(wt.w_conv);
+  if (wt.bf16_gemms) {
+    grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(a_bf16, w_conv_blob, wt.bn_c, g_bf16, conv);
+  } else if (wt.packed) {
+    grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(a, w_conv_blob, wt.bn_c, g, conv);
   } else {
     grouped_conv3x3_bn_relu_nhwc_infer_cpu(a, static_cast<const float*>(wt.w_conv), wt.bn_c, g,
                                            conv);
   }
-  if (wt.bf16_gemms) round_rows_to_bf16(g, pixels_out * s.bottleneck, g_bf16);
   timer.next(kGroupedConv, 2 * s.n * s.bottleneck * (s.bottleneck / s.groups) * 9 * s.h_out() *
                                s.w_out());
 
   // 1x1c: the residual rows accumulate into resid, the dense rows land after the dense before.
-  conv1x1(wt, gemm_g, pixels_out, s.bottleneck, wt.w_c_resid, s.resid, resid_out, s.resid, true);
-  conv1x1(wt, gemm_g, pixels_out, s.bottleneck, wt.w_c_dense, s.inc,
+  conv1x1(wt, bottleneck_g, pixels_out, s.bottleneck, wt.w_c_resid, s.resid, resid_out, s.resid,
+          true);
+  conv1x1(wt, bottleneck_g, pixels_out, s.bottleneck, wt.w_c_dense, s.inc,
           dense_out + s.dense_before(), s.capacity, false);
   timer.next(kConv1x1c, 2 * pixels_out * (s.resid + s.inc) * s.bottleneck);
 }

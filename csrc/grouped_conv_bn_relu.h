@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <string>
 
+#include "bf16.h"
+
 namespace dpn_fast {
 
 struct GroupedConvShape {
@@ -51,7 +53,7 @@ void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
                                                const GroupedConvShape& s);
 
 // Eval forward, channels-last: x [n, h, w, c] (already activated), out [n, h_out, w_out, c_out],
-// out = relu(bn(conv(x, w))), bn folded by the caller. Reads up to kNhwcInputSlack floats past
+// out = relu(bn(conv(x, w))), bn folded by the caller. Reads up to kNhwcInputSlack values past
 // the end of x, which must be readable (their values do not matter).
 constexpr int64_t kNhwcInputSlack = 32;
 void grouped_conv3x3_bn_relu_nhwc_infer_cpu(const float* x, const float* w,
@@ -73,6 +75,11 @@ std::string grouped_conv3x3_nhwc_packed_mismatch(const uint8_t* blob, int64_t c,
                                                  int64_t groups);
 void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const float* x, const uint8_t* blob,
                                                    const FoldedBatchNorm& bn, float* out,
+                                                   const GroupedConvShape& s);
+// bf16 activations: x read as bf16, the sums float32 (weights and BN fold float32), out rounded to
+// bf16 (to nearest even). Reads up to kNhwcInputSlack values past the end of x.
+void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const Bf16* x, const uint8_t* blob,
+                                                   const FoldedBatchNorm& bn, Bf16* out,
                                                    const GroupedConvShape& s);
 
 // Training forward. Writes y = conv(x, w) and out = relu(bn(y)) with batch statistics; returns the

@@ -291,6 +291,13 @@ void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const float* x, const uint8_t
   DPN_NHWC_DISPATCH(nhwc_conv_packed(x, blob, bn.scale, bn.shift, g, s.n, out))
 }
 
+void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const Bf16* x, const uint8_t* blob,
+                                                   const FoldedBatchNorm& bn, Bf16* out,
+                                                   const GroupedConvShape& s) {
+  const NhwcGeometry g{s.c, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
+  DPN_NHWC_DISPATCH(nhwc_conv_packed(x, blob, bn.scale, bn.shift, g, s.n, out))
+}
+
 #undef DPN_NHWC_DISPATCH
 
 void grouped_conv3x3_bn_relu_nhwc_infer_cpu(const float* x, const float* w,

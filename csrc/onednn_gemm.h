@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <string>
 
+#include "bf16.h"
+
 namespace dpn_fast {
 
 // c[m, n] (+)= sum_k a[m, k] * b[k, n]; row-major, row strides lda, ldb, ldc (elements).
@@ -18,8 +20,8 @@ namespace dpn_fast {
 // packed_weight_data(blob), ldb unused).
 // scale_shift_relu: c = relu((a x b) * scale[j] + shift[j]) per column j (a BN + ReLU after the
 // convolution, as oneDNN post-ops); gemm_f32 then takes the two [n] vectors.
-// bf16: a and b are bf16 (b packed with bf16), products summed in float32, c and the post-ops
-// float32 (gemm_bf16).
+// bf16: a and b are bf16 (b packed with bf16), products summed in float32, the post-ops float32,
+// c float32 or, with c_bf16, the result rounded to bf16 (gemm_bf16).
 enum class BLayout { kPlain, kTransposed, kPacked };
 
 struct GemmShape {
@@ -29,27 +31,19 @@ struct GemmShape {
   BLayout b_layout = BLayout::kPlain;
   bool scale_shift_relu = false;
   bool bf16 = false;
+  bool c_bf16 = false;  // bf16 only
 };
-
-// bf16 as its bit pattern: the upper half of a float32.
-using Bf16 = uint16_t;
-
-// v rounded to bf16, to nearest even (as Paddle's cast to bfloat16); NaN stays NaN. Written for
-// `#pragma omp simd` loops.
-inline Bf16 round_to_bf16(float v) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &v, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return Bf16(v != v ? (bits >> 16) | 0x40u : rounded);
-}
 
 // Primitives are created once per shape and thread count and cached (thread-safe); each call
 // brings its own scratchpad, so one primitive runs concurrently from several threads. Runs on
 // cpu_threads() threads.
 void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c,
               const float* scale = nullptr, const float* shift = nullptr);
-// The same with s.bf16: a [m, k] bf16, b a bf16-packed weight (packed_weight_data).
+// The same with s.bf16: a [m, k] bf16, b a bf16-packed weight (packed_weight_data); c float32,
+// or bf16 with s.c_bf16.
 void gemm_bf16(const GemmShape& s, const Bf16* a, const Bf16* b, float* c,
+               const float* scale = nullptr, const float* shift = nullptr);
+void gemm_bf16(const GemmShape& s, const Bf16* a, const Bf16* b, Bf16* c,
                const float* scale = nullptr, const float* shift = nullptr);
 
 // Name of the oneDNN implementation chosen for a shape (e.g. "brg_matmul:avx512_core").

@@ -32,7 +32,7 @@ struct CachedGemm {
 
 // oneDNN sizes its parallel decomposition at creation from the OpenMP thread count, so the
 // count is part of the key, and creation and execution run with the same count.
-using GemmKey = std::array<int64_t, 11>;
+using GemmKey = std::array<int64_t, 12>;
 
 class ScopedOmpThreads {
  public:
@@ -160,7 +160,7 @@ class GemmCache {
  public:
   std::shared_ptr<const CachedGemm> get(const GemmShape& s, int threads) {
     const GemmKey key{s.m,   s.n, s.k, s.lda, s.ldb, s.ldc, s.accumulate, int64_t(s.b_layout),
-                      s.scale_shift_relu, s.bf16, threads};
+                      s.scale_shift_relu, s.bf16, s.c_bf16, threads};
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = cache_.find(key);
     if (it != cache_.end()) return it->second;
@@ -177,9 +177,10 @@ class GemmCache {
     if (s.bf16 && s.b_layout != BLayout::kPacked) {
       throw std::runtime_error("dpn_fast: bf16 GEMMs run on packed weights only");
     }
+    if (s.c_bf16 && !s.bf16) throw std::runtime_error("dpn_fast: a bf16 c needs bf16 operands");
     dnnl::matmul::primitive_desc desc(cpu_engine(),
                                       matrix(s.m, s.k, s.lda, operand_type(s.bf16)), b_desc(s),
-                                      matrix(s.m, s.n, s.ldc), attr);
+                                      matrix(s.m, s.n, s.ldc, operand_type(s.c_bf16)), attr);
     if (s.b_layout == BLayout::kPacked &&
         packed_layout(s.n, s.k, s.bf16).impl != desc.impl_info_str()) {
       throw std::runtime_error(
@@ -204,8 +205,8 @@ GemmCache& cache() {
   return *instance;
 }
 
-// a, b: float or Bf16 as s.bf16 says.
-void run_gemm(const GemmShape& s, const void* a, const void* b, float* c, const float* scale,
+// a, b: float or Bf16 as s.bf16 says; c as s.c_bf16 says.
+void run_gemm(const GemmShape& s, const void* a, const void* b, void* c, const float* scale,
               const float* shift) {
   const int threads = cpu_threads();
   ScopedOmpThreads scoped(threads);
@@ -242,7 +243,15 @@ void gemm_f32(const GemmShape& s, const float* a, const float* b, float* c, cons
 
 void gemm_bf16(const GemmShape& s, const Bf16* a, const Bf16* b, float* c, const float* scale,
                const float* shift) {
-  if (!s.bf16) throw std::runtime_error("dpn_fast: gemm_bf16 on a float32 shape");
+  if (!s.bf16 || s.c_bf16) {
+    throw std::runtime_error("dpn_fast: gemm_bf16 with a float c on another shape");
+  }
+  run_gemm(s, a, b, c, scale, shift);
+}
+
+void gemm_bf16(const GemmShape& s, const Bf16* a, const Bf16* b, Bf16* c, const float* scale,
+               const float* shift) {
+  if (!s.c_bf16) throw std::runtime_error("dpn_fast: gemm_bf16 with a bf16 c on another shape");
   run_gemm(s, a, b, c, scale, shift);
 }
 

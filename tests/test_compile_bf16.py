@@ -1,5 +1,6 @@
 """dpn_fast.compile(precision="bf16"): its logits against a plain-Paddle emulation of its numerics
-(the 1x1 convolutions' weights and inputs rounded to bf16, everything else float32) and the same
+(the 1x1 convolutions' weights and the 1x1 and grouped convolutions' inputs rounded to bf16,
+everything else float32) and the same
 emulation in float64, against the float32 model, its export and its packed weights; on a CPU
 without bf16 matmul kernels, its error."""
 import os
@@ -36,25 +37,28 @@ def round_to_bf16(array):
     return rounded.view(array.dtype)
 
 
-def one_by_one_convs(model):
-    """The Conv2D layers the bf16 engine runs as bf16 GEMMs: each block's projection, 1x1a and
-    1x1c."""
-    layers = []
+def bf16_convs(model):
+    """(Conv2D layers the bf16 engine runs as bf16 GEMMs: each block's projection, 1x1a and 1x1c;
+    the grouped convs, which it runs on bf16 inputs with float32 weights)."""
+    one_by_one, grouped = [], []
     for block in model.blocks:
-        layers += [block.c1x1_w_func] if block.has_proj else []
-        layers += [block.c1x1_a_func, block.c1x1_c_func]
-    return [layer._conv for layer in layers]
+        one_by_one += [block.c1x1_w_func._conv] if block.has_proj else []
+        one_by_one += [block.c1x1_a_func._conv, block.c1x1_c_func._conv]
+        grouped.append(block.c3x3_b_func._conv)
+    return one_by_one, grouped
 
 
 def emulate_bf16_gemms(model):
     """Turns `model` (float32 or float64) into the plain-Paddle emulation of the bf16 engine, in
-    its own dtype: each 1x1 conv's weight rounded to bf16 now, its input (the BN + ReLU output)
-    at every call."""
+    its own dtype: each 1x1 conv's weight rounded to bf16 now, the input of every 1x1 and grouped
+    conv (a BN + ReLU output) at every call."""
     def round_input(layer, inputs):
         return (paddle.to_tensor(round_to_bf16(inputs[0].numpy())),)
 
-    for conv in one_by_one_convs(model):
+    one_by_one, grouped = bf16_convs(model)
+    for conv in one_by_one:
         conv.weight.set_value(round_to_bf16(conv.weight.numpy()))
+    for conv in one_by_one + grouped:
         conv.register_forward_pre_hook(round_input)
 
 
