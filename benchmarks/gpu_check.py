@@ -181,29 +181,27 @@ class Context:
     def over(until):
         return time.monotonic() >= until
 
-    def warm_jobs(self):
-        """Every kernel configuration the run compiles, as (label, fn): the fused forwards
-        first (the longest), then the kernel steps' launches."""
-
+    def fused_warm_jobs(self):
+        """(label, fn) per fused forward the run calls: each compiles its kernel variants one
+        after another, so each gets its own worker."""
         import gpu_e2e
-        import gpu_nhwc
-        model = {}
 
         def fused_forward(dtype, n):
             from dpn_fast.torch import fuse
-            if "base" not in model:
-                model["base"] = gpu_e2e.build_model(self.timm, self.spec, self.device)
-            fuse(gpu_e2e.as_dtype(model["base"], dtype))(
-                gpu_e2e.images(n, self.spec, dtype, self.device))
+            base = gpu_e2e.build_model(self.timm, self.spec, self.device)
+            fuse(gpu_e2e.as_dtype(base, dtype))(gpu_e2e.images(n, self.spec, dtype, self.device))
         jobs = [(f"fused forward n={n}", lambda n=n: fused_forward(self.e2e_dtype, n))
                 for n in self.batches]
-        jobs += [(f"fused forward {d}", lambda d=d: fused_forward(d, 2))
+        jobs += [(f"fused forward {d} n=2", lambda d=d: fused_forward(d, 2))
                  for d in self.dtypes if d != self.e2e_dtype]
-        jobs += gpu_nhwc.warm_jobs(self, self.correct_gemms, self.correct_convs, self.sweep_gemms,
-                                   self.sweep_convs, self.batches, self.sweep_batches)
-        if not self.gpu:
-            jobs = jobs[:1] + jobs[-2:]  # the dry run: the path, not the compiles
-        return jobs
+        return jobs if self.gpu else jobs[:1]  # the dry run: the path, not the compiles
+
+    def kernel_warm_jobs(self):
+        import gpu_nhwc
+        jobs = gpu_nhwc.warm_jobs(self, self.correct_gemms, self.correct_convs,
+                                  self.sweep_gemms, self.sweep_convs, self.batches,
+                                  self.sweep_batches)
+        return jobs if self.gpu else jobs[-2:]
 
 
 def run_plan(report, ctx, budget_s):
@@ -215,10 +213,13 @@ def run_plan(report, ctx, budget_s):
     import gpu_nhwc
     from gpu_common import copy_bandwidth
     scale = budget_s / plan_estimate_s()
-    planned_end, e2e = report.start, None
+    planned_end, e2e, warmup = report.start, None, None
     for step in PLAN:
         planned_end += step.estimate_s * scale
         until = planned_end
+        if step.name in ctx.args.skip:
+            report.note(f"{step.name}: skipped (--skip)")
+            continue
         if step.name != "targets" and time.monotonic() >= until:
             report.note(f"{step.name}: skipped, the budget's share for it had passed")
             continue
@@ -228,11 +229,14 @@ def run_plan(report, ctx, budget_s):
                 report.info["timm"] = ctx.timm.__version__
                 e2e = gpu_e2e.EndToEnd(report, ctx.timm, ctx.spec, ctx.device)
             elif step.name == "warm triton cache":
-                warm_cache(report, ctx, until)
+                warmup = Warmup(report, ctx)
+                warmup.wait("kernels", until)
             elif step.name == "correctness fp16":
                 gpu_nhwc.run_correctness(report, ctx, ctx.correct_gemms, ctx.correct_convs,
                                          ctx.dtypes[0], 2, until)
             elif step.name == "e2e fp16":
+                if warmup is not None:
+                    warmup.wait("fused", until - 0.5 * step.estimate_s * scale)
                 e2e.check(ctx.e2e_dtype)
                 for n in ctx.batches:
                     e2e.time(ctx.e2e_dtype, n)
@@ -262,43 +266,58 @@ def run_plan(report, ctx, budget_s):
             torch.cuda.empty_cache()
 
 
-def warm_cache(report, ctx, until):
-    """Compiles every kernel configuration of the run in parallel: worker processes (one a core,
-    at most 15; 2 in the dry run) each run every k-th job of Context.warm_jobs once, filling the
-    shared Triton cache that the steps then read. Workers still busy at `until` are killed; what
-    they had not compiled is compiled by the step that needs it."""
-    import signal
-    jobs = len(ctx.warm_jobs())
-    workers = min(15, os.cpu_count() or 1, jobs) if ctx.gpu else 2
-    cmd = [sys.executable, __file__, "--out", str(report.out_dir)] + \
-        (["--dry-run"] if ctx.dry_run else [])
-    procs = []
-    for i in range(workers):
-        log_file = open(report.out_dir / f"warm_{i}.log", "w")
-        procs.append((subprocess.Popen(cmd + ["--warm-shard", f"{i}/{workers}"], stdout=log_file,
-                                       stderr=subprocess.STDOUT, start_new_session=True),
-                      log_file))
-    failed, killed = 0, 0
-    for proc, log_file in procs:
-        try:
-            failed += proc.wait(timeout=max(1.0, until - time.monotonic())) != 0
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            killed += 1
-        log_file.close()
-    report.info["triton cache warm-up"] = (f"{jobs} jobs on {workers} workers in "
-                                           f"{report.elapsed():.0f}s of the run")
-    if failed or killed:
-        report.note(f"warm-up: {failed} workers failed, {killed} killed at the step's share "
-                    "(warm_<i>.log)")
+class Warmup:
+    """Compiles every kernel configuration of the run in parallel, into the Triton cache that
+    the steps then read: one worker process per fused forward (each compiles its variants in
+    turn), the kernel steps' launches shared round-robin by the other workers (at most 15 in
+    all, one a core; 2 in the dry run). The fused forwards' workers run on in the background
+    until a step needs them (`wait`)."""
+
+    def __init__(self, report, ctx):
+        self.report, self.ctx = report, ctx
+        cmd = [sys.executable, __file__, "--out", str(report.out_dir)] + \
+            (["--dry-run"] if ctx.dry_run else [])
+        fused = len(ctx.fused_warm_jobs())
+        kernels = len(ctx.kernel_warm_jobs())
+        shards = max(1, min(15, os.cpu_count() or 1) - fused) if ctx.gpu else 1
+        shards = min(shards, kernels)
+        self.procs = {"fused": [], "kernels": []}
+        for kind, shard in [("fused", f"fused:{i}/{fused}") for i in range(fused)] + \
+                [("kernels", f"kernels:{i}/{shards}") for i in range(shards)]:
+            log_file = open(report.out_dir / f"warm_{shard.replace(':', '_').replace('/', 'of')}"
+                            ".log", "w")
+            proc = subprocess.Popen(cmd + ["--warm-shard", shard], stdout=log_file,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[kind].append((shard, proc, log_file))
+        report.info["triton cache warm-up"] = (f"{fused} fused forwards and {kernels} kernel "
+                                               f"launches on {fused + shards} workers")
+
+    def wait(self, kind, until):
+        """Waits for the `kind` workers until `until`; kills those still running then (a step
+        compiles what they had not)."""
+        import signal
+        for shard, proc, log_file in self.procs.pop(kind, []):
+            try:
+                rc = proc.wait(timeout=max(1.0, until - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rc = "killed at the step's share"
+            log_file.close()
+            if rc != 0:
+                self.report.note(f"warm-up worker {shard}: {rc} (see its warm_*.log)")
+        self.report.info[f"warm-up {kind} done at"] = f"{self.report.elapsed():.0f}s"
 
 
 def warm_shard(ctx, shard):
-    """A warm-up worker: every `workers`-th job from `index`; a failing job is printed and the
-    next one runs (the step that needs it reports the error)."""
-    index, workers = map(int, shard.split("/"))
-    for i, (label, fn) in enumerate(ctx.warm_jobs()):
+    """A warm-up worker, `fused:i/k` or `kernels:i/k`: job i of the fused forwards, or every
+    k-th kernel launch from the i-th. A failing job is printed and the next one runs (the step
+    that needs it reports the error)."""
+    kind, part = shard.split(":")
+    index, workers = map(int, part.split("/"))
+    jobs = ctx.fused_warm_jobs() if kind == "fused" else ctx.kernel_warm_jobs()
+    failed = 0
+    for i, (label, fn) in enumerate(jobs):
         if i % workers != index:
             continue
         t0 = time.monotonic()
@@ -306,8 +325,9 @@ def warm_shard(ctx, shard):
             fn()
             print(f"{label}: {time.monotonic() - t0:.1f}s", flush=True)
         except Exception as e:  # noqa: BLE001
+            failed += 1
             print(f"{label}: {type(e).__name__}: {e}", flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 def describe(report, ctx, args):
@@ -362,6 +382,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=plan_estimate_s(),
                    help="the script's time budget, shared by the steps as PLAN estimates")
     p.add_argument("--commit", help="the commit checked (where the copy has no .git)")
+    p.add_argument("--skip", type=lambda v: set(filter(None, v.split(","))), default=set(),
+                   help="comma-separated PLAN step names to skip (their shares stay unused)")
     p.add_argument("--warm-shard", help=argparse.SUPPRESS)    # child: i/k of the warm-up jobs
     p.add_argument("--compile-child", help=argparse.SUPPRESS)  # child: torch.compile MODE
     p.add_argument("--batches", help=argparse.SUPPRESS)        # the compile child's batches

@@ -313,12 +313,16 @@ def time_gemms(report, ctx, gemms, batches, until):
             report.add("nhwc 1x1 timing (fp16)", row)
 
 
-def gemm_sweep_tiles(module, gpu):
-    """Tile choices (block_m, block_n, block_k, group_m, warps, stages) of the GEMM sweep: the
-    shipped large tiles, K-step and aspect variants, and small-M tiles for batch 1."""
-    choices = [(128, 128, 32, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 64, 32, 8, 4, 3),
-               (64, 128, 32, 8, 4, 3), (128, 256, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4),
-               (64, 64, 64, 8, 4, 3), (32, 64, 64, 8, 4, 3), (16, 64, 128, 8, 4, 3)]
+def gemm_sweep_tiles(module, rows, gpu):
+    """Tile choices (block_m, block_n, block_k, group_m, warps, stages) of the GEMM sweep: at
+    batch 64 (thousands of rows) the shipped 128 x 128 x 32 and its K-step, aspect and size
+    variants; at batch 1 (49-196 rows) small-M tiles."""
+    if rows >= 4096:
+        choices = [(128, 128, 32, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 64, 32, 8, 4, 3),
+                   (64, 128, 32, 8, 4, 3), (128, 256, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4)]
+    else:
+        choices = [(64, 128, 32, 8, 4, 3), (64, 64, 64, 8, 4, 3), (32, 64, 64, 8, 4, 3),
+                   (32, 128, 64, 8, 4, 3), (16, 64, 128, 8, 4, 3)]
     return [module.Tiles(*t) for t in (choices if gpu else choices[:1])]
 
 
@@ -348,7 +352,7 @@ def sweep(report, ctx, gemms, convs, batches, until):
             return
         if isinstance(case, GemmCase):
             run = GemmRun(ctx.gemm, case, n, torch.float16, ctx.device, gen)
-            choices = gemm_sweep_tiles(ctx.gemm, ctx.gpu)
+            choices = gemm_sweep_tiles(ctx.gemm, run.rows, ctx.gpu)
             row = {"case": case.label, "n": n, "M": run.rows, "K": case.k, "N": case.n,
                    "shipped": _tiles_name(ctx.gemm.choose_tiles(run.rows, case.k, case.n, True))}
             section = "nhwc 1x1 tile sweep (fp16)"
@@ -382,38 +386,34 @@ def sweep(report, ctx, gemms, convs, batches, until):
 
 
 def warm_jobs(ctx, gemms, convs, sweep_gemms, sweep_convs, batches, sweep_batches):
-    """Every launch configuration the kernel steps will compile, as (label, fn) run once each by
-    the warm-up workers: same shapes, dtype and tiles, hence the same Triton specialisations."""
+    """Every launch configuration the kernel steps will compile, as (label, fn) to run once
+    each by the warm-up workers: the same shapes, dtypes and tiles, hence the same Triton
+    specialisations. In the order the steps need them: fp16 correctness (batch 2), the
+    timings, the sweep, then the other dtypes' correctness."""
     gen = torch.Generator().manual_seed(12)
-    jobs = []
-    for dtype in ctx.dtypes:
-        batch = 2  # correctness
-        for case in convs:
-            jobs.append((f"conv {case.label} {dtype_name(dtype)} n={batch}",
-                         lambda c=case, d=dtype: GroupedRun(ctx.grouped, c, batch, d,
-                                                            ctx.device, gen).fused()))
-        for case in gemms:
-            jobs.append((f"gemm {case.label} {dtype_name(dtype)} n={batch}",
-                         lambda c=case, d=dtype: GemmRun(ctx.gemm, c, batch, d, ctx.device,
-                                                         gen).fused()))
+
+    def conv(case, n, dtype, tiles=None):
+        return (f"conv {case.label} {dtype_name(dtype)} n={n} {tiles or 'shipped tiles'}",
+                lambda: GroupedRun(ctx.grouped, case, n, dtype, ctx.device, gen, tiles).fused())
+
+    def gemm(case, n, dtype, tiles=None):
+        return (f"gemm {case.label} {dtype_name(dtype)} n={n} {tiles or 'shipped tiles'}",
+                lambda: GemmRun(ctx.gemm, case, n, dtype, ctx.device, gen).fused(tiles))
+
+    def correctness(dtype):
+        return [conv(c, 2, dtype) for c in convs] + [gemm(g, 2, dtype) for g in gemms]
+    fp16 = torch.float16
+    jobs = correctness(fp16)
     for n in batches:
-        for case in convs:
-            jobs.append((f"conv {case.label} n={n}",
-                         lambda c=case, n=n: GroupedRun(ctx.grouped, c, n, torch.float16,
-                                                        ctx.device, gen).fused()))
-        for case in gemms:
-            jobs.append((f"gemm {case.label} n={n}",
-                         lambda c=case, n=n: GemmRun(ctx.gemm, c, n, torch.float16, ctx.device,
-                                                     gen).fused()))
+        jobs += [conv(c, n, fp16) for c in convs] + [gemm(g, n, fp16) for g in gemms]
     for n in sweep_batches:
         for case in sweep_convs:
-            for tiles in grouped_sweep_tiles(ctx.grouped, case.c // case.groups, ctx.gpu):
-                jobs.append((f"sweep conv {case.label} n={n} {_tiles_name(tiles)}",
-                             lambda c=case, n=n, t=tiles: GroupedRun(
-                                 ctx.grouped, c, n, torch.float16, ctx.device, gen, t).fused()))
+            jobs += [conv(case, n, fp16, t)
+                     for t in grouped_sweep_tiles(ctx.grouped, case.c // case.groups, ctx.gpu)]
         for case in sweep_gemms:
-            for tiles in gemm_sweep_tiles(ctx.gemm, ctx.gpu):
-                jobs.append((f"sweep gemm {case.label} n={n} {_tiles_name(tiles)}",
-                             lambda c=case, n=n, t=tiles: GemmRun(
-                                 ctx.gemm, c, n, torch.float16, ctx.device, gen).fused(t)))
+            rows = n * ((case.hw - 1) // case.stride + 1) ** 2
+            jobs += [gemm(case, n, fp16, t) for t in gemm_sweep_tiles(ctx.gemm, rows, ctx.gpu)]
+    for dtype in ctx.dtypes:
+        if dtype != fp16:
+            jobs += correctness(dtype)
     return jobs
