@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU check of dpn_fast's channels-last forward on a machine with a CUDA GPU and torch, no Paddle.
 
-    python3 benchmarks/gpu_check.py --out DIR              # GPU: about 6.5 minutes (PLAN)
+    python3 benchmarks/gpu_check.py --out DIR              # GPU: 395 s (PLAN)
     python3 benchmarks/gpu_check.py --out DIR --dry-run    # CPU: the whole plan, tiny sizes
     python3 benchmarks/gpu_check.py --estimate             # the plan and its time estimate
 
@@ -40,7 +40,7 @@ class Step:
 
 PLAN = (
     Step("setup", 15, "imports 5 s, copy bandwidth, timm dpn92 built and BN-calibrated, float64 "
-                      "logits"),
+                      "logits of one image"),
     Step("warm triton cache", 35, "about 150 kernel specialisations at 1-3 s of CPU each, on 15 "
                                   "worker processes (5 s start each)"),
     Step("correctness fp16", 15, "33 kernel cases at batch 2, compiled already"),
@@ -60,8 +60,8 @@ PLAN = (
 )
 
 
-def plan_estimate_s():
-    return sum(s.estimate_s for s in PLAN)
+def plan_estimate_s(skip=()):
+    return sum(s.estimate_s for s in PLAN if s.name not in skip)
 
 
 # =================================================================================================
@@ -192,7 +192,7 @@ class Context:
             fuse(gpu_e2e.as_dtype(base, dtype))(gpu_e2e.images(n, self.spec, dtype, self.device))
         jobs = [(f"fused forward n={n}", lambda n=n: fused_forward(self.e2e_dtype, n))
                 for n in self.batches]
-        jobs += [(f"fused forward {d} n=2", lambda d=d: fused_forward(d, 2))
+        jobs += [(f"fused forward {d} n=1", lambda d=d: fused_forward(d, 1))
                  for d in self.dtypes if d != self.e2e_dtype]
         return jobs if self.gpu else jobs[:1]  # the dry run: the path, not the compiles
 
@@ -206,20 +206,21 @@ class Context:
 
 def run_plan(report, ctx, budget_s):
     """PLAN's steps in order, each given its estimate's share of budget_s (what earlier steps
-    saved carries over); a step whose share has passed is skipped with a note."""
+    saved carries over; skipped steps have none); a step whose share has passed is skipped with
+    a note."""
     import torch
 
     import gpu_e2e
     import gpu_nhwc
     from gpu_common import copy_bandwidth
-    scale = budget_s / plan_estimate_s()
+    scale = budget_s / plan_estimate_s(ctx.args.skip)
     planned_end, e2e, warmup = report.start, None, None
     for step in PLAN:
-        planned_end += step.estimate_s * scale
-        until = planned_end
         if step.name in ctx.args.skip:
             report.note(f"{step.name}: skipped (--skip)")
             continue
+        planned_end += step.estimate_s * scale
+        until = planned_end
         if step.name != "targets" and time.monotonic() >= until:
             report.note(f"{step.name}: skipped, the budget's share for it had passed")
             continue
@@ -264,6 +265,9 @@ def run_plan(report, ctx, budget_s):
                 raise AssertionError(f"PLAN step {step.name} has no code")
         if ctx.gpu:
             torch.cuda.empty_cache()
+    if warmup is not None:  # workers a skipped step never waited for: none outlives the run
+        for kind in list(warmup.procs):
+            warmup.wait(kind, time.monotonic())
 
 
 class Warmup:
@@ -379,17 +383,24 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="CPU: the whole plan under TRITON_INTERPRET=1 at tiny sizes")
     p.add_argument("--estimate", action="store_true", help="print the plan's time estimate")
-    p.add_argument("--budget-s", type=float, default=plan_estimate_s(),
-                   help="the script's time budget, shared by the steps as PLAN estimates")
+    p.add_argument("--budget-s", type=float,
+                   help="the script's time budget, shared by the steps as PLAN estimates "
+                        "(default: the estimates' sum, --skip's steps left out)")
     p.add_argument("--commit", help="the commit checked (where the copy has no .git)")
     p.add_argument("--skip", type=lambda v: set(filter(None, v.split(","))), default=set(),
-                   help="comma-separated PLAN step names to skip (their shares stay unused)")
+                   help="comma-separated PLAN step names to skip")
     p.add_argument("--warm-shard", help=argparse.SUPPRESS)    # child: i/k of the warm-up jobs
     p.add_argument("--compile-child", help=argparse.SUPPRESS)  # child: torch.compile MODE
     p.add_argument("--batches", help=argparse.SUPPRESS)        # the compile child's batches
     args = p.parse_args(argv)
     if not args.estimate and not args.out:
         p.error("--out is required")
+    unknown = args.skip - {step.name for step in PLAN}
+    if unknown:
+        p.error(f"--skip: no PLAN step named {sorted(unknown)}; the steps: "
+                f"{', '.join(step.name for step in PLAN)}")
+    if args.budget_s is None:
+        args.budget_s = plan_estimate_s(args.skip)
     return args
 
 

@@ -151,6 +151,18 @@ def markdown_table(rows):
     return out
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """No TF32 in torch's float32 convs and matmuls: the plain float32 sequence that sets the
+    accuracy bound must be float32 (cuDNN allows TF32 by default)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def guarded(report, section, what, fn, *args):
     """One failing case is a failed row, not a failed stage."""
     try:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_common import (ConvCase, compare, conv_inputs, conv_unfused, dtype_name, guarded,
-                        nan_like, randn, timed)
+from gpu_common import (ConvCase, compare, conv_inputs, conv_unfused, dtype_name, exact_fp32,
+                        guarded, nan_like, randn, timed)
 
 GEMM_FORMS = ("1x1a", "proj", "1x1c")
 
@@ -249,14 +249,14 @@ def run_correctness(report, ctx, gemms, convs, dtype, n, until):
             break
 
         def check(op=op, case=case):
-            if op == "nhwc 1x1":
-                row = GemmRun(ctx.gemm, case, n, dtype, ctx.device, gen).check()
-            else:
-                row = GroupedRun(ctx.grouped, case, n, dtype, ctx.device, gen).check()
+            with exact_fp32():
+                row = (GemmRun(ctx.gemm, case, n, dtype, ctx.device, gen).check()
+                       if op == "nhwc 1x1" else
+                       GroupedRun(ctx.grouped, case, n, dtype, ctx.device, gen).check())
             report.add(section, {"op": op, "case": case.label, "n": n, "dtype": dn,
                                  "form": getattr(case, "form", "eval"), **row})
         guarded(report, section, f"{op}/{case.label}/{dn}", check)
-    rows = [r for r in report.tables.get(section, [])]
+    rows = report.tables.get(section, [])
     report.info["nhwc correctness"] = f"{sum(bool(r.get('ok')) for r in rows)}/{len(rows)} passed"
 
 

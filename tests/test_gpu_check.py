@@ -81,6 +81,12 @@ def test_plan_fits_the_gpu_machine_and_has_a_basis():
     total = gpu_check.plan_estimate_s()
     assert total + gpu_check.MACHINE_START_S < gpu_check.GPU_MACHINE_LIMIT_S
     assert gpu_check.parse_args(["--out", "x"]).budget_s == total
+    skip = "torch.compile max-autotune,sweep"
+    skipped = sum(s.estimate_s for s in gpu_check.PLAN if s.name in skip.split(","))
+    assert skipped and gpu_check.parse_args(["--out", "x", "--skip", skip]).budget_s == \
+        total - skipped
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--out", "x", "--skip", "compile"])  # not a step's name
     assert all(step.basis for step in gpu_check.PLAN if step.estimate_s)
     assert [s.name for s in gpu_check.PLAN][:3] == ["setup", "warm triton cache",
                                                      "correctness fp16"]
