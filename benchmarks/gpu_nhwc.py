@@ -341,9 +341,10 @@ def _tiles_name(t):
 
 
 def sweep(report, ctx, gemms, convs, batches, until):
-    """fp16: tile choices side by side, each checked against float64 first (`<choice> ok`):
-    the data for the kernels' tile tables. A choice that fails to compile or run is a row entry
-    `<choice> error`."""
+    """fp16: the shipped tiles (choose_tiles') and the sweep's choices side by side, each checked
+    against float64 first (`<choice> ok`), then timed; `best` is the fastest correct choice and
+    `best x` its speed-up over the shipped tiles: the data for the kernels' tile tables. A
+    choice that fails to compile or run is a row entry `<choice> error`."""
     gen = torch.Generator().manual_seed(11)
     jobs = [(n, c) for n in batches for c in convs] + [(n, g) for n in batches for g in gemms]
     for n, case in jobs:
@@ -352,9 +353,9 @@ def sweep(report, ctx, gemms, convs, batches, until):
             return
         if isinstance(case, GemmCase):
             run = GemmRun(ctx.gemm, case, n, torch.float16, ctx.device, gen)
+            shipped = ctx.gemm.choose_tiles(run.rows, case.k, case.n, True, ctx.gemm.INTERPRETED)
             choices = gemm_sweep_tiles(ctx.gemm, run.rows, ctx.gpu)
-            row = {"case": case.label, "n": n, "M": run.rows, "K": case.k, "N": case.n,
-                   "shipped": _tiles_name(ctx.gemm.choose_tiles(run.rows, case.k, case.n, True))}
+            row = {"case": case.label, "n": n, "M": run.rows, "K": case.k, "N": case.n}
             section = "nhwc 1x1 tile sweep (fp16)"
 
             def check(t, run=run):
@@ -365,8 +366,9 @@ def sweep(report, ctx, gemms, convs, batches, until):
         else:
             cin_g = case.c // case.groups
             run = GroupedRun(ctx.grouped, case, n, torch.float16, ctx.device, gen)
+            shipped = run.tiles
             choices = grouped_sweep_tiles(ctx.grouped, cin_g, ctx.gpu)
-            row = {"case": case.label, "n": n, "cin_g": cin_g, "shipped": run.tiles_label()}
+            row = {"case": case.label, "n": n, "cin_g": cin_g}
             section = "nhwc grouped conv tile sweep (fp16)"
 
             def check(t, run=run):
@@ -375,13 +377,22 @@ def sweep(report, ctx, gemms, convs, batches, until):
 
             def launcher(t, run=run):
                 return run.fused
-        for tiles in choices:
+        row["shipped"] = _tiles_name(shipped)
+        times = {}
+        for tiles in [shipped] + [t for t in choices if t != shipped]:
             name = _tiles_name(tiles)
             try:
-                row[f"{name} ok"] = check(tiles)
-                row[f"{name} ms"] = timed(report, launcher(tiles), kernel=True)
+                ok = row[f"{name} ok"] = check(tiles)
+                ms = row[f"{name} ms"] = timed(report, launcher(tiles), kernel=True)
             except Exception as e:  # noqa: BLE001 - e.g. a tile that needs too much shared memory
                 row[f"{name} error"] = f"{type(e).__name__}: {e}"[:120]
+                continue
+            if ok and ms:
+                times[name] = ms
+        if times:
+            best = row["best"] = min(times, key=times.get)
+            shipped_ms = times.get(row["shipped"])
+            row["best x"] = shipped_ms / times[best] if shipped_ms else None
         report.add(section, row)
 
 
