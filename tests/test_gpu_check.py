@@ -59,7 +59,7 @@ def test_dry_run_walks_every_step_of_the_plan(tmp_path):
             "cudnn folded channels_last ms"} <= set(conv)
     assert conv["best cudnn ms"] == min(v for k, v in conv.items()
                                         if k.startswith("cudnn ") and k.endswith(" ms"))
-    assert all({"cublas ms", "nhwc ms", "of floor"} <= set(r)
+    assert all({"cublas ms", "torch ms", "nhwc ms", "of floor"} <= set(r)
                for r in tables["nhwc 1x1 timing (fp16)"])
     for section in ("nhwc grouped conv tile sweep (fp16)", "nhwc 1x1 tile sweep (fp16)"):
         sweep = tables[section]
@@ -119,6 +119,31 @@ def test_a_compile_child_past_its_share_is_killed_and_noted(tmp_path):
     assert "e2e timing" not in report.tables
     assert report.notes == ["torch.compile max-autotune: n=[64, 1] not measured (killed after "
                             "0 s; compile_max-autotune.log)"]
+
+
+def test_timed_baselines_compute_what_the_kernels_compute():
+    """The torch sequences timed against the kernels do the same work: each cuDNN form of the
+    grouped conv and each GEMM's torch sequence (no kernel runs here) matches float64."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    import gpu_nhwc
+    from gpu_common import compare, import_checkout_dpn_fast
+    import_checkout_dpn_fast()
+    from dpn_fast.kernels import nhwc_grouped_conv3x3
+    gen = torch.Generator().manual_seed(0)
+    for case in gpu_nhwc.SMALL_GEMMS:
+        run = gpu_nhwc.GemmRun(None, case, 2, torch.float32, "cpu", gen)
+        run.reset_out()
+        run.torch_sequence()()
+        ref64, plain = run.unfused(torch.float64), run.unfused(torch.float32)
+        assert compare(run.written(), ref64, plain, "float32")["ok"], case
+        assert run.untouched_ok(), case
+    for case in gpu_nhwc.SMALL_CONVS:
+        run = gpu_nhwc.GroupedRun(nhwc_grouped_conv3x3, case, 2, torch.float32, "cpu", gen)
+        ref64 = run.unfused(torch.float64).view(2, run.h_out, run.w_out, case.c)
+        for name, baseline in run.cudnn_baselines().items():
+            out = baseline().permute(0, 2, 3, 1)
+            assert compare(out, ref64, ref64, "float32")["ok"], (case, name)
 
 
 def _e2e(report, model, n, ms, peak=None):
