@@ -48,17 +48,17 @@ def _arch_factory(model_name):
         if unexpected:
             raise TypeError(f"Arch {arch}: unexpected option(s) {sorted(unexpected)}; it takes "
                             "class_num and pretrained (a .pdparams path) only")
-        if isinstance(class_num, bool) or not isinstance(class_num, int) or class_num < 1:
-            raise TypeError(f"Arch {arch}: class_num must be a positive integer, got "
-                            f"{class_num!r}")
+        if isinstance(class_num, bool) or not isinstance(class_num, int):
+            raise TypeError(f"Arch {arch}: class_num must be an integer, got {class_num!r}")
+        if class_num < 1:
+            raise ValueError(f"Arch {arch}: class_num must be positive, got {class_num}")
         if pretrained is True or use_ssld:
             raise ValueError(f"Arch {arch}: dpn_fast downloads no weights; set pretrained to "
                              "the path of a PaddleClas .pdparams file (or use "
                              "Global.pretrained_model)")
-        if pretrained is not False and pretrained is not None:
-            pretrained = _pdparams_path(arch, pretrained)
-        model = create_model(model_name, fused=True, pretrained=pretrained or None,
-                             class_num=class_num)
+        weights = None if pretrained is False or pretrained is None else \
+            _pdparams_path(arch, pretrained)
+        model = create_model(model_name, fused=True, pretrained=weights, class_num=class_num)
         for key, parameter in model.named_parameters():
             parameter.name = paddleclas_parameter_name(key)
         return model

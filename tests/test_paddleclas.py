@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-import yaml
-from PIL import Image
-
-import dpn_fast
-from dpn_fast import paddleclas as dpn_paddleclas
-from utils import assert_matches_reference
 
 pytest.importorskip("paddleclas", reason="needs the [paddleclas] extra")
+
+import yaml  # noqa: E402  (PaddleClas's dependencies from here on)
+from PIL import Image  # noqa: E402
+
+import dpn_fast  # noqa: E402
+from dpn_fast import paddleclas as dpn_paddleclas  # noqa: E402
+from utils import assert_matches_reference  # noqa: E402
 
 ROOT = os.environ.get("PADDLECLAS_ROOT")
 needs_engine = pytest.mark.skipif(
@@ -372,10 +373,22 @@ def test_paddleclas_build_model_makes_the_fused_arch_with_paddleclas_names():
     assert_matches_reference(out, ref64, ref32, name="PaddleClas DPN68 weights in DPN68_fused")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", [m for m in dpn_fast.MODEL_NAMES if m != MODEL])
+def test_every_fused_arch_has_paddleclas_parameter_names(model_name):
+    from paddleclas.ppcls.arch import build_model
+    dpn_paddleclas.register()
+    with paddle.utils.unique_name.guard():
+        reference = build_model({"Arch": {"name": model_name}})
+    fused = build_model({"Arch": {"name": model_name + "_fused"}})
+    assert [p.name for p in fused.parameters()] == [p.name for p in reference.parameters()]
+    assert list(fused.state_dict()) == list(reference.state_dict())
+
+
 @pytest.mark.parametrize("arch, error, message", [
     ({"name": "DPN93_fused"}, dpn_paddleclas.UnknownArchError, "DPN68_fused, DPN92_fused"),
-    ({"name": "DPN92_fused", "class_num": "3"}, TypeError, "class_num must be a positive"),
-    ({"name": "DPN92_fused", "class_num": 0}, TypeError, "class_num must be a positive"),
+    ({"name": "DPN92_fused", "class_num": "3"}, TypeError, "class_num must be an integer"),
+    ({"name": "DPN92_fused", "class_num": 0}, ValueError, "class_num must be positive, got 0"),
     ({"name": "DPN92_fused", "layers": 92}, TypeError, "unexpected option(s) ['layers']"),
     ({"name": "DPN92_fused", "pretrained": True}, ValueError, "downloads no weights"),
     ({"name": "DPN92_fused", "pretrained": "/nonexistent/DPN92"}, FileNotFoundError,
@@ -388,12 +401,13 @@ def test_misconfigured_arch_gets_a_typed_error(arch, error, message):
         build_model({"Arch": arch})
 
 
-def test_unknown_arch_error_is_what_paddleclas_expects_of_a_missing_name():
+def test_other_missing_arch_names_keep_paddleclas_error():
     from paddleclas.ppcls import arch
     dpn_paddleclas.register()
-    assert not hasattr(arch, "DPN93_fused")  # hasattr sees an AttributeError
-    with pytest.raises(AttributeError, match="no attribute 'NoSuchNet'"):
-        arch.build_model.__globals__["__getattr__"]("NoSuchNet")  # as getattr(arch, name)
+    assert not hasattr(arch, "DPN93_fused")  # UnknownArchError is an AttributeError
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchNet'") as error:
+        arch.build_model({"Arch": {"name": "NoSuchNet"}})
+    assert type(error.value) is AttributeError
 
 
 def test_pretrained_path_with_the_wrong_class_count_names_the_mismatch(tmp_path):
