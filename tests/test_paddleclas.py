@@ -425,3 +425,9 @@ def test_command_line_refuses_a_missing_script(capsys):
         dpn_paddleclas.main(["tools/no_such_script.py", "-c", "x.yaml"])
     assert exit_info.value.code == 2
     assert "no such script: tools/no_such_script.py" in capsys.readouterr().err
+
+
+def test_register_without_paddleclas_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(dpn_paddleclas, "ARCH_MODULES", ("no_such_ppcls.arch",))
+    with pytest.raises(dpn_paddleclas.PaddleClasNotFoundError, match=r"dpn_fast\[paddleclas\]"):
+        dpn_paddleclas.register()
