@@ -11,9 +11,9 @@ __all__ = ["DPN68", "DPN92", "DPN98", "DPN107", "DPN131", "MODEL_NAMES", "create
            "compile", "load_checkpoint", "CheckpointError"]
 
 # Documented submodules, reachable as dpn_fast.<name> after `import dpn_fast`. Those the
-# imports below do not load (inference, predict) load on first use, so importing dpn_fast
-# does not pay for them.
-SUBMODULES = ("checkpoint", "inference", "models", "ops", "predict")
+# imports below do not load (inference, paddleclas, predict) load on first use, so importing
+# dpn_fast does not pay for them.
+SUBMODULES = ("checkpoint", "inference", "models", "ops", "paddleclas", "predict")
 
 try:
     with warnings.catch_warnings():
