@@ -13,16 +13,17 @@
 // works in place on the stage's buffers: the residual accumulates into resid and the new dense
 // channels land in the stage's dense buffer, so nothing is split, added or concatenated in a
 // separate pass.
-// bf16 GEMMs (DpnBlockWeights::bf16_gemms, on packed weights only): the activations between the
-// block's convolutions travel as bf16. Every 1x1 GEMM (projection, 1x1a, 1x1c) multiplies bf16 by
-// bf16 and sums in float32: its weight is the float32 weight rounded to bf16 when packed, its
-// input is rounded to bf16 by whoever writes it (the input's BN + ReLU pass writes act and act_w,
-// the grouped conv's epilogue g). 1x1a rounds its output a (after its BN + ReLU epilogue) to bf16;
-// the grouped conv reads a as bf16 and sums in float32 with float32 weights. Everything else
-// stays float32: the GEMMs' sums and epilogues, the sums into resid, the stage buffers. So the
-// result is the float32 network's with the 1x1 convolutions' weights and the inputs of every 1x1
-// and grouped convolution rounded to bf16 (to nearest even), up to the order of the float32
-// sums. The stem and head are float32 either way.
+// bf16 GEMMs (DpnBlockWeights::bf16_gemms, on packed weights only): the block's convolutions run
+// on bf16 weights and activations with float32 sums. Every 1x1 GEMM (projection, 1x1a, 1x1c)
+// multiplies bf16 by bf16 (oneDNN): its weight is the float32 weight rounded to bf16 when packed,
+// its input is rounded to bf16 by whoever writes it (the input's BN + ReLU pass writes act and
+// act_w, the grouped conv's epilogue g). 1x1a rounds its output a (after its BN + ReLU epilogue)
+// to bf16; the grouped conv reads a as bf16, its weights packed as bf16 (grouped_conv_bn_relu.h:
+// pairs of channels on vdpbf16ps where the CPU has AVX512_BF16). Everything else stays float32:
+// the sums and epilogues, the sums into resid, the stage buffers. So the result is the float32
+// network's with the weights and the inputs of every 1x1 and grouped convolution rounded to bf16
+// (to nearest even), up to the order of the float32 sums. The stem and head are float32 either
+// way.
 // Head: logits = fc(mean_hw(relu(bn(concat(resid, dense))))), without materialising the BN'd
 // concat.
 #pragma once

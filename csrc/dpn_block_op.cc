@@ -322,15 +322,16 @@ int64_t packed_rows(const paddle::Tensor& blob, const char* op, const std::strin
   return blob.shape()[0];
 }
 
-// The uint8 tensor holding the packed blob of an r -> r channel grouped conv's weight.
-Shape packed_grouped_conv_shape(int64_t r, int64_t groups) {
-  return {r, (dpn_fast::grouped_conv3x3_nhwc_packed_bytes(r, r, groups) + r - 1) / r};
+// The uint8 tensor holding the packed blob of an r -> r channel grouped conv's weight (bf16: for
+// bf16 activations).
+Shape packed_grouped_conv_shape(int64_t r, int64_t groups, bool bf16) {
+  return {r, (dpn_fast::grouped_conv3x3_nhwc_packed_bytes(r, r, groups, bf16) + r - 1) / r};
 }
 
 // A packed grouped conv weight: grouped_conv3x3_nhwc_pack's blob of an r -> r channel conv in
-// `groups` as a uint8 tensor [r, bytes per row]. Refused unless it was packed for that conv and
-// this CPU's kernel variant.
-const void* packed_grouped_conv(const paddle::Tensor& blob, int64_t r, int64_t groups,
+// `groups` as a uint8 tensor [r, bytes per row]. Refused unless it was packed for that conv, this
+// CPU's kernel variant and these activations (bf16 or float32).
+const void* packed_grouped_conv(const paddle::Tensor& blob, int64_t r, int64_t groups, bool bf16,
                                 const char* op) {
   PD_CHECK(groups > 0 && r % groups == 0, op, ": groups must be > 0 and divide the bottleneck's ",
            r, " channels, got ", groups);
@@ -339,11 +340,11 @@ const void* packed_grouped_conv(const paddle::Tensor& blob, int64_t r, int64_t g
   // The header first: it says what a blob of another size was packed for.
   if (blob.dtype() == paddle::DataType::UINT8 && blob.numel() >= dpn_fast::kNhwcPackedHeaderBytes) {
     const std::string mismatch =
-        dpn_fast::grouped_conv3x3_nhwc_packed_mismatch(blob.data<uint8_t>(), r, r, groups);
+        dpn_fast::grouped_conv3x3_nhwc_packed_mismatch(blob.data<uint8_t>(), r, r, groups, bf16);
     PD_CHECK(mismatch.empty(), op, ": packed weight 'w_conv' does not fit this CPU: ", mismatch,
              ". Compile the model on this machine (dpn_fast.compile) and export it from there");
   }
-  const Shape expected = packed_grouped_conv_shape(r, groups);
+  const Shape expected = packed_grouped_conv_shape(r, groups, bf16);
   PD_CHECK(blob.dtype() == paddle::DataType::UINT8 && blob.shape() == expected, op,
            ": packed weight 'w_conv' must be a uint8 ", shape_str(expected), " tensor (",
            kPackConv, "), got ", phi::DataTypeToString(blob.dtype()), " ",
@@ -392,7 +393,7 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
                                              "w_proj_dense");
     }
     plan.weights.w_a = packed_1x1(weights[i], bottleneck, cin, bf16_gemms, op, "w_a");
-    plan.weights.w_conv = packed_grouped_conv(weights[i + 1], bottleneck, groups, op);
+    plan.weights.w_conv = packed_grouped_conv(weights[i + 1], bottleneck, groups, bf16_gemms, op);
     plan.weights.w_c_resid = packed_1x1(weights[i + 2], r, bottleneck, bf16_gemms, op,
                                         "w_c_resid");
     plan.weights.w_c_dense = packed_1x1(weights[i + 3], inc, bottleneck, bf16_gemms, op,
@@ -495,25 +496,27 @@ std::vector<paddle::DataType> PackedWeightInferDtype(paddle::DataType) {
 }
 
 // A grouped 3x3 conv's weight [r, r / groups, 3, 3] laid out once for this CPU's channels-last
-// kernel (its ISA variant): packed_grouped_conv's blob.
+// kernel (its ISA variant): packed_grouped_conv's blob. bf16: for the stage op's bf16_gemms (its
+// bf16 activations), the weights rounded to bf16.
 std::vector<paddle::Tensor> PackGroupedConvWeightForward(const paddle::Tensor& weight,
-                                                         int64_t groups) {
+                                                         int64_t groups, bool bf16) {
   check_operand(weight, kPackConv, "weight");
   const Shape& s = weight.shape();
   PD_CHECK(s.size() == 4 && s[0] > 0, kPackConv,
            ": 'weight' must have shape [C, C / groups, 3, 3], got ", shape_str(s));
   check_grouped_conv(weight, s[0], groups, kPackConv);
-  auto blob = dpn_fast::empty_output(packed_grouped_conv_shape(s[0], groups),
+  auto blob = dpn_fast::empty_output(packed_grouped_conv_shape(s[0], groups, bf16),
                                      paddle::DataType::UINT8, weight.place());
   uint8_t* data = blob.data<uint8_t>();
-  const int64_t bytes = dpn_fast::grouped_conv3x3_nhwc_packed_bytes(s[0], s[0], groups);
+  const int64_t bytes = dpn_fast::grouped_conv3x3_nhwc_packed_bytes(s[0], s[0], groups, bf16);
   std::fill(data + bytes, data + blob.numel(), uint8_t{0});  // an export's bytes: deterministic
-  dpn_fast::grouped_conv3x3_nhwc_pack(weight.data<float>(), s[0], s[0], groups, data);
+  dpn_fast::grouped_conv3x3_nhwc_pack(weight.data<float>(), s[0], s[0], groups, bf16, data);
   return {blob};
 }
 
-std::vector<Shape> PackGroupedConvWeightInferShape(const Shape& weight, int64_t groups) {
-  return {packed_grouped_conv_shape(weight[0], groups)};
+std::vector<Shape> PackGroupedConvWeightInferShape(const Shape& weight, int64_t groups,
+                                                   bool bf16) {
+  return {packed_grouped_conv_shape(weight[0], groups, bf16)};
 }
 
 // Unknown (-1) sizes, as in an export with a dynamic batch or image size, stay unknown.
@@ -676,7 +679,7 @@ PD_BUILD_OP(dpn_fast_pack_1x1_weight)
 PD_BUILD_OP(dpn_fast_pack_grouped_conv_weight)
     .Inputs({"weight"})
     .Outputs({"packed"})
-    .Attrs({"groups: int64_t"})
+    .Attrs({"groups: int64_t", "bf16: bool"})
     .SetKernelFn(PD_KERNEL(PackGroupedConvWeightForward))
     .SetInferShapeFn(PD_INFER_SHAPE(PackGroupedConvWeightInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(PackedWeightInferDtype));

@@ -64,20 +64,23 @@ void grouped_conv3x3_bn_relu_nhwc_infer_cpu(const float* x, const float* w,
 // this CPU's kernel variant (its ISA and vector width), each block's taps and shuffle indices. A
 // blob's header names the variant and the convolution (c -> c_out channels in `groups`), so a blob
 // made on another kind of CPU is refused (grouped_conv3x3_nhwc_packed_mismatch), never misread.
-int64_t grouped_conv3x3_nhwc_packed_bytes(int64_t c, int64_t c_out, int64_t groups);
+// bf16: for bf16 activations (below): the weights rounded to bf16 (to nearest even), and on CPUs
+// with AVX512_BF16, where every group has whole pairs of channels, laid out for the kernel that
+// multiplies pairs of bf16 channels (vdpbf16ps) and sums in float32.
+int64_t grouped_conv3x3_nhwc_packed_bytes(int64_t c, int64_t c_out, int64_t groups, bool bf16);
 // w: [c_out, c / groups, 3, 3]; blob: grouped_conv3x3_nhwc_packed_bytes bytes.
-void grouped_conv3x3_nhwc_pack(const float* w, int64_t c, int64_t c_out, int64_t groups,
+void grouped_conv3x3_nhwc_pack(const float* w, int64_t c, int64_t c_out, int64_t groups, bool bf16,
                                uint8_t* blob);
 // "" if blob (at least kNhwcPackedHeaderBytes) holds this convolution's weight packed for this
-// CPU's kernels, else what differs.
+// CPU's kernels and these activations (bf16 or float32), else what differs.
 constexpr int64_t kNhwcPackedHeaderBytes = 128;
 std::string grouped_conv3x3_nhwc_packed_mismatch(const uint8_t* blob, int64_t c, int64_t c_out,
-                                                 int64_t groups);
+                                                 int64_t groups, bool bf16);
 void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const float* x, const uint8_t* blob,
                                                    const FoldedBatchNorm& bn, float* out,
                                                    const GroupedConvShape& s);
-// bf16 activations: x read as bf16, the sums float32 (weights and BN fold float32), out rounded to
-// bf16 (to nearest even). Reads up to kNhwcInputSlack values past the end of x.
+// bf16 activations: x read as bf16, the sums float32, out rounded to bf16 (to nearest even); blob
+// packed with bf16. Reads up to kNhwcInputSlack values past the end of x.
 void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const Bf16* x, const uint8_t* blob,
                                                    const FoldedBatchNorm& bn, Bf16* out,
                                                    const GroupedConvShape& s);

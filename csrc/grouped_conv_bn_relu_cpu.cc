@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -111,8 +112,12 @@ struct NhwcPackedBlock {
 // convolution it is for.
 struct NhwcPackedHeader {
   char isa[16];
-  int64_t floats_per_vector, c, c_out, groups, blocks, floats, indices;
+  int64_t floats_per_vector, bf16_weights, c, c_out, groups, blocks, floats, indices;
 };
+
+// Two consecutive channels' bf16 values in one 32-bit word, the lower channel in the low half:
+// what vdpbf16ps multiplies pairwise.
+using Bf16Pair = uint32_t;
 static_assert(sizeof(NhwcPackedHeader) <= kNhwcPackedHeaderBytes,
               "grouped_conv3x3_nhwc_packed_mismatch reads the header from a blob that size");
 
@@ -126,6 +131,20 @@ int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
 #include "cpu_isa_variants.inc"
 #define DPN_TILE "grouped_conv_bn_relu_nhwc_tile.inc"
 #include "cpu_isa_variants.inc"
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+// The channels-last kernel on pairs of bf16 channels (vdpbf16ps), for bf16 activations on CPUs
+// with AVX512_BF16.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
+namespace isa_avx512_bf16 {
+#define DPN_VL 16
+#define DPN_BF16_PAIRS 1
+#include "grouped_conv_bn_relu_nhwc_tile.inc"
+#undef DPN_BF16_PAIRS
+#undef DPN_VL
+}  // namespace isa_avx512_bf16
+#pragma GCC pop_options
+#endif
 
 namespace {
 
@@ -256,20 +275,56 @@ void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
 #define DPN_NHWC_DISPATCH(call) return isa_baseline::call;
 #endif
 
-int64_t grouped_conv3x3_nhwc_packed_bytes(int64_t c, int64_t c_out, int64_t groups) {
+namespace {
+
+constexpr const char* kBf16PairsIsa = "avx512_bf16";
+
+// Whether bf16 activations of a c-channel conv in `groups` run on the bf16 pairs kernel: AVX-512
+// with AVX512_BF16, and whole pairs in every group.
+bool runs_bf16_pairs(int64_t c, int64_t groups, bool bf16) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+  return bf16 && detect_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16") &&
+         (c / groups) % 2 == 0;
+#else
+  (void)c, (void)groups, (void)bf16;
+  return false;
+#endif
+}
+
+NhwcPackedHeader packed_header(const uint8_t* blob) {
+  NhwcPackedHeader header;
+  std::memcpy(&header, blob, sizeof(header));
+  return header;
+}
+
+bool is_bf16_pairs_blob(const uint8_t* blob) {
+  const NhwcPackedHeader header = packed_header(blob);
+  return strncmp(header.isa, kBf16PairsIsa, sizeof(header.isa)) == 0;
+}
+
+}  // namespace
+
+int64_t grouped_conv3x3_nhwc_packed_bytes(int64_t c, int64_t c_out, int64_t groups, bool bf16) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+  if (runs_bf16_pairs(c, groups, bf16)) return isa_avx512_bf16::nhwc_packed_bytes(c, c_out, groups);
+#endif
   DPN_NHWC_DISPATCH(nhwc_packed_bytes(c, c_out, groups))
 }
 
-void grouped_conv3x3_nhwc_pack(const float* w, int64_t c, int64_t c_out, int64_t groups,
+void grouped_conv3x3_nhwc_pack(const float* w, int64_t c, int64_t c_out, int64_t groups, bool bf16,
                                uint8_t* blob) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+  if (runs_bf16_pairs(c, groups, bf16)) {
+    return isa_avx512_bf16::nhwc_pack(w, c, c_out, groups, kBf16PairsIsa, true, blob);
+  }
+#endif
   const char* isa = isa_name(detect_isa());
-  DPN_NHWC_DISPATCH(nhwc_pack(w, c, c_out, groups, isa, blob))
+  DPN_NHWC_DISPATCH(nhwc_pack(w, c, c_out, groups, isa, bf16, blob))
 }
 
 std::string grouped_conv3x3_nhwc_packed_mismatch(const uint8_t* blob, int64_t c, int64_t c_out,
-                                                 int64_t groups) {
-  NhwcPackedHeader header;
-  std::memcpy(&header, blob, sizeof(header));
+                                                 int64_t groups, bool bf16) {
+  const NhwcPackedHeader header = packed_header(blob);
   const std::string packed_for(header.isa, strnlen(header.isa, sizeof(header.isa)));
   if (header.c != c || header.c_out != c_out || header.groups != groups) {
     return "it holds the weight of a " + std::to_string(header.c) + " -> " +
@@ -277,7 +332,13 @@ std::string grouped_conv3x3_nhwc_packed_mismatch(const uint8_t* blob, int64_t c,
            " groups, expected " + std::to_string(c) + " -> " + std::to_string(c_out) + " in " +
            std::to_string(groups);
   }
-  const std::string here = isa_name(detect_isa());
+  if ((header.bf16_weights != 0) != bf16) {
+    return std::string("it holds ") + (header.bf16_weights ? "bf16" : "float32") +
+           " weights, for " + (header.bf16_weights ? "bf16" : "float32") +
+           " activations; these are " + (bf16 ? "bf16" : "float32");
+  }
+  const std::string here =
+      runs_bf16_pairs(c, groups, bf16) ? kBf16PairsIsa : isa_name(detect_isa());
   if (packed_for != here) {
     return "it was packed for the " + packed_for + " kernels, this CPU runs the " + here + " ones";
   }
@@ -294,6 +355,14 @@ void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const float* x, const uint8_t
 void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const Bf16* x, const uint8_t* blob,
                                                    const FoldedBatchNorm& bn, Bf16* out,
                                                    const GroupedConvShape& s) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+  if (is_bf16_pairs_blob(blob)) {
+    // The input side counts pairs: a pixel holds c / 2 of them.
+    const NhwcGeometry g{s.c / 2, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
+    return isa_avx512_bf16::nhwc_conv_packed(reinterpret_cast<const Bf16Pair*>(x), blob,
+                                             bn.scale, bn.shift, g, s.n, out);
+  }
+#endif
   const NhwcGeometry g{s.c, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
   DPN_NHWC_DISPATCH(nhwc_conv_packed(x, blob, bn.scale, bn.shift, g, s.n, out))
 }
@@ -304,8 +373,8 @@ void grouped_conv3x3_bn_relu_nhwc_infer_cpu(const float* x, const float* w,
                                             const FoldedBatchNorm& bn, float* out,
                                             const GroupedConvShape& s) {
   thread_local std::vector<uint8_t> blob;
-  blob.resize(grouped_conv3x3_nhwc_packed_bytes(s.c, s.c_out, s.groups));
-  grouped_conv3x3_nhwc_pack(w, s.c, s.c_out, s.groups, blob.data());
+  blob.resize(grouped_conv3x3_nhwc_packed_bytes(s.c, s.c_out, s.groups, false));
+  grouped_conv3x3_nhwc_pack(w, s.c, s.c_out, s.groups, false, blob.data());
   grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(x, blob.data(), bn, out, s);
 }
 

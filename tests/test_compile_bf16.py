@@ -1,6 +1,6 @@
 """dpn_fast.compile(precision="bf16"): its logits against a plain-Paddle emulation of its numerics
-(the 1x1 convolutions' weights and the 1x1 and grouped convolutions' inputs rounded to bf16,
-everything else float32) and the same
+(the weights of every 1x1 and grouped convolution and their inputs rounded to bf16, everything
+else float32) and the same
 emulation in float64, against the float32 model, its export and its packed weights; on a CPU
 without bf16 matmul kernels, its error."""
 import os
@@ -38,27 +38,24 @@ def round_to_bf16(array):
 
 
 def bf16_convs(model):
-    """(Conv2D layers the bf16 engine runs as bf16 GEMMs: each block's projection, 1x1a and 1x1c;
-    the grouped convs, which it runs on bf16 inputs with float32 weights)."""
-    one_by_one, grouped = [], []
+    """The Conv2D layers the bf16 engine runs on bf16 weights and inputs: each block's projection,
+    1x1a, grouped 3x3 and 1x1c."""
+    convs = []
     for block in model.blocks:
-        one_by_one += [block.c1x1_w_func._conv] if block.has_proj else []
-        one_by_one += [block.c1x1_a_func._conv, block.c1x1_c_func._conv]
-        grouped.append(block.c3x3_b_func._conv)
-    return one_by_one, grouped
+        convs += [block.c1x1_w_func._conv] if block.has_proj else []
+        convs += [block.c1x1_a_func._conv, block.c3x3_b_func._conv, block.c1x1_c_func._conv]
+    return convs
 
 
 def emulate_bf16_gemms(model):
     """Turns `model` (float32 or float64) into the plain-Paddle emulation of the bf16 engine, in
-    its own dtype: each 1x1 conv's weight rounded to bf16 now, the input of every 1x1 and grouped
-    conv (a BN + ReLU output) at every call."""
+    its own dtype: each block conv's weight rounded to bf16 now, its input (a BN + ReLU output) at
+    every call."""
     def round_input(layer, inputs):
         return (paddle.to_tensor(round_to_bf16(inputs[0].numpy())),)
 
-    one_by_one, grouped = bf16_convs(model)
-    for conv in one_by_one:
+    for conv in bf16_convs(model):
         conv.weight.set_value(round_to_bf16(conv.weight.numpy()))
-    for conv in one_by_one + grouped:
         conv.register_forward_pre_hook(round_input)
 
 
@@ -136,10 +133,19 @@ def test_export_runs_in_paddle_inference(tmp_path, use_onednn):
 
 
 @needs_bf16
+def runs_bf16_pairs():
+    """Whether this CPU runs the grouped conv on pairs of bf16 channels: AVX512_BF16, and the
+    AVX-512 kernels not held back by DPN_FAST_CPU_ISA."""
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    return "avx512_bf16" in flags and not os.environ.get("DPN_FAST_CPU_ISA")
+
+
 def test_packed_weights_are_bf16():
     """The 1x1 GEMMs' blobs hold bf16 values: about half the float32 blobs' bytes in all (a
     small weight's blob is mostly header and oneDNN's padding, as large in either); the grouped
-    convs' weights stay float32, packed as for fp32."""
+    convs' blobs hold bf16 weights too, laid out for vdpbf16ps (their header names the
+    avx512_bf16 kernels) where the CPU has AVX512_BF16 and the groups whole pairs of channels."""
     reference, _, _ = build_trio("DPN68", seed=56)
     fp32, bf16 = (dpn_fast.compile(reference, precision=p) for p in ("fp32", "bf16"))
     fp32_bytes = bf16_bytes = 0
@@ -149,7 +155,11 @@ def test_packed_weights_are_bf16():
         convs = grouped_conv_blobs(fp32_weights)
         for i, (fp32_weight, bf16_weight) in enumerate(zip(fp32_weights, bf16_weights)):
             if i in convs:
-                np.testing.assert_array_equal(bf16_weight.numpy(), fp32_weight.numpy())
+                kernels = bytes(bf16_weight.numpy().reshape(-1)[:16]).rstrip(b"\0").decode()
+                assert kernels == ("avx512_bf16" if runs_bf16_pairs() else
+                                   bytes(fp32_weight.numpy().reshape(-1)[:16]).rstrip(b"\0")
+                                   .decode())
+                assert not np.array_equal(bf16_weight.numpy(), fp32_weight.numpy())
             else:
                 assert bf16_weight.size <= fp32_weight.size
                 fp32_bytes += fp32_weight.size

@@ -61,14 +61,14 @@ def pack_stage_launch(weights, groups, bf16=False):
     CPU's kernel variant (the first block's w_proj_resid, w_proj_dense, w_a, w_conv, w_c_resid,
     w_c_dense, then w_a, w_conv, w_c_resid, w_c_dense per further block). stage_launch runs them
     with packed_weights=True on a CPU whose oneDNN picks the same layouts and whose kernels have
-    the same vector width, and refuses them elsewhere. `bf16`: the 1x1 weights rounded to bf16,
-    for bf16_gemms=True; raises where the CPU has no bf16 instructions (AVX512_BF16 or
-    AMX-BF16)."""
+    the same vector width, and refuses them elsewhere. `bf16`: for bf16_gemms=True, every weight
+    rounded to bf16 (the grouped convs' laid out for vdpbf16ps where the CPU has AVX512_BF16);
+    raises where the CPU has no bf16 instructions (AVX512_BF16 or AMX-BF16)."""
     def pack(weight, first_row, rows):
         return _extension.run_op("dpn_fast_pack_1x1_weight", weight, first_row, rows, bf16)[0]
 
     def pack_conv(weight):
-        return _extension.run_op("dpn_fast_pack_grouped_conv_weight", weight, groups)[0]
+        return _extension.run_op("dpn_fast_pack_grouped_conv_weight", weight, groups, bf16)[0]
 
     w_proj, first_w_c = weights[0], weights[3]
     # w_proj: resid + 2 inc rows; w_c: resid + inc rows
