@@ -801,7 +801,7 @@ def _requiring_grad(t):
 GENERATORS = [(gen_grouped_conv, 6), (gen_folder, 2), (gen_merge, 7),
               (gen_merge_into_arguments, 1), (gen_fold_batch_norm, 1), (gen_stem, 4),
               (gen_model, 1), (gen_dpn_block, 4), (gen_dpn_head, 2), (gen_fold_batch_norms, 1),
-              (gen_compiled, 1)]
+              (gen_compiled, 2)]
 
 
 def _arrays(outputs):
