@@ -47,7 +47,8 @@ def find_paddle(path=None):
     """(distribution name, version) of the installed distribution that provides the `paddle`
     package, looking in `path` (a list of directories; default sys.path), or None."""
     for dist in metadata.distributions(path=sys.path if path is None else path):
-        if any(str(f) == "paddle/__init__.py" for f in dist.files or ()):
+        # RECORD's text rather than dist.files: a site-packages holds hundreds of distributions
+        if "\npaddle/__init__.py," in "\n" + (dist.read_text("RECORD") or ""):
             return dist.metadata["Name"], dist.version
     return None
 
