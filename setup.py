@@ -21,6 +21,9 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "build_backend"))
+from dpn_fast_build import (RECORD_NAME, paddle_runtime_requirement,  # noqa: E402
+                            write_build_record)
 DEFAULT_ARCHS = (75, 80, 86, 89, 90)
 # Headers of a oneDNN 3.x release (the C API is stable within 3.x); the code links the oneDNN that
 # the Paddle wheel ships (paddle/libs/libdnnl.so.3), which has no real headers of its own.
@@ -113,9 +116,21 @@ class CMakeBuild(build_ext):
         target = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copyfile(os.path.join(build_dir, "libdpn_fast_ops.so"), target)
+        write_build_record(os.path.dirname(target))
+
+    def copy_extensions_to_source(self):
+        """--inplace (and editable installs): the library's build record goes along with it."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace, built = self._get_inplace_equivalent(build_py, ext)
+            self.copy_file(os.path.join(os.path.dirname(built), RECORD_NAME),
+                           os.path.join(os.path.dirname(inplace), RECORD_NAME))
 
 
 setup(
+    # The Paddle distribution built against (paddlepaddle-gpu, say), never a second one over it.
+    install_requires=["numpy", "pillow", paddle_runtime_requirement()],
     packages=["dpn_fast", "dpn_fast.data", "dpn_fast.engines", "dpn_fast.models", "dpn_fast.ops",
               "dpn_fast.kernels"],
     package_data={"dpn_fast.data": ["*.txt", "*.jpg"]},

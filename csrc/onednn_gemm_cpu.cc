@@ -61,6 +61,13 @@ memory::data_type operand_type(bool bf16) {
   return bf16 ? memory::data_type::bf16 : memory::data_type::f32;
 }
 
+// b [k, n] given as a weight w [n, k] with row stride ld. With k == 1 the k stride means nothing,
+// and oneDNN misreads {1, ld} (its brgemm matmul gave wrong results): it gets a stride that
+// orders the dimensions the same way instead.
+memory::desc transposed_weight(int64_t k, int64_t n, int64_t ld, memory::data_type type) {
+  return memory::desc({k, n}, type, memory::dims{k == 1 ? n * ld : 1, ld});
+}
+
 // A [1, n] per-column operand of a binary post-op.
 memory::desc column_vector(int64_t n) { return matrix(1, n, n); }
 
@@ -148,7 +155,7 @@ static_assert(sizeof(PackedHeader) == kPackedHeaderBytes,
 memory::desc b_desc(const GemmShape& s) {
   switch (s.b_layout) {
     case BLayout::kTransposed:
-      return memory::desc({s.k, s.n}, memory::data_type::f32, memory::dims{1, s.ldb});
+      return transposed_weight(s.k, s.n, s.ldb, memory::data_type::f32);
     case BLayout::kPacked:
       return packed_layout(s.n, s.k, s.bf16).desc;
     default:
@@ -291,7 +298,7 @@ void pack_weight(int64_t n, int64_t k, const float* w, int64_t ldw, uint8_t* blo
   for (int64_t i = 0; i < int64_t(rounded.size()); ++i) {
     rounded[i] = round_to_bf16(w[i / k * ldw + i % k]);
   }
-  memory plain(memory::desc({k, n}, operand_type(bf16), memory::dims{1, bf16 ? k : ldw}), engine,
+  memory plain(transposed_weight(k, n, bf16 ? k : ldw, operand_type(bf16)), engine,
                bf16 ? static_cast<void*>(rounded.data()) : const_cast<float*>(w));
   memory packed(layout.desc, engine, blob + sizeof(header));
   dnnl::stream stream(engine);

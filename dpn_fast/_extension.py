@@ -1,9 +1,13 @@
 """Loads the compiled op library (libdpn_fast_ops.so) and registers its Paddle custom ops.
 
 Registration happens once per process, on `import dpn_fast`. Registering the same op names
-from a second .so aborts the process, so this is the only place that loads it.
+from a second .so aborts the process, so this is the only place that loads it. First it checks
+that the Paddle imported is the one the library was compiled against (the build's record next
+to it): another version or build (CPU vs GPU) would fail later with an undefined symbol, a crash
+or wrong results.
 """
 import ctypes
+import json
 import os
 import sys
 
@@ -14,6 +18,10 @@ from paddle.base.framework import OpProtoHolder
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 LIBRARY_NAME = "libdpn_fast_ops.so"
 LIBRARY_PATH = os.path.join(PACKAGE_DIR, LIBRARY_NAME)
+# Written by the build (build_backend/dpn_fast_build.py): the Paddle the library is compiled for.
+BUILD_RECORD_PATH = os.path.join(PACKAGE_DIR, "libdpn_fast_ops.build.json")
+# The fields of the record that must match the running Paddle.
+BUILD_FIELDS = ("version", "commit", "cuda")
 
 
 def _installed_library():
@@ -38,8 +46,48 @@ def _missing_library_error():
         "`pip install .` (importing dpn_fast from a source checkout does not build it).")
 
 
+def running_paddle():
+    """The imported Paddle, described as the build record describes the one built against."""
+    return {"version": paddle.version.full_version, "commit": paddle.version.commit,
+            "cuda": paddle.version.cuda()}
+
+
+def _describe(paddle_info):
+    cuda = paddle_info.get("cuda")
+    build = "CPU" if cuda in (None, "False") else f"CUDA {cuda}"
+    name = paddle_info.get("distribution") or "paddle"
+    return (f"{name} {paddle_info.get('version')} ({build} build, commit "
+            f"{paddle_info.get('commit')})")
+
+
+def check_built_against(record, running):
+    """Raises ImportError unless `running` (running_paddle()) is the Paddle of the build
+    `record` (a dict; None: the library has no record)."""
+    if record is None:
+        raise ImportError(
+            f"{LIBRARY_PATH} has no build record ({os.path.basename(BUILD_RECORD_PATH)}), so the "
+            "Paddle it was compiled against is unknown: rebuild it (pip install ., or python "
+            "setup.py build_ext --inplace in a checkout)")
+    if any(record.get(field) != running[field] for field in BUILD_FIELDS):
+        raise ImportError(
+            f"dpn_fast's op library was built against {_describe(record)}, but the Paddle "
+            f"imported is {_describe(running)} (from {os.path.dirname(paddle.__file__)}). "
+            "Reinstall dpn_fast in this environment so it builds against this Paddle (GPU "
+            "Paddle: pip install --no-build-isolation .), or install the Paddle it was built "
+            "against.")
+
+
+def _build_record():
+    try:
+        with open(BUILD_RECORD_PATH) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
 if not os.path.exists(LIBRARY_PATH):
     raise _missing_library_error()
+check_built_against(_build_record(), running_paddle())
 
 # What paddle.utils.cpp_extension.load_op_meta_info_and_register_op does, without importing that
 # module here: importing it probes for ccache and warns (paddle 3.3.1 happens to import it in

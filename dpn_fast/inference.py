@@ -73,9 +73,28 @@ def create_predictor(path_prefix, use_onednn=True, num_threads=None, use_gpu=Fal
     return paddle.inference.create_predictor(config)
 
 
+def _check_images(images):
+    """`images` as a contiguous float32 array [N, 3, H, W] (N, H, W >= 1), or a TypeError /
+    ValueError naming what is wrong: Paddle Inference answers a bad input with a bare
+    `std::exception`, or crashes (an empty batch)."""
+    op = "run_predictor"
+    array = np.asarray(images)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{op}: images must be a real numeric array, float32 [N, 3, H, W]; got "
+                        f"dtype {array.dtype} ({type(images).__name__})")
+    if array.ndim != 4 or array.shape[1] != 3:
+        raise ValueError(f"{op}: images must have shape [N, 3, H, W] (RGB, channels first), got "
+                         f"{list(array.shape)}")
+    if 0 in array.shape:
+        raise ValueError(f"{op}: images [N, 3, H, W] must hold at least one image of at least "
+                         f"1x1 pixels, got shape {list(array.shape)}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
 def run_predictor(predictor, images):
-    """Runs `images` (float32 array [N, 3, H, W]) and returns the logits array."""
-    images = np.ascontiguousarray(images, dtype=np.float32)
+    """Runs `images` (an array [N, 3, H, W], float32 or cast to it) and returns the logits
+    array. A reference or fused export runs at any image size; the compiled engine's too."""
+    images = _check_images(images)
     predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(images)
     predictor.run()
     return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()

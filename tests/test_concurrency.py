@@ -1,6 +1,7 @@
-"""Several threads at once on a fused DPN68: one Paddle Inference predictor per thread, and one
-dynamic-graph model shared by all threads under paddle.no_grad(). Every thread's outputs must be
-bit-identical to a single-threaded run of the same input.
+"""Several threads at once on DPN68: one Paddle Inference predictor per thread (exports of the
+fused model and of the compiled engine), one dynamic-graph fused model shared by all threads
+under paddle.no_grad(), and one compiled engine shared by all threads. Every thread's outputs
+must be bit-identical to a single-threaded run of the same input.
 
 The ops' shared state is the host block cache (csrc/host_block_cache.cc): a function-local static
 (initialised once, thread-safely, by C++11), whose take/give hold one mutex; a block is handed to
@@ -10,6 +11,7 @@ import threading
 
 import numpy as np
 import paddle
+import pytest
 
 import dpn_fast
 from dpn_fast.inference import create_predictor, export, run_predictor
@@ -55,10 +57,17 @@ def run_threads(work):
     return results
 
 
-def test_one_predictor_per_thread(tmp_path):
+def compiled_dpn68(state):
+    model = dpn_fast.DPN68()
+    model.set_state_dict(state)
+    return dpn_fast.compile(model)
+
+
+@pytest.mark.parametrize("make", [fused_dpn68, compiled_dpn68], ids=["fused", "compiled"])
+def test_one_predictor_per_thread(tmp_path, make):
     state = random_state(dpn_fast.DPN68(), seed=31)
     # export() traces the model it gets: give it its own instance.
-    prefix = export(fused_dpn68(state), str(tmp_path / "dpn68_fused"), image_size=IMAGE_SIZE)
+    prefix = export(make(state), str(tmp_path / "dpn68"), image_size=IMAGE_SIZE)
     inputs = thread_inputs()
     single = create_predictor(prefix)
     expected = [run_predictor(single, x) for x in inputs]
@@ -92,9 +101,7 @@ def test_threads_share_one_dynamic_graph_model():
 def test_threads_share_one_compiled_engine():
     """dpn_fast.compile's object, called from every thread without paddle.no_grad() (it needs
     none)."""
-    model = dpn_fast.DPN68()
-    model.set_state_dict(random_state(model, seed=33))
-    engine = dpn_fast.compile(model)
+    engine = compiled_dpn68(random_state(dpn_fast.DPN68(), seed=33))
     inputs = thread_inputs()
     expected = [engine(paddle.to_tensor(x)).numpy() for x in inputs]
     assert all(np.isfinite(e).all() for e in expected)

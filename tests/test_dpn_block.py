@@ -43,6 +43,17 @@ def grouping_cases():
             for base in bases for per_group in (3, 12, 24, 40)]
 
 
+def one_channel_cases():
+    """GEMMs with a single input channel, which oneDNN's matmul once misread (a weight's stride
+    along a dimension of size 1): a bottleneck of one channel (1x1c's input), and a network's
+    first block on a one-channel stem output (the projection's and 1x1a's input)."""
+    shapes = block_shapes("DPN68", 33)
+    return [pytest.param(dataclasses.replace(shapes[1], bottleneck=1, groups=1), 2,
+                         id="DPN68-33-normal-bottleneck1-n2"),
+            pytest.param(dataclasses.replace(shapes[0], in_dense=1), 2,
+                         id="DPN68-33-proj-stem1-n2")]
+
+
 # CI: every block of DPN92 at batch 1, DPN68 at an odd image size with batch 3, DPN92's 14x14
 # blocks at batch 5 (runs of 4 images and 1), and odd groupings; the other models and batches
 # under -m slow.
@@ -50,7 +61,7 @@ CASES = (block_cases(CONFIGS, (1, 3), slow_unless=lambda model, n: model == "DPN
          + block_cases(["DPN68"], (3,), image_size=97, slow_unless=lambda model, n: True)
          + [case for case in block_cases(["DPN92"], (5,), slow_unless=lambda model, n: True)
             if case.values[0].stage == 2 and case.values[0].index < 2]
-         + grouping_cases())
+         + grouping_cases() + one_channel_cases())
 
 
 def random_state(layer, rng):

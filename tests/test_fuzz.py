@@ -499,18 +499,222 @@ def gen_stem(rng):
 
 
 # ---------------------------------------------------------------------------------------------
+# dpn_block, dpn_head and fold_batch_norms (the whole-block and head ops, CPU inference)
+
+def _block_shape(rng):
+    """A small random BlockShape: a projection (the network's first block, input the stem's
+    output), a stride-2 first block of a later stage, or a normal block."""
+    from dpn_fast.models.config import BlockShape
+    kind = _pick(rng, ["proj", "down", "normal", "normal"])
+    groups, per_group = _pick(rng, [1, 2, 3, 4]), _pick(rng, [1, 2, 3])
+    in_resid = 0 if kind == "proj" else int(rng.integers(1, 7))
+    hw, stride = int(rng.integers(1, 10)), 2 if kind == "down" else 1
+    inc = int(rng.integers(1, 4))
+    return BlockShape(model="DPN68", stage=0, index=0, kind=kind, in_resid=in_resid,
+                      in_dense=int(rng.integers(1, 7)), in_hw=hw, out_hw=(hw - 1) // stride + 1,
+                      bottleneck=groups * per_group, groups=groups, stride=stride,
+                      resid=in_resid if kind == "normal" else int(rng.integers(1, 7)),
+                      dense_before=0, inc=inc)
+
+
+def _float_pair(rng, make):
+    from test_dpn_block import pair
+    return pair(make, rng)
+
+
+def gen_dpn_block(rng):
+    from dpn_fast.models.dpn import DualPathBlock
+    from dpn_fast.ops import dpn_block
+    from test_dpn_block import block_arguments
+    shape = _block_shape(rng)
+    blocks = _float_pair(rng, lambda: DualPathBlock(shape))
+    n = _pick(rng, [1, 1, 2, 3])
+    inputs = Inputs(dense=_normal(rng, n, shape.in_dense, shape.in_hw, shape.in_hw))
+    if shape.kind != "proj":
+        inputs.arrays["resid"] = _normal(rng, n, shape.in_resid, shape.in_hw, shape.in_hw)
+    weights, scale_shift = block_arguments(blocks["float32"])
+    args = {"weights": list(weights), "scale_shift": scale_shift, "groups": shape.groups,
+            "stride": shape.stride}
+    label, kind = "valid", VALID
+    if rng.random() < 0.6:
+        hw = shape.in_hw
+
+        def set_arg(**values):
+            return lambda: args.update(values)
+
+        def replace_weight(i, value):
+            return lambda: args["weights"].__setitem__(i, value)
+
+        defects = [
+            ("3 weights for a projection" if shape.kind != "normal" else "2 weights", INVALID,
+             lambda: args.update(weights=args["weights"][1:] if shape.kind != "normal"
+                                 else args["weights"][:2])),
+            ("weights a tensor", INVALID, set_arg(weights=weights[0])),
+            ("w_a input channels", INVALID, replace_weight(
+                -3, paddle.ones([shape.bottleneck, shape.in_resid + shape.in_dense + 1, 1, 1]))),
+            ("w_a rank 2", INVALID, replace_weight(-3, weights[-3][:, :, 0, 0])),
+            ("w_c float64", INVALID, replace_weight(-1, weights[-1].astype("float64"))),
+            ("w_conv numpy", INVALID, replace_weight(-2, weights[-2].numpy())),
+            ("scale_shift short", INVALID, set_arg(scale_shift=scale_shift[:, 1:])),
+            ("scale_shift rank 1", INVALID, set_arg(scale_shift=scale_shift[0])),
+            ("scale_shift float64", INVALID, set_arg(scale_shift=scale_shift.astype("float64"))),
+            ("groups 0", INVALID, set_arg(groups=0)),
+            ("groups float", INVALID, set_arg(groups=float(shape.groups))),
+            ("groups not matching w_conv", INVALID, set_arg(groups=shape.bottleneck + 1)),
+            ("stride 3", INVALID, set_arg(stride=3)),
+            ("stride str", INVALID, set_arg(stride="1")),
+            ("dense rank 3", INVALID, lambda: inputs.arrays.__setitem__(
+                "dense", inputs.arrays["dense"][0])),
+            ("dense empty image", INVALID, lambda: inputs.arrays.__setitem__(
+                "dense", inputs.arrays["dense"][:, :, :0])),
+            ("dense float64", INVALID, lambda: inputs.casts.update(dense="float64")),
+            ("dense list", INVALID, lambda: inputs.replace.update(
+                dense=inputs.arrays["dense"].tolist())),
+            ("dense strided", VALID, lambda: _view_input(rng, inputs, "dense",
+                                                         inputs.arrays["dense"].shape)),
+            ("NaN/Inf in dense", VALID, lambda: inputs.poison(rng, "dense")),
+            ("empty batch", VALID, lambda: inputs.arrays.update(
+                {k: a[:0] for k, a in inputs.arrays.items()})),
+        ]
+        if shape.kind == "normal":
+            defects += [
+                ("stride 2 without projection", INVALID, set_arg(stride=2)),
+                ("resid None without projection", INVALID, lambda: inputs.replace.update(
+                    resid=None)),
+                ("resid batch", INVALID, lambda: inputs.arrays.__setitem__(
+                    "resid", _normal(rng, n + 1, shape.in_resid, hw, hw))),
+                ("resid image size", INVALID, lambda: inputs.arrays.__setitem__(
+                    "resid", _normal(rng, n, shape.in_resid, hw + 1, hw))),
+                # resid takes all of w_c's rows (no new dense channel); dense keeps w_a's sum
+                ("resid as wide as w_c", INVALID, lambda: inputs.arrays.update(
+                    resid=_normal(rng, n, shape.in_resid + shape.inc, hw, hw),
+                    dense=_normal(rng, n, max(1, shape.in_dense - shape.inc), hw, hw))),
+                ("resid strided", VALID, lambda: _view_input(rng, inputs, "resid",
+                                                             inputs.arrays["resid"].shape)),
+            ]
+        label, kind, mutate = _pick(rng, defects)
+        mutate()
+
+    def run(prec):
+        t = inputs.tensors(prec)
+        resid, dense = t.get("resid"), t["dense"]
+        with paddle.no_grad():
+            if prec == "fused":
+                return dpn_block(resid, dense, args["weights"], args["scale_shift"],
+                                 args["groups"], args["stride"])
+            block = blocks["float64" if prec == "ref64" else "float32"]
+            return block(dense if resid is None else [resid, dense])
+    return Case("dpn_block", f"{label} {shape.kind} n{n} resid{shape.in_resid} "
+                f"dense{shape.in_dense}+{shape.inc} R{shape.bottleneck}/g{shape.groups} "
+                f"{shape.in_hw}x{shape.in_hw}", kind, run)
+
+
+def gen_dpn_head(rng):
+    from dpn_fast.models.dpn import _batch_norm
+    from dpn_fast.ops import dpn_head, fold_batch_norms
+    n, r, d = _pick(rng, [1, 1, 2, 3]), int(rng.integers(1, 9)), int(rng.integers(1, 9))
+    hw, classes = int(rng.integers(1, 8)), int(rng.integers(1, 12))
+    bns = _float_pair(rng, lambda: _batch_norm(r + d))
+    fcs = _float_pair(rng, lambda: paddle.nn.Linear(r + d, classes))
+    inputs = Inputs(resid=_normal(rng, n, r, hw, hw), dense=_normal(rng, n, d, hw, hw))
+    with paddle.no_grad():
+        scale_shift = fold_batch_norms([bns["float32"]])
+    fc = fcs["float32"]
+    args = {"scale_shift": scale_shift, "fc_weight": fc.weight, "fc_bias": fc.bias}
+    label, kind = "valid", VALID
+    if rng.random() < 0.6:
+        def set_arg(**values):
+            return lambda: args.update(values)
+
+        label, kind, mutate = _pick(rng, [
+            ("resid None", INVALID, lambda: inputs.replace.update(resid=None)),
+            ("resid batch", INVALID, lambda: inputs.arrays.__setitem__(
+                "resid", _normal(rng, n + 1, r, hw, hw))),
+            ("resid image size", INVALID, lambda: inputs.arrays.__setitem__(
+                "resid", _normal(rng, n, r, hw, hw + 1))),
+            ("dense rank 3", INVALID, lambda: inputs.arrays.__setitem__(
+                "dense", inputs.arrays["dense"][0])),
+            ("dense empty image", INVALID, lambda: inputs.arrays.update(
+                {k: a[:, :, :0] for k, a in inputs.arrays.items()})),
+            ("dense float64", INVALID, lambda: inputs.casts.update(dense="float64")),
+            ("resid numpy", INVALID, lambda: inputs.replace.update(resid=inputs.arrays["resid"])),
+            ("scale_shift short", INVALID, set_arg(scale_shift=scale_shift[:, 1:])),
+            ("scale_shift transposed", INVALID, set_arg(scale_shift=scale_shift.t())),
+            ("fc_weight transposed", INVALID, set_arg(fc_weight=fc.weight.t())
+             if r + d != classes else set_arg(fc_weight=fc.weight[1:])),
+            ("fc_bias short", INVALID, set_arg(fc_bias=fc.bias[1:])
+             if classes > 1 else set_arg(fc_bias=paddle.zeros([2]))),
+            ("fc_weight float64", INVALID, set_arg(fc_weight=fc.weight.astype("float64"))),
+            ("fc_bias rank 2", INVALID, set_arg(fc_bias=fc.bias[None])),
+            ("strided", VALID, lambda: (
+                _view_input(rng, inputs, "resid", inputs.arrays["resid"].shape),
+                _view_input(rng, inputs, "dense", inputs.arrays["dense"].shape))),
+            ("NaN/Inf in dense", VALID, lambda: inputs.poison(rng, "dense")),
+            ("empty batch", VALID, lambda: inputs.arrays.update(
+                {k: a[:0] for k, a in inputs.arrays.items()})),
+        ])
+        mutate()
+
+    def run(prec):
+        t = inputs.tensors(prec)
+        with paddle.no_grad():
+            if prec == "fused":
+                return dpn_head(t["resid"], t["dense"], args["scale_shift"], args["fc_weight"],
+                                args["fc_bias"])
+            dt = "float64" if prec == "ref64" else "float32"
+            x = bns[dt](paddle.concat([t["resid"], t["dense"]], 1))
+            return fcs[dt](paddle.mean(x, axis=[2, 3]))
+    return Case("dpn_head", f"{label} n{n} resid{r} dense{d} {hw}x{hw} classes{classes}", kind,
+                run)
+
+
+def gen_fold_batch_norms(rng):
+    from dpn_fast.ops import fold_batch_norms
+    sizes = [int(c) for c in rng.integers(1, 7, int(rng.integers(1, 4)))]
+    layers = [_bn_layers(rng, c, 1, bn_class=_pick(rng, [None, "2D"]))[0] for c in sizes]
+    label, kind, argument = "valid", VALID, layers
+    if rng.random() < 0.5:
+        label, kind, argument = _pick(rng, [
+            ("tuple", VALID, tuple(layers)),
+            ("empty list", INVALID, []),
+            ("one layer, not a list", INVALID, layers[0]),
+            ("None in the list", INVALID, layers + [None]),
+            ("a Conv2D in the list", INVALID, [paddle.nn.Conv2D(2, 2, 1)] + layers),
+            ("act sigmoid", INVALID, layers + [_bn_layers(rng, 2, 1, act="sigmoid")[0]]),
+            ("float64 layer", INVALID, layers + [paddle.nn.BatchNorm2D(2).to(dtype="float64")]),
+            ("NHWC layer", INVALID, layers + [paddle.nn.BatchNorm2D(2, data_format="NHWC")]),
+        ])
+
+    def run(prec):
+        if prec == "fused":
+            return fold_batch_norms(argument)
+        dt = "float64" if prec == "ref64" else "float32"
+        scales, shifts = [], []
+        for layer in argument:
+            w, b, m, v = (t.astype(dt) for t in (layer.weight, layer.bias, layer._mean,
+                                                 layer._variance))
+            scales.append(w / paddle.sqrt(v + layer._epsilon))
+            shifts.append(b - m * scales[-1])
+        return paddle.stack([paddle.concat(scales), paddle.concat(shifts)])
+    return Case("fold_batch_norms", f"{label} channels {sizes}", kind, run)
+
+
+# ---------------------------------------------------------------------------------------------
 # The models' forward (DPN68, fused vs the reference in float32 and float64)
 
 _MODELS = {}
 
 
 def _models():
+    """DPN68 (fused, float32 and float64 references) and the reference's compiled engine."""
     if not _MODELS:
+        import dpn_fast
         from test_fused_models import build_trio
         reference, fused, reference64 = build_trio("DPN68", seed=21)
         for model in (reference, fused, reference64):
             model.eval()
-        _MODELS.update(fused=fused, ref32=reference, ref64=reference64)
+        _MODELS.update(fused=fused, ref32=reference, ref64=reference64,
+                       compiled=dpn_fast.compile(reference))
     return _MODELS
 
 
@@ -547,12 +751,57 @@ def gen_model(rng):
     return Case("DPN68", f"{label} x{list(x.shape)} {dtype} no_grad={no_grad}", kind, run)
 
 
+def gen_compiled(rng):
+    """dpn_fast.compile's engine (of the float32 reference DPN68) against the references."""
+    n, h, w = _pick(rng, [1, 1, 2, 3, 0]), int(rng.integers(1, 48)), int(rng.integers(1, 48))
+    inputs = Inputs(x=_normal(rng, n, 3, h, w))
+    label, kind = "valid", VALID
+    if rng.random() < 0.6:
+        def set_x(array):
+            return lambda: inputs.arrays.__setitem__("x", array)
+
+        label, kind, mutate = _pick(rng, [
+            ("rank 3", INVALID, set_x(_normal(rng, 3, h, w))),
+            ("rank 5", INVALID, set_x(_normal(rng, 1, n, 3, h, w))),
+            ("1 channel", INVALID, set_x(_normal(rng, n, 1, h, w))),
+            ("NHWC", INVALID, set_x(_normal(rng, n, h, w, 3)) if w != 3 and h != 3
+             else set_x(_normal(rng, n, 4, h, w))),
+            ("empty image", INVALID, set_x(_normal(rng, n, 3, 0, w))),
+            ("float64", INVALID, lambda: inputs.casts.update(x="float64")),
+            ("float16", INVALID, lambda: inputs.casts.update(x="float16")),
+            ("int32", INVALID, lambda: inputs.casts.update(x="int32")),
+            ("numpy", INVALID, lambda: inputs.replace.update(
+                x=inputs.arrays["x"].astype("float32"))),
+            ("list", INVALID, lambda: inputs.replace.update(x=inputs.arrays["x"].tolist())),
+            ("None", INVALID, lambda: inputs.replace.update(x=None)),
+            ("strided", VALID, lambda: _view_input(rng, inputs, "x", inputs.arrays["x"].shape)),
+            ("NaN/Inf", VALID, lambda: inputs.poison(rng, "x")),
+            ("wanting gradients", VALID, lambda: inputs.views.__setitem__(
+                "x", lambda t: _requiring_grad(t))),
+        ])
+        mutate()
+
+    def run(prec):
+        x = inputs.tensors(prec)["x"]
+        if prec == "fused":
+            return _models()["compiled"](x)
+        with paddle.no_grad():
+            return _models()[prec](x)
+    return Case("compiled DPN68", f"{label} x{list(inputs.arrays['x'].shape)}", kind, run)
+
+
+def _requiring_grad(t):
+    t.stop_gradient = False
+    return t
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the cases
 
 GENERATORS = [(gen_grouped_conv, 6), (gen_folder, 2), (gen_merge, 7),
               (gen_merge_into_arguments, 1), (gen_fold_batch_norm, 1), (gen_stem, 4),
-              (gen_model, 1)]
+              (gen_model, 1), (gen_dpn_block, 4), (gen_dpn_head, 2), (gen_fold_batch_norms, 1),
+              (gen_compiled, 2)]
 
 
 def _arrays(outputs):

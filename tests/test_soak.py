@@ -1,6 +1,6 @@
-"""Memory over time: the host block cache's cap (csrc/host_block_cache.cc) and a soak of 2000
-fused DPN68 forwards. Each run is a fresh interpreter, since the cache reads its cap
-(DPN_FAST_HOST_CACHE_MB) once per process.
+"""Memory over time: the host block cache's cap (csrc/host_block_cache.cc) and soaks of 2000
+DPN68 forwards, fused model and compiled engine. Each run is a fresh interpreter, since the cache
+reads its cap (DPN_FAST_HOST_CACHE_MB) once per process.
 
 `python tests/test_soak.py` prints the figures of docs/reliability.md: the cache's peak for
 DPN92/DPN131 at batch 1 and 8, and the resident memory of fused and reference DPN92 predictors.
@@ -41,6 +41,9 @@ def fused_model(name):
     model = dpn_fast.create_model(name, fused=True)
     model.eval()
     return model
+
+def compiled_model(name):
+    return dpn_fast.compile(dpn_fast.create_model(name))
 """
 
 
@@ -75,7 +78,7 @@ print(json.dumps({"limit": cache_limit(), "after_free": after_free,
 
 
 SOAK = """
-model = fused_model("DPN68")
+model = {make}("DPN68")
 x = paddle.to_tensor(np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype("float32"))
 with paddle.no_grad():
     for _ in range(100):  # warm-up
@@ -84,16 +87,17 @@ with paddle.no_grad():
     for _ in range(2000):
         model(x)
         peak_retained = max(peak_retained, cache_retained())
-print(json.dumps({"rss_start": rss_start, "rss_end": rss_bytes(), "limit": cache_limit(),
-                  "peak_retained": peak_retained}))
+print(json.dumps({{"rss_start": rss_start, "rss_end": rss_bytes(), "limit": cache_limit(),
+                   "peak_retained": peak_retained}}))
 """
 
 
 @pytest.mark.slow
-def test_soak_2000_fused_dpn68_forwards():
+@pytest.mark.parametrize("make", ["fused_model", "compiled_model"])
+def test_soak_2000_dpn68_forwards(make):
     """Resident memory grows < 5% after warm-up; the cache stays within its (default) cap. A cap
     that binds is tested above."""
-    result = run_child(SOAK, timeout=1200)
+    result = run_child(SOAK.format(make=make), timeout=1200)
     print(result)
     assert result["rss_end"] < 1.05 * result["rss_start"], result
     assert 0 < result["peak_retained"] <= result["limit"], result

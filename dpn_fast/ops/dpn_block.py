@@ -125,6 +125,13 @@ def _check_cpu_float32(op, named_tensors):
                            "the per-op path, dpn_fast.DPN92(fused=True))")
 
 
+def _check_1x1(op, name, weight, in_channels, what):
+    """A 1x1 convolution's weight [C_out, in_channels, 1, 1], C_out >= 1."""
+    if weight.shape[1:] != [in_channels, 1, 1] or weight.shape[0] < 1:
+        raise ValueError(f"{op}: '{name}' has shape {list(weight.shape)}; it must be [C_out, "
+                         f"{in_channels}, 1, 1] for the {in_channels} {what}")
+
+
 def _check_activations(op, resid, dense):
     check_tensor(op, "dense", dense, rank=4)
     if resid is not None:
@@ -163,16 +170,42 @@ def dpn_block(resid, dense, weights, scale_shift, groups, stride=1):
         raise ValueError(f"{op}: resid=None (the stem's output) goes to a projection block, which "
                          "takes 4 weights")
     in_channels = dense.shape[1] + (0 if resid is None else resid.shape[1])
-    w_a, w_c = weights[-3], weights[-1]
-    if w_a.shape[1] != in_channels:
-        raise ValueError(f"{op}: 'w_a' has shape {list(w_a.shape)} for {w_a.shape[1]} input "
-                         f"channels; resid + dense have {in_channels}")
-    bn_channels = (2 if projection else 1) * in_channels + 2 * w_a.shape[0]
+    w_a, w_conv, w_c = weights[-3:]
+    _check_1x1(op, "w_a", w_a, in_channels, "resid + dense channels")
+    bottleneck = w_a.shape[0]
+    if bottleneck % groups:
+        raise ValueError(f"{op}: 'groups' ({groups}) must divide the bottleneck's {bottleneck} "
+                         "channels ('w_a' rows)")
+    if list(w_conv.shape) != [bottleneck, bottleneck // groups, 3, 3]:
+        raise ValueError(f"{op}: 'w_conv' must have shape [{bottleneck}, {bottleneck // groups}, "
+                         f"3, 3] (bottleneck, its channels per group, 3x3), got "
+                         f"{list(w_conv.shape)}")
+    _check_1x1(op, "w_c", w_c, bottleneck, "bottleneck channels ('w_a' rows)")
+    if projection:
+        _check_1x1(op, "w_proj", weights[0], in_channels, "resid + dense channels")
+        inc = weights[0].shape[0] - w_c.shape[0]  # w_proj: resid + 2 inc rows; w_c: resid + inc
+        if inc < 1 or w_c.shape[0] - inc < 1:
+            raise ValueError(f"{op}: 'w_proj' ({weights[0].shape[0]} rows = resid + 2 inc) and "
+                             f"'w_c' ({w_c.shape[0]} rows = resid + inc) must imply resid >= 1 "
+                             f"and inc >= 1, got resid {w_c.shape[0] - inc} and inc {inc}")
+    else:
+        inc = w_c.shape[0] - resid.shape[1]
+        if inc < 1:
+            raise ValueError(f"{op}: 'w_c' has {w_c.shape[0]} rows; it must have the "
+                             f"{resid.shape[1]} resid channels plus at least one new dense "
+                             "channel")
+    bn_channels = (2 if projection else 1) * in_channels + 2 * bottleneck
     if list(scale_shift.shape) != [2, bn_channels]:
         raise ValueError(f"{op}: 'scale_shift' must have shape [2, {bn_channels}] (the block's "
                          f"BNs folded), got {list(scale_shift.shape)}")
     tensors = [("dense", dense), ("scale_shift", scale_shift)] + list(zip(names, weights))
     _check_cpu_float32(op, tensors + ([] if resid is None else [("resid", resid)]))
+    if dense.shape[0] == 0:  # an empty batch: the op's channels-last views of it lose its shape
+        resid_channels = w_c.shape[0] - inc
+        out_hw = [(size - 1) // stride + 1 for size in dense.shape[2:]]
+        dense_out = (2 * inc if projection else dense.shape[1]) + inc
+        return (paddle.empty([0, resid_channels] + out_hw, "float32"),
+                paddle.empty([0, dense_out] + out_hw, "float32"))
 
     resid_in = None if resid is None else to_channels_last(resid)
     dense_in = dense if resid is None else to_channels_last(dense)  # the stem's output is NCHW
