@@ -237,9 +237,11 @@ def main():
     print(f"{args.model} {args.precision}, batch {args.batch_size}, {args.threads} thread(s), "
           f"{cpu}, {time.strftime('%Y-%m-%d')}")
     print(f"forward {total * 1e3:.1f} ms, blocks {seconds.sum() * 1e3:.1f} ms")
-    print("| part | ms | GFLOP/s |\n|---|---|---|")
-    for part, s, f in zip(PARTS, seconds, flops):
-        print(f"| {part} | {s * 1e3:.2f} | {f / s * 1e-9 if s else 0:.1f} |")
+    print(f"| part | ms | GFLOP/s | of the {args.precision} matmul's |\n|---|---|---|---|")
+    for i, (part, s, f) in enumerate(zip(PARTS, seconds, flops)):
+        rate = f / s * 1e-9 if s else 0.0
+        share = f"{rate / peak:.0%}" if i in GEMM_PARTS else ""
+        print(f"| {part} | {s * 1e3:.2f} | {rate:.1f} | {share} |")
     gemm_s, gemm_f = seconds[list(GEMM_PARTS)].sum(), flops[list(GEMM_PARTS)].sum()
     rate = gemm_f / gemm_s * 1e-9
     impls = ", ".join(f"{name} x{count}" for name, count in
