@@ -11,7 +11,8 @@ constexprs) or (kernel, signature, constexprs, options) with options as the laun
 (num_warps...): signature maps every parameter name to a Triton type string ("*fp16", "i32", ...
 and "constexpr" for constexpr parameters), constexprs gives their values. Every @triton.jit
 function named *_kernel needs at least one spec per activation dtype (fp32, fp16, bf16), at the
-launchers' largest configuration (the one most likely to spill). A module may set AOT_MIN_CC
+launchers' largest configuration (the one most likely to spill); the channels-last kernels leave
+fp16 to tests/_triton_ptx.py, which compiles every form DPN92 launches. A module may set AOT_MIN_CC
 (e.g. 80 for tensor-core kernels, which on sm_75 fall back to FMAs Triton does not support
 there): archs below it are not compiled.
 

@@ -3,12 +3,17 @@
 - every csrc/*.cu compiled by nvcc for each of sm_75/80/86/89/90 (the archs the local nvcc
   accepts); ptxas's per-kernel resource usage (registers, stack, spills, shared memory) parsed;
 - every Triton kernel in dpn_fast/kernels/ compiled ahead of time (tests/_triton_aot.py, AOT_SPECS
-  convention) for sm_75/80/90, with registers / stack / spills from Triton's bundled ptxas.
+  convention) for sm_75/80/90, with registers / stack / spills from Triton's bundled ptxas;
+- the channels-last kernels compiled as the JIT would for DPN92's fused fp16 forward
+  (tests/_triton_ptx.py), for sm_80 and sm_90, their PTX inspected.
 
-Both write a table (build/cuda_resource_report.txt, build/triton_resource_report.txt) that
-tests/conftest.py names, with its spill count, at the end of the pytest run. Spills are reported,
-not failed: they are a performance question for a GPU run, while a compile error fails here.
+The first two write a table (build/cuda_resource_report.txt, build/triton_resource_report.txt)
+that tests/conftest.py names, with its spill count, at the end of the pytest run; their spills
+are reported, not failed (a performance question for a GPU run), while a compile error fails.
+The third fails on what makes a kernel slow on every GPU: an MMA loop without 16-byte loads,
+2-byte global accesses, local memory; it writes build/triton_dpn92_ptx_report.txt.
 """
+import importlib.util
 import json
 import os
 import re
@@ -180,3 +185,40 @@ def test_triton_kernels_compile_ahead_of_time():
     write_report("triton_resource_report.txt", text)
     failures = [r for r in rows if not r.get("ok")]
     assert not failures, "\n".join(json.dumps(r) for r in failures)
+
+
+def test_channels_last_kernels_vectorise_at_dpn92_shapes():
+    """Every distinct specialisation the JIT compiles for DPN92's fused fp16 forward (torch host,
+    224x224, batch 1 and 64), on sm_80 and sm_90: its tensor-core MMA loop has 16-byte global
+    loads (ld.global.v4 / cp.async 16 / TMA), it has no 2-byte global load or store, no local
+    memory and no ptxas spills. Guards the alignment hints and the slot layout: without them
+    the stage-3 GEMMs (K = 1096, N = 1048: multiples of 8, not 16) and the narrow-group convs
+    load fp16 elements one at a time."""
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("timm") is None:  # importing it here may fail (torch_host's
+        pytest.skip("timm not installed")           # import_timm works around that)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "_triton_ptx.py"), "--archs",
+                               str(cc), "--batches", "1,64"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO / "tests")
+             for cc in (80, 90)]  # one process an arch: the compiles are CPU-bound
+    rows = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-4000:]
+        rows += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert {(r["kernel"], r["cc"]) for r in rows} == {
+        (k, cc) for k in ("_conv1x1_kernel", "_grouped_conv3x3_kernel") for cc in (80, 90)}
+    for r in rows:
+        r["tiles"] = " ".join(f"{k}={v}" for k, v in sorted(r["options"].items())
+                              if k.startswith(("BLOCK", "ALIGN", "SLOT", "STRIDE", "num_")))
+    columns = ["kernel", "cc", "first_use", "loop_mma", "loop_wide_loads", "kernel_narrow_global",
+               "local", "problems", "tiles"]
+    text = format_table("Channels-last kernels at DPN92's shapes (JIT specialisation, PTX)", rows,
+                        columns)
+    failing = [r for r in rows if not r.get("ok") or r["problems"]]
+    text += f"{len(failing)} of {len(rows)} specialisation/arch pairs fail the check\n"
+    write_report("triton_dpn92_ptx_report.txt", text)
+    assert not failing, "\n".join(json.dumps({k: r.get(k) for k in (
+        "kernel", "cc", "first_use", "options", "problems", "error")}) for r in failing)
