@@ -125,23 +125,27 @@ def test_several_position_tiles(kernels):
 
 
 def test_tiles_fill_lanes_with_whole_groups(kernels):
-    chosen = {g: kernels.choose_tiles(g, 1 << 20, half=True) for g in (3, 5, 6, 12, 24, 48)}
+    chosen = {g: kernels.chunk_lanes(g) for g in (3, 5, 6, 12, 24, 48)}
     assert {g: (t.block_c, t.groups_per_program) for g, t in chosen.items()} == {
         3: (16, 5), 5: (16, 3), 6: (32, 5), 12: (32, 2), 24: (32, 1), 48: (64, 1)}
     with pytest.raises(ValueError, match="1 to 64"):
-        kernels.choose_tiles(65, 10, half=True)
+        kernels.chunk_lanes(65)
+    # GPU tiles: the same chunks, 128-256 positions a program where the lanes are narrow.
+    for arch in (80, 90):
+        tiles = {g: kernels.choose_tiles(g, 1 << 20, half=True, arch=arch) for g in chosen}
+        assert all(tiles[g][1:3] == chosen[g] for g in chosen)
+        assert (tiles[3].block_p, tiles[6].block_p, tiles[24].block_p) == (256, 128, 128)
 
 
 def test_slot_layout_aligns_every_chunk(kernels):
     """DPN92's first stage: 96 channels in 3-channel groups -> 7 chunks of 5 groups (the last of
     2), each in a 16-channel slot starting at a multiple of 16."""
-    tiles = kernels.choose_tiles(3, 1 << 20, half=True)
-    columns, width = kernels.slot_layout(96, 32, tiles)
+    columns, width = kernels.slot_layout(96, 32, kernels.chunk_lanes(3))
     assert width == 112
     np.testing.assert_array_equal(columns[:16], list(range(15)) + [16])
     assert columns[-1] == 6 * 16 + 5 and len(set(columns.tolist())) == 96
     # 24-channel groups need no padding: 24-channel slots are 16-byte aligned already.
-    columns, width = kernels.slot_layout(768, 32, kernels.choose_tiles(24, 1 << 20, half=True))
+    columns, width = kernels.slot_layout(768, 32, kernels.chunk_lanes(24))
     assert width == 768 and (columns == np.arange(768)).all()
 
 

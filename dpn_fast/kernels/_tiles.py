@@ -13,6 +13,13 @@ def _table():
     return json.loads(TABLE.read_text())
 
 
+def current_arch():
+    """The compute capability of the current CUDA device, as Triton sees it (e.g. 90): what
+    launchers pass as `arch` to the kernels' choose_tiles."""
+    import triton
+    return triton.runtime.driver.active.get_current_target().arch
+
+
 def lookup(kernel, arch, half, **sizes):
     """{field: value} of the first entry for `kernel` at compute capability `arch` (e.g. 90) and
     dtype class (half: fp16/bf16, else fp32) whose max_<size> bounds all hold for `sizes`

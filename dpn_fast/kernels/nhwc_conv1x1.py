@@ -29,7 +29,7 @@ import triton.language as tl
 
 from dpn_fast.kernels._launch import NOTHING, Launch, alignment
 from dpn_fast.kernels._rows import check_dtypes, check_rows
-from dpn_fast.kernels._tiles import lookup
+from dpn_fast.kernels._tiles import current_arch, lookup
 
 # Decided when the kernels are decorated: @triton.jit reads TRITON_INTERPRET at that moment.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -137,22 +137,18 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
-def choose_tiles(rows, k, n, half, interpret=False, arch=80):
+def choose_tiles(rows, k, n, half, interpret=False, arch=None):
     """GPU: the tile table's entry (tiles.json, dpn_fast/kernels/_tiles.py) for compute
-    capability `arch`, the dtype class and the shape (small row counts get small row tiles, so
-    a batch of 1 still spreads over the SMs). The CPU interpreter pays per program and per K
-    step: one large tile where the shape allows."""
+    capability `arch` (default: the current device's), the dtype class and the shape (small row
+    counts get small row tiles, so a batch of 1 still spreads over the SMs). The CPU
+    interpreter pays per program and per K step: one large tile where the shape allows."""
     if interpret:
         cap = 256
         return Tiles(min(cap, max(16, triton.next_power_of_2(rows))),
                      min(cap, max(16, triton.next_power_of_2(n))),
                      min(cap, max(16, triton.next_power_of_2(k))), 1, 4, 1)
-    return Tiles(**lookup("conv1x1", arch, half, rows=rows, k=k, n=n))
-
-
-def current_arch():
-    """The compute capability of the current CUDA device, as Triton sees it (e.g. 90)."""
-    return triton.runtime.driver.active.get_current_target().arch
+    return Tiles(**lookup("conv1x1", current_arch() if arch is None else arch, half, rows=rows,
+                          k=k, n=n))
 
 
 def conv1x1_forward(a, w, out, **kwargs):
@@ -206,8 +202,7 @@ def plan_conv1x1(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in_sc
     if rows == 0:
         return NOTHING
     if tiles is None:
-        tiles = choose_tiles(rows, k, n, dtype != "float32", INTERPRETED,
-                             None if INTERPRETED else current_arch())
+        tiles = choose_tiles(rows, k, n, dtype != "float32", INTERPRETED)
     # Unused pointer arguments get `w`: never read (their constexpr flag is off).
     grid = (triton.cdiv(rows, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
     args = (a, w, w if in_scale is None else in_scale, w if in_shift is None else in_shift,
@@ -236,7 +231,7 @@ def _aot_specs():
         signature = {"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "in_scale_ptr": "*fp32",
                      "in_shift_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{dt}",
                      **{name: "i32" for name in ints}, **{name: "constexpr" for name in flags}}
-        t = choose_tiles(1 << 20, 1024, 1024, half=dt != "fp32")
+        t = choose_tiles(1 << 20, 1024, 1024, half=dt != "fp32", arch=AOT_MIN_CC)
         tile = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
                 "GROUP_M": t.group_m, "PRECISION": "ieee" if dt == "fp32" else "tf32",
                 "ALIGN": alignment(1024)}
@@ -248,5 +243,5 @@ def _aot_specs():
     return specs
 
 
-AOT_SPECS = _aot_specs()  # see tests/_triton_aot.py
 AOT_MIN_CC = 80  # tensor-core kernels: sm_80+ (dpn_fast.torch refuses older cards)
+AOT_SPECS = _aot_specs()  # see tests/_triton_aot.py

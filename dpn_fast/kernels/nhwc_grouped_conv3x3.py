@@ -34,7 +34,7 @@ import triton.language as tl
 
 from dpn_fast.kernels._launch import NOTHING, VECTOR_ALIGN, Launch, alignment
 from dpn_fast.kernels._rows import check_dtypes, check_rows
-from dpn_fast.kernels._tiles import lookup
+from dpn_fast.kernels._tiles import current_arch, lookup
 
 # Decided when the kernels are decorated: @triton.jit reads TRITON_INTERPRET at that moment.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -120,15 +120,16 @@ def chunk_lanes(channels_per_group):
     return Chunks(block_c, block_c // channels_per_group)
 
 
-def choose_tiles(channels_per_group, rows_out, half, interpret=False, arch=80):
+def choose_tiles(channels_per_group, rows_out, half, interpret=False, arch=None):
     """Lanes and groups a program: chunk_lanes. Positions a program: the tile table's entry
-    (tiles.json) for compute capability `arch`; the CPU interpreter pays per program: one tile
-    over every position."""
+    (tiles.json) for compute capability `arch` (default: the current device's); the CPU
+    interpreter pays per program: one tile over every position."""
     block_c, per_program = chunk_lanes(channels_per_group)
     if interpret:
         return Tiles(min(1024, max(16, triton.next_power_of_2(rows_out))), block_c, per_program,
                      4, 1)
-    entry = lookup("grouped_conv3x3", arch, half, rows=rows_out, lanes=block_c)
+    entry = lookup("grouped_conv3x3", current_arch() if arch is None else arch, half,
+                   rows=rows_out, lanes=block_c)
     return Tiles(entry["block_p"], block_c, per_program, entry["num_warps"],
                  entry["num_stages"])
 
@@ -228,7 +229,7 @@ def _aot_specs():
                      **{name: "constexpr" for name in ("STRIDE", "SLOT", "PRECISION", "ALIGN",
                                                        "BLOCK_P", "BLOCK_C")}}
         for cin_g, stride in ((3, 2), (24, 2), (48, 1)):
-            t = choose_tiles(cin_g, 1 << 20, half=dt != "fp32")
+            t = choose_tiles(cin_g, 1 << 20, half=dt != "fp32", arch=AOT_MIN_CC)
             specs.append((_grouped_conv3x3_kernel, signature,
                           {"STRIDE": stride,
                            "SLOT": _round_up(t.groups_per_program * cin_g, VECTOR_ALIGN),
@@ -238,5 +239,5 @@ def _aot_specs():
     return specs
 
 
-AOT_SPECS = _aot_specs()  # see tests/_triton_aot.py
 AOT_MIN_CC = 80  # tensor-core kernels: sm_80+ (dpn_fast.torch refuses older cards)
+AOT_SPECS = _aot_specs()  # see tests/_triton_aot.py
