@@ -17,7 +17,6 @@ triton is imported.
 import argparse
 import json
 import os
-import re
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -29,62 +28,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from _triton_aot import ptxas_for, resource_usage  # noqa: E402  (this script runs from tests/)
-
-# 16-byte global->shared copies or loads, and TMA: what a vectorised, pipelined load looks like.
-WIDE_LOAD = re.compile(r"cp\.async\.c[ag]\.shared\.global.*,\s*(?:16|0x10)\s*[,;]"
-                       r"|ld\.global[.\w]*\.v4\.(?:b32|u32|f32)|cp\.async\.bulk\.tensor")
-NARROW_GLOBAL = re.compile(r"\b(?:ld|st)\.global[.\w]*\.(?:b16|u16|f16|bf16)\b")
-MMA = re.compile(r"\b(?:mma\.sync|wgmma\.mma_async)\b")
-LOCAL = re.compile(r"\b(?:ld|st)\.local\b")
-LABEL = re.compile(r"^(\$L__\w+):")
-BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
-
-
-def hot_loops(ptx):
-    """The bodies (lists of lines) of the loops that issue tensor-core MMAs: a label and the
-    lines up to the last backward branch to it."""
-    lines = ptx.splitlines()
-    labels = {}
-    loops = {}
-    for i, line in enumerate(lines):
-        m = LABEL.match(line.strip())
-        if m:
-            labels[m.group(1)] = i
-        m = BRANCH.search(line)
-        if m and m.group(1) in labels:
-            loops[m.group(1)] = (labels[m.group(1)], i)
-    bodies = [lines[start:end + 1] for start, end in loops.values()]
-    return [body for body in bodies if any(MMA.search(line) for line in body)]
-
-
-def ptx_findings(ptx):
-    """What the check asserts, counted: MMAs, 16-byte loads and 2-byte global accesses in the
-    hot loops and in the whole kernel, local-memory accesses."""
-    loops = hot_loops(ptx)
-    count = lambda pattern, lines: sum(bool(pattern.search(line)) for line in lines)  # noqa: E731
-    all_lines = ptx.splitlines()
-    return {"hot_loops": len(loops),
-            "loop_mma": sum(count(MMA, body) for body in loops),
-            "loop_wide_loads": sum(count(WIDE_LOAD, body) for body in loops),
-            "loop_narrow_global": sum(count(NARROW_GLOBAL, body) for body in loops),
-            "kernel_narrow_global": count(NARROW_GLOBAL, all_lines),
-            "kernel_wide_loads": count(WIDE_LOAD, all_lines),
-            "local": count(LOCAL, all_lines)}
-
-
-def problems(findings, usage):
-    """Why a compiled kernel fails the check (empty: it passes)."""
-    out = []
-    if not findings["hot_loops"] or not findings["loop_mma"]:
-        out.append("no loop issues tensor-core MMAs (mma / wgmma)")
-    if not findings["loop_wide_loads"]:
-        out.append("the MMA loops have no 16-byte global loads (ld.global.v4 / cp.async 16 / TMA)")
-    if findings["kernel_narrow_global"]:
-        out.append(f"{findings['kernel_narrow_global']} 2-byte global loads/stores (unvectorised)")
-    if findings["local"] or usage.get("spill_stores") or usage.get("spill_loads"):
-        out.append(f"local memory: {findings['local']} ld/st.local, ptxas spills {usage}")
-    return out
-
+from test_gpu_compile import problems, ptx_findings  # noqa: E402
 
 def jit_compile(launch, cc):
     """triton.compile of a planned Launch with the specialisation the JIT derives from its

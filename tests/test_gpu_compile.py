@@ -96,6 +96,62 @@ def parse_ptxas(output):
     return kernels
 
 
+# 16-byte global->shared copies or loads, and TMA: what a vectorised, pipelined load looks like.
+WIDE_LOAD = re.compile(r"cp\.async\.c[ag]\.shared\.global.*,\s*(?:16|0x10)\s*[,;]"
+                       r"|ld\.global[.\w]*\.v4\.(?:b32|u32|f32)|cp\.async\.bulk\.tensor")
+NARROW_GLOBAL = re.compile(r"\b(?:ld|st)\.global[.\w]*\.(?:b16|u16|f16|bf16)\b")
+MMA = re.compile(r"\b(?:mma\.sync|wgmma\.mma_async)\b")
+LOCAL = re.compile(r"\b(?:ld|st)\.local\b")
+LABEL = re.compile(r"^(\$L__\w+):")
+BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def hot_loops(ptx):
+    """The bodies (lists of lines) of the loops that issue tensor-core MMAs: a label and the
+    lines up to the last backward branch to it."""
+    lines = ptx.splitlines()
+    labels = {}
+    loops = {}
+    for i, line in enumerate(lines):
+        m = LABEL.match(line.strip())
+        if m:
+            labels[m.group(1)] = i
+        m = BRANCH.search(line)
+        if m and m.group(1) in labels:
+            loops[m.group(1)] = (labels[m.group(1)], i)
+    bodies = [lines[start:end + 1] for start, end in loops.values()]
+    return [body for body in bodies if any(MMA.search(line) for line in body)]
+
+
+def ptx_findings(ptx):
+    """What the check asserts, counted: MMAs, 16-byte loads and 2-byte global accesses in the
+    hot loops and in the whole kernel, local-memory accesses."""
+    loops = hot_loops(ptx)
+    count = lambda pattern, lines: sum(bool(pattern.search(line)) for line in lines)  # noqa: E731
+    all_lines = ptx.splitlines()
+    return {"hot_loops": len(loops),
+            "loop_mma": sum(count(MMA, body) for body in loops),
+            "loop_wide_loads": sum(count(WIDE_LOAD, body) for body in loops),
+            "loop_narrow_global": sum(count(NARROW_GLOBAL, body) for body in loops),
+            "kernel_narrow_global": count(NARROW_GLOBAL, all_lines),
+            "kernel_wide_loads": count(WIDE_LOAD, all_lines),
+            "local": count(LOCAL, all_lines)}
+
+
+def problems(findings, usage):
+    """Why a compiled kernel fails the check (empty: it passes)."""
+    out = []
+    if not findings["hot_loops"] or not findings["loop_mma"]:
+        out.append("no loop issues tensor-core MMAs (mma / wgmma)")
+    if not findings["loop_wide_loads"]:
+        out.append("the MMA loops have no 16-byte global loads (ld.global.v4 / cp.async 16 / TMA)")
+    if findings["kernel_narrow_global"]:
+        out.append(f"{findings['kernel_narrow_global']} 2-byte global loads/stores (unvectorised)")
+    if findings["local"] or usage.get("spill_stores") or usage.get("spill_loads"):
+        out.append(f"local memory: {findings['local']} ld/st.local, ptxas spills {usage}")
+    return out
+
+
 def format_table(title, rows, columns):
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     lines = [title, "  ".join(c.ljust(widths[c]) for c in columns)]
@@ -222,3 +278,22 @@ def test_channels_last_kernels_vectorise_at_dpn92_shapes():
     write_report("triton_dpn92_ptx_report.txt", text)
     assert not failing, "\n".join(json.dumps({k: r.get(k) for k in (
         "kernel", "cc", "first_use", "options", "problems", "error")}) for r in failing)
+
+
+def test_ptx_check_flags_what_makes_kernels_slow():
+    """The PTX check itself, on hand-written loops: one as the aligned kernels compile (16-byte
+    cp.async feeding the MMAs), one as the unaligned ones did (2-byte loads), one spilling."""
+    def kernel(loop_body, tail=""):
+        return "\n".join(["$L__BB0_1:", *loop_body, "@%p1 bra $L__BB0_1;", tail, "ret;"])
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f1};"
+    good = kernel(["cp.async.cg.shared.global [ %r63 + 0 ], [ %rd6 + 0 ], 0x10, %r64;", mma],
+                  "st.global.v4.b32 [ %rd9 + 0 ], { %r1, %r2, %r3, %r4 };")
+    assert problems(ptx_findings(good), {"spill_stores": 0}) == []
+    narrow = kernel(["ld.global.b16 { %rs1 }, [ %rd6 + 0 ];", mma])
+    found = problems(ptx_findings(narrow), {})
+    assert any("16-byte" in p for p in found) and any("2-byte" in p for p in found), found
+    assert "tensor-core" in problems(ptx_findings(kernel(["ld.global.v4.b32 {%r1}, [%rd1];"])),
+                                     {})[0]
+    spilling = kernel(["ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd6 + 0 ];", mma,
+                       "st.local.u32 [%rd2], %r1;"])
+    assert any("local memory" in p for p in problems(ptx_findings(spilling), {}))
