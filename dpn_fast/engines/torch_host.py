@@ -7,10 +7,12 @@ Needs torch and triton, not Paddle.
     model = timm.create_model("dpn92", pretrained=True).eval().cuda().half()
     fused = fuse(model)
     logits = fused(images)  # [n, 3, H, W] in the model's dtype and device
+    graphed = fused.cuda_graph(images)  # the whole forward in one CUDA graph at images' shape
 
 Each stage keeps its activations as rows, one per position (image, h, w), in one buffer
-`[n * h * w, resid + capacity]`: the residual channels, then the dense channels appended block
-by block (capacity: the dense channels the stage ends with). A block is four launches, with no
+`[n * h * w, resid + capacity]` (rows padded to a multiple of 8 channels, so each starts 16-byte
+aligned): the residual channels, then the dense channels appended block by block (capacity: the
+dense channels the stage ends with). A block is four launches, with no
 concat, no BN pass and no layout change:
 - a projection (first block of a stage): 1x1 conv of the previous stage's rows with its BN +
   ReLU as the GEMM's prologue and stride 2 as a row gather, into the new buffer's first
