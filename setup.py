@@ -133,7 +133,7 @@ setup(
     install_requires=["numpy", "pillow", paddle_runtime_requirement()],
     packages=["dpn_fast", "dpn_fast.data", "dpn_fast.engines", "dpn_fast.models", "dpn_fast.ops",
               "dpn_fast.kernels"],
-    package_data={"dpn_fast.data": ["*.txt", "*.jpg"]},
+    package_data={"dpn_fast.data": ["*.txt", "*.jpg"], "dpn_fast.kernels": ["*.json"]},
     ext_modules=[Extension("dpn_fast.libdpn_fast_ops", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -11,7 +11,9 @@ constexprs) or (kernel, signature, constexprs, options) with options as the laun
 (num_warps...): signature maps every parameter name to a Triton type string ("*fp16", "i32", ...
 and "constexpr" for constexpr parameters), constexprs gives their values. Every @triton.jit
 function named *_kernel needs at least one spec per activation dtype (fp32, fp16, bf16), at the
-launchers' largest configuration (the one most likely to spill). A module may set AOT_MIN_CC
+launchers' largest configuration (the one most likely to spill); the channels-last kernels leave
+fp16 to tests/_triton_ptx.py, which compiles every form DPN92 launches. Pointer arguments are
+compiled 16-byte aligned, as the JIT specialises real tensors. A module may set AOT_MIN_CC
 (e.g. 80 for tensor-core kernels, which on sm_75 fall back to FMAs Triton does not support
 there): archs below it are not compiled.
 
@@ -78,6 +80,14 @@ def resource_usage(ptx, tool):
     return {k: rows[0][k] for k in ("regs", "stack", "spill_stores", "spill_loads")} if rows else {}
 
 
+def aligned_pointers(signature):
+    """The attributes the JIT gives pointer arguments that are 16-byte aligned (every tensor the
+    launchers get from torch's or Paddle's allocators): without them the compile is of a
+    variant that never runs, with narrower loads and more registers."""
+    return {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values())
+            if kind.startswith("*")}
+
+
 def spec_dtype(signature):
     """The activation dtype of a spec, for the report: the first pointer type."""
     return next((t[1:] for t in signature.values() if t.startswith("*")), "-")
@@ -107,7 +117,8 @@ def main():
                        "constexprs": {k: v for k, v in constexprs.items()}, "cc": cc}
                 t0 = time.monotonic()
                 try:
-                    compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                    compiled = triton.compile(ASTSource(kernel, signature, constexprs,
+                                                        aligned_pointers(signature)),
                                               target=GPUTarget("cuda", cc, 32), options=options)
                     row.update(ok=True, num_warps=compiled.metadata.num_warps,
                                shared=compiled.metadata.shared,

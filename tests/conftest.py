@@ -10,7 +10,8 @@ os.environ["DPN_FAST_POISON_OUTPUTS"] = "1"
 # --- GPU compile reports (tests/test_gpu_compile.py): one line naming each file this run wrote,
 # with its spill summary (the tables run to hundreds of lines).
 _SESSION_START = time.time()
-_GPU_COMPILE_REPORTS = ("cuda_resource_report.txt", "triton_resource_report.txt")
+_GPU_COMPILE_REPORTS = ("cuda_resource_report.txt", "triton_resource_report.txt",
+                        "triton_dpn92_ptx_report.txt")
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -3,12 +3,17 @@
 - every csrc/*.cu compiled by nvcc for each of sm_75/80/86/89/90 (the archs the local nvcc
   accepts); ptxas's per-kernel resource usage (registers, stack, spills, shared memory) parsed;
 - every Triton kernel in dpn_fast/kernels/ compiled ahead of time (tests/_triton_aot.py, AOT_SPECS
-  convention) for sm_75/80/90, with registers / stack / spills from Triton's bundled ptxas.
+  convention) for sm_75/80/90, with registers / stack / spills from Triton's bundled ptxas;
+- the channels-last kernels compiled as the JIT would for DPN92's fused fp16 forward
+  (tests/_triton_ptx.py), for sm_80 and sm_90, their PTX inspected.
 
-Both write a table (build/cuda_resource_report.txt, build/triton_resource_report.txt) that
-tests/conftest.py names, with its spill count, at the end of the pytest run. Spills are reported,
-not failed: they are a performance question for a GPU run, while a compile error fails here.
+The first two write a table (build/cuda_resource_report.txt, build/triton_resource_report.txt)
+that tests/conftest.py names, with its spill count, at the end of the pytest run; their spills
+are reported, not failed (a performance question for a GPU run), while a compile error fails.
+The third fails on what makes a kernel slow on every GPU: an MMA loop without 16-byte loads,
+2-byte global accesses, local memory; it writes build/triton_dpn92_ptx_report.txt.
 """
+import importlib.util
 import json
 import os
 import re
@@ -89,6 +94,62 @@ def parse_ptxas(output):
     for k in kernels:
         k["kernel"] = short_kernel_name(names.get(k["kernel"], k["kernel"]))
     return kernels
+
+
+# 16-byte global->shared copies or loads, and TMA: what a vectorised, pipelined load looks like.
+WIDE_LOAD = re.compile(r"cp\.async\.c[ag]\.shared\.global.*,\s*(?:16|0x10)\s*[,;]"
+                       r"|ld\.global[.\w]*\.v4\.(?:b32|u32|f32)|cp\.async\.bulk\.tensor")
+NARROW_GLOBAL = re.compile(r"\b(?:ld|st)\.global[.\w]*\.(?:b16|u16|f16|bf16)\b")
+MMA = re.compile(r"\b(?:mma\.sync|wgmma\.mma_async)\b")
+LOCAL = re.compile(r"\b(?:ld|st)\.local\b")
+LABEL = re.compile(r"^(\$L__\w+):")
+BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+
+
+def hot_loops(ptx):
+    """The bodies (lists of lines) of the loops that issue tensor-core MMAs: a label and the
+    lines up to the last backward branch to it."""
+    lines = ptx.splitlines()
+    labels = {}
+    loops = {}
+    for i, line in enumerate(lines):
+        m = LABEL.match(line.strip())
+        if m:
+            labels[m.group(1)] = i
+        m = BRANCH.search(line)
+        if m and m.group(1) in labels:
+            loops[m.group(1)] = (labels[m.group(1)], i)
+    bodies = [lines[start:end + 1] for start, end in loops.values()]
+    return [body for body in bodies if any(MMA.search(line) for line in body)]
+
+
+def ptx_findings(ptx):
+    """What the check asserts, counted: MMAs, 16-byte loads and 2-byte global accesses in the
+    hot loops and in the whole kernel, local-memory accesses."""
+    loops = hot_loops(ptx)
+    count = lambda pattern, lines: sum(bool(pattern.search(line)) for line in lines)  # noqa: E731
+    all_lines = ptx.splitlines()
+    return {"hot_loops": len(loops),
+            "loop_mma": sum(count(MMA, body) for body in loops),
+            "loop_wide_loads": sum(count(WIDE_LOAD, body) for body in loops),
+            "loop_narrow_global": sum(count(NARROW_GLOBAL, body) for body in loops),
+            "kernel_narrow_global": count(NARROW_GLOBAL, all_lines),
+            "kernel_wide_loads": count(WIDE_LOAD, all_lines),
+            "local": count(LOCAL, all_lines)}
+
+
+def problems(findings, usage):
+    """Why a compiled kernel fails the check (empty: it passes)."""
+    out = []
+    if not findings["hot_loops"] or not findings["loop_mma"]:
+        out.append("no loop issues tensor-core MMAs (mma / wgmma)")
+    if not findings["loop_wide_loads"]:
+        out.append("the MMA loops have no 16-byte global loads (ld.global.v4 / cp.async 16 / TMA)")
+    if findings["kernel_narrow_global"]:
+        out.append(f"{findings['kernel_narrow_global']} 2-byte global loads/stores (unvectorised)")
+    if findings["local"] or usage.get("spill_stores") or usage.get("spill_loads"):
+        out.append(f"local memory: {findings['local']} ld/st.local, ptxas spills {usage}")
+    return out
 
 
 def format_table(title, rows, columns):
@@ -180,3 +241,59 @@ def test_triton_kernels_compile_ahead_of_time():
     write_report("triton_resource_report.txt", text)
     failures = [r for r in rows if not r.get("ok")]
     assert not failures, "\n".join(json.dumps(r) for r in failures)
+
+
+def test_channels_last_kernels_vectorise_at_dpn92_shapes():
+    """Every distinct specialisation the JIT compiles for DPN92's fused fp16 forward (torch host,
+    224x224, batch 1 and 64), on sm_80 and sm_90: its tensor-core MMA loop has 16-byte global
+    loads (ld.global.v4 / cp.async 16 / TMA), it has no 2-byte global load or store, no local
+    memory and no ptxas spills. Guards the alignment hints and the slot layout: without them
+    the stage-3 GEMMs (K = 1096, N = 1048: multiples of 8, not 16) and the narrow-group convs
+    load fp16 elements one at a time."""
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("timm") is None:  # importing it here may fail (torch_host's
+        pytest.skip("timm not installed")           # import_timm works around that)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "_triton_ptx.py"), "--archs",
+                               str(cc), "--batches", "1,64"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO / "tests")
+             for cc in (80, 90)]  # one process an arch: the compiles are CPU-bound
+    rows = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-4000:]
+        rows += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert {(r["kernel"], r["cc"]) for r in rows} == {
+        (k, cc) for k in ("_conv1x1_kernel", "_grouped_conv3x3_kernel") for cc in (80, 90)}
+    for r in rows:
+        r["tiles"] = " ".join(f"{k}={v}" for k, v in sorted(r["options"].items())
+                              if k.startswith(("BLOCK", "ALIGN", "SLOT", "STRIDE", "num_")))
+    columns = ["kernel", "cc", "first_use", "loop_mma", "loop_wide_loads", "kernel_narrow_global",
+               "local", "problems", "tiles"]
+    text = format_table("Channels-last kernels at DPN92's shapes (JIT specialisation, PTX)", rows,
+                        columns)
+    failing = [r for r in rows if not r.get("ok") or r["problems"]]
+    text += f"{len(failing)} of {len(rows)} specialisation/arch pairs fail the check\n"
+    write_report("triton_dpn92_ptx_report.txt", text)
+    assert not failing, "\n".join(json.dumps({k: r.get(k) for k in (
+        "kernel", "cc", "first_use", "options", "problems", "error")}) for r in failing)
+
+
+def test_ptx_check_flags_what_makes_kernels_slow():
+    """The PTX check itself, on hand-written loops: one as the aligned kernels compile (16-byte
+    cp.async feeding the MMAs), one as the unaligned ones did (2-byte loads), one spilling."""
+    def kernel(loop_body, tail=""):
+        return "\n".join(["$L__BB0_1:", *loop_body, "@%p1 bra $L__BB0_1;", tail, "ret;"])
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f1};"
+    good = kernel(["cp.async.cg.shared.global [ %r63 + 0 ], [ %rd6 + 0 ], 0x10, %r64;", mma],
+                  "st.global.v4.b32 [ %rd9 + 0 ], { %r1, %r2, %r3, %r4 };")
+    assert problems(ptx_findings(good), {"spill_stores": 0}) == []
+    narrow = kernel(["ld.global.b16 { %rs1 }, [ %rd6 + 0 ];", mma])
+    found = problems(ptx_findings(narrow), {})
+    assert any("16-byte" in p for p in found) and any("2-byte" in p for p in found), found
+    assert "tensor-core" in problems(ptx_findings(kernel(["ld.global.v4.b32 {%r1}, [%rd1];"])),
+                                     {})[0]
+    spilling = kernel(["ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd6 + 0 ];", mma,
+                       "st.local.u32 [%rd2], %r1;"])
+    assert any("local memory" in p for p in problems(ptx_findings(spilling), {}))

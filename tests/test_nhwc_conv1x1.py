@@ -135,6 +135,107 @@ def test_many_tiles_and_k_steps(kernels):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("form", ["1x1a", "proj", "1x1c"])
+def test_dpn92_stage3_shapes(kernels, form):
+    """DPN92's stage-3 GEMMs at n = 1 (14x14 positions) in fp16, sizes multiples of 8 but not 16
+    (the kernel's aligned variant), GPU-sized 64x64x64 tiles: an unmasked main K loop and a
+    masked tail (K = 1096 = 17 * 64 + 8), partial row and column tiles. Stage buffer: 1024
+    resid + 528 dense channels."""
+    dtype, width, rng = "float16", 1552, np.random.default_rng(7)
+    tiles = kernels.Tiles(64, 64, 64, 8, 4, 1)
+    if form == "1x1c":  # the second block: 72 dense channels before it
+        rows, k, n_out, split, dense = 196, 384, 1048, 1024, 72
+        stage = nan_array((rows, width), dtype)
+        stage[:, :split + dense] = make(rng, (rows, split + dense))
+        before = stage.copy()
+        a = np.maximum(make(rng, (rows, k)), 0).astype(dtype)
+        weight = make(rng, (k, n_out), 1 / np.sqrt(k)).astype(dtype)
+        kernels.conv1x1_forward(host(a), host(weight), host(stage), rows=rows, k=k, n=n_out,
+                                lda=k, ldo=width, split=split, dense_gap=dense, add_to_out=True,
+                                tiles=tiles)
+        y64 = gemm_reference(a, weight, None, None, False, "float64")
+        y16 = gemm_reference(a, weight, None, None, False, dtype)
+        resid = before[:, :split].astype(np.float64)
+        assert_matches_reference(stage[:, :split], resid + y64[:, :split],
+                                 (resid + y16[:, :split]).astype(dtype), dtype, "resid")
+        np.testing.assert_array_equal(stage[:, split:split + dense], before[:, split:split + dense])
+        assert_matches_reference(stage[:, split + dense:split + dense + n_out - split],
+                                 y64[:, split:], y16[:, split:], dtype, "dense")
+        assert np.isnan(stage[:, split + dense + n_out - split:]).all()
+        return
+    if form == "1x1a":  # the second block's: reads the stage buffer's resid | 72 dense channels
+        n, h, w, k, lda, n_out, stride = 1, 14, 14, 1096, width, 384, 1
+    else:  # the down block's projection: stage 2's rows (28x28, 704 channels), stride 2
+        n, h, w, k, lda, n_out, stride = 1, 28, 28, 704, 704, 1072, 2
+    src = nan_array((n * h * w, lda), dtype)
+    src[:, :k] = make(rng, (n * h * w, k))
+    weight = make(rng, (k, n_out), 1 / np.sqrt(k)).astype(dtype)
+    scale, shift = rng.uniform(0.5, 1.5, k), 0.3 * make(rng, k)
+    bias = 0.3 * make(rng, n_out) if form == "1x1a" else None
+    rows = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+    out = nan_array((rows, n_out + 8), dtype)
+    kernels.conv1x1_forward(
+        host(src), host(weight), host(out), rows=rows, k=k, n=n_out, lda=lda, ldo=n_out + 8,
+        stride=stride, in_hw=(h, w), in_scale=host(scale.astype(np.float32)),
+        in_shift=host(shift.astype(np.float32)),
+        bias=None if bias is None else host(bias.astype(np.float32)), relu=form == "1x1a",
+        tiles=tiles)
+    a = stride_rows(src[:, :k].astype(np.float64), n, h, w, stride)
+    ref = {p: gemm_reference(a, weight, (scale, shift), bias, form == "1x1a", p)
+           for p in ("float64", dtype)}
+    assert_matches_reference(out[:, :n_out], ref["float64"], ref[dtype], dtype)
+    assert np.isnan(out[:, n_out:]).all()
+
+
+@needs_interpreter
+def test_planned_launch_checks_once_and_runs_again(kernels):
+    """plan_conv1x1 checks its arguments and returns a launch that can run many times (a forward
+    planned once per input shape); no rows gives a launch that does nothing."""
+    rng = np.random.default_rng(5)
+    a = make(rng, (9, 16)).astype(np.float32)
+    weight = make(rng, (16, 8)).astype(np.float32)
+    out = nan_array((9, 8), np.float32)
+    launch = kernels.plan_conv1x1(host(a), host(weight), host(out), rows=9, k=16, n=8, lda=16,
+                                  ldo=8)
+    assert launch.options["ALIGN"] == 8
+    launch()
+    first = out.copy()
+    out[:] = np.nan
+    launch()
+    np.testing.assert_array_equal(out, first)
+    ref = {p: gemm_reference(a, weight, None, None, False, p) for p in ("float64", "float32")}
+    assert_matches_reference(out, ref["float64"], ref["float32"])
+    out[:] = np.nan
+    kernels.plan_conv1x1(host(a), host(weight), host(out), rows=0, k=16, n=8, lda=16, ldo=8)()
+    assert np.isnan(out).all()
+
+
+def test_tile_table_by_arch_and_rows(kernels):
+    """The shipped table: small row counts (batch 1's last stages) get small row tiles, so the
+    GEMM spreads over the SMs; an arch between the listed ones takes the one below it, an
+    older one the oldest; every list ends with an entry that holds for any shape."""
+    from dpn_fast.kernels import _tiles
+    choose = kernels.choose_tiles
+    assert choose(49, 2432, 1600, half=True, arch=90).block_m == 32      # stage 4, n = 1
+    assert choose(196, 1096, 384, half=True, arch=90)[:3] == (64, 64, 64)  # stage 3, n = 1
+    assert choose(12544, 1096, 384, half=True, arch=90)[:2] == (128, 128)  # stage 3, n = 64
+    assert choose(12544, 1096, 48, half=True, arch=80)[:2] == (128, 64)
+    assert choose(196, 1096, 384, half=True, arch=89) == choose(196, 1096, 384, True, arch=80)
+    assert choose(196, 1096, 384, half=True, arch=75) == choose(196, 1096, 384, True, arch=80)
+    assert choose(196, 1096, 384, half=True, arch=120) == choose(196, 1096, 384, True, arch=90)
+    table = _tiles._table()
+    for kernel in ("conv1x1", "grouped_conv3x3"):
+        spec = table[kernel]
+        for arch in (key for key in spec if key.startswith("sm_")):
+            for dtype_class in ("half", "fp32"):
+                entries = spec[arch][dtype_class]
+                assert all(len(e["tiles"]) == len(spec["fields"]) for e in entries)
+                assert not any(k.startswith("max_") for k in entries[-1]), (kernel, arch)
+    with pytest.raises(ValueError, match="sizes"):
+        _tiles.lookup("conv1x1", 90, True, rows=1)
+
+
+@needs_interpreter
 def test_interpreter_tiles_are_one_program_for_small_shapes(kernels):
     assert kernels.INTERPRETED
     tiles = kernels.choose_tiles(70, 37, 24, half=False, interpret=True)

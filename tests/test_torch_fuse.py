@@ -110,13 +110,53 @@ def test_small_dpn_matches_timm(b, n, dtype):
     model = small_dpn(torch, timm, b)
     x = torch.randn(n, 3, 27, 23, generator=torch.Generator().manual_seed(2))
     fused, out = check_fused_matches_timm(torch, fused_module, model, x, getattr(torch, dtype))
-    # A second call at the same shape reuses the workspace (nothing allocated: graph-capturable)
-    # and gives the same logits (no state left behind in the buffers).
-    (shape,) = fused._workspaces
-    buffers = fused._workspaces[shape]
+    # A second call at the same shape reuses the plan and its workspace (nothing allocated,
+    # nothing checked again) and gives the same logits (no state left behind in the buffers).
+    (key,) = fused._plans
+    plan = fused._plans[key]
     again = fused(x.to(out.dtype))
-    assert list(fused._workspaces) == [shape] and fused._workspaces[shape] is buffers
+    assert list(fused._plans) == [key] and fused._plans[key] is plan
     assert torch.equal(again, out)
+
+
+class ReplayByRerun:
+    """Stands in for a CUDA graph on CPU: capture runs fn and keeps its output; replay runs fn
+    again and writes the result into that output, as a replay rewrites the captured memory."""
+
+    def capture(self, fn):
+        self.fn, self.calls = fn, 1
+        self.out = fn()
+        return self.out
+
+    def replay(self):
+        self.calls += 1
+        self.out.copy_(self.fn())
+
+
+@needs_interpreter
+def test_graphed_forward_and_bounded_plans():
+    """cuda_graph: the whole forward captured with its own plan; calls copy their images into
+    the captured input and return the captured output (here with a stand-in for the graph).
+    The plans of other shapes are bounded by max_plans, least recently used dropped."""
+    torch, timm, fused_module = requirements()
+    model = small_dpn(torch, timm, False)
+    fused = fused_module.fuse(model, max_plans=1)
+    gen = torch.Generator().manual_seed(3)
+    x1, x2 = (torch.randn(1, 3, 19, 21, generator=gen) for _ in range(2))
+    graph = ReplayByRerun()
+    graphed = fused.cuda_graph(x1, graph=graph)
+    assert not fused._plans  # the graph's plan is its own
+    out = graphed(x2)
+    assert out is graphed.static_out and graph.calls == 2
+    assert torch.equal(out, fused(x2))  # the replay read x2, copied into the captured input
+    (old_key,) = fused._plans
+    fused(torch.randn(1, 3, 25, 17, generator=gen))  # another shape replaces it (max_plans=1)
+    (new_key,) = fused._plans
+    assert new_key != old_key
+    with pytest.raises(ValueError, match=r"captured for images \(1, 3, 19, 21\)"):
+        graphed(torch.zeros(2, 3, 19, 21))
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        fused.cuda_graph(x1)
 
 
 @needs_interpreter
@@ -153,6 +193,8 @@ def test_bad_models_and_inputs_raise_typed_errors():
         fused_module.fuse(copy.deepcopy(model).train())
     with pytest.raises(TypeError, match="model dtype"):
         fused_module.fuse(copy.deepcopy(model).double())
+    with pytest.raises(ValueError, match="max_plans must be a positive int"):
+        fused_module.fuse(model, max_plans=0)
     fused = fused_module.fuse(model)
     with pytest.raises(ValueError, match=r"expected images \[n, 3, H, W\]"):
         fused(torch.zeros(1, 4, 8, 8))
@@ -165,8 +207,9 @@ def test_bad_models_and_inputs_raise_typed_errors():
 @pytest.mark.skipif(INTERPRETED, reason="needs the kernels compiled, not interpreted")
 def test_uninterpreted_cpu_model_is_refused():
     torch, timm, fused_module = requirements()
+    fused = fused_module.fuse(small_dpn(torch, timm, False))
     with pytest.raises(ValueError, match="kernels run on CUDA"):
-        fused_module.fuse(small_dpn(torch, timm, False))
+        fused(torch.zeros(1, 3, 16, 16))
 
 
 @needs_interpreter
@@ -181,8 +224,8 @@ def test_launchers_refuse_tensors_that_are_not_rows():
     with pytest.raises(ValueError, match="out must be rows .* row stride 5"):
         gemm.conv1x1_forward(a, w, out, rows=6, k=8, n=4, lda=8, ldo=5)
     tiles = grouped.choose_tiles(3, 4, half=False, interpret=True)
-    x = torch.zeros(4, 6)
+    x = torch.zeros(4, 16)  # 6 channels of 3 a group: one 16-channel slot
     with pytest.raises(ValueError, match="packed_w must be rows"):
         grouped.grouped_conv3x3_forward(x, torch.zeros(1, 9, 16, 16).transpose(2, 3),
-                                        torch.zeros(6), x, images=1, h=2, w=2, c=6, groups=2,
-                                        stride=1, ldx=6, ldo=6, tiles=tiles)
+                                        torch.zeros(16), x, images=1, h=2, w=2, c=6, groups=2,
+                                        stride=1, ldx=16, ldo=16, tiles=tiles)

@@ -7,29 +7,38 @@ Needs torch and triton, not Paddle.
     model = timm.create_model("dpn92", pretrained=True).eval().cuda().half()
     fused = fuse(model)
     logits = fused(images)  # [n, 3, H, W] in the model's dtype and device
+    graphed = fused.cuda_graph(images)  # the whole forward in one CUDA graph at images' shape
 
 Each stage keeps its activations as rows, one per position (image, h, w), in one buffer
-`[n * h * w, resid + capacity]`: the residual channels, then the dense channels appended block
-by block (capacity: the dense channels the stage ends with). A block is four launches, with no
+`[n * h * w, resid + capacity]` (rows padded to a multiple of 8 channels, so each starts 16-byte
+aligned): the residual channels, then the dense channels appended block by block (capacity: the
+dense channels the stage ends with). A block is four launches, with no
 concat, no BN pass and no layout change:
 - a projection (first block of a stage): 1x1 conv of the previous stage's rows with its BN +
   ReLU as the GEMM's prologue and stride 2 as a row gather, into the new buffer's first
   resid + 2 * inc columns (timm's split into resid and dense is where the columns fall);
 - 1x1a: its BN + ReLU as prologue, reading the buffer's resid | dense prefix through the row
-  stride; c3x3_b's BN folded into it, ReLU as epilogue;
-- the grouped 3x3 conv with c1x1_c's BN folded in, ReLU as epilogue;
-- 1x1c: epilogue adds the first resid columns into the buffer's resid in place and writes the
-  inc new dense columns behind the stage's existing ones.
+  stride; c3x3_b's BN folded into it, ReLU as epilogue; it writes the grouped conv's slot
+  layout (nhwc_grouped_conv3x3.slot_layout: each chunk of groups 16-byte aligned), its weights
+  zero in the padding columns;
+- the grouped 3x3 conv with c1x1_c's BN folded in, ReLU as epilogue, slots in and out;
+- 1x1c: reads the slots (zero weight rows for the padding); its epilogue adds the first resid
+  columns into the buffer's resid in place and writes the inc new dense columns behind the
+  stage's existing ones.
 timm's own modules run the stem (conv + BN + ReLU + max pool, NCHW), and at the end the final BN
 + ELU (on a channels-last view of the last buffer) and the head. Eval only: the BNs are folded
 with their running statistics when `fuse` is called (later changes to the model are not seen).
 
-Buffers live in a workspace per input shape, allocated on the first call at that shape and
-reused: no allocation by the fused part afterwards and no host synchronisation, so the forward
-can be captured in a CUDA graph. Stages alternate between two buffers (stage i reads stage
-i - 1's). On CPU the kernels run only under TRITON_INTERPRET=1 (set before triton is imported).
+A forward is planned once per input shape and stream (`_Plan`): the workspace buffers are
+allocated and every launch's arguments checked then; later calls at that shape only launch. The
+plans of the last `max_plans` shapes/streams are kept (least recently used dropped). Stages
+alternate between two buffers (stage i reads stage i - 1's). Nothing in the fused part
+allocates or synchronises after planning, so `FusedDPN.cuda_graph` captures the whole forward
+(stem, kernels, head) at any batch size in one CUDA graph. On CPU the kernels run only under
+TRITON_INTERPRET=1 (set before triton is imported).
 """
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +88,10 @@ class _Block:
     groups: int
     projection: _Gemm  # None except in a stage's first block
     conv_a: _Gemm
-    grouped_weight: torch.Tensor  # packed for grouped_tiles
-    grouped_bias: torch.Tensor
-    grouped_tiles: tuple
+    grouped_weight: torch.Tensor  # packed for chunks
+    grouped_bias: torch.Tensor    # in the slot layout
+    chunks: tuple                 # the grouped conv's lanes and groups a chunk
+    slot_width: int               # 1x1a's output / the grouped conv's rows / 1x1c's K
     conv_c: _Gemm
 
 
@@ -130,22 +140,30 @@ def _fold_block(blk, index, dtype, grouped):
         w = _conv_weight(projection.conv, f"{label} c1x1_w.conv", 1)
         proj = _Gemm(as_gemm(w), f32(scale), f32(shift))
 
-    a_scale, a_shift = _bn_affine(blk.c1x1_a.bn, f"{label} c1x1_a.bn")
-    b_scale, b_shift = _bn_affine(blk.c3x3_b.bn, f"{label} c3x3_b.bn")
-    w_a = _conv_weight(blk.c1x1_a.conv, f"{label} c1x1_a.conv", 1) * b_scale.view(-1, 1, 1, 1)
-    conv_a = _Gemm(as_gemm(w_a), f32(a_scale), f32(a_shift), f32(b_shift))
-
     conv_b = blk.c3x3_b.conv
     channels = conv_b.in_channels
     if conv_b.out_channels != channels or conv_b.stride != (stride, stride):
         raise TypeError(f"fuse: {label} c3x3_b.conv must keep its {channels} channels at stride "
                         f"{stride}, got {conv_b}")
     groups = conv_b.groups
+    chunks = grouped.chunk_lanes(channels // groups)
+    columns, width = grouped.slot_layout(channels, groups, chunks)
+    columns = torch.from_numpy(columns)
+
+    def to_slots(t, dim):  # channels -> their slot columns along dim, zeros in the padding
+        shape = list(t.shape)
+        shape[dim] = width
+        return t.new_zeros(shape).index_copy_(dim, columns.to(t.device), t)
+
+    a_scale, a_shift = _bn_affine(blk.c1x1_a.bn, f"{label} c1x1_a.bn")
+    b_scale, b_shift = _bn_affine(blk.c3x3_b.bn, f"{label} c3x3_b.bn")
+    w_a = _conv_weight(blk.c1x1_a.conv, f"{label} c1x1_a.conv", 1) * b_scale.view(-1, 1, 1, 1)
+    conv_a = _Gemm(to_slots(as_gemm(w_a), 1), f32(a_scale), f32(a_shift),
+                   to_slots(f32(b_shift), 0))
+
     c_scale, c_shift = _bn_affine(blk.c1x1_c.bn, f"{label} c1x1_c.bn")
     w_b = _conv_weight(conv_b, f"{label} c3x3_b.conv", 3, groups) * c_scale.view(-1, 1, 1, 1)
-    tiles = grouped.choose_tiles(channels // groups, 1 << 20, dtype != torch.float32,
-                                 grouped.INTERPRETED)
-    packed = torch.from_numpy(grouped.pack_weights(w_b.cpu().numpy(), groups, tiles))
+    packed = torch.from_numpy(grouped.pack_weights(w_b.cpu().numpy(), groups, chunks))
 
     if blk.b:  # dpn68b: c1x1_c is BN + ReLU alone, its conv split in two
         w_c = torch.cat([_conv_weight(blk.c1x1_c1, f"{label} c1x1_c1", 1),
@@ -157,19 +175,114 @@ def _fold_block(blk, index, dtype, grouped):
         raise ValueError(f"fuse: {label} c1x1_c gives {w_c.shape[0]} channels, expected "
                          f"{resid} + {inc}")
     return _Block(stride, resid, inc, channels, groups, proj, conv_a,
-                  packed.to(device=w_a.device, dtype=dtype), f32(c_shift), tiles,
-                  _Gemm(as_gemm(w_c)))
+                  packed.to(device=w_a.device, dtype=dtype), to_slots(f32(c_shift), 0), chunks,
+                  width, _Gemm(to_slots(as_gemm(w_c), 0)))
 
 
-def fuse(model):
-    """The fused forward of an eval timm DPN (its parameters' dtype and device): a FusedDPN."""
-    return FusedDPN(model)
+def fuse(model, max_plans=4):
+    """The fused forward of an eval timm DPN (its parameters' dtype and device): a FusedDPN.
+    max_plans: how many input shapes/streams keep their planned forward and workspace."""
+    return FusedDPN(model, max_plans)
+
+
+def _row_stride(width):
+    """Row stride of a stage buffer: its width rounded up to 8 channels, so every row starts
+    16-byte aligned at fp16 (the kernels' aligned variant)."""
+    return -(-width // 8) * 8
+
+
+class _Plan:
+    """A forward at one input shape, planned once for a GPU of compute capability `arch` (None:
+    the interpreter): the workspace buffers and every kernel launch, their arguments checked
+    when planned. `run()` copies the stem's output into the first rows buffer, launches, and
+    returns the last stage's rows as an NCHW view."""
+
+    def __init__(self, fused, n, h, w, arch):
+        self.arch = arch
+        stages = fused.stages
+        new = lambda size: torch.empty(size, device=fused.device, dtype=fused.dtype)  # noqa: E731
+        sizes, scratch = [0, 0], [0, 0]
+        hw = (h, w)
+        for i, stage in enumerate(stages):
+            rows_in = n * hw[0] * hw[1]
+            hw = tuple((x - 1) // stage[0].stride + 1 for x in hw)
+            rows = n * hw[0] * hw[1]
+            sizes[i % 2] = max(sizes[i % 2], rows * _row_stride(fused._stage_width(stage)))
+            width = max(b.slot_width for b in stage)
+            scratch[0] = max(scratch[0], rows_in * width)  # 1x1a of the first block: input rows
+            scratch[1] = max(scratch[1], rows * width)
+        stem_channels = stages[0][0].projection.weight.shape[0]
+        self.stem = new(n * h * w * stem_channels).view(n, h, w, stem_channels)
+        self.buffers = [new(s) for s in sizes]
+        self.scratch = [new(s) for s in scratch]
+        self.launches = []
+        src, src_width, src_stride = self.stem.view(n * h * w, stem_channels), stem_channels, \
+            stem_channels
+        for i, stage in enumerate(stages):
+            src, h, w = self._plan_stage(fused, stage, i, src, src_width, src_stride, n, h, w)
+            src_width = fused._stage_width(stage)
+            src_stride = _row_stride(src_width)
+        # NCHW view of the last rows (channels-last strides), without the row padding.
+        self.out = src.view(n, h, w, src_stride)[..., :src_width].permute(0, 3, 1, 2)
+
+    def _gemm_tiles(self, fused, rows, k, n):
+        return fused.gemm.choose_tiles(rows, k, n, fused.dtype != torch.float32,
+                                       fused.gemm.INTERPRETED, self.arch)
+
+    def _plan_stage(self, fused, stage, index, src, src_width, src_stride, n, h, w):
+        gemm, grouped = fused.gemm, fused.grouped
+        first = stage[0]
+        stride = first.stride
+        h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
+        rows_in, rows = n * h * w, n * h_out * w_out
+        width = fused._stage_width(stage)
+        ld = _row_stride(width)
+        buf = self.buffers[index % 2][:rows * ld].view(rows, ld)
+        proj = first.projection
+        self.launches.append(gemm.plan_conv1x1(
+            src, proj.weight, buf, rows=rows, k=src_width, n=proj.weight.shape[1],
+            lda=src_stride, ldo=ld, stride=stride, in_hw=(h, w), in_scale=proj.in_scale,
+            in_shift=proj.in_shift, tiles=self._gemm_tiles(fused, rows, src_width,
+                                                             proj.weight.shape[1])))
+        dense = 2 * first.inc  # dense channels in the buffer so far
+        for blk in stage:
+            if blk is first:  # reads the previous stage's rows at their size
+                a_src, a_k, a_ld, a_rows, a_hw = src, src_width, src_stride, rows_in, (h, w)
+            else:
+                a_src, a_k, a_ld, a_rows, a_hw = buf, blk.resid + dense, ld, rows, \
+                    (h_out, w_out)
+            r = blk.slot_width
+            bottleneck = self.scratch[0][:a_rows * r].view(a_rows, r)
+            self.launches.append(gemm.plan_conv1x1(
+                a_src, blk.conv_a.weight, bottleneck, rows=a_rows, k=a_k, n=r, lda=a_ld, ldo=r,
+                in_scale=blk.conv_a.in_scale, in_shift=blk.conv_a.in_shift,
+                bias=blk.conv_a.bias, relu=True, tiles=self._gemm_tiles(fused, a_rows, a_k, r)))
+            grouped_rows = self.scratch[1][:rows * r].view(rows, r)
+            self.launches.append(grouped.plan_grouped_conv3x3(
+                bottleneck, blk.grouped_weight, blk.grouped_bias, grouped_rows, images=n,
+                h=a_hw[0], w=a_hw[1], c=blk.bottleneck, groups=blk.groups, stride=blk.stride,
+                ldx=r, ldo=r, tiles=grouped.choose_tiles(
+                    blk.bottleneck // blk.groups, rows, fused.dtype != torch.float32,
+                    grouped.INTERPRETED, self.arch)))
+            n_c = blk.resid + blk.inc
+            self.launches.append(gemm.plan_conv1x1(
+                grouped_rows, blk.conv_c.weight, buf, rows=rows, k=r, n=n_c, lda=r, ldo=ld,
+                split=blk.resid, dense_gap=dense, add_to_out=True,
+                tiles=self._gemm_tiles(fused, rows, r, n_c)))
+            dense += blk.inc
+        return buf, h_out, w_out
+
+    def run(self, stem_out):
+        self.stem.copy_(stem_out.permute(0, 2, 3, 1))
+        for launch in self.launches:
+            launch()
+        return self.out
 
 
 class FusedDPN:
     """Callable: images [n, C, H, W] -> logits, as model(images) in eval. See the module doc."""
 
-    def __init__(self, model):
+    def __init__(self, model, max_plans=4):
         features = getattr(model, "features", None)
         if features is None or not all(hasattr(features, name) for name in
                                        ("conv1_1", "conv1_pool", "conv5_bn_ac")):
@@ -178,17 +291,21 @@ class FusedDPN:
         if model.training:
             raise ValueError("fuse: the model is in training mode; call model.eval() first (the "
                              "BatchNorms are folded with their running statistics)")
+        if not isinstance(max_plans, int) or max_plans < 1:
+            raise ValueError(f"fuse: max_plans must be a positive int, got {max_plans!r}")
         weight = features.conv1_1.conv.weight
         self.dtype, self.device = weight.dtype, weight.device
         if self.dtype not in DTYPES:
             raise TypeError(f"fuse: model dtype must be one of {DTYPES}, got {self.dtype}")
         self.gemm, self.grouped = nhwc_conv1x1, nhwc_grouped_conv3x3
-        if self.device.type != "cuda" and not self.gemm.INTERPRETED:
-            raise ValueError(f"fuse: the model is on {self.device}; the kernels run on CUDA, or "
-                             "on CPU under TRITON_INTERPRET=1 set before triton is imported")
-        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 0):
-            raise ValueError(f"fuse: {torch.cuda.get_device_name(self.device)} is older than "
-                             "sm_80; the kernels are written for tensor cores of sm_80 and newer")
+        self.arch = None  # the interpreter's (CPU)
+        if self.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(self.device)
+            if major < 8:
+                raise ValueError(f"fuse: {torch.cuda.get_device_name(self.device)} is older than "
+                                 "sm_80; the kernels are written for tensor cores of sm_80 and "
+                                 "newer")
+            self.arch = 10 * major + minor
         self.model = model
         self.in_channels = weight.shape[1]
         blocks = [m for m in features if hasattr(m, "c1x1_a")]
@@ -203,34 +320,32 @@ class FusedDPN:
             if blk.projection is not None:
                 self.stages.append([])
             self.stages[-1].append(blk)
-        self._workspaces = {}
+        self.max_plans = max_plans
+        self._plans = OrderedDict()  # (n, h, w, stream) -> _Plan, least recently used first
 
     @staticmethod
     def _stage_width(stage):
         first = stage[0]
         return first.resid + 2 * first.inc + sum(b.inc for b in stage)
 
-    def _workspace(self, n, h, w):
-        """Buffers for inputs of n images whose stem output is h x w (created once per shape)."""
-        key = (n, h, w)
-        if key not in self._workspaces:
-            sizes, scratch = [0, 0], [0, 0]
-            for i, stage in enumerate(self.stages):
-                rows_in = n * h * w
-                h, w = (h - 1) // stage[0].stride + 1, (w - 1) // stage[0].stride + 1
-                rows = n * h * w
-                sizes[i % 2] = max(sizes[i % 2], rows * self._stage_width(stage))
-                width = max(b.bottleneck for b in stage)
-                scratch[0] = max(scratch[0], rows_in * width)  # 1x1a of the first block: input rows
-                scratch[1] = max(scratch[1], rows * width)
-            new = lambda size: torch.empty(size, device=self.device, dtype=self.dtype)  # noqa: E731
-            stem_channels = self.stages[0][0].projection.weight.shape[0]
-            self._workspaces[key] = {"stem": new(key[0] * key[1] * key[2] * stem_channels),
-                                     "stages": [new(s) for s in sizes],
-                                     "scratch": [new(s) for s in scratch]}
-        return self._workspaces[key]
+    def _plan(self, n, h, w):
+        """The plan for stem output n x h x w on the current stream (made on first use)."""
+        stream = torch.cuda.current_stream(self.device).cuda_stream \
+            if self.device.type == "cuda" else None
+        key = (n, h, w, stream)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _Plan(self, n, h, w, self.arch)
+            while len(self._plans) > self.max_plans:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        return plan
 
     def _check_input(self, x):
+        if self.device.type != "cuda" and not self.gemm.INTERPRETED:
+            raise ValueError(f"FusedDPN: the model is on {self.device}; the kernels run on CUDA, "
+                             "or on CPU under TRITON_INTERPRET=1 set before triton is imported "
+                             "(on CPU without it the forward can be planned, not run)")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FusedDPN: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -245,54 +360,71 @@ class FusedDPN:
         with torch.no_grad():
             return self._forward(x)
 
-    def _forward(self, x):
+    def _forward(self, x, plan=None):
+        """timm's stem, the planned kernels (the given plan, else the shape's), timm's head."""
         features = self.model.features
         x = features.conv1_pool(features.conv1_1(x))
-        n, channels, h, w = x.shape
-        ws = self._workspace(n, h, w)
-        rows = ws["stem"][:n * h * w * channels].view(n, h, w, channels)
-        rows.copy_(x.permute(0, 2, 3, 1))
-        src, src_width = rows, channels
-        for i, stage in enumerate(self.stages):
-            src, h, w = self._stage(stage, ws, i, src, src_width, n, h, w)
-            src_width = self._stage_width(stage)
-        out = src.view(n, h, w, src_width).permute(0, 3, 1, 2)  # NCHW view of channels-last rows
-        return self.model.forward_head(features.conv5_bn_ac(out))
+        if plan is None:
+            plan = self._plan(*x.shape[:1], *x.shape[2:])
+        return self.model.forward_head(features.conv5_bn_ac(plan.run(x)))
 
-    def _stage(self, stage, ws, index, src, src_width, n, h, w):
-        """Runs one stage from src (the previous rows, src_width channels at h x w); returns its
-        buffer and size."""
-        first = stage[0]
-        stride = first.stride
-        h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
-        rows_in, rows = n * h * w, n * h_out * w_out
-        width = self._stage_width(stage)
-        buf = ws["stages"][index % 2][:rows * width].view(rows, width)
-        proj = first.projection
-        self.gemm.conv1x1_forward(src, proj.weight, buf, rows=rows, k=src_width,
-                                  n=proj.weight.shape[1], lda=src_width, ldo=width,
-                                  stride=stride, in_hw=(h, w), in_scale=proj.in_scale,
-                                  in_shift=proj.in_shift)
-        dense = 2 * first.inc  # dense channels in the buffer so far
-        for blk in stage:
-            if blk is first:  # reads the previous stage's rows at their size
-                a_src, a_k, a_ld, a_rows, a_hw = src, src_width, src_width, rows_in, (h, w)
-            else:
-                a_src, a_k, a_ld, a_rows, a_hw = buf, blk.resid + dense, width, rows, \
-                    (h_out, w_out)
-            r = blk.bottleneck
-            bottleneck = ws["scratch"][0][:a_rows * r].view(a_rows, r)
-            self.gemm.conv1x1_forward(a_src, blk.conv_a.weight, bottleneck, rows=a_rows, k=a_k,
-                                      n=r, lda=a_ld, ldo=r, in_scale=blk.conv_a.in_scale,
-                                      in_shift=blk.conv_a.in_shift, bias=blk.conv_a.bias,
-                                      relu=True)
-            grouped = ws["scratch"][1][:rows * r].view(rows, r)
-            self.grouped.grouped_conv3x3_forward(
-                bottleneck, blk.grouped_weight, blk.grouped_bias, grouped, images=n, h=a_hw[0],
-                w=a_hw[1], c=r, groups=blk.groups, stride=blk.stride, ldx=r, ldo=r,
-                tiles=blk.grouped_tiles)
-            self.gemm.conv1x1_forward(grouped, blk.conv_c.weight, buf, rows=rows, k=r,
-                                      n=blk.resid + blk.inc, lda=r, ldo=width, split=blk.resid,
-                                      dense_gap=dense, add_to_out=True)
-            dense += blk.inc
-        return buf, h_out, w_out
+    def cuda_graph(self, example, graph=None):
+        """The whole forward at example's shape (any batch) captured once: a GraphedDPN whose
+        calls copy their images into the captured input and replay. Its plan and workspace are
+        its own (never dropped while it lives). graph: the capture mechanism, default a CUDA
+        graph on the model's device; any object with capture(fn) -> fn's result and replay()."""
+        self._check_input(example)
+        if graph is None:
+            if self.device.type != "cuda":
+                raise ValueError(f"cuda_graph: the model is on {self.device}; CUDA graphs need "
+                                 "a CUDA device")
+            graph = _CudaGraph(self.device)
+        with torch.no_grad():
+            stem = self.model.features.conv1_pool(self.model.features.conv1_1(example))
+            n, _, h, w = stem.shape
+            plan = _Plan(self, n, h, w, self.arch)
+            static_in = example.clone()
+            static_out = graph.capture(lambda: self._forward(static_in, plan))
+        return GraphedDPN(graph, static_in, static_out, plan)
+
+
+class _CudaGraph:
+    """capture(fn): runs fn once on a side stream (Triton compiles its kernels, cuDNN picks its
+    algorithms: nothing of that may happen inside a capture), then captures it."""
+
+    def __init__(self, device):
+        self.device = device
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, fn):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.cuda.graph(self.graph):
+            return fn()
+
+    def replay(self):
+        self.graph.replay()
+
+
+class GraphedDPN:
+    """A FusedDPN forward captured at one input shape: call it with images of that shape, dtype
+    and device. Returns the captured output tensor, overwritten by the next call (clone it to
+    keep it)."""
+
+    def __init__(self, graph, static_in, static_out, plan):
+        self.graph, self.static_in, self.static_out, self._plan = graph, static_in, static_out, \
+            plan
+
+    def __call__(self, x):
+        if not isinstance(x, torch.Tensor) or x.shape != self.static_in.shape or \
+                x.dtype != self.static_in.dtype or x.device != self.static_in.device:
+            got = (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x)
+            raise ValueError(f"GraphedDPN: captured for images {tuple(self.static_in.shape)} "
+                             f"{self.static_in.dtype} on {self.static_in.device}, got {got}")
+        with torch.no_grad():
+            self.static_in.copy_(x)
+            self.graph.replay()
+        return self.static_out

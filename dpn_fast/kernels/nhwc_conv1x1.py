@@ -27,19 +27,58 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from dpn_fast.kernels._launch import NOTHING, Launch, alignment
 from dpn_fast.kernels._rows import check_dtypes, check_rows
+from dpn_fast.kernels._tiles import current_arch, lookup
 
 # Decided when the kernels are decorated: @triton.jit reads TRITON_INTERPRET at that moment.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Not specialised on divisibility by 16: sizes are hinted through ALIGN (which the host checks)
+# instead, so one compiled variant serves every batch size and block of a stage.
+_SIZES = ["M", "K", "N", "LDA", "LDO", "H", "W", "H_OUT", "W_OUT", "SPLIT", "DENSE_GAP"]
+
 
 @triton.jit
+def _k_step(acc, a_rows, w_ptr, in_scale_ptr, in_shift_ptr, k, K, N, j, j_ok,
+            IN_AFFINE: tl.constexpr, MASK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += prologue(a[:, k]) @ w[k, j]. MASK_K: the last, partial K step; the main loop's
+    steps lie inside K and load without a K mask."""
+    dtype = a_rows.dtype.element_ty
+    if MASK_K:
+        k_ok = k < K
+        a = tl.load(a_rows + k[None, :], mask=k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & j_ok[None, :]
+    else:
+        a = tl.load(a_rows + k[None, :])
+        w_mask = j_ok[None, :]
+    if IN_AFFINE:
+        if MASK_K:  # columns past K get scale = shift = 0, so they stay 0 after the ReLU
+            in_scale = tl.load(in_scale_ptr + k, mask=k_ok, other=0.0)
+            in_shift = tl.load(in_shift_ptr + k, mask=k_ok, other=0.0)
+        else:
+            in_scale = tl.load(in_scale_ptr + k)
+            in_shift = tl.load(in_shift_ptr + k)
+        a = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0).to(dtype)
+    wv = tl.load(w_ptr + k[:, None] * N + j[None, :], mask=w_mask, other=0.0)
+    return tl.dot(a, wv, acc, input_precision=PRECISION)
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _conv1x1_kernel(a_ptr, w_ptr, in_scale_ptr, in_shift_ptr, bias_ptr, out_ptr,
                     M, K, N, LDA, LDO, H, W, H_OUT, W_OUT, SPLIT, DENSE_GAP,
                     STRIDE: tl.constexpr, IN_AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     RELU: tl.constexpr, ADD_TO_OUT: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # The launcher checked that these are multiples of ALIGN; restated so the compiler knows it
+    # (vectorised loads and stores, cp.async / TMA pipelining of the K loop).
+    K = K // ALIGN * ALIGN
+    N = N // ALIGN * ALIGN
+    LDA = LDA // ALIGN * ALIGN
+    LDO = LDO // ALIGN * ALIGN
+    SPLIT = SPLIT // ALIGN * ALIGN
+    DENSE_GAP = DENSE_GAP // ALIGN * ALIGN
     # Programs walk GROUP_M row tiles per column sweep, so a group's A tiles stay in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -54,41 +93,39 @@ def _conv1x1_kernel(a_ptr, w_ptr, in_scale_ptr, in_shift_ptr, bias_ptr, out_ptr,
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < M
     j_ok = j < N
+    # Rows past M read row M - 1 (never stored): A loads need no row mask.
+    m_in = tl.minimum(m, M - 1)
     if STRIDE == 1:
-        a_row = m
+        a_row = m_in
     else:
         image_positions = H_OUT * W_OUT
-        b = m // image_positions
-        p = m % image_positions
+        b = m_in // image_positions
+        p = m_in % image_positions
         a_row = (b * H + (p // W_OUT) * STRIDE) * W + (p % W_OUT) * STRIDE
     a_rows = a_ptr + a_row.to(tl.int64)[:, None] * LDA
-    dtype = a_ptr.dtype.element_ty
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        a = tl.load(a_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if IN_AFFINE:
-            # Columns past K get scale = shift = 0, so they stay 0 after the ReLU.
-            in_scale = tl.load(in_scale_ptr + k, mask=k_ok, other=0.0)
-            in_shift = tl.load(in_shift_ptr + k, mask=k_ok, other=0.0)
-            a = tl.maximum(a.to(tl.float32) * in_scale[None, :] + in_shift[None, :], 0.0)
-            a = a.to(dtype)
-        wv = tl.load(w_ptr + k[:, None] * N + j[None, :], mask=k_ok[:, None] & j_ok[None, :],
-                     other=0.0)
-        acc = tl.dot(a, wv, acc, input_precision=PRECISION)
+    k_main = K // BLOCK_K * BLOCK_K
+    for k0 in range(0, k_main, BLOCK_K):
+        acc = _k_step(acc, a_rows, w_ptr, in_scale_ptr, in_shift_ptr, k0 + tl.arange(0, BLOCK_K),
+                      K, N, j, j_ok, IN_AFFINE, False, PRECISION)
+    if k_main < K:
+        acc = _k_step(acc, a_rows, w_ptr, in_scale_ptr, in_shift_ptr,
+                      k_main + tl.arange(0, BLOCK_K), K, N, j, j_ok, IN_AFFINE, True, PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + j, mask=j_ok, other=0.0)[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    col = tl.where(j < SPLIT, j, j + DENSE_GAP)
-    out_ptrs = out_ptr + m.to(tl.int64)[:, None] * LDO + col[None, :]
-    mask = m_ok[:, None] & j_ok[None, :]
+    # Columns < SPLIT land at their own index, the rest DENSE_GAP further: two contiguous stores.
+    resid = m_ok[:, None] & (j < SPLIT)[None, :]
+    dense = m_ok[:, None] & (j_ok & (j >= SPLIT))[None, :]
+    out_ptrs = out_ptr + m.to(tl.int64)[:, None] * LDO + j[None, :]
     if ADD_TO_OUT:
-        acc += tl.load(out_ptrs, mask=mask & (j < SPLIT)[None, :], other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(out_ptrs, mask=resid, other=0.0).to(tl.float32)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptrs, y, mask=resid)
+    tl.store(out_ptrs + DENSE_GAP, y, mask=dense)
 
 
 class Tiles(NamedTuple):
@@ -100,33 +137,38 @@ class Tiles(NamedTuple):
     num_stages: int
 
 
-def choose_tiles(rows, k, n, half, interpret=False):
-    """GPU, fp16/bf16: 128-row tiles, columns 128 wide (64 where N <= 64), 32-wide K steps, 3
-    pipeline stages; fp32 (IEEE products, no tensor cores): 64 x 64 x 16. The largest that
-    compile without spilling for sm_80 and sm_90 (tests/test_gpu_compile.py: 128 x 128 x 64
-    spills with the prologue), NOT yet timed: benchmarks/gpu_check.py's sweep is the data to
-    choose by. The CPU interpreter pays per program and per K step: one large tile where the
-    shape allows."""
+def choose_tiles(rows, k, n, half, interpret=False, arch=None):
+    """GPU: the tile table's entry (tiles.json, dpn_fast/kernels/_tiles.py) for compute
+    capability `arch` (default: the current device's), the dtype class and the shape (small row
+    counts get small row tiles, so a batch of 1 still spreads over the SMs). The CPU
+    interpreter pays per program and per K step: one large tile where the shape allows."""
     if interpret:
         cap = 256
         return Tiles(min(cap, max(16, triton.next_power_of_2(rows))),
                      min(cap, max(16, triton.next_power_of_2(n))),
                      min(cap, max(16, triton.next_power_of_2(k))), 1, 4, 1)
-    if not half:
-        return Tiles(64, 64, 16, 8, 4, 2)
-    wide = n > 64
-    return Tiles(128, 128 if wide else 64, 32, 8, 8 if wide else 4, 3)
+    return Tiles(**lookup("conv1x1", current_arch() if arch is None else arch, half, rows=rows,
+                          k=k, n=n))
 
 
-def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in_scale=None,
-                    in_shift=None, bias=None, relu=False, split=None, dense_gap=0,
-                    add_to_out=False, tiles=None):
-    """out rows = epilogue(prologue(a rows) @ w); see the module docstring.
+def conv1x1_forward(a, w, out, **kwargs):
+    """out rows = epilogue(prologue(a rows) @ w), launched now: plan_conv1x1(...)(). Returns
+    out."""
+    plan_conv1x1(a, w, out, **kwargs)()
+    return out
+
+
+def plan_conv1x1(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in_scale=None,
+                 in_shift=None, bias=None, relu=False, split=None, dense_gap=0, add_to_out=False,
+                 tiles=None):
+    """The checked launch (a Launch: call it to run) of out rows = epilogue(prologue(a rows) @ w);
+    see the module docstring. Every argument is checked here, none when it runs.
 
     a: input rows, row stride lda (>= k); for stride > 1, the rows of images of in_hw = (h, w)
     positions. rows: output rows (for stride s: images * ceil(h / s) * ceil(w / s)). w: [k, n].
     out: output rows, row stride ldo. split (default n) and dense_gap place the output columns;
-    add_to_out adds columns < split to out's values.
+    add_to_out adds columns < split to out's values. tiles: default choose_tiles(...) for the
+    current device. rows == 0 gives a launch that does nothing.
     """
     name = "conv1x1_forward"
     dtype = check_dtypes(name, ("a", a), (("w", w), ("out", out)),
@@ -158,41 +200,41 @@ def conv1x1_forward(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in
                                                               ("in_shift", in_shift),
                                                               ("bias", bias)) if t is not None}})
     if rows == 0:
-        return out
+        return NOTHING
     if tiles is None:
         tiles = choose_tiles(rows, k, n, dtype != "float32", INTERPRETED)
     # Unused pointer arguments get `w`: never read (their constexpr flag is off).
     grid = (triton.cdiv(rows, tiles.block_m) * triton.cdiv(n, tiles.block_n),)
-    _conv1x1_kernel[grid](a, w, w if in_scale is None else in_scale,
-                          w if in_shift is None else in_shift, w if bias is None else bias, out,
-                          rows, k, n, lda, ldo, h, w_in, h_out, w_out, split, dense_gap,
-                          STRIDE=stride, IN_AFFINE=in_scale is not None,
-                          HAS_BIAS=bias is not None, RELU=relu, ADD_TO_OUT=add_to_out,
-                          PRECISION="ieee" if dtype == "float32" else "tf32",
-                          BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-                          GROUP_M=tiles.group_m, num_warps=tiles.num_warps,
-                          num_stages=tiles.num_stages)
-    return out
+    args = (a, w, w if in_scale is None else in_scale, w if in_shift is None else in_shift,
+            w if bias is None else bias, out, rows, k, n, lda, ldo, h, w_in, h_out, w_out, split,
+            dense_gap)
+    options = dict(STRIDE=stride, IN_AFFINE=in_scale is not None, HAS_BIAS=bias is not None,
+                   RELU=relu, ADD_TO_OUT=add_to_out,
+                   PRECISION="ieee" if dtype == "float32" else "tf32",
+                   ALIGN=alignment(k, n, lda, ldo, split, dense_gap), BLOCK_M=tiles.block_m,
+                   BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return Launch(_conv1x1_kernel, grid, args, options)
 
 
 def _aot_specs():
-    """The three forms a DPN block launches, in fp16 at the GPU tiles: 1x1a (prologue, bias +
-    ReLU), a stride-2 projection (prologue, plain store), 1x1c (residual add into the stage
-    buffer, dense columns behind); fp32 and bf16 in the 1x1a form (compile time is CI time)."""
+    """fp32 and bf16 in the 1x1a form (prologue, bias + ReLU) at the largest GPU tiles. fp16, the
+    GPU runs' dtype, is compiled in every form DPN92 launches, with the JIT's specialisation,
+    by tests/_triton_ptx.py (compile time is CI time)."""
     ints = ("M", "K", "N", "LDA", "LDO", "H", "W", "H_OUT", "W_OUT", "SPLIT", "DENSE_GAP")
-    flags = ("STRIDE", "IN_AFFINE", "HAS_BIAS", "RELU", "ADD_TO_OUT", "PRECISION", "BLOCK_M",
-             "BLOCK_N", "BLOCK_K", "GROUP_M")
+    flags = ("STRIDE", "IN_AFFINE", "HAS_BIAS", "RELU", "ADD_TO_OUT", "PRECISION", "ALIGN",
+             "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
     block_1x1a = (1, True, True, True, False)
-    forms = {"fp16": (block_1x1a, (2, True, False, False, False), (1, False, False, False, True)),
-             "fp32": (block_1x1a,), "bf16": (block_1x1a,)}
+    forms = {"fp32": (block_1x1a,), "bf16": (block_1x1a,)}
     specs = []
     for dt, dt_forms in forms.items():
         signature = {"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "in_scale_ptr": "*fp32",
                      "in_shift_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{dt}",
                      **{name: "i32" for name in ints}, **{name: "constexpr" for name in flags}}
-        t = choose_tiles(1 << 20, 1024, 1024, half=dt != "fp32")
+        t = choose_tiles(1 << 20, 1024, 1024, half=dt != "fp32", arch=AOT_MIN_CC)
         tile = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
-                "GROUP_M": t.group_m, "PRECISION": "ieee" if dt == "fp32" else "tf32"}
+                "GROUP_M": t.group_m, "PRECISION": "ieee" if dt == "fp32" else "tf32",
+                "ALIGN": alignment(1024)}
         options = {"num_warps": t.num_warps, "num_stages": t.num_stages}
         for stride, in_affine, has_bias, relu, add in dt_forms:
             specs.append((_conv1x1_kernel, signature,
@@ -201,5 +243,5 @@ def _aot_specs():
     return specs
 
 
-AOT_SPECS = _aot_specs()  # see tests/_triton_aot.py
 AOT_MIN_CC = 80  # tensor-core kernels: sm_80+ (dpn_fast.torch refuses older cards)
+AOT_SPECS = _aot_specs()  # see tests/_triton_aot.py

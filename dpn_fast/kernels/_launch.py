@@ -1,0 +1,31 @@
+"""A kernel launch planned once: the launchers check their arguments when they plan it, so a
+forward planned per input shape (dpn_fast.engines.torch_host) validates once and then only
+launches."""
+
+# Sizes and row strides the kernels index with are hinted as multiples of VECTOR_ALIGN elements
+# when they all are (16 bytes at fp16/bf16: one 128-bit load or store, cp.async's widest copy).
+VECTOR_ALIGN = 8
+
+
+def alignment(*values):
+    """VECTOR_ALIGN when every value is a multiple of it, else 1: the ALIGN constexpr the
+    kernels restate those values with (`x // ALIGN * ALIGN`), which the compiler then knows to
+    be multiples of ALIGN."""
+    return VECTOR_ALIGN if all(v % VECTOR_ALIGN == 0 for v in values) else 1
+
+
+class Launch:
+    """`kernel[grid](*args, **options)`, its arguments already checked. Tests compile the same
+    (kernel, args, options) ahead of time with the JIT's own specialisation. kernel None: a launch
+    with nothing to do (no rows)."""
+    __slots__ = ("kernel", "grid", "args", "options")
+
+    def __init__(self, kernel, grid, args, options):
+        self.kernel, self.grid, self.args, self.options = kernel, grid, args, options
+
+    def __call__(self):
+        if self.kernel is not None:
+            self.kernel[self.grid](*self.args, **self.options)
+
+
+NOTHING = Launch(None, None, (), {})
