@@ -173,7 +173,7 @@ class Context:
     @property
     def timm(self):
         if self._timm is None:
-            from dpn_fast.engines.torch_host import import_timm
+            from dpn_fast.torch import import_timm
             self._timm = import_timm()
         return self._timm
 

@@ -200,22 +200,33 @@ class GroupedRun:
         self.rows = self.x.permute(0, 2, 3, 1).reshape(-1, case.c).contiguous()
         self.h_out = (case.hw - 1) // case.stride + 1
         self.w_out = (case.width - 1) // case.stride + 1
-        self.out = nan_like((n * self.h_out * self.w_out, case.c), device, dtype)
-        self.set_tiles(tiles or module.choose_tiles(case.c // case.groups, self.out.shape[0],
+        self.rows_out = n * self.h_out * self.w_out
+        self.set_tiles(tiles or module.choose_tiles(case.c // case.groups, self.rows_out,
                                                     dtype != torch.float32, module.INTERPRETED))
 
     def set_tiles(self, tiles):
+        """Weights packed for `tiles`, and the input, bias and output in the slot layout the
+        kernel reads and writes for them (each chunk of groups in an 8-aligned slot, zero
+        padding; the output NaN until written)."""
         self.tiles = tiles
-        packed = self.module.pack_weights(self.w_folded.double().cpu().numpy(), self.case.groups,
-                                          tiles)
+        c = self.case
+        cols, self.width = self.module.slot_layout(c.c, c.groups, tiles)
+        self.cols = torch.from_numpy(cols).to(self.rows.device)
+        packed = self.module.pack_weights(self.w_folded.double().cpu().numpy(), c.groups, tiles)
         self.packed = torch.from_numpy(packed).to(device=self.rows.device, dtype=self.rows.dtype)
+        self.slot_rows = torch.zeros((self.rows.shape[0], self.width), device=self.rows.device,
+                                     dtype=self.rows.dtype)
+        self.slot_rows[:, self.cols] = self.rows
+        self.slot_bias = torch.zeros(self.width, device=self.rows.device, dtype=torch.float32)
+        self.slot_bias[self.cols] = self.bias.float()
+        self.slot_out = nan_like((self.rows_out, self.width), self.rows.device, self.dtype)
 
     def fused(self):
         c = self.case
-        self.module.grouped_conv3x3_forward(self.rows, self.packed, self.bias, self.out,
-                                            images=self.n, h=c.hw, w=c.width, c=c.c,
-                                            groups=c.groups, stride=c.stride, ldx=c.c, ldo=c.c,
-                                            tiles=self.tiles)
+        self.module.grouped_conv3x3_forward(self.slot_rows, self.packed, self.slot_bias,
+                                            self.slot_out, images=self.n, h=c.hw, w=c.width,
+                                            c=c.c, groups=c.groups, stride=c.stride,
+                                            ldx=self.width, ldo=self.width, tiles=self.tiles)
 
     def tiles_label(self):
         t = self.tiles
@@ -248,13 +259,14 @@ class GroupedRun:
                 "folded nchw": folded(self.x, wf), "folded channels_last": folded(x_cl, wf_cl)}
 
     def bytes_moved(self):
-        return (self.rows.numel() + self.out.numel()) * self.rows.element_size()
+        return (self.slot_rows.numel() + self.slot_out.numel()) * self.rows.element_size()
 
     def check(self):
-        self.out.fill_(float("nan"))
+        self.slot_out.fill_(float("nan"))
         self.fused()
         dn = dtype_name(self.dtype)
-        return compare(self.out, self.unfused(torch.float64), self.unfused(self.dtype), dn)
+        return compare(self.slot_out[:, self.cols], self.unfused(torch.float64),
+                       self.unfused(self.dtype), dn)
 
 
 # =================================================================================================
@@ -355,7 +367,7 @@ def gemm_sweep_tiles(module, rows, gpu):
 
 def grouped_sweep_tiles(module, cin_g, gpu):
     """Positions a program x lanes (the narrowest that holds a group, and twice it) x warps."""
-    base = module.choose_tiles(cin_g, 1 << 20, True).block_c
+    base = module.chunk_lanes(cin_g)[0]
     positions, warps = ((32, 64, 128, 256), (4, 8)) if gpu else ((64,), (4,))
     return [module.Tiles(p, c, c // cin_g, w, 2) for c in sorted({base, min(64, 2 * base)})
             for p in positions for w in warps]

@@ -11,6 +11,6 @@ host (needs torch and triton, not Paddle):
 
 The implementation and its design: dpn_fast/engines/torch_host.py.
 """
-from dpn_fast.engines.torch_host import DTYPES, FusedDPN, GraphedDPN, fuse
+from dpn_fast.engines.torch_host import DTYPES, FusedDPN, GraphedDPN, fuse, import_timm
 
-__all__ = ["DTYPES", "FusedDPN", "GraphedDPN", "fuse"]
+__all__ = ["DTYPES", "FusedDPN", "GraphedDPN", "fuse", "import_timm"]

@@ -24,7 +24,7 @@ def requirements():
     pytest.importorskip("triton")
     if importlib.util.find_spec("timm") is None:
         pytest.skip("timm not installed")
-    from dpn_fast.engines.torch_host import import_timm
+    from dpn_fast.torch import import_timm
     return torch, import_timm(), importlib.import_module("dpn_fast.torch")
 
 

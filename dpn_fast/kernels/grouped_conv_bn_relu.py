@@ -145,7 +145,7 @@ def grouped_conv_bias_relu_forward(x, w_folded, bias, out, n, c, h, w, c_out, gr
     """out[n, c_out, h_out, w_out] = relu(grouped_conv3x3(x', w_folded) + bias); out preallocated.
 
     x' = relu(x * in_scale + in_shift) (fp32 [c] each) when in_scale is given, else x.
-    tiles: a Tiles to use instead of choose_tiles' (tuning sweeps: benchmarks/gpu_check.py).
+    tiles: a Tiles to use instead of choose_tiles' (tuning sweeps: benchmarks/gpu_nchw.py).
     """
     in_affine = in_scale is not None
     if in_affine != (in_shift is not None):
