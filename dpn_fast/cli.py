@@ -145,9 +145,13 @@ def _run_folder(args, items, stats):
     progress.close()
     engine = "reference network" if args.reference else f"dpn_fast, {args.precision}"
     print(f"{args.model} ({engine}), batch {args.batch_size}, {threads} CPU threads, "
-          f"{args.workers} decode workers, {args.preprocess} preprocessing: {stats.images} images "
+          f"{args.workers} decode thread{'' if args.workers == 1 else 's'}, {args.preprocess} "
+          f"preprocessing: {stats.images} images "
           f"in {stats.seconds:.1f} s, {stats.images_per_second:.1f} images/s; the model's forward "
           f"calls alone {stats.model_images_per_second:.1f} images/s", file=sys.stderr)
+    if args.weights is None:
+        print("note: random weights (no --weights given); predictions are meaningless",
+              file=sys.stderr)
 
 
 def _report_failures(stats):
@@ -173,9 +177,6 @@ def cmd_predict(args):
                 writer.write(items[position][0], top_k(row, args.topk, names))
     finally:
         writer.close()
-    if args.weights is None:
-        print("note: random weights (no --weights given); predictions are meaningless",
-              file=sys.stderr)
     return _report_failures(stats)
 
 

@@ -407,3 +407,30 @@ def test_paddleclas_preprocessing_is_paddleclas_eval_transform(image_folder):
         assert np.array_equal(ours, expected), path
         compared += 1
     assert compared == len(readable) - 1  # all but the GIF
+
+
+def test_bench_engines_runs_the_comparison_and_writes_its_file(tmp_path, capsys, monkeypatch):
+    """bench --engines at its smallest: two engines, DPN68 at 32x32, one round of one forward;
+    each engine in its own process. Without --out the file lands in the current folder."""
+    from dpn_fast import engine_comparison
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--engines", "compiled", "reference-dygraph", "--model", "DPN68",
+                 "--image-size", "32", "--threads", "1", "--rounds", "1", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    [path] = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())
+    engine_comparison.check_results(results)
+    assert path.name == f"{results['machine']['kind']}_{results['date']}_DPN68_b1.json"
+    assert f"Wrote {path.name}" in out and "| DPN68 | dpn_fast.compile | " in out
+    [cell] = results["cells"]
+    assert (cell["model"], cell["batch"], cell["threads"]) == ("DPN68", 1, 1)
+    assert list(cell["results"]) == ["compiled", "reference-dygraph"]  # ENGINES' order
+    assert cell["results"]["reference-dygraph"]["logits_rel_diff"] == 0.0
+    assert cell["results"]["compiled"]["logits_rel_diff"] < 1e-4
+    assert results["settings"]["rounds"] == 1 and results["settings"]["iters"] == 1
+
+    assert main(["bench", "--engines", "--precision", "bf16"]) == 1
+    assert "--precision bf16 does not apply" in capsys.readouterr().err
+    assert main(["bench", "--engines", "tvm"]) == 1
+    assert "unknown engines ['tvm']" in capsys.readouterr().err
