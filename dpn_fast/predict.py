@@ -47,14 +47,21 @@ def _pil_rgb(path):
         raise ValueError(f"{path} is not a readable image: {e}") from e
 
 
+def _check_sizes(resize_short, crop):
+    if not 0 < crop <= resize_short:
+        raise ValueError(f"preprocess: need 0 < crop <= resize_short, got crop={crop}, "
+                         f"resize_short={resize_short}")
+
+
 def preprocess(path, resize_short=RESIZE_SHORT, crop=CROP):
     """PIL: decode to RGB (odd modes converted, see _pil_rgb), resize the short side to 256
     (bilinear), center-crop 224, scale 1/255, normalise with ImageNet mean/std, HWC -> CHW.
     Returns float32 [3, crop, crop]."""
+    _check_sizes(resize_short, crop)
     image = _pil_rgb(path)
     w, h = image.size
     scale = resize_short / min(w, h)
-    w, h = max(crop, int(round(w * scale))), max(crop, int(round(h * scale)))
+    w, h = int(round(w * scale)), int(round(h * scale))
     image = image.resize((w, h), Image.BILINEAR)
     left, top = (w - crop) // 2, (h - crop) // 2
     image = image.crop((left, top, left + crop, top + crop))
@@ -68,6 +75,7 @@ def preprocess_paddleclas(path, resize_short=RESIZE_SHORT, crop=CROP):
     size int(round(side * 256 / short side))), CropImage(224) (center),
     NormalizeImage(scale=1/255, ImageNet mean/std, order='') and the dataset's HWC -> CHW.
     Returns float32 [3, crop, crop]. Needs OpenCV."""
+    _check_sizes(resize_short, crop)
     cv2 = opencv()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
@@ -82,9 +90,6 @@ def preprocess_paddleclas(path, resize_short=RESIZE_SHORT, crop=CROP):
     image = cv2.resize(image, (int(round(w * percent)), int(round(h * percent))),
                        interpolation=cv2.INTER_LINEAR)
     h, w = image.shape[:2]
-    if h < crop or w < crop:
-        raise ValueError(f"{path}: {w}x{h} after PaddleClas's resize, smaller than its "
-                         f"{crop}x{crop} crop (PaddleClas rejects it too)")
     top, left = (h - crop) // 2, (w - crop) // 2
     image = image[top:top + crop, left:left + crop, :]
     image = (image.astype("float32") * np.float32(1.0 / 255.0) - MEAN) / STD
