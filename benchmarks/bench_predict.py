@@ -8,7 +8,11 @@ temporary folder, then per round times, in turn:
   decoded beforehand, in batches of --batch-size;
 - `dpn_fast.predict.run_batches` over the folder with each --workers count (0: decode between
   batches), as `dpn-fast predict` runs it.
-Prints images/s (median over --rounds) and each predict run as a fraction of the model alone.
+Prints images/s (median over --rounds), each predict run as a fraction of the model alone, and
+the CPU time per image (the process's user + system time: threads' spinning included). On a busy
+shared machine the wall-clock figures mostly measure the other load; the CPU times still show
+what the decoding costs, and `model / (model + decode)` CPU time bounds the fraction a 2-core
+machine with no other load can reach when the model keeps both cores busy.
 """
 import argparse
 import os
@@ -35,13 +39,19 @@ def write_jpegs(folder, count, size=(500, 375), seed=0):
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
 
 
+def timed(run, images):
+    """(images/s, CPU ms per image) of run()."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    run()
+    cpu_ms = (time.process_time() - cpu_start) * 1e3 / images
+    return images / (time.perf_counter() - start), cpu_ms
+
+
 def model_alone(engine, batches):
-    """Images/s of `engine` over pre-decoded `batches`."""
-    start = time.perf_counter()
+    """`engine` over pre-decoded `batches`."""
     with paddle.no_grad():
         for batch in batches:
             engine(paddle.to_tensor(batch)).numpy()
-    return sum(len(b) for b in batches) / (time.perf_counter() - start)
 
 
 def predict_run(engine, paths, batch_size, preprocess_fn, workers):
@@ -49,7 +59,6 @@ def predict_run(engine, paths, batch_size, preprocess_fn, workers):
     for _ in run_batches(engine, paths, batch_size, preprocess_fn, workers, stats):
         pass
     assert stats.images == len(paths) and not stats.failed, stats.failed[:3]
-    return stats.images_per_second
 
 
 def main(argv=None):
@@ -75,21 +84,30 @@ def main(argv=None):
         decoded = np.stack([preprocess_fn(p) for p in paths])
         batches = [decoded[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
         model_alone(engine, batches[:1])  # warm-up
-        rates = {"model alone": []} | {f"predict, {w} workers": [] for w in args.workers}
+        decode = timed(lambda: [preprocess_fn(p) for p in paths], len(paths))
+        runs = {"model alone": lambda: model_alone(engine, batches)}
+        for w in args.workers:
+            runs[f"predict, {w} workers"] = (
+                lambda w=w: predict_run(engine, paths, args.batch_size, preprocess_fn, w))
+        measured = {name: [] for name in runs}
         for _ in range(args.rounds):
-            rates["model alone"].append(model_alone(engine, batches))
-            for w in args.workers:
-                rates[f"predict, {w} workers"].append(
-                    predict_run(engine, paths, args.batch_size, preprocess_fn, w))
+            for name, run in runs.items():
+                measured[name].append(timed(run, len(paths)))
     with open("/proc/cpuinfo") as f:
         cpu = next(line.split(":")[1].strip() for line in f if line.startswith("model name"))
     print(f"{args.model}, {args.images} JPEGs 500x375, batch {args.batch_size}, {args.precision}, "
           f"{args.threads} threads, {args.preprocess} preprocessing, {cpu}, "
-          f"{time.strftime('%Y-%m-%d')}; images/s, median of {args.rounds} rounds")
-    alone = float(np.median(rates["model alone"]))
-    for name, values in rates.items():
-        rate = float(np.median(values))
-        print(f"  {name:22s} {rate:7.2f}  {rate / alone:6.1%}")
+          f"{time.strftime('%Y-%m-%d')}, load average {os.getloadavg()[0]:.1f}; medians of "
+          f"{args.rounds} rounds")
+    print(f"  {'':22s} {'images/s':>9s} {'vs model':>9s} {'CPU ms/image':>13s}")
+    alone = float(np.median([rate for rate, _ in measured["model alone"]]))
+    for name, values in measured.items():
+        rate, cpu_ms = np.median(values, axis=0)
+        print(f"  {name:22s} {rate:9.2f} {rate / alone:9.1%} {cpu_ms:13.1f}")
+    model_cpu = float(np.median([cpu for _, cpu in measured["model alone"]]))
+    print(f"  decoding alone, 1 thread: {decode[1]:.1f} CPU ms/image; a 2-core machine with no "
+          f"other load reaches at most {model_cpu / (model_cpu + decode[1]):.1%} of the model "
+          "alone where the model keeps both cores busy")
     return 0
 
 
