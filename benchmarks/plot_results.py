@@ -1,4 +1,4 @@
-"""Draws bench_engines.py's results files and prints their markdown tables.
+"""Draws engine_comparison.py's results files and prints their markdown tables.
 
     python benchmarks/plot_results.py                      # every file in benchmarks/results/
     python benchmarks/plot_results.py benchmarks/results/amd-zen4-avx512_2026-12-01_DPN92_b1.json
@@ -12,10 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_engines  # noqa: E402  (the results schema and tables live with the benchmark)
+from dpn_fast import engine_comparison  # the results schema and tables
 
-DOCS = bench_engines.REPOSITORY / "docs"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engines import RESULTS_DIR  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 COLOURS = {"dpn_fast": "#d62728", "stock f32": "#1f77b4", "stock, lower precision": "#9ecae1"}
 
 
@@ -23,7 +25,7 @@ def load_results(path):
     """The results document in `path`, checked against the schema (ValueError names the fault)."""
     results = json.loads(Path(path).read_text())
     try:
-        bench_engines.check_results(results)
+        engine_comparison.check_results(results)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     return results
@@ -58,7 +60,7 @@ def plot(results, data_file, out_path):
         colours = [COLOURS[category(results, key, cell["results"][key])] for key in present]
         ax.barh(range(len(present)), ms, color=colours)
         ax.set_yticks(range(len(present)), [
-            bench_engines.precision_label(results["engines"][key]["label"],
+            engine_comparison.precision_label(results["engines"][key]["label"],
                                           cell["results"][key]["precision"])
             for key in present], fontsize=7)
         ax.invert_yaxis()
@@ -66,13 +68,13 @@ def plot(results, data_file, out_path):
             ax.text(value, y, f" {value:.1f}", va="center", fontsize=7)
         ax.set_xlim(0, max(ms) * 1.18)
         ax.set_title(f"{cell['model']}, "
-                     f"{bench_engines.cell_heading(cell['batch'], cell['threads'])}, ms",
+                     f"{engine_comparison.cell_heading(cell['batch'], cell['threads'])}, ms",
                      fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
     machine = results["machine"]
     fig.suptitle(f"{machine['cpu_model']} ({machine['kind']}), {results['date']}, "
-                 f"{bench_engines.provenance(results)}\n"
-                 f"data: {bench_engines.repository_path(data_file)}", fontsize=8)
+                 f"{engine_comparison.provenance(results)}\n"
+                 f"data: {engine_comparison.repository_path(data_file)}", fontsize=8)
     fig.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()],
                labels=list(COLOURS), loc="lower center", ncol=len(COLOURS), fontsize=7,
                frameon=False)
@@ -88,13 +90,14 @@ def main(argv=None):
                         help="results files (default: benchmarks/results/*.json)")
     parser.add_argument("--out-dir", type=Path, default=DOCS, help="where the PNGs go")
     args = parser.parse_args(argv)
-    files = args.files or sorted(bench_engines.RESULTS_DIR.glob("*.json"))
+    files = args.files or sorted(RESULTS_DIR.glob("*.json"))
     if not files:
-        parser.error(f"no results files in {bench_engines.RESULTS_DIR}")
+        parser.error(f"no results files in {RESULTS_DIR}")
     for path in files:
         results = load_results(path)
         png = plot(results, path, args.out_dir / f"performance_{path.stem}.png")
-        print(bench_engines.format_table(results, data_file=bench_engines.repository_path(path)))
+        data_file = engine_comparison.repository_path(path)
+        print(engine_comparison.format_table(results, data_file=data_file))
         print(f"![{path.stem}]({png.name})\n")
     return 0
 

@@ -1,10 +1,15 @@
-"""dpn-fast command line: predict, demo, bench, export, info."""
+"""dpn-fast command line: predict, eval, demo, bench, export, info."""
 import argparse
+import csv
+import json
 import os
 import sys
 import time
 
 import numpy as np
+
+
+CLASSES = 1000  # ImageNet-1k: the models the command line builds
 
 
 def _model(name, weights, seed=0):
@@ -56,18 +61,159 @@ def _median_ms(fns, repeat):
     return [float(np.median(t)) for t in times]
 
 
-def cmd_predict(args):
-    from dpn_fast.predict import predict
+class ResultWriter:
+    """Writes each image's top-k to `path`: CSV (path, then id, name and probability per rank)
+    or JSON Lines ({"path", "class_ids", "names", "probs"}), by the file's extension; with no
+    path, a readable listing on stdout."""
 
+    FORMATS = (".csv", ".jsonl")
+
+    def __init__(self, path, topk):
+        self.format = os.path.splitext(path)[1].lower() if path else None
+        if path and self.format not in self.FORMATS:
+            raise ValueError(f"--output {path}: the format follows the extension, one of "
+                             f"{', '.join(self.FORMATS)}")
+        self.file = open(path, "w", encoding="utf-8", newline="") if path else sys.stdout
+        if self.format == ".csv":
+            self.csv = csv.writer(self.file)
+            self.csv.writerow(["path"] + [f"top{r}_{column}" for r in range(1, topk + 1)
+                                          for column in ("id", "name", "prob")])
+
+    def write(self, path, top):
+        if self.format == ".csv":
+            self.csv.writerow([path] + [v for index, name, prob in top
+                                        for v in (index, name, f"{prob:.6f}")])
+        elif self.format == ".jsonl":
+            self.file.write(json.dumps({"path": path, "class_ids": [t[0] for t in top],
+                                        "names": [t[1] for t in top],
+                                        "probs": [t[2] for t in top]}) + "\n")
+        else:
+            print(path, file=self.file)
+            for rank, (index, name, prob) in enumerate(top, 1):
+                print(f"  {rank}. {prob:7.4f}  {index:4d}  {name}", file=self.file)
+
+    def close(self):
+        if self.file is not sys.stdout:
+            self.file.close()
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most twice a second."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled = total, enabled
+        self.start = self.drawn = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if not self.enabled or (now - self.drawn < 0.5 and done < self.total):
+            return
+        self.drawn = now
+        rate = done / (now - self.start)
+        eta = f"{(self.total - done) / rate:4.0f} s left" if rate else ""
+        filled = 30 * done // self.total
+        print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} "
+              f"{rate:5.1f} images/s {eta}", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def _run_folder(args, items, stats):
+    """Runs args.model over `items` [(path, label)] as predict and eval do: the compiled engine
+    (or --reference), --batch-size, --workers decode threads, --preprocess. Yields (item
+    positions, logits) per batch, fills `stats` (a RunStats), shows the progress bar and ends
+    with the run's throughput on stderr: end to end, and of the model's forward calls."""
+    import paddle
+
+    from dpn_fast.predict import PREPROCESS, opencv, run_batches
+
+    if args.preprocess == "paddleclas":
+        opencv()  # missing: one error now, not one per image
+    paddle.set_device(args.device)
+    threads = _set_threads(args.threads)
     model = _model(args.model, args.weights)
     if not args.reference:
         model = _fast(model, args.precision)
-    for path, top in zip(args.images, predict(model, args.images, args.topk)):
-        print(path)
-        for rank, (index, name, prob) in enumerate(top, 1):
-            print(f"  {rank}. {prob:7.4f}  {index:4d}  {name}")
+    progress = Progress(len(items), args.progress or (sys.stderr.isatty()
+                                                       and len(items) > args.batch_size))
+    for positions, logits in run_batches(model, [path for path, _ in items], args.batch_size,
+                                         PREPROCESS[args.preprocess], args.workers, stats):
+        yield positions, logits
+        progress.update(stats.images + len(stats.failed))
+    progress.close()
+    engine = "reference network" if args.reference else f"dpn_fast, {args.precision}"
+    print(f"{args.model} ({engine}), batch {args.batch_size}, {threads} CPU threads, "
+          f"{args.workers} decode thread{'' if args.workers == 1 else 's'}, {args.preprocess} "
+          f"preprocessing: {stats.images} images "
+          f"in {stats.seconds:.1f} s, {stats.images_per_second:.1f} images/s; the model's forward "
+          f"calls alone {stats.model_images_per_second:.1f} images/s", file=sys.stderr)
     if args.weights is None:
-        print("note: random weights (no --weights given); predictions are meaningless")
+        print("note: random weights (no --weights given); predictions are meaningless",
+              file=sys.stderr)
+
+
+def _report_failures(stats):
+    """Lists the images that failed on stderr; the exit status: 1 if any did."""
+    if stats.failed:
+        print(f"dpn-fast: {len(stats.failed)} of {stats.images + len(stats.failed)} images "
+              "skipped:", file=sys.stderr)
+        for _, message in stats.failed:
+            print(f"  {message}", file=sys.stderr)
+    return 1 if stats.failed else 0
+
+
+def cmd_predict(args):
+    from dpn_fast.predict import RunStats, class_names, collect_images, softmax, top_k
+
+    items = collect_images(args.images)
+    writer = ResultWriter(args.output, args.topk)
+    names = class_names()
+    stats = RunStats()
+    try:
+        for positions, logits in _run_folder(args, items, stats):
+            for position, row in zip(positions, softmax(logits)):
+                writer.write(items[position][0], top_k(row, args.topk, names))
+    finally:
+        writer.close()
+    return _report_failures(stats)
+
+
+def cmd_eval(args):
+    from dpn_fast.predict import RunStats, class_folder_images, read_list_file
+
+    if args.labels:
+        items = read_list_file(args.labels, root=args.folder)
+        unlabelled = [path for path, label in items if label is None]
+        if unlabelled:
+            raise ValueError(f"--labels {args.labels}: {len(unlabelled)} lines have no class id "
+                             f"(first: {unlabelled[0]})")
+    elif args.folder:
+        items = class_folder_images(args.folder)
+    else:
+        raise ValueError("eval needs a folder of class subfolders, or --labels LIST")
+    labels = np.array([label for _, label in items])
+    if labels.min() < 0 or labels.max() >= CLASSES:
+        raise ValueError(f"class ids must lie in [0, {CLASSES}), the model's classes; the "
+                         f"labels hold {labels.min()} ... {labels.max()}")
+    loss_sum, top1, top5 = 0.0, 0, 0
+    stats = RunStats()
+    for positions, logits in _run_folder(args, items, stats):
+        truth = labels[positions]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss_sum += float(-log_probs[np.arange(len(truth)), truth].sum())
+        ranks = (logits > logits[np.arange(len(truth)), truth][:, None]).sum(axis=1)
+        top1 += int((ranks < 1).sum())
+        top5 += int((ranks < 5).sum())
+    n = max(stats.images, 1)
+    # PaddleClas's eval line: averages over the images evaluated
+    print(f"[Eval][Epoch 0][Avg]CELoss: {loss_sum / n:.5f}, loss: {loss_sum / n:.5f}, "
+          f"top1: {top1 / n:.5f}, top5: {top5 / n:.5f}")
+    print(f"{stats.images} images evaluated" + (f", {len(stats.failed)} skipped (unreadable)"
+                                                if stats.failed else ""))
+    return _report_failures(stats)
 
 
 def _compare(name, weights, images, repeat, precision):
@@ -130,6 +276,8 @@ def cmd_demo(args):
 def cmd_bench(args):
     import paddle
 
+    if args.engines is not None:
+        return _bench_engines(args)
     paddle.set_device(args.device)
     threads = _set_threads(args.threads)
     images = np.random.default_rng(0).standard_normal(
@@ -138,6 +286,23 @@ def cmd_bench(args):
           f"device {paddle.get_device()}, {threads} CPU threads, dpn_fast in {args.precision}")
     _print_timing(*_compare(args.model, args.weights, images, args.repeat, args.precision),
                   args.repeat)
+
+
+def _bench_engines(args):
+    """bench --engines: the engine comparison (dpn_fast.engine_comparison) for one model, batch
+    size and thread count, each engine in its own process."""
+    from dpn_fast.engine_comparison import run_and_write
+
+    for option, value, allowed in (("--device", args.device, "cpu"),
+                                   ("--precision", args.precision, "fp32"),
+                                   ("--weights", args.weights, None)):
+        if value != allowed:
+            raise ValueError(f"bench --engines: {option} {value} does not apply: the comparison "
+                             "runs every CPU engine (bf16 ones included) on seeded random "
+                             "weights")
+    run_and_write([args.model], [args.batch_size], [args.threads or available_cores()],
+                  rounds=args.rounds, iters=args.repeat, engines=args.engines or None,
+                  image_size=args.image_size, out=args.out)
 
 
 def cmd_export(args):
@@ -176,22 +341,54 @@ PRECISION_OPTION = dict(choices=("fp32", "bf16"), default="fp32",
                              "AVX512_BF16 or AMX-BF16; `dpn-fast info` lists this CPU's)")
 
 
+def _add_run_options(p):
+    """The options predict and eval share."""
+    from dpn_fast.models import MODEL_NAMES
+    from dpn_fast.predict import PREPROCESS
+
+    p.add_argument("--model", default="DPN92", choices=MODEL_NAMES)
+    p.add_argument("--weights", help=".pdparams checkpoint (PaddleClas's or ours)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1,
+                   help="threads decoding the next batches while the model runs (0: decode "
+                        "between batches)")
+    p.add_argument("--preprocess", choices=PREPROCESS, default="pil",
+                   help="pil (default), or paddleclas: PaddleClas's eval transform exactly "
+                        "(OpenCV decode and resize; needs opencv-python)")
+    p.add_argument("--reference", action="store_true",
+                   help="run the plain Paddle network instead of the compiled engine")
+    p.add_argument("--precision", **PRECISION_OPTION)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--device", default="cpu", help="cpu or gpu")
+    p.add_argument("--progress", action="store_true",
+                   help="show the progress bar even when stderr is not a terminal")
+
+
 def build_parser():
+    from dpn_fast.engine_comparison import ENGINES as ENGINE_NAMES
     from dpn_fast.models import MODEL_NAMES
     from dpn_fast.predict import SAMPLE_IMAGE
 
     parser = argparse.ArgumentParser(prog="dpn-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("predict", help="classify images (ImageNet-1k)")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--model", default="DPN92", choices=MODEL_NAMES)
-    p.add_argument("--weights", help=".pdparams checkpoint (PaddleClas's or ours)")
+    p = sub.add_parser("predict", help="classify images, folders and list files (ImageNet-1k)")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) and "
+                   "list files (.txt: `path` or PaddleClas's `path label` per line)")
+    _add_run_options(p)
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--reference", action="store_true",
-                   help="run the plain Paddle network instead of the compiled engine")
-    p.add_argument("--precision", **PRECISION_OPTION)
+    p.add_argument("--output", help="write the results to this .csv or .jsonl file instead of "
+                   "listing them on stdout")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="top-1/top-5 accuracy on labelled images, as PaddleClas's "
+                       "eval prints it")
+    p.add_argument("folder", nargs="?", help="one subfolder per class (class ids by sorted "
+                   "name); with --labels, the folder its paths are relative to")
+    p.add_argument("--labels", help="PaddleClas's list file, `path class_id` per line "
+                   "(val_list.txt)")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="compiled engine vs reference on the sample image")
     p.add_argument("--model", default="DPN92", choices=MODEL_NAMES)
@@ -211,6 +408,15 @@ def build_parser():
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--precision", **PRECISION_OPTION)
+    p.add_argument("--engines", nargs="*", metavar="ENGINE",
+                   help="instead: compare the CPU inference engines (dpn_fast's, Paddle "
+                        "Inference, and ONNX Runtime and OpenVINO where installed), each in its "
+                        "own process; no names: all of "
+                        f"{', '.join(ENGINE_NAMES)}. Prints the table, writes the results file")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--engines: rounds, every engine once per round (--repeat forwards each)")
+    p.add_argument("--out", help="--engines: the results file (default: a new .json file in "
+                                 "the current folder, named by CPU kind, date, model, batch)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="save a model for Paddle Inference")
@@ -231,20 +437,20 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for option in ("topk", "repeat", "batch_size", "image_size", "threads"):
+    for option, least in (("topk", 1), ("repeat", 1), ("batch_size", 1), ("image_size", 1),
+                          ("threads", 1), ("rounds", 1), ("workers", 0)):
         value = getattr(args, option, None)
-        if value is not None and value < 1:
-            print(f"dpn-fast: error: --{option.replace('_', '-')} must be at least 1",
+        if value is not None and value < least:
+            print(f"dpn-fast: error: --{option.replace('_', '-')} must be at least {least}",
                   file=sys.stderr)
             return 2
     from dpn_fast.checkpoint import CheckpointError
 
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"dpn-fast: error: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The package's import graph: every module imports only the layers below its own, and no
 module imports another that imports it back.
 
-    cli -> predict, inference, paddleclas -> api -> engines -> ops
+    cli -> engine_comparison -> predict, inference, paddleclas -> api -> engines -> ops
         -> models, checkpoint, _extension, kernels
 """
 import ast
@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpn_fast"
 # Higher imports lower, and modules of one subpackage import each other.
 LAYERS = {"_extension": 0, "kernels": 0, "checkpoint": 0, "data": 0, "models": 1, "ops": 2,
           "engines": 3, "torch": 4, "api": 4, "inference": 5, "predict": 5, "paddleclas": 5,
-          "cli": 6}
+          "engine_comparison": 6, "cli": 7}
 
 
 def module_name(path):

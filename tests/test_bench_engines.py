@@ -1,4 +1,5 @@
-"""benchmarks/bench_engines.py and plot_results.py: the results file a run writes, the committed
+"""The engine comparison (dpn_fast.engine_comparison, run by benchmarks/bench_engines.py and
+`dpn-fast bench --engines`) and plot_results.py: the results file a run writes, the committed
 results files, their tables and plots, and the argument checks."""
 import copy
 import importlib.util
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from dpn_fast import engine_comparison
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # plot_results imports bench_engines as a sibling
@@ -32,8 +35,8 @@ def sample_results():
         return {"round_ms": round_ms, "median_ms": sorted(round_ms)[1],
                 "logits_rel_diff": 1e-6 if precision == "f32" else 4e-3, "precision": precision}
 
-    engines = {key: {"label": bench_engines.ENGINES[key].label,
-                     "stock": bench_engines.ENGINES[key].stock, "description": ""}
+    engines = {key: {"label": engine_comparison.ENGINES[key].label,
+                     "stock": engine_comparison.ENGINES[key].stock, "description": ""}
                for key in ("fused-dygraph", "ort-reference", "openvino-default-reference")}
     return {
         "schema_version": 1, "source": "benchmarks/bench_engines.py", "date": "2026-12-01",
@@ -72,11 +75,12 @@ def test_run_writes_a_results_file(tmp_path, capsys):
                                "--threads", "1", "--rounds", "2", "--iters", "2", "--warmup", "1",
                                "--engines", *engines, "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    bench_engines.check_results(results)
+    engine_comparison.check_results(results)
     assert f"Wrote {out}" in capsys.readouterr().out
 
     flags = cpu_flags()
-    assert results["machine"]["kind"] == bench_engines.cpu_kind(results["machine"]["vendor"], flags)
+    assert results["machine"]["kind"] == engine_comparison.cpu_kind(
+        results["machine"]["vendor"], flags)
     assert results["machine"]["flags"]["avx512f"] == ("avx512f" in flags)
     head = subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
@@ -84,13 +88,11 @@ def test_run_writes_a_results_file(tmp_path, capsys):
     assert results["versions"]["paddlepaddle"] == "3.3.1"
     assert results["settings"]["models"] == ["DPN68"] and results["settings"]["rounds"] == 2
 
-    import dpn_fast
     from dpn_fast.ops.cpu_features import bf16_gemm_supported
-    expected = {"fused-dygraph", "reference-dygraph"}
+    expected = {"fused-dygraph", "reference-dygraph", "compiled"}
     expected |= {"ort-reference"} if installed("onnxruntime", "paddle2onnx") else set()
     expected |= ({"openvino-f32-reference", "openvino-default-reference"}
                  if installed("openvino", "paddle2onnx") else set())
-    expected |= {"compiled"} if hasattr(dpn_fast, "compile") else set()
     expected |= {"compiled-bf16"} if bf16_gemm_supported() else set()
     assert set(results["engines"]) == expected
     assert set(results["skipped"]) == set(engines) - expected
@@ -110,9 +112,9 @@ def test_run_writes_a_results_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("native,skipped", [("fp32 bf16", set()), ("fp32", {"compiled-bf16"})])
 def test_compiled_engines_the_cpu_cannot_run_are_listed_not_run(monkeypatch, native, skipped):
-    answers = {"--has-compile": "True\n", "--native-compile-precisions": f"{native}\n"}
-    monkeypatch.setattr(bench_engines, "run_child", lambda flag: answers[flag])
-    reasons = bench_engines.unavailable_engines(["compiled", "compiled-bf16", "fused-dygraph"])
+    answers = {"--native-compile-precisions": f"{native}\n"}
+    monkeypatch.setattr(engine_comparison, "run_child", lambda flag: answers[flag])
+    reasons = engine_comparison.unavailable_engines(["compiled", "compiled-bf16", "fused-dygraph"])
     assert set(reasons) == skipped
     if skipped:
         assert reasons["compiled-bf16"] == ("this CPU has no bf16 matmul kernels "
@@ -120,27 +122,28 @@ def test_compiled_engines_the_cpu_cannot_run_are_listed_not_run(monkeypatch, nat
 
 
 def test_cpu_kinds():
-    assert bench_engines.cpu_kind("GenuineIntel", {"avx2", "avx512f", "amx_bf16"}) == "intel-amx"
-    assert bench_engines.cpu_kind("AuthenticAMD", {"avx2", "avx512f", "avx512_bf16"}) \
+    assert engine_comparison.cpu_kind("GenuineIntel", {"avx2", "avx512f", "amx_bf16"}) \
+        == "intel-amx"
+    assert engine_comparison.cpu_kind("AuthenticAMD", {"avx2", "avx512f", "avx512_bf16"}) \
         == "amd-zen4-avx512"
-    assert bench_engines.cpu_kind("AuthenticAMD", {"avx2", "fma"}) == "amd-zen3-avx2"
-    assert bench_engines.cpu_kind("GenuineIntel", {"avx2", "avx512f"}) == "genuineintel-avx512"
+    assert engine_comparison.cpu_kind("AuthenticAMD", {"avx2", "fma"}) == "amd-zen3-avx2"
+    assert engine_comparison.cpu_kind("GenuineIntel", {"avx2", "avx512f"}) == "genuineintel-avx512"
 
 
 def test_results_file_name_is_unique(tmp_path):
     results = sample_results()
-    first = bench_engines.results_path(results, tmp_path)
+    first = engine_comparison.results_path(results, tmp_path)
     assert first.name == "amd-zen4-avx512_2026-12-01_DPN92_b1.json"
     first.write_text("{}")
-    assert bench_engines.results_path(results, tmp_path).name == \
+    assert engine_comparison.results_path(results, tmp_path).name == \
         "amd-zen4-avx512_2026-12-01_DPN92_b1_2.json"
-    results["settings"].update(models=list(bench_engines.MODEL_NAMES), batch_sizes=[1, 8])
-    assert bench_engines.results_path(results, tmp_path).name == \
+    results["settings"].update(models=list(engine_comparison.MODEL_NAMES), batch_sizes=[1, 8])
+    assert engine_comparison.results_path(results, tmp_path).name == \
         "amd-zen4-avx512_2026-12-01_all-models_b1-8.json"
 
 
 def test_check_results_names_the_fault():
-    bench_engines.check_results(sample_results())
+    engine_comparison.check_results(sample_results())
     faults = {
         "lacks date": lambda r: r.pop("date"),
         "lacks cpu_model": lambda r: r["machine"].pop("cpu_model"),
@@ -154,11 +157,11 @@ def test_check_results_names_the_fault():
         results = copy.deepcopy(sample_results())
         corrupt(results)
         with pytest.raises(ValueError, match=message):
-            bench_engines.check_results(results)
+            engine_comparison.check_results(results)
 
 
 def test_table_names_machine_run_and_data_file():
-    markdown = bench_engines.format_table(sample_results(), data_file="results/x.json")
+    markdown = engine_comparison.format_table(sample_results(), data_file="results/x.json")
     first_line = markdown.splitlines()[0]
     for fact in ("Test CPU 9000", "amd-zen4-avx512", "2026-12-01", "commit 0123456789ab",
                  "results/x.json", "3 rounds"):
@@ -178,7 +181,7 @@ def test_committed_results_are_valid(path):
     results = plot_results.load_results(path)
     machine = results["machine"]
     assert path.name.startswith(f"{machine['kind']}_{results['date']}_")
-    assert machine["kind"] == bench_engines.cpu_kind(
+    assert machine["kind"] == engine_comparison.cpu_kind(
         machine["vendor"], {flag for flag, present in machine["flags"].items() if present})
     assert results["source"] == "benchmarks/bench_engines.py" or results["source"].startswith(
         "transcribed from")
