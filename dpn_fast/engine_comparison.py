@@ -63,13 +63,17 @@ ENGINES = {
         "dpn_fast.compile", "compiled", "compiled", False,
         'dpn_fast.compile(model, device="cpu", precision="fp32") called on a paddle tensor'),
     "compiled-bf16": Engine(
-        "dpn_fast.compile, bf16 1x1 GEMMs", "compiled", "compiled", False,
+        "dpn_fast.compile, bf16", "compiled", "compiled", False,
         'dpn_fast.compile(model, device="cpu", precision="bf16") called on a paddle tensor',
         compile_precision="bf16"),
     "pi-compiled": Engine(
         "compiled export, Paddle Inference", "paddle-inference", "compiled", False,
         "dpn_fast.inference.export(engine, prefix) run by a Paddle Inference predictor "
         "(oneDNN on)", onednn=True),
+    "pi-compiled-bf16": Engine(
+        "compiled bf16 export, Paddle Inference", "paddle-inference", "compiled-bf16", False,
+        'dpn_fast.compile(model, precision="bf16") exported with dpn_fast.inference.export, run '
+        "by a Paddle Inference predictor (oneDNN on)", onednn=True, compile_precision="bf16"),
     "fused-dygraph": Engine(
         "fused network, dynamic graph", "dygraph", "fused", False,
         "the fused network in eval under paddle.no_grad()"),
@@ -135,7 +139,7 @@ def unavailable_engines(engine_keys):
         if missing:
             reasons[key] = (f"{' and '.join(missing)} not installed (pip install "
                             "'dpn_fast[bench]')")
-    compiled = [key for key in engine_keys if ENGINES[key].model == "compiled"]
+    compiled = [key for key in engine_keys if ENGINES[key].model.startswith("compiled")]
     if any(ENGINES[key].compile_precision != "fp32" for key in compiled):
         native = native_compile_precisions()
         for key in compiled:
@@ -180,10 +184,11 @@ def prepare(workdir, model_name, engine_keys, batch_sizes, image_size):
     if "fused" in exported:
         fused = build_model(model_name, fused=True, weights=f"{workdir}/weights.pdparams")
         inference.export(fused, f"{workdir}/fused", image_size)
-    if "compiled" in exported:
-        engine = compile_model(build_model(model_name, weights=f"{workdir}/weights.pdparams"),
-                                  device="cpu", precision="fp32")
-        inference.export(engine, f"{workdir}/compiled", image_size)
+    for precision, name in (("fp32", "compiled"), ("bf16", "compiled-bf16")):
+        if name in exported:
+            engine = compile_model(build_model(model_name, weights=f"{workdir}/weights.pdparams"),
+                                   device="cpu", precision=precision)
+            inference.export(engine, f"{workdir}/{name}", image_size)
 
 
 def make_forward(workdir, model_name, engine, x, threads):
@@ -220,7 +225,8 @@ def make_forward(workdir, model_name, engine, x, threads):
             return (lambda: run_predictor(predictor, x)), "bf16"
         predictor = create_predictor(f"{workdir}/{engine.model}", use_onednn=engine.onednn,
                                      num_threads=threads)
-        return (lambda: run_predictor(predictor, x)), "f32"
+        return (lambda: run_predictor(predictor, x)), COMPILE_PRECISION_NAMES[
+            engine.compile_precision]
     if engine.runtime == "onnxruntime":
         import onnxruntime
 

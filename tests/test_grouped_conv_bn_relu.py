@@ -320,7 +320,7 @@ def test_to_static_eval_and_train():
 
 def check_saved_block(block, x, expected, path, op=None):
     """jit.save + jit.load, and Paddle Inference with oneDNN on (its CPU default) and off."""
-    from dpn_fast.inference import create_predictor, run_predictor
+    from dpn_fast.inference import create_predictor
     spec = paddle.static.InputSpec([None] + list(x.shape[1:]), "float32")
     paddle.jit.save(block, path, input_spec=[spec])
     if op:
@@ -329,7 +329,11 @@ def check_saved_block(block, x, expected, path, op=None):
     loaded.eval()
     np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
     for onednn in (True, False):
-        out = run_predictor(create_predictor(path, use_onednn=onednn), x.numpy())
+        # The predictor's own handles: run_predictor takes a DPN's images, not a layer's input.
+        predictor = create_predictor(path, use_onednn=onednn)
+        predictor.get_input_handle(predictor.get_input_names()[0]).copy_from_cpu(x.numpy())
+        predictor.run()
+        out = predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
