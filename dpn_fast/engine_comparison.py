@@ -476,13 +476,18 @@ def format_table(results, data_file=None):
             lines.append(f"| {model} | "
                          f"{precision_label(results['engines'][key]['label'], precision)}"
                          f" | {' | '.join(row)} | {f'{max(diffs):.1e}' if diffs else '-'} |")
-        speedups = []
-        for column in columns:
-            ours = column in cells and fastest(cells[column], results["engines"], stock=False)
-            theirs = column in cells and fastest(cells[column], results["engines"], stock=True)
-            speedups.append(f"{theirs[1] / ours[1]:.2f}x" if ours and theirs else "-")
-        lines.append(f"| {model} | fastest dpn_fast engine vs fastest stock f32 engine | "
-                     + " | ".join(speedups) + " | |")
+        # Speed-ups within a precision, for each precision both sides ran in.
+        for precision in ("f32", "bf16"):
+            speedups = []
+            for column in columns:
+                ours = column in cells and fastest(cells[column], results["engines"], False,
+                                                   precision)
+                theirs = column in cells and fastest(cells[column], results["engines"], True,
+                                                     precision)
+                speedups.append(f"{theirs[1] / ours[1]:.2f}x" if ours and theirs else "-")
+            if any(x != "-" for x in speedups):
+                lines.append(f"| {model} | fastest dpn_fast engine vs fastest stock {precision} "
+                             "engine | " + " | ".join(speedups) + " | |")
     lines.append("")
     if results.get("note"):
         lines += [results["note"], ""]
