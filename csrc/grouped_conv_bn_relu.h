@@ -80,7 +80,8 @@ void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const float* x, const uint8_t
                                                    const FoldedBatchNorm& bn, float* out,
                                                    const GroupedConvShape& s);
 // bf16 activations: x read as bf16, the sums float32, out rounded to bf16 (to nearest even); blob
-// packed with bf16. Reads up to kNhwcInputSlack values past the end of x.
+// packed with bf16. Reads up to kNhwcInputSlack floats' bytes (2 * kNhwcInputSlack bf16 values)
+// past the end of x.
 void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const Bf16* x, const uint8_t* blob,
                                                    const FoldedBatchNorm& bn, Bf16* out,
                                                    const GroupedConvShape& s);
