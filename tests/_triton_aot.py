@@ -93,6 +93,18 @@ def spec_dtype(signature):
     return next((t[1:] for t in signature.values() if t.startswith("*")), "-")
 
 
+def print_row(row, work):
+    """Fills `row` with what work() returns (ok=True) or the error it raised (ok=False) and the
+    seconds it took, and prints it as a JSON line for the test to read."""
+    t0 = time.monotonic()
+    try:
+        row.update(ok=True, **work())
+    except Exception as e:  # noqa: BLE001 - reported, the test fails on it
+        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+    row["seconds"] = round(time.monotonic() - t0, 2)
+    print(json.dumps(row), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--archs", default="75,80,90")
@@ -115,18 +127,16 @@ def main():
             for cc in module_archs:
                 row = {"op": op, "kernel": kernel.fn.__name__, "dtype": spec_dtype(signature),
                        "constexprs": {k: v for k, v in constexprs.items()}, "cc": cc}
-                t0 = time.monotonic()
-                try:
+
+                def compile_one(kernel=kernel, signature=signature, constexprs=constexprs,
+                                options=options, cc=cc):
                     compiled = triton.compile(ASTSource(kernel, signature, constexprs,
                                                         aligned_pointers(signature)),
                                               target=GPUTarget("cuda", cc, 32), options=options)
-                    row.update(ok=True, num_warps=compiled.metadata.num_warps,
-                               shared=compiled.metadata.shared,
-                               **resource_usage(compiled.asm["ptx"], ptxas_for(cc)))
-                except Exception as e:  # noqa: BLE001 - reported, the test fails on it
-                    row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
-                row["seconds"] = round(time.monotonic() - t0, 2)
-                print(json.dumps(row), flush=True)
+                    return dict(num_warps=compiled.metadata.num_warps,
+                                shared=compiled.metadata.shared,
+                                **resource_usage(compiled.asm["ptx"], ptxas_for(cc)))
+                print_row(row, compile_one)
 
 
 if __name__ == "__main__":
