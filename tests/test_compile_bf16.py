@@ -133,7 +133,6 @@ def test_export_runs_in_paddle_inference(tmp_path, use_onednn):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@needs_bf16
 def runs_bf16_pairs():
     """Whether this CPU runs the grouped conv on pairs of bf16 channels: AVX512_BF16, and the
     AVX-512 kernels not held back by DPN_FAST_CPU_ISA."""
@@ -142,6 +141,7 @@ def runs_bf16_pairs():
     return "avx512_bf16" in flags and not os.environ.get("DPN_FAST_CPU_ISA")
 
 
+@needs_bf16
 def test_packed_weights_are_bf16():
     """The 1x1 GEMMs' blobs hold bf16 values: about half the float32 blobs' bytes in all (a
     small weight's blob is mostly header and oneDNN's padding, as large in either); the grouped
