@@ -98,6 +98,18 @@ void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
   }
 }
 
+// The block's input BN + ReLU into act (and act_w, a projection's): one read of (resid, dense)
+// for both BNs of a projection.
+template <typename Out>
+void input_bn_relu(const DpnBlockShape& s, const DpnBlockWeights& wt, const BlockInput& in,
+                   Out* act_w, Out* act) {
+  if (s.projection) {
+    bn_relu_rows<Out>(s, in, {{wt.bn_w, act_w, s.stride}, {wt.bn_a, act, 1}});
+  } else {
+    bn_relu_rows<Out>(s, in, {{wt.bn_a, act, 1}});
+  }
+}
+
 // out[p, 0 .. rows) (+)= in[p, :] x weight[rows, k]^T for `pixels` positions: a 1x1
 // convolution, channels-last; weight plain or packed (DpnBlockWeights), `in` float, or Bf16 with
 // bf16 GEMMs. out_channels: channels per position of `out`, which is float, or with bf16 GEMMs and
@@ -164,15 +176,10 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   void* const bottleneck_g = wt.bf16_gemms ? static_cast<void*>(g_bf16) : g;
   PartTimer timer;
 
-  // The input's BN + ReLU: one read of (resid, dense) for both BNs of a projection.
-  if (wt.bf16_gemms && s.projection) {
-    bn_relu_rows<Bf16>(s, in, {{wt.bn_w, act_w_bf16, s.stride}, {wt.bn_a, act_bf16, 1}});
-  } else if (wt.bf16_gemms) {
-    bn_relu_rows<Bf16>(s, in, {{wt.bn_a, act_bf16, 1}});
-  } else if (s.projection) {
-    bn_relu_rows<float>(s, in, {{wt.bn_w, act_w, s.stride}, {wt.bn_a, act, 1}});
+  if (wt.bf16_gemms) {
+    input_bn_relu(s, wt, in, act_w_bf16, act_bf16);
   } else {
-    bn_relu_rows<float>(s, in, {{wt.bn_a, act, 1}});
+    input_bn_relu(s, wt, in, act_w, act);
   }
   timer.next(kInputBnRelu);
 

@@ -1,9 +1,9 @@
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -263,7 +263,7 @@ void bn_relu_grouped_conv3x3_bn_relu_infer_cpu(const float* x, const float* w,
   run_conv(args, nullptr, nullptr);
 }
 
-// The ISA variant a packed blob is for: the one this CPU runs (detect_isa).
+// Returns `call` of the ISA variant this CPU runs (detect_isa).
 #ifdef DPN_FAST_HAVE_X86_VARIANTS
 #define DPN_NHWC_DISPATCH(call)                                 \
   switch (detect_isa()) {                                       \
@@ -297,6 +297,15 @@ NhwcPackedHeader packed_header(const uint8_t* blob) {
   return header;
 }
 
+// The kernels a blob for this conv is laid out for on this CPU, as its header names them.
+const char* packed_kernels(int64_t c, int64_t groups, bool bf16) {
+  return runs_bf16_pairs(c, groups, bf16) ? kBf16PairsIsa : isa_name(detect_isa());
+}
+
+NhwcGeometry nhwc_geometry(const GroupedConvShape& s, int64_t input_channels) {
+  return {input_channels, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
+}
+
 bool is_bf16_pairs_blob(const uint8_t* blob) {
   const NhwcPackedHeader header = packed_header(blob);
   return strncmp(header.isa, kBf16PairsIsa, sizeof(header.isa)) == 0;
@@ -318,8 +327,7 @@ void grouped_conv3x3_nhwc_pack(const float* w, int64_t c, int64_t c_out, int64_t
     return isa_avx512_bf16::nhwc_pack(w, c, c_out, groups, kBf16PairsIsa, true, blob);
   }
 #endif
-  const char* isa = isa_name(detect_isa());
-  DPN_NHWC_DISPATCH(nhwc_pack(w, c, c_out, groups, isa, bf16, blob))
+  DPN_NHWC_DISPATCH(nhwc_pack(w, c, c_out, groups, packed_kernels(c, groups, bf16), bf16, blob))
 }
 
 std::string grouped_conv3x3_nhwc_packed_mismatch(const uint8_t* blob, int64_t c, int64_t c_out,
@@ -337,8 +345,7 @@ std::string grouped_conv3x3_nhwc_packed_mismatch(const uint8_t* blob, int64_t c,
            " weights, for " + (header.bf16_weights ? "bf16" : "float32") +
            " activations; these are " + (bf16 ? "bf16" : "float32");
   }
-  const std::string here =
-      runs_bf16_pairs(c, groups, bf16) ? kBf16PairsIsa : isa_name(detect_isa());
+  const std::string here = packed_kernels(c, groups, bf16);
   if (packed_for != here) {
     return "it was packed for the " + packed_for + " kernels, this CPU runs the " + here + " ones";
   }
@@ -348,8 +355,7 @@ std::string grouped_conv3x3_nhwc_packed_mismatch(const uint8_t* blob, int64_t c,
 void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const float* x, const uint8_t* blob,
                                                    const FoldedBatchNorm& bn, float* out,
                                                    const GroupedConvShape& s) {
-  const NhwcGeometry g{s.c, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
-  DPN_NHWC_DISPATCH(nhwc_conv_packed(x, blob, bn.scale, bn.shift, g, s.n, out))
+  DPN_NHWC_DISPATCH(nhwc_conv_packed(x, blob, bn.scale, bn.shift, nhwc_geometry(s, s.c), s.n, out))
 }
 
 void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const Bf16* x, const uint8_t* blob,
@@ -358,13 +364,12 @@ void grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(const Bf16* x, const uint8_t*
 #ifdef DPN_FAST_HAVE_X86_VARIANTS
   if (is_bf16_pairs_blob(blob)) {
     // The input side counts pairs: a pixel holds c / 2 of them.
-    const NhwcGeometry g{s.c / 2, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
     return isa_avx512_bf16::nhwc_conv_packed(reinterpret_cast<const Bf16Pair*>(x), blob,
-                                             bn.scale, bn.shift, g, s.n, out);
+                                             bn.scale, bn.shift, nhwc_geometry(s, s.c / 2), s.n,
+                                             out);
   }
 #endif
-  const NhwcGeometry g{s.c, s.h, s.w, s.c_out, s.groups, s.stride, s.h_out, s.w_out};
-  DPN_NHWC_DISPATCH(nhwc_conv_packed(x, blob, bn.scale, bn.shift, g, s.n, out))
+  DPN_NHWC_DISPATCH(nhwc_conv_packed(x, blob, bn.scale, bn.shift, nhwc_geometry(s, s.c), s.n, out))
 }
 
 #undef DPN_NHWC_DISPATCH
