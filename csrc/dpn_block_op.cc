@@ -284,16 +284,28 @@ Shape packed_1x1_shape(int64_t rows, int64_t k, bool bf16) {
 
 const char* packed_type_name(bool bf16) { return bf16 ? "bf16" : "float32"; }
 
+// A packed weight's tensor: plain layout, on CPU.
+void check_blob_place(const paddle::Tensor& blob, const char* op, const std::string& name) {
+  dpn_fast::check_plain_layout(blob, op, name.c_str());
+  PD_CHECK(blob.is_cpu(), op, ": runs on CPU only, '", name, "' is on ",
+           blob.place().DebugString());
+}
+
+// A packed weight's tensor: uint8 of the `expected` shape, as `pack_op` makes it.
+void check_blob_shape(const paddle::Tensor& blob, const Shape& expected, const char* op,
+                      const std::string& name, const char* pack_op) {
+  PD_CHECK(blob.dtype() == paddle::DataType::UINT8 && blob.shape() == expected, op,
+           ": packed weight '", name, "' must be a uint8 ", shape_str(expected), " tensor (",
+           pack_op, "), got ", phi::DataTypeToString(blob.dtype()), " ", shape_str(blob.shape()));
+}
+
 // A packed 1x1 weight: pack_weight's blob of a GEMM's [rows, k] weight as a uint8 tensor [rows,
 // bytes per row] (the blob padded to whole rows, so its shape says the GEMM's output channels).
 // Refused unless it was packed for [rows, k] in the layout this CPU's oneDNN uses, as bf16 values
 // for bf16 GEMMs and as floats otherwise.
 const void* packed_1x1(const paddle::Tensor& blob, int64_t rows, int64_t k, bool bf16,
                        const char* op, const std::string& name) {
-  dpn_fast::check_plain_layout(blob, op, name.c_str());
-  PD_CHECK(blob.is_cpu(), op, ": runs on CPU only, '", name, "' is on ",
-           blob.place().DebugString());
-  const Shape expected = packed_1x1_shape(rows, k, bf16);
+  check_blob_place(blob, op, name);
   const bool is_blob = blob.dtype() == paddle::DataType::UINT8 && blob.shape().size() == 2 &&
                        blob.numel() >= dpn_fast::kPackedHeaderBytes;
   PD_CHECK(!is_blob || dpn_fast::packed_weight_is_bf16(blob.data<uint8_t>()) == bf16, op,
@@ -302,10 +314,7 @@ const void* packed_1x1(const paddle::Tensor& blob, int64_t rows, int64_t k, bool
            " values; bf16_gemms=", bf16 ? "true" : "false", " runs on weights packed as ",
            packed_type_name(bf16), " (dpn_fast_pack_1x1_weight with bf16=",
            bf16 ? "true" : "false", ")");
-  PD_CHECK(blob.dtype() == paddle::DataType::UINT8 && blob.shape() == expected, op,
-           ": packed weight '", name, "' must be a uint8 ", shape_str(expected),
-           " tensor (dpn_fast_pack_1x1_weight), got ", phi::DataTypeToString(blob.dtype()), " ",
-           shape_str(blob.shape()));
+  check_blob_shape(blob, packed_1x1_shape(rows, k, bf16), op, name, kPack);
   const std::string mismatch =
       dpn_fast::packed_weight_mismatch(blob.data<uint8_t>(), rows, k, bf16);
   PD_CHECK(mismatch.empty(), op, ": packed weight '", name, "' does not fit this CPU: ", mismatch,
@@ -335,8 +344,7 @@ const void* packed_grouped_conv(const paddle::Tensor& blob, int64_t r, int64_t g
                                 const char* op) {
   PD_CHECK(groups > 0 && r % groups == 0, op, ": groups must be > 0 and divide the bottleneck's ",
            r, " channels, got ", groups);
-  dpn_fast::check_plain_layout(blob, op, "w_conv");
-  PD_CHECK(blob.is_cpu(), op, ": runs on CPU only, 'w_conv' is on ", blob.place().DebugString());
+  check_blob_place(blob, op, "w_conv");
   // The header first: it says what a blob of another size was packed for.
   if (blob.dtype() == paddle::DataType::UINT8 && blob.numel() >= dpn_fast::kNhwcPackedHeaderBytes) {
     const std::string mismatch =
@@ -344,11 +352,7 @@ const void* packed_grouped_conv(const paddle::Tensor& blob, int64_t r, int64_t g
     PD_CHECK(mismatch.empty(), op, ": packed weight 'w_conv' does not fit this CPU: ", mismatch,
              ". Compile the model on this machine (dpn_fast.compile) and export it from there");
   }
-  const Shape expected = packed_grouped_conv_shape(r, groups, bf16);
-  PD_CHECK(blob.dtype() == paddle::DataType::UINT8 && blob.shape() == expected, op,
-           ": packed weight 'w_conv' must be a uint8 ", shape_str(expected), " tensor (",
-           kPackConv, "), got ", phi::DataTypeToString(blob.dtype()), " ",
-           shape_str(blob.shape()));
+  check_blob_shape(blob, packed_grouped_conv_shape(r, groups, bf16), op, "w_conv", kPackConv);
   return blob.data<uint8_t>();
 }
 
