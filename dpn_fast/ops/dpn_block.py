@@ -46,10 +46,9 @@ def stage_launch(resid, dense, weights, scale_shift, groups, stride, dense_chann
     `dense_channels` channels valid), or resid None and the stem's NCHW output. weights: the first
     block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block, or with
     `packed_weights` what pack_stage_launch made of them; scale_shift: their input BNs folded, in
-    the same order. `bf16_gemms`: the 1x1 convolutions as bf16 GEMMs with float32 sums, on
-    weights packed with bf16=True (each 1x1 convolution's input and weight rounded to bf16,
-    everything else float32). Returns the new (resid, dense buffer of `capacity` channels),
-    channels-last."""
+    the same order. `bf16_gemms`: the block convolutions on bf16 weights and inputs with float32
+    sums (csrc/dpn_block.h), on weights packed with bf16=True; the stage buffers stay float32.
+    Returns the new (resid, dense buffer of `capacity` channels), channels-last."""
     return _extension.run_op("dpn_fast_dpn_stage", resid, dense, weights, scale_shift, groups,
                              stride, dense_channels, capacity, packed_weights, bf16_gemms)
 
