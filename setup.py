@@ -103,6 +103,7 @@ class CMakeBuild(build_ext):
                      f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs(nvcc)}"]
             print(f"dpn_fast: building CUDA kernels with {nvcc}", flush=True)
         else:
+            args.append("-DDPN_FAST_WITH_CUDA=OFF")  # also where a reused build dir had it on
             print("dpn_fast: CPU-only build (no nvcc, or DPN_FAST_CPU_ONLY=1)", flush=True)
         # pip shows this (and the compiler's output) only with -v; README says so.
         print("dpn_fast: compiling the op library; about 1.5-3 minutes on 2 cores, longer with "

@@ -17,4 +17,12 @@ inline Bf16 round_to_bf16(float v) {
   return Bf16(v != v ? (bits >> 16) | 0x40u : rounded);
 }
 
+// The float32 value of bf16 `v`.
+inline float bf16_value(Bf16 v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 }  // namespace dpn_fast

@@ -29,6 +29,16 @@ inline Isa detect_isa() {
   return Isa::kBaseline;
 }
 
+// Whether the vdpbf16ps variants (cpu_isa_bf16_variant.inc) run here: AVX512_BF16, and the
+// AVX-512 kernels not held back by DPN_FAST_CPU_ISA.
+inline bool avx512_bf16_pairs() {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+  return detect_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 // DPN_FAST_CPU_ISA's spelling of an ISA.
 inline const char* isa_name(Isa isa) {
   switch (isa) {

@@ -22,8 +22,8 @@
 // pairs of channels on vdpbf16ps where the CPU has AVX512_BF16). Everything else stays float32:
 // the sums and epilogues, the sums into resid, the stage buffers. So the result is the float32
 // network's with the weights and the inputs of every 1x1 and grouped convolution rounded to bf16
-// (to nearest even), up to the order of the float32 sums. The stem and head are float32 either
-// way.
+// (to nearest even), up to the order of the float32 sums. The stem and the classifier round
+// their inputs and weights likewise in the bf16 engine (stem_conv_bn_relu_pool.h, DpnHeadWeights).
 // Head: logits = fc(mean_hw(relu(bn(concat(resid, dense))))), without materialising the BN'd
 // concat.
 #pragma once
@@ -93,13 +93,22 @@ struct DpnHeadShape {
   int64_t channels() const { return resid + dense; }
 };
 
-// Workspace of dpn_head_forward_cpu, in floats.
-inline int64_t dpn_head_workspace_floats(const DpnHeadShape& s) { return s.n * s.channels(); }
+// The classifier's weight: plain floats [channels, classes] (paddle.nn.Linear's layout), or
+// packed (the compiled engine's), the [classes, channels] transpose laid out once for this CPU
+// like a 1x1 GEMM's (packed_weight_data of pack_weight's blob), as floats or, with bf16, as bf16:
+// the pooled features are then rounded to bf16 too, with float32 sums.
+struct DpnHeadWeights {
+  FoldedBatchNorm bn;  // [channels]
+  const void* fc_weight;
+  const float* fc_bias;  // [classes]
+  bool packed, bf16;
+};
 
-// resid [n, hw, resid], dense [n, hw, capacity] (channels-last); fc_weight: [channels, classes]
-// (paddle.nn.Linear's layout); bn: [channels], folded; logits: [n, classes].
+// Workspace of dpn_head_forward_cpu, in floats: the pooled features, and their bf16 copy.
+inline int64_t dpn_head_workspace_floats(const DpnHeadShape& s) { return 2 * s.n * s.channels(); }
+
+// resid [n, hw, resid], dense [n, hw, capacity] (channels-last); logits: [n, classes].
 void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,
-                          const FoldedBatchNorm& bn, const float* fc_weight, const float* fc_bias,
-                          float* logits, float* workspace);
+                          const DpnHeadWeights& weights, float* logits, float* workspace);
 
 }  // namespace dpn_fast

@@ -268,13 +268,14 @@ void dpn_stage_forward_cpu(const DpnBlockShape* shapes, const DpnBlockWeights* w
 }
 
 void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,
-                          const FoldedBatchNorm& bn, const float* fc_weight, const float* fc_bias,
-                          float* logits, float* pooled) {
+                          const DpnHeadWeights& wt, float* logits, float* workspace) {
   if (s.n == 0) return;  // an empty batch: empty logits
   const int64_t channels = s.channels();
-  const float* scale = bn.scale;
-  const float* shift = bn.shift;
+  const float* scale = wt.bn.scale;
+  const float* shift = wt.bn.shift;
   const float inv_hw = 1.0f / float(s.hw);
+  float* const pooled = workspace;
+  Bf16* const pooled_bf16 = reinterpret_cast<Bf16*>(workspace + s.n * channels);
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static)
   for (int64_t b = 0; b < s.n; ++b) {
     float* sum = pooled + b * channels;
@@ -289,10 +290,27 @@ void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float
         sum[s.resid + c] += relu(d[c] * scale[s.resid + c] + shift[s.resid + c]);
     }
     for (int64_t c = 0; c < channels; ++c) sum[c] *= inv_hw;
+    if (wt.bf16) {
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) pooled_bf16[b * channels + c] = round_to_bf16(sum[c]);
+    }
   }
-  for (int64_t b = 0; b < s.n; ++b) std::copy(fc_bias, fc_bias + s.classes, logits + b * s.classes);
-  gemm_f32(GemmShape{s.n, s.classes, channels, channels, s.classes, s.classes, true}, pooled,
-           fc_weight, logits);
+  for (int64_t b = 0; b < s.n; ++b) {
+    std::copy(wt.fc_bias, wt.fc_bias + s.classes, logits + b * s.classes);
+  }
+  GemmShape g{s.n, s.classes, channels, channels, s.classes, s.classes, true};
+  if (!wt.packed) {
+    gemm_f32(g, pooled, static_cast<const float*>(wt.fc_weight), logits);
+    return;
+  }
+  g.b_layout = BLayout::kPacked;
+  g.ldb = channels;
+  g.bf16 = wt.bf16;
+  if (wt.bf16) {
+    gemm_bf16(g, pooled_bf16, static_cast<const Bf16*>(wt.fc_weight), logits);
+  } else {
+    gemm_f32(g, pooled, static_cast<const float*>(wt.fc_weight), logits);
+  }
 }
 
 }  // namespace dpn_fast

@@ -5,7 +5,8 @@
 //                       output, or the previous stage's resid and dense buffer) into a new resid
 //                       and a new dense buffer of `capacity` channels, then its normal blocks run
 //                       in place there (what the fused model runs)
-//   dpn_fast_dpn_head   final BN + ReLU, global average pool and the classifier
+//   dpn_fast_dpn_head   final BN + ReLU, global average pool and the classifier (its weight
+//                       plain, or packed like a 1x1 GEMM's, as floats or bf16)
 //   dpn_fast_fold_batch_norms  eval BNs folded into the others' scale_shift argument
 //   dpn_fast_pack_1x1_weight  rows of a 1x1 weight (one GEMM's) laid out once for this CPU
 //                       (oneDNN's packed format), for dpn_fast_dpn_stage with packed_weights:
@@ -549,36 +550,50 @@ std::vector<paddle::DataType> StageInferDtype(const paddle::optional<paddle::Dat
   return {dense, dense};
 }
 
-// scale_shift: [2, C], the folded BN of concat(resid, dense) (C = R + dense_channels).
+// scale_shift: [2, C], the folded BN of concat(resid, dense) (C = R + dense_channels). fc_weight:
+// [C, classes] floats, or with packed_fc the [classes, C] transpose packed as a 1x1 GEMM's
+// weight (dpn_fast_pack_1x1_weight; as bf16 for bf16).
 std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddle::Tensor& dense,
                                         const paddle::Tensor& scale_shift,
                                         const paddle::Tensor& fc_weight,
-                                        const paddle::Tensor& fc_bias, int64_t dense_channels) {
+                                        const paddle::Tensor& fc_bias, int64_t dense_channels,
+                                        bool packed_fc, bool bf16) {
   const Input in = check_input(&resid, dense, dense_channels, false, kHead);
   const int64_t channels = in.resid + in.dense;
   check_scale_shift(scale_shift, channels, kHead, "the BN of resid's channels + dense_channels");
-  const Shape& fw = fc_weight.shape();
-  PD_CHECK(fw.size() == 2 && fw[0] == channels && fw[1] > 0, kHead,
-           ": 'fc_weight' must have shape [", channels, ", classes], got ", shape_str(fw));
-  check_operand(fc_weight, kHead, "fc_weight");
+  PD_CHECK(packed_fc || !bf16, kHead, ": bf16=true runs on a packed classifier weight "
+           "(packed_fc=true)");
+  int64_t classes = 0;
+  const void* weight = nullptr;
+  if (packed_fc) {
+    classes = packed_rows(fc_weight, kHead, "fc_weight");
+    weight = packed_1x1(fc_weight, classes, channels, bf16, kHead, "fc_weight");
+  } else {
+    const Shape& fw = fc_weight.shape();
+    PD_CHECK(fw.size() == 2 && fw[0] == channels && fw[1] > 0, kHead,
+             ": 'fc_weight' must have shape [", channels, ", classes], got ", shape_str(fw));
+    check_operand(fc_weight, kHead, "fc_weight");
+    classes = fw[1];
+    weight = fc_weight.data<float>();
+  }
   check_operand(fc_bias, kHead, "fc_bias");
-  PD_CHECK(fc_bias.shape() == Shape{fw[1]}, kHead, ": 'fc_bias' must have shape [", fw[1],
+  PD_CHECK(fc_bias.shape() == Shape{classes}, kHead, ": 'fc_bias' must have shape [", classes,
            "], got ", shape_str(fc_bias.shape()));
-  const dpn_fast::DpnHeadShape s{in.n, in.h * in.w, in.resid, in.dense, in.capacity, fw[1]};
+  const dpn_fast::DpnHeadShape s{in.n, in.h * in.w, in.resid, in.dense, in.capacity, classes};
+  const dpn_fast::DpnHeadWeights weights{FoldedColumns(scale_shift).next(channels), weight,
+                                         fc_bias.data<float>(), packed_fc, bf16};
   auto logits = dpn_fast::empty_output({s.n, s.classes}, dense.dtype(), dense.place());
   auto workspace = dpn_fast::empty_output({dpn_fast::dpn_head_workspace_floats(s)},
                                           dense.dtype(), dense.place());
-  dpn_fast::dpn_head_forward_cpu(s, resid.data<float>(), dense.data<float>(),
-                                 FoldedColumns(scale_shift).next(channels),
-                                 fc_weight.data<float>(), fc_bias.data<float>(),
+  dpn_fast::dpn_head_forward_cpu(s, resid.data<float>(), dense.data<float>(), weights,
                                  logits.data<float>(), workspace.data<float>());
   return {logits};
 }
 
 std::vector<Shape> HeadInferShape(const Shape&, const Shape& ds, const Shape&, const Shape& fw,
-                                  const Shape&, int64_t) {
+                                  const Shape&, int64_t, bool packed_fc, bool) {
   PD_CHECK(ds.size() == 4 && fw.size() == 2, kHead, ": dense must have rank 4, fc_weight rank 2");
-  return {{ds[0], fw[1]}};
+  return {{ds[0], packed_fc ? fw[0] : fw[1]}};
 }
 
 std::vector<paddle::DataType> HeadInferDtype(paddle::DataType, paddle::DataType dense,
@@ -650,7 +665,7 @@ PD_BUILD_OP(dpn_fast_dpn_block)
 PD_BUILD_OP(dpn_fast_dpn_head)
     .Inputs({"resid", "dense", "scale_shift", "fc_weight", "fc_bias"})
     .Outputs({"logits"})
-    .Attrs({"dense_channels: int64_t"})
+    .Attrs({"dense_channels: int64_t", "packed_fc: bool", "bf16: bool"})
     .SetKernelFn(PD_KERNEL(HeadForward))
     .SetInferShapeFn(PD_INFER_SHAPE(HeadInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(HeadInferDtype));

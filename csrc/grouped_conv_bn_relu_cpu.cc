@@ -131,20 +131,10 @@ int64_t accumulator_pitch(const PlaneGeometry& pg, int64_t rows) {
 #include "cpu_isa_variants.inc"
 #define DPN_TILE "grouped_conv_bn_relu_nhwc_tile.inc"
 #include "cpu_isa_variants.inc"
-#ifdef DPN_FAST_HAVE_X86_VARIANTS
 // The channels-last kernel on pairs of bf16 channels (vdpbf16ps), for bf16 activations on CPUs
 // with AVX512_BF16.
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
-namespace isa_avx512_bf16 {
-#define DPN_VL 16
-#define DPN_BF16_PAIRS 1
-#include "grouped_conv_bn_relu_nhwc_tile.inc"
-#undef DPN_BF16_PAIRS
-#undef DPN_VL
-}  // namespace isa_avx512_bf16
-#pragma GCC pop_options
-#endif
+#define DPN_TILE "grouped_conv_bn_relu_nhwc_tile.inc"
+#include "cpu_isa_bf16_variant.inc"
 
 namespace {
 
@@ -282,13 +272,7 @@ constexpr const char* kBf16PairsIsa = "avx512_bf16";
 // Whether bf16 activations of a c-channel conv in `groups` run on the bf16 pairs kernel: AVX-512
 // with AVX512_BF16, and whole pairs in every group.
 bool runs_bf16_pairs(int64_t c, int64_t groups, bool bf16) {
-#ifdef DPN_FAST_HAVE_X86_VARIANTS
-  return bf16 && detect_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16") &&
-         (c / groups) % 2 == 0;
-#else
-  (void)c, (void)groups, (void)bf16;
-  return false;
-#endif
+  return bf16 && avx512_bf16_pairs() && (c / groups) % 2 == 0;
 }
 
 NhwcPackedHeader packed_header(const uint8_t* blob) {

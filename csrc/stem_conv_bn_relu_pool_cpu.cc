@@ -2,7 +2,11 @@
 #include <cmath>
 #include <cstdint>
 
+#include "bf16.h"
 #include "cpu_isa.h"
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+#include <immintrin.h>
+#endif
 #include "cpu_threads.h"
 #include "stem_conv_bn_relu_pool.h"
 
@@ -14,10 +18,30 @@ namespace {
 constexpr int64_t kMaxOcBlock = 16;
 constexpr int64_t kMaxVector = 16;
 
+// Two bf16 values in one 32-bit word, the first in the low half: what vdpbf16ps multiplies
+// pairwise. The bf16 kernel pairs the taps of a kernel row: (0, 1), (2, 3), ..., the last of an
+// odd kernel with a zero weight.
+using Bf16Pair = uint32_t;
+
+inline Bf16Pair bf16_pair(float first, float second) {
+  return uint32_t(round_to_bf16(first)) | uint32_t(round_to_bf16(second)) << 16;
+}
+
+inline int64_t tap_pairs(int64_t kernel) { return (kernel + 1) / 2; }
+
+// The convolution's operands, laid out by prepare for the variant that runs it:
+// - floats: weights [c_out / oc_block][c][k][k][oc_block], planes: one per input channel and
+//   column phase (stride s: column j * s + phase of the zero-padded image is plane[phase][.][j],
+//   so every tap reads contiguous columns);
+// - bf16 tap pairs: weights [c_out / oc_block][c][k][tap_pairs(k)][oc_block] and planes of pairs,
+//   plane[phase][.][j] = (column j * s + phase, column j * s + phase + 1), so the pair of taps
+//   (kx, kx + 1) of an output column reads plane[kx % s] where the float kernel's tap kx reads.
 struct StemRowArgs {
   const StemShape* shape;
-  const float *w, *bias;
-  float *planes, *conv;
+  const void* w;
+  const float *scale, *shift;  // BN per output channel, applied to the sums
+  void* planes;
+  float* conv;
   int64_t plane_size, plane_cols;
   int64_t kx_offset[kMaxStemKernel];  // tap column kx: its phase plane and column shift
 };
@@ -26,59 +50,85 @@ struct StemRowArgs {
 
 #define DPN_TILE "stem_conv_bn_relu_pool_tile.inc"
 #include "cpu_isa_variants.inc"
+#define DPN_TILE "stem_conv_bn_relu_pool_tile.inc"
+#include "cpu_isa_bf16_variant.inc"
 
 namespace {
 
 struct ConvVariant {
   void (*conv_row)(const StemRowArgs&, int64_t, int64_t);
   int64_t oc_block;
+  bool tap_pairs;  // the bf16 kernel's operands (StemRowArgs)
 };
 
-ConvVariant select_variant() {
+ConvVariant select_variant(bool bf16) {
+#ifdef DPN_FAST_HAVE_X86_VARIANTS
+  if (bf16 && avx512_bf16_pairs()) {
+    return {isa_avx512_bf16::conv_row, isa_avx512_bf16::kOcBlock, true};
+  }
+#endif
   switch (detect_isa()) {
 #ifdef DPN_FAST_HAVE_X86_VARIANTS
-    case Isa::kAvx512: return {isa_avx512::conv_row, isa_avx512::kOcBlock};
-    case Isa::kAvx2: return {isa_avx2::conv_row, isa_avx2::kOcBlock};
+    case Isa::kAvx512: return {isa_avx512::conv_row, isa_avx512::kOcBlock, false};
+    case Isa::kAvx2: return {isa_avx2::conv_row, isa_avx2::kOcBlock, false};
 #endif
-    default: return {isa_baseline::conv_row, isa_baseline::kOcBlock};
+    default: return {isa_baseline::conv_row, isa_baseline::kOcBlock, false};
   }
 }
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// The workspace, in floats: folded weights [c_out / oc_block][c][k][k][oc_block] and bias (c_out
-// padded with zeros), one image's input split by column phase (stride s: column j * s + phase of
-// the zero-padded image is plane[phase][.][j], so every tap reads contiguous columns) and one
-// image's conv output before pooling.
+// The workspace, in floats (a Bf16Pair takes one): the weights (StemRowArgs) and the BN's scale
+// and shift (c_out padded with zeros), one image's planes (StemRowArgs) and one image's conv
+// output before pooling.
 int64_t plane_rows(const StemShape& s) { return (s.h_conv - 1) * s.stride + s.kernel; }
 int64_t plane_cols(const StemShape& s) {
   return round_up(s.w_conv, kMaxVector) + (s.kernel - 1) / s.stride;
 }
 int64_t weights_size(const StemShape& s) {
-  return round_up(s.c_out, kMaxOcBlock) * (s.c * s.kernel * s.kernel + 1);
+  return round_up(s.c_out, kMaxOcBlock) * (s.c * s.kernel * s.kernel + 2);
 }
 int64_t planes_size(const StemShape& s) { return s.c * s.stride * plane_rows(s) * plane_cols(s); }
 
-// Folds BN into the weights, laid out for a tile of oc_block channels; fills the row arguments.
-StemRowArgs prepare(const float* w, const BatchNormParams& bn, float* workspace,
-                    int64_t oc_block, const StemShape& s) {
-  const int64_t taps = s.c * s.kernel * s.kernel;
+// Lays the weights out for `variant` (rounded to bf16 if bf16), folds the BN into a scale and a
+// shift; fills the row arguments.
+StemRowArgs prepare(const float* w, const BatchNormParams& bn, bool bf16, float* workspace,
+                    const ConvVariant& variant, const StemShape& s) {
+  const int64_t taps = s.c * s.kernel * s.kernel, oc_block = variant.oc_block;
   const int64_t oc_pad = round_up(s.c_out, kMaxOcBlock);
-  float* w_folded = workspace;
-  float* bias = w_folded + oc_pad * taps;
+  float* scale = workspace + oc_pad * taps;
+  float* shift = scale + oc_pad;
   std::fill(workspace, workspace + weights_size(s), 0.f);
-  for (int64_t oc = 0; oc < s.c_out; ++oc) {
-    const float scale = bn.gamma[oc] / std::sqrt(bn.var[oc] + bn.epsilon);
-    bias[oc] = bn.beta[oc] - bn.mean[oc] * scale;
-    float* block = w_folded + oc / oc_block * taps * oc_block;
-    for (int64_t t = 0; t < taps; ++t) block[t * oc_block + oc % oc_block] = w[oc * taps + t] * scale;
+  fold_batch_norm(bn, s.c_out, scale, shift);
+  if (variant.tap_pairs) {
+    const int64_t pairs = tap_pairs(s.kernel);
+    auto* w_pairs = reinterpret_cast<Bf16Pair*>(workspace);
+    for (int64_t oc = 0; oc < s.c_out; ++oc) {
+      Bf16Pair* block = w_pairs + oc / oc_block * s.c * s.kernel * pairs * oc_block;
+      for (int64_t row = 0; row < s.c * s.kernel; ++row) {  // (ci, ky)
+        const float* taps_row = w + (oc * s.c * s.kernel + row) * s.kernel;
+        for (int64_t p = 0; p < pairs; ++p) {
+          const float second = 2 * p + 1 < s.kernel ? taps_row[2 * p + 1] : 0.f;
+          block[(row * pairs + p) * oc_block + oc % oc_block] = bf16_pair(taps_row[2 * p], second);
+        }
+      }
+    }
+  } else {
+    for (int64_t oc = 0; oc < s.c_out; ++oc) {
+      float* block = workspace + oc / oc_block * taps * oc_block;
+      for (int64_t t = 0; t < taps; ++t) {
+        const float v = w[oc * taps + t];
+        block[t * oc_block + oc % oc_block] = bf16 ? bf16_value(round_to_bf16(v)) : v;
+      }
+    }
   }
   StemRowArgs a;
   a.shape = &s;
-  a.w = w_folded;
-  a.bias = bias;
+  a.w = workspace;
+  a.scale = scale;
+  a.shift = shift;
   a.planes = workspace + weights_size(s);
-  a.conv = a.planes + planes_size(s);
+  a.conv = workspace + weights_size(s) + planes_size(s);
   a.plane_cols = plane_cols(s);
   a.plane_size = plane_rows(s) * a.plane_cols;
   for (int64_t kx = 0; kx < s.kernel; ++kx)
@@ -88,16 +138,25 @@ StemRowArgs prepare(const float* w, const BatchNormParams& bn, float* workspace,
 
 // One image: planes, then conv + BN + ReLU, then max pool; called inside a parallel region.
 void run_image(const float* x, float* out, const StemShape& s, const StemRowArgs& a,
-               const ConvVariant& variant) {
+               const ConvVariant& variant, bool bf16) {
   const int64_t pad = s.kernel / 2;
 #pragma omp for collapse(2) schedule(static)
   for (int64_t plane = 0; plane < s.c * s.stride; ++plane) {
     for (int64_t r = 0; r < plane_rows(s); ++r) {
       const int64_t ci = plane / s.stride, phase = plane % s.stride, y = r - pad;
-      float* dst = a.planes + plane * a.plane_size + r * a.plane_cols;
+      const float* x_row = x + (ci * s.h + y) * s.w;
+      const bool inside = y >= 0 && y < s.h;
+      // Column col of the zero-padded image's row r.
+      auto value = [&](int64_t col) { return inside && col >= 0 && col < s.w ? x_row[col] : 0.f; };
+      const int64_t first = plane * a.plane_size + r * a.plane_cols;
       for (int64_t j = 0; j < a.plane_cols; ++j) {
         const int64_t col = j * s.stride + phase - pad;
-        dst[j] = y >= 0 && y < s.h && col >= 0 && col < s.w ? x[(ci * s.h + y) * s.w + col] : 0.f;
+        if (variant.tap_pairs) {
+          static_cast<Bf16Pair*>(a.planes)[first + j] = bf16_pair(value(col), value(col + 1));
+        } else {
+          static_cast<float*>(a.planes)[first + j] =
+              bf16 ? bf16_value(round_to_bf16(value(col))) : value(col);
+        }
       }
     }
   }
@@ -151,12 +210,15 @@ int64_t stem_workspace_size(const StemShape& s) {
 }
 
 void stem_conv_bn_relu_pool_cpu(const float* x, const float* w, const BatchNormParams& bn,
-                                float* out, float* workspace, const StemShape& s) {
-  static const ConvVariant variant = select_variant();
-  const StemRowArgs args = prepare(w, bn, workspace, variant.oc_block, s);
+                                bool bf16, float* out, float* workspace, const StemShape& s) {
+  static const ConvVariant float_variant = select_variant(false);
+  static const ConvVariant bf16_variant = select_variant(true);
+  const ConvVariant& variant = bf16 ? bf16_variant : float_variant;
+  const StemRowArgs args = prepare(w, bn, bf16, workspace, variant, s);
 #pragma omp parallel num_threads(cpu_threads())
   for (int64_t i = 0; i < s.n; ++i) {
-    run_image(x + i * s.c * s.h * s.w, out + i * s.c_out * s.h_out * s.w_out, s, args, variant);
+    run_image(x + i * s.c * s.h * s.w, out + i * s.c_out * s.h_out * s.w_out, s, args, variant,
+              bf16);
   }
 }
 

@@ -1,6 +1,7 @@
 // Paddle binding of the DPN stem for inference (CPU):
 //   dpn_fast_stem_conv_bn_relu_pool  out = maxpool3x3/s2/p1(relu(bn(conv(x, weight))))
-// with padding kernel/2 and eval BN (running statistics). There is no GPU core: on GPU, cuDNN
+// with padding kernel/2 and eval BN (running statistics); bf16: on the image and weights rounded
+// to bf16 (stem_conv_bn_relu_pool.h), float32 in and out either way. There is no GPU core: on GPU, cuDNN
 // serves the stem well and the model keeps Paddle's ops there.
 #include "binding.h"
 #include "stem_conv_bn_relu_pool.h"
@@ -31,7 +32,8 @@ std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x_in, const paddle
                                         const paddle::Tensor& bn_weight,
                                         const paddle::Tensor& bn_bias,
                                         const paddle::Tensor& bn_mean,
-                                        const paddle::Tensor& bn_var, int stride, float epsilon) {
+                                        const paddle::Tensor& bn_var, int stride, float epsilon,
+                                        bool bf16) {
   const paddle::Tensor x = dpn_fast::to_plain_layout(x_in);  // Paddle Inference + oneDNN
   PD_CHECK(x.is_cpu(), kOp, ": runs on CPU only, got tensors on ", x.place().DebugString());
   PD_CHECK(x.dtype() == paddle::DataType::FLOAT32, kOp,
@@ -47,14 +49,14 @@ std::vector<paddle::Tensor> StemForward(const paddle::Tensor& x_in, const paddle
                                           x.place());
   const dpn_fast::BatchNormParams bn{bn_weight.data<float>(), bn_bias.data<float>(),
                                      bn_mean.data<float>(), bn_var.data<float>(), epsilon};
-  dpn_fast::stem_conv_bn_relu_pool_cpu(x.data<float>(), weight.data<float>(), bn,
+  dpn_fast::stem_conv_bn_relu_pool_cpu(x.data<float>(), weight.data<float>(), bn, bf16,
                                        out.data<float>(), workspace.data<float>(), s);
   return {out};
 }
 
 // Sizes unknown when exporting (-1: a dynamic batch or image size) stay unknown.
 std::vector<Shape> StemInferShape(const Shape& xs, const Shape& ws, const Shape&, const Shape&,
-                                  const Shape&, const Shape&, int stride, float) {
+                                  const Shape&, const Shape&, int stride, float, bool) {
   const auto s = check_stem(xs, ws, stride);
   return {{s.n, s.c_out, xs[2] < 0 ? -1 : s.h_out, xs[3] < 0 ? -1 : s.w_out}};
 }
@@ -70,7 +72,7 @@ std::vector<paddle::DataType> StemInferDtype(paddle::DataType x, paddle::DataTyp
 PD_BUILD_OP(dpn_fast_stem_conv_bn_relu_pool)
     .Inputs({"x", "weight", "bn_weight", "bn_bias", "bn_mean", "bn_var"})
     .Outputs({"out"})
-    .Attrs({"stride: int", "epsilon: float"})
+    .Attrs({"stride: int", "epsilon: float", "bf16: bool"})
     .SetKernelFn(PD_KERNEL(StemForward))
     .SetInferShapeFn(PD_INFER_SHAPE(StemInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(StemInferDtype));

@@ -1,8 +1,7 @@
 """dpn_fast.compile(precision="bf16"): its logits against a plain-Paddle emulation of its numerics
-(the weights of every 1x1 and grouped convolution and their inputs rounded to bf16, everything
-else float32) and the same
-emulation in float64, against the float32 model, its export and its packed weights; on a CPU
-without bf16 matmul kernels, its error."""
+(the weights of every convolution and of the classifier and their inputs rounded to bf16,
+everything else float32) and the same emulation in float64, against the float32 model, its export
+and its packed weights; on a CPU without bf16 matmul kernels, its error."""
 import os
 import re
 
@@ -11,7 +10,7 @@ import paddle
 import pytest
 from test_compile import grouped_conv_blobs
 from test_fused_models import build_trio, images
-from utils import assert_matches_reference, max_abs_err, run_script
+from utils import assert_matches_reference, max_abs_err, round_to_bf16, run_script
 
 import dpn_fast
 from dpn_fast.inference import create_predictor, export, run_predictor
@@ -25,38 +24,26 @@ needs_bf16 = pytest.mark.skipif(not bf16_gemm_supported(), reason=NO_BF16_REASON
 MAX_REL_ERR_VS_FP32 = 2e-2
 
 
-def round_to_bf16(array):
-    """float32 or float64 `array` rounded to the nearest bf16 value (ties to even), kept in its
-    dtype: the mantissa bits bf16 lacks dropped, rounding on the kept bits."""
-    array = np.ascontiguousarray(array)
-    uint, dropped = {np.float32: (np.uint32, 16), np.float64: (np.uint64, 45)}[array.dtype.type]
-    bits = array.view(uint)
-    one, dropped = uint(1), uint(dropped)
-    kept_lsb = (bits >> dropped) & one
-    rounded = (bits + ((one << (dropped - one)) - one) + kept_lsb) & ~((one << dropped) - one)
-    return rounded.view(array.dtype)
-
-
-def bf16_convs(model):
-    """The Conv2D layers the bf16 engine runs on bf16 weights and inputs: each block's projection,
-    1x1a, grouped 3x3 and 1x1c."""
-    convs = []
+def bf16_layers(model):
+    """The layers the bf16 engine runs on bf16 weights and inputs: the stem's convolution, each
+    block's projection, 1x1a, grouped 3x3 and 1x1c, and the classifier."""
+    layers = [model.conv1_x_1_func._conv]
     for block in model.blocks:
-        convs += [block.c1x1_w_func._conv] if block.has_proj else []
-        convs += [block.c1x1_a_func._conv, block.c3x3_b_func._conv, block.c1x1_c_func._conv]
-    return convs
+        layers += [block.c1x1_w_func._conv] if block.has_proj else []
+        layers += [block.c1x1_a_func._conv, block.c3x3_b_func._conv, block.c1x1_c_func._conv]
+    return layers + [model.out]
 
 
 def emulate_bf16_gemms(model):
     """Turns `model` (float32 or float64) into the plain-Paddle emulation of the bf16 engine, in
-    its own dtype: each block conv's weight rounded to bf16 now, its input (a BN + ReLU output) at
-    every call."""
+    its own dtype: each bf16 layer's weight rounded to bf16 now, its input (the image, a BN +
+    ReLU output or the pooled features) at every call."""
     def round_input(layer, inputs):
         return (paddle.to_tensor(round_to_bf16(inputs[0].numpy())),)
 
-    for conv in bf16_convs(model):
-        conv.weight.set_value(round_to_bf16(conv.weight.numpy()))
-        conv.register_forward_pre_hook(round_input)
+    for layer in bf16_layers(model):
+        layer.weight.set_value(round_to_bf16(layer.weight.numpy()))
+        layer.register_forward_pre_hook(round_input)
 
 
 def bf16_logits(name, shape, seed):

@@ -1,5 +1,7 @@
 """stem_conv_bn_relu_pool vs a float64 reference: the five DPN stems, odd shapes, thread counts
-and ISA variants, to_static + jit.save + Paddle Inference (oneDNN on and off), and bad inputs."""
+and ISA variants, in float32 and in bf16 (the compiled engine's: against the reference on the image
+and weights rounded to bf16), to_static + jit.save + Paddle Inference (oneDNN on and off), and bad
+inputs."""
 import os
 import sys
 import textwrap
@@ -10,8 +12,8 @@ import pytest
 
 from dpn_fast.models.config import CONFIGS
 from dpn_fast.ops import stem_conv_bn_relu_pool
-from dpn_fast.ops.stem_conv_bn_relu_pool import reference_stem_conv_bn_relu_pool
-from utils import assert_matches_reference, random_bn
+from dpn_fast.ops.stem_conv_bn_relu_pool import reference_stem_conv_bn_relu_pool, stem_launch
+from utils import assert_matches_reference, random_bn, round_to_bf16
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -58,15 +60,37 @@ def check_against_reference(case, seed=0):
     assert_matches_reference(fused.numpy(), ref64.numpy(), ref32.numpy(), name=f"stem {case}")
 
 
+def check_bf16_against_reference(case, seed=0):
+    """The bf16 stem against the reference on the image and weights rounded to bf16 (so both sum
+    the same products), held to float32's bound: only the order of the sums may differ."""
+    n, c, h, w, c_out, kernel, stride = case
+    arrays = make_inputs(np.random.default_rng(seed), n, c, h, w, c_out, kernel)
+    for name in ("x", "weight"):
+        arrays[name] = round_to_bf16(arrays[name].astype("float32"))
+    ref64 = reference_stem_conv_bn_relu_pool(*as_tensors(arrays, "float64"), stride=stride)
+    ref32 = reference_stem_conv_bn_relu_pool(*as_tensors(arrays, "float32"), stride=stride)
+    # The op rounds its float32 inputs itself: give it values that are not bf16 already.
+    unrounded = make_inputs(np.random.default_rng(seed), n, c, h, w, c_out, kernel)
+    tensors = as_tensors({**arrays, "x": unrounded["x"], "weight": unrounded["weight"]},
+                         "float32")
+    fused = stem_launch(*tensors, stride, 1e-5, bf16=True)
+    assert_matches_reference(fused.numpy(), ref64.numpy(), ref32.numpy(),
+                             name=f"bf16 stem {case}")
+
+
+@pytest.mark.parametrize("check", [check_against_reference, check_bf16_against_reference],
+                         ids=["fp32", "bf16"])
 @pytest.mark.parametrize("c_out,kernel", dpn_stems())
 @pytest.mark.parametrize("n", [1, 3])
-def test_dpn_stems(n, c_out, kernel):
-    check_against_reference((n, 3, 224, 224, c_out, kernel, 2))
+def test_dpn_stems(n, c_out, kernel, check):
+    check((n, 3, 224, 224, c_out, kernel, 2))
 
 
+@pytest.mark.parametrize("check", [check_against_reference, check_bf16_against_reference],
+                         ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ODD_CASES)
-def test_odd_shapes(case):
-    check_against_reference(case)
+def test_odd_shapes(case, check):
+    check(case)
 
 
 @pytest.mark.parametrize("variable,value", [
@@ -75,13 +99,16 @@ def test_odd_shapes(case):
 ])
 def test_cpu_core_variants(variable, value):
     """Thread counts (rows and channel blocks split over threads) and the AVX2 and SSE tiles
-    (8-channel tiles: other weight layouts and channel padding)."""
+    (8-channel tiles: other weight layouts and channel padding), which run bf16 as float32 on
+    rounded values."""
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-        from test_stem_conv_bn_relu_pool import ODD_CASES, check_against_reference
+        from test_stem_conv_bn_relu_pool import (ODD_CASES, check_against_reference,
+                                                 check_bf16_against_reference)
         for case in ODD_CASES + [(1, 3, 224, 224, 64, 7, 2)]:
             check_against_reference(case)
+            check_bf16_against_reference(case)
         print("ok")
     """)
     from test_grouped_conv_bn_relu import run_script

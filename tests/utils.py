@@ -45,3 +45,15 @@ def run_script(script, env=None):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+
+
+def round_to_bf16(array):
+    """float32 or float64 `array` rounded to the nearest bf16 value (ties to even), kept in its
+    dtype: the mantissa bits bf16 lacks dropped, rounding on the kept bits."""
+    array = np.ascontiguousarray(array)
+    uint, dropped = {np.float32: (np.uint32, 16), np.float64: (np.uint64, 45)}[array.dtype.type]
+    bits = array.view(uint)
+    one, dropped = uint(1), uint(dropped)
+    kept_lsb = (bits >> dropped) & one
+    rounded = (bits + ((one << (dropped - one)) - one) + kept_lsb) & ~((one << dropped) - one)
+    return rounded.view(array.dtype)

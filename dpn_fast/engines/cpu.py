@@ -1,5 +1,6 @@
-"""The CPU inference engine: the stem, each stage and the head as one op each (float32, eval
-BatchNorm, no backward; in bf16 precision the 1x1 GEMMs take bf16 weights and inputs).
+"""The CPU inference engine: the stem, each stage and the head as one op each (float32 in and out,
+eval BatchNorm, no backward; in bf16 precision every convolution and the classifier multiply bf16
+weights by bf16 inputs).
 
     stem_conv_bn_relu_pool -> dpn_stage x 4 -> dpn_head
 
@@ -11,9 +12,10 @@ the runner:
   laid out for this CPU (oneDNN's packed format, which its matmul otherwise rebuilds on every
   call). Callable from several threads (it keeps no state between calls) and exportable to Paddle
   Inference (dpn_fast.inference.export); packed weights only run on a CPU whose oneDNN picks the
-  same layout, and elsewhere the stage op refuses them, naming both layouts. precision="bf16"
-  packs them as bf16 and runs every 1x1 GEMM on bf16-rounded inputs with float32 accumulation
-  (everything else stays float32), on CPUs with bf16 matmul kernels only.
+  same layout, and elsewhere the stage op refuses them, naming both layouts. The classifier's
+  weight is packed likewise. precision="bf16" packs every weight as bf16 and runs the stem, the
+  blocks' convolutions and the classifier on bf16-rounded inputs with float32 sums (BNs, pooling
+  and the stage buffers stay float32), on CPUs with bf16 matmul kernels only.
 - `forward_live(model, x)`: the fused model's eval path (dpn_fast.engines.fused), which reads the
   model's parameters at every call and folds a stage's BNs in one op call before the stage's.
 """
@@ -23,7 +25,8 @@ import paddle
 
 from dpn_fast.models.dpn import DPN, check_images
 from dpn_fast.ops.cpu_features import bf16_gemm_supported
-from dpn_fast.ops.dpn_block import fold_launch, head_launch, pack_stage_launch, stage_launch
+from dpn_fast.ops.dpn_block import (fold_launch, head_launch, pack_head_launch, pack_stage_launch,
+                                    stage_launch)
 from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 
 PRECISIONS = ("fp32", "bf16")
@@ -71,9 +74,8 @@ def stage_batch_norms(blocks):
 
 
 def _run(x, stem, stages, head):
-    """stem: (conv weight, BN weight, bias, mean, variance, stride, epsilon); stages:
-    [(weights, scale_shift, StageLayout)]; head: (scale_shift, fc weight, fc bias, dense
-    channels)."""
+    """stem: stem_launch's arguments after x; stages: [(weights, scale_shift, StageLayout)];
+    head: head_launch's arguments after resid and dense."""
     dense = stem_launch(x, *stem)
     resid = None
     for weights, scale_shift, layout in stages:
@@ -83,10 +85,10 @@ def _run(x, stem, stages, head):
     return head_launch(resid, dense, *head)
 
 
-def _stem(model):
+def _stem(model, bf16=False):
     conv, bn = model.conv1_x_1_func._conv, model.conv1_x_1_func._batch_norm
     return [conv.weight, bn.weight, bn.bias, bn._mean, bn._variance, int(conv._stride[0]),
-            float(bn._epsilon)]
+            float(bn._epsilon), bf16]
 
 
 def _head_dense_channels(model):
@@ -132,7 +134,7 @@ class CompiledDPN(paddle.nn.Layer):
         self.precision = precision
         with paddle.no_grad():
             self._stem = [self._own(f"stem_{i}", t) if isinstance(t, paddle.Tensor) else t
-                          for i, t in enumerate(_stem(model))]
+                          for i, t in enumerate(_stem(model, bf16))]
             self._stages = []
             for s, blocks in enumerate(model.stages()):
                 layout = stage_layout(blocks)
@@ -144,8 +146,9 @@ class CompiledDPN(paddle.nn.Layer):
                 self._stages.append((weights, scale_shift,
                                      replace(layout, packed_weights=True, bf16_gemms=bf16)))
             self._head = (self._keep("head_scale_shift", fold_launch([model.conv5_x_x_bn])),
-                          self._own("fc_weight", model.out.weight),
-                          self._own("fc_bias", model.out.bias), _head_dense_channels(model))
+                          self._keep("fc_weight", pack_head_launch(model.out.weight, bf16)),
+                          self._own("fc_bias", model.out.bias), _head_dense_channels(model),
+                          True, bf16)
         self.eval()
 
     def _own(self, name, tensor):

@@ -29,10 +29,12 @@ def reference_stem_conv_bn_relu_pool(x, weight, bn_weight, bn_bias, bn_mean, bn_
     return F.max_pool2d(F.relu(y), kernel_size=3, stride=2, padding=1)
 
 
-def stem_launch(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride, epsilon):
-    """The op, unchecked (the CPU engine's path; the op checks shapes itself)."""
+def stem_launch(x, weight, bn_weight, bn_bias, bn_mean, bn_var, stride, epsilon, bf16=False):
+    """The op, unchecked (the CPU engine's path; the op checks shapes itself). `bf16`: the
+    convolution on the image and weights rounded to bf16, with float32 sums (pairs of taps on
+    vdpbf16ps where the CPU has AVX512_BF16); float32 in and out either way."""
     return _extension.run_op(f"dpn_fast_{OP}", x, weight, bn_weight, bn_bias, bn_mean, bn_var,
-                             int(stride), float(epsilon))[0]
+                             int(stride), float(epsilon), bool(bf16))[0]
 
 
 @paddle.jit.not_to_static  # plain Python: unknown sizes read as -1
