@@ -13,17 +13,23 @@
 // works in place on the stage's buffers: the residual accumulates into resid and the new dense
 // channels land in the stage's dense buffer, so nothing is split, added or concatenated in a
 // separate pass.
-// bf16 GEMMs (DpnBlockWeights::bf16_gemms, on packed weights only): the block's convolutions run
-// on bf16 weights and activations with float32 sums. Every 1x1 GEMM (projection, 1x1a, 1x1c)
-// multiplies bf16 by bf16 (oneDNN): its weight is the float32 weight rounded to bf16 when packed,
-// its input is rounded to bf16 by whoever writes it (the input's BN + ReLU pass writes act and
-// act_w, the grouped conv's epilogue g). 1x1a rounds its output a (after its BN + ReLU epilogue)
-// to bf16; the grouped conv reads a as bf16, its weights packed as bf16 (grouped_conv_bn_relu.h:
-// pairs of channels on vdpbf16ps where the CPU has AVX512_BF16). Everything else stays float32:
-// the sums and epilogues, the sums into resid, the stage buffers. So the result is the float32
-// network's with the weights and the inputs of every 1x1 and grouped convolution rounded to bf16
-// (to nearest even), up to the order of the float32 sums. The stem and the classifier round
-// their inputs and weights likewise in the bf16 engine (stem_conv_bn_relu_pool.h, DpnHeadWeights).
+// A bf16 stage (DpnBlockWeights::bf16_stage, on packed weights only): the block's convolutions
+// run on bf16 weights and activations with float32 sums, and the stage's dense buffer holds bf16.
+// Every 1x1 GEMM (projection, 1x1a, 1x1c) multiplies bf16 by bf16 (oneDNN): its weight is the
+// float32 weight rounded to bf16 when packed, its input is rounded to bf16 by whoever writes it
+// (the input's BN + ReLU pass writes act and act_w, the grouped conv's epilogue g). 1x1a rounds
+// its output a (after its BN + ReLU epilogue) to bf16; the grouped conv reads a as bf16, its
+// weights packed as bf16 (grouped_conv_bn_relu.h: pairs of channels on vdpbf16ps where the CPU
+// has AVX512_BF16). The projection's and 1x1c's dense rows are rounded to bf16 as they land in
+// the dense buffer, which every later block and the head read: half the bytes. The residual stays
+// float32: it is a running sum over the stage's blocks (up to 28), and rounding it at every block
+// compounds (DPN92 emulated in plain Paddle, seeded random weights: the logits' error against
+// float32's is 5.7e-3 with float32 buffers, 5.9e-3 with a bf16 dense buffer and 7.2e-3 with a bf16
+// resid too). The sums and epilogues stay float32 too. So the
+// result is the float32 network's with the weights and the inputs of every 1x1 and grouped
+// convolution and the dense channels rounded to bf16 (to nearest even), up to the order of the
+// float32 sums. The stem and the classifier round their inputs and weights likewise in the bf16
+// engine (stem_conv_bn_relu_pool.h, DpnHeadWeights).
 // Head: logits = fc(mean_hw(relu(bn(concat(resid, dense))))), without materialising the BN'd
 // concat.
 #pragma once
@@ -54,7 +60,7 @@ struct DpnBlockShape {
 // are two GEMMs each, the residual rows and the dense rows, so each 1x1 GEMM has its own weight:
 // plain floats, rows of the layer's [C_out, C_in] weight, or packed, that GEMM's rows laid out
 // once for this CPU (onednn_gemm.h: pack_weight; here packed_weight_data of the blob), as floats
-// or, for bf16_gemms, as bf16. The grouped conv's weight likewise: plain [bottleneck, bottleneck /
+// or, for bf16_stage, as bf16. The grouped conv's weight likewise: plain [bottleneck, bottleneck /
 // groups, 3, 3] floats, or packed, the blob of grouped_conv3x3_nhwc_pack (whose kernel otherwise
 // lays it out on every call).
 struct DpnBlockWeights {
@@ -69,8 +75,14 @@ struct DpnBlockWeights {
   const void* w_c_resid;       // [resid, bottleneck]
   const void* w_c_dense;       // [inc, bottleneck]
   bool packed;                 // every weight packed (above)
-  bool bf16_gemms;             // the packed 1x1 weights packed as bf16: bf16 GEMMs (above)
+  bool bf16_stage;             // the weights packed as bf16: a bf16 stage (above)
 };
+
+// Whether a block's input dense buffer holds bf16: in a bf16 stage, except the stem's output,
+// which a stage's first block reads as floats (in_resid == 0).
+inline bool dense_is_bf16(const DpnBlockShape& s, const DpnBlockWeights& w) {
+  return w.bf16_stage && s.in_resid != 0;
+}
 
 // A run of blocks, as a stage runs them: block 0 from (resid_in, dense_in) into (resid_out,
 // dense_out), the following ones in place on those. Block 0 may be a projection block or, alone,
@@ -78,18 +90,20 @@ struct DpnBlockWeights {
 // in_capacity]; but a block 0 with in_resid == 0 reads the stem's output, dense_in NCHW [n,
 // in_capacity, h, w] (resid_in nullptr). resid_out [n, h_out, w_out, resid], dense_out [n, h_out,
 // w_out, capacity]. A normal block runs in place (resid_out == resid_in, dense_out == dense_in)
-// and writes only channels in_dense .. in_dense + inc of the dense buffer. A batch runs a few
-// images at a time, each group through all the blocks: one image where planes are large, more
-// where they are small. workspace: dpn_stage_workspace_floats(shapes, count) floats.
+// and writes only channels in_dense .. in_dense + inc of the dense buffer. Resid is float; dense
+// holds Bf16 in a bf16 stage (dense_in as dense_is_bf16 says), floats otherwise. A batch runs a
+// few images at a time, each group through all the blocks: one image where planes are large,
+// more where they are small. workspace: dpn_stage_workspace_floats(shapes, count) floats.
 int64_t dpn_stage_workspace_floats(const DpnBlockShape* shapes, int64_t count);
 void dpn_stage_forward_cpu(const DpnBlockShape* shapes, const DpnBlockWeights* weights,
-                           int64_t count, const float* resid_in, const float* dense_in,
-                           float* resid_out, float* dense_out, float* workspace);
+                           int64_t count, const float* resid_in, const void* dense_in,
+                           float* resid_out, void* dense_out, float* workspace);
 
 struct DpnHeadShape {
   int64_t n, hw;
   int64_t resid, dense, capacity;  // channels: residual, dense, dense tensor's per image
   int64_t classes;
+  bool dense_bf16;  // the dense tensor holds Bf16 (a bf16 stage's), else floats
   int64_t channels() const { return resid + dense; }
 };
 
@@ -108,7 +122,7 @@ struct DpnHeadWeights {
 inline int64_t dpn_head_workspace_floats(const DpnHeadShape& s) { return 2 * s.n * s.channels(); }
 
 // resid [n, hw, resid], dense [n, hw, capacity] (channels-last); logits: [n, classes].
-void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,
+void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const void* dense,
                           const DpnHeadWeights& weights, float* logits, float* workspace);
 
 }  // namespace dpn_fast

@@ -48,15 +48,27 @@ class PartTimer {
 inline float relu(float v) { return v > 0.0f ? v : 0.0f; }
 
 // Where a block reads its input: the stage's resid and dense buffers, channels-last, or the
-// stem's output (dense only, NCHW) for a stage's first block.
+// stem's output (dense only, NCHW, float) for a stage's first block.
 struct BlockInput {
   const float* resid;  // [n, hw, in_resid] or nullptr
-  const float* dense;  // [n, hw, in_capacity], or NCHW [n, in_capacity, hw] if nchw
+  const void* dense;   // [n, hw, in_capacity], or NCHW [n, in_capacity, hw] if nchw
   bool nchw;
+  bool dense_bf16;     // dense holds Bf16 (dense_is_bf16), else float
 };
 
 inline void store(float* out, float v) { *out = v; }
 inline void store(Bf16* out, float v) { *out = round_to_bf16(v); }
+inline float load(const float* p) { return *p; }
+inline float load(const Bf16* p) { return bf16_value(*p); }
+
+// The dense buffer's element `offset`: Bf16 elements if bf16, else floats.
+inline void* dense_at(void* dense, int64_t offset, bool bf16) {
+  return bf16 ? static_cast<void*>(static_cast<Bf16*>(dense) + offset)
+              : static_cast<void*>(static_cast<float*>(dense) + offset);
+}
+inline const void* dense_at(const void* dense, int64_t offset, bool bf16) {
+  return dense_at(const_cast<void*>(dense), offset, bf16);
+}
 
 // One output of bn_relu_rows: relu(bn(input)) at the positions a convolution of `stride` reads
 // ([::2, ::2] for 2), [positions, in_channels] channels-last, as float or (bf16 GEMMs) Bf16.
@@ -68,8 +80,9 @@ struct BnReluOut {
 };
 
 // out[p, c] = relu(bn(concat(resid, dense)[q, c])) for each output, q running over the input
-// positions of n images: one read of the input for all outputs (a projection block's two).
-template <typename Out>
+// positions of n images: one read of the input for all outputs (a projection block's two). Dense:
+// in.dense's element type.
+template <typename Out, typename Dense>
 void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
                   std::initializer_list<BnReluOut<Out>> outs) {
   const int64_t hw = s.h * s.w, cin = s.in_channels();
@@ -79,7 +92,8 @@ void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
   for (int64_t q = 0; q < s.n * hw; ++q) {
     const int64_t b = q / hw, i = q % hw / s.w, j = q % s.w;
     const float* r = in.resid + q * s.in_resid;
-    const float* d = in.dense + b * hw * s.in_capacity + (q % hw) * dense_pixel;
+    const Dense* d =
+        static_cast<const Dense*>(in.dense) + b * hw * s.in_capacity + (q % hw) * dense_pixel;
     for (const BnReluOut<Out>& o : outs) {
       if (i % o.stride != 0 || j % o.stride != 0) continue;
       const int64_t ho = conv3x3_out_size(s.h, o.stride), wo = conv3x3_out_size(s.w, o.stride);
@@ -93,20 +107,20 @@ void bn_relu_rows(const DpnBlockShape& s, const BlockInput& in,
       shift += s.in_resid;
 #pragma omp simd
       for (int64_t c = 0; c < s.in_dense; ++c)
-        store(out + c, relu(d[c * dense_channel] * scale[c] + shift[c]));
+        store(out + c, relu(load(d + c * dense_channel) * scale[c] + shift[c]));
     }
   }
 }
 
 // The block's input BN + ReLU into act (and act_w, a projection's): one read of (resid, dense)
 // for both BNs of a projection.
-template <typename Out>
+template <typename Out, typename Dense>
 void input_bn_relu(const DpnBlockShape& s, const DpnBlockWeights& wt, const BlockInput& in,
                    Out* act_w, Out* act) {
   if (s.projection) {
-    bn_relu_rows<Out>(s, in, {{wt.bn_w, act_w, s.stride}, {wt.bn_a, act, 1}});
+    bn_relu_rows<Out, Dense>(s, in, {{wt.bn_w, act_w, s.stride}, {wt.bn_a, act, 1}});
   } else {
-    bn_relu_rows<Out>(s, in, {{wt.bn_a, act, 1}});
+    bn_relu_rows<Out, Dense>(s, in, {{wt.bn_a, act, 1}});
   }
 }
 
@@ -120,7 +134,7 @@ void conv1x1(const DpnBlockWeights& wt, const void* in, int64_t pixels, int64_t 
   GemmShape g{pixels, rows, k, k, k, out_channels, accumulate};
   g.b_layout = wt.packed ? BLayout::kPacked : BLayout::kTransposed;
   g.scale_shift_relu = epilogue != nullptr;
-  g.bf16 = wt.bf16_gemms;
+  g.bf16 = wt.bf16_stage;
   g.c_bf16 = out_bf16;
   const float* scale = epilogue ? epilogue->scale : nullptr;
   const float* shift = epilogue ? epilogue->shift : nullptr;
@@ -128,7 +142,7 @@ void conv1x1(const DpnBlockWeights& wt, const void* in, int64_t pixels, int64_t 
   const auto* weight_bf16 = static_cast<const Bf16*>(weight);
   if (out_bf16) {
     gemm_bf16(g, in_bf16, weight_bf16, static_cast<Bf16*>(out), scale, shift);
-  } else if (wt.bf16_gemms) {
+  } else if (wt.bf16_stage) {
     gemm_bf16(g, in_bf16, weight_bf16, static_cast<float*>(out), scale, shift);
   } else {
     gemm_f32(g, static_cast<const float*>(in), static_cast<const float*>(weight),
@@ -155,7 +169,7 @@ WorkspaceLayout workspace_layout(const DpnBlockShape& s) {
 // One block on n images (the shapes and in-place rules of dpn_stage_forward_cpu's block 0);
 // workspace: workspace_layout(s).total floats.
 void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
-                           const BlockInput& in, float* resid_out, float* dense_out,
+                           const BlockInput& in, float* resid_out, void* dense_out,
                            float* workspace) {
   if (s.n == 0) return;  // an empty batch: empty outputs
   const WorkspaceLayout l = workspace_layout(s);
@@ -170,16 +184,18 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   Bf16* const a_bf16 = reinterpret_cast<Bf16*>(a);
   Bf16* const g_bf16 = reinterpret_cast<Bf16*>(g);
   // The activations between the GEMMs: float, or Bf16 with bf16 GEMMs.
-  void* const gemm_act = wt.bf16_gemms ? static_cast<void*>(act_bf16) : act;
-  void* const gemm_act_w = wt.bf16_gemms ? static_cast<void*>(act_w_bf16) : act_w;
-  void* const bottleneck_a = wt.bf16_gemms ? static_cast<void*>(a_bf16) : a;
-  void* const bottleneck_g = wt.bf16_gemms ? static_cast<void*>(g_bf16) : g;
+  void* const gemm_act = wt.bf16_stage ? static_cast<void*>(act_bf16) : act;
+  void* const gemm_act_w = wt.bf16_stage ? static_cast<void*>(act_w_bf16) : act_w;
+  void* const bottleneck_a = wt.bf16_stage ? static_cast<void*>(a_bf16) : a;
+  void* const bottleneck_g = wt.bf16_stage ? static_cast<void*>(g_bf16) : g;
   PartTimer timer;
 
-  if (wt.bf16_gemms) {
-    input_bn_relu(s, wt, in, act_w_bf16, act_bf16);
+  if (in.dense_bf16) {
+    input_bn_relu<Bf16, Bf16>(s, wt, in, act_w_bf16, act_bf16);
+  } else if (wt.bf16_stage) {
+    input_bn_relu<Bf16, float>(s, wt, in, act_w_bf16, act_bf16);
   } else {
-    input_bn_relu(s, wt, in, act_w, act);
+    input_bn_relu<float, float>(s, wt, in, act_w, act);
   }
   timer.next(kInputBnRelu);
 
@@ -187,19 +203,19 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
     conv1x1(wt, gemm_act_w, pixels_out, cin, wt.w_proj_resid, s.resid, resid_out, s.resid,
             false);
     conv1x1(wt, gemm_act_w, pixels_out, cin, wt.w_proj_dense, 2 * s.inc, dense_out, s.capacity,
-            false);
+            false, nullptr, wt.bf16_stage);
     timer.next(kProjection, 2 * pixels_out * (s.resid + 2 * s.inc) * cin);
   }
 
   // 1x1a with the grouped conv's input BN + ReLU as its epilogue.
   conv1x1(wt, gemm_act, pixels, cin, wt.w_a, s.bottleneck, bottleneck_a, s.bottleneck, false,
-          &wt.bn_b, wt.bf16_gemms);
+          &wt.bn_b, wt.bf16_stage);
   timer.next(kConv1x1a, 2 * pixels * s.bottleneck * cin);
 
   const GroupedConvShape conv{s.n, s.bottleneck, s.h, s.w, s.bottleneck, s.groups, s.stride,
                               s.h_out(), s.w_out()};
   const auto* w_conv_blob = static_cast<const uint8_t*>(wt.w_conv);
-  if (wt.bf16_gemms) {
+  if (wt.bf16_stage) {
     grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(a_bf16, w_conv_blob, wt.bn_c, g_bf16, conv);
   } else if (wt.packed) {
     grouped_conv3x3_bn_relu_nhwc_packed_infer_cpu(a, w_conv_blob, wt.bn_c, g, conv);
@@ -214,7 +230,8 @@ void dpn_block_forward_cpu(const DpnBlockShape& s, const DpnBlockWeights& wt,
   conv1x1(wt, bottleneck_g, pixels_out, s.bottleneck, wt.w_c_resid, s.resid, resid_out, s.resid,
           true);
   conv1x1(wt, bottleneck_g, pixels_out, s.bottleneck, wt.w_c_dense, s.inc,
-          dense_out + s.dense_before(), s.capacity, false);
+          dense_at(dense_out, s.dense_before(), wt.bf16_stage), s.capacity, false, nullptr,
+          wt.bf16_stage);
   timer.next(kConv1x1c, 2 * pixels_out * (s.resid + s.inc) * s.bottleneck);
 }
 
@@ -249,45 +266,51 @@ int64_t dpn_stage_workspace_floats(const DpnBlockShape* shapes, int64_t count) {
 }
 
 void dpn_stage_forward_cpu(const DpnBlockShape* shapes, const DpnBlockWeights* weights,
-                           int64_t count, const float* resid_in, const float* dense_in,
-                           float* resid_out, float* dense_out, float* workspace) {
+                           int64_t count, const float* resid_in, const void* dense_in,
+                           float* resid_out, void* dense_out, float* workspace) {
   const int64_t n = shapes[0].n, images = images_per_run(shapes, count);
+  const bool bf16 = weights[0].bf16_stage;
   // Images [b, b + k) of each buffer are a contiguous [k, ...] tensor (NHWC and NCHW alike).
   for (int64_t b = 0; b < n; b += images) {
     for (int64_t i = 0; i < count; ++i) {
       const DpnBlockShape s = with_images(shapes[i], std::min(images, n - b));
       const int64_t hw = s.h * s.w, hw_out = s.h_out() * s.w_out();
       const float* r_in = i == 0 ? resid_in : resid_out;
-      const float* d_in = i == 0 ? dense_in : dense_out;
+      const void* d_in = i == 0 ? dense_in : dense_out;
+      const bool d_in_bf16 = dense_is_bf16(s, weights[i]);
       const BlockInput in{r_in ? r_in + b * s.in_resid * hw : nullptr,
-                          d_in + b * s.in_capacity * hw, s.in_resid == 0};
+                          dense_at(d_in, b * s.in_capacity * hw, d_in_bf16), s.in_resid == 0,
+                          d_in_bf16};
       dpn_block_forward_cpu(s, weights[i], in, resid_out + b * s.resid * hw_out,
-                            dense_out + b * s.capacity * hw_out, workspace);
+                            dense_at(dense_out, b * s.capacity * hw_out, bf16), workspace);
     }
   }
 }
 
-void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float* dense,
-                          const DpnHeadWeights& wt, float* logits, float* workspace) {
-  if (s.n == 0) return;  // an empty batch: empty logits
+namespace {
+
+// pooled[b, c] = mean over the positions of relu(bn(concat(resid, dense))) (workspace: the
+// pooled features, then, for a bf16 classifier, their bf16 copy).
+template <typename Dense>
+void head_features(const DpnHeadShape& s, const float* resid, const Dense* dense,
+                   const DpnHeadWeights& wt, float* workspace) {
   const int64_t channels = s.channels();
   const float* scale = wt.bn.scale;
   const float* shift = wt.bn.shift;
   const float inv_hw = 1.0f / float(s.hw);
-  float* const pooled = workspace;
   Bf16* const pooled_bf16 = reinterpret_cast<Bf16*>(workspace + s.n * channels);
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static)
   for (int64_t b = 0; b < s.n; ++b) {
-    float* sum = pooled + b * channels;
+    float* sum = workspace + b * channels;
     std::fill(sum, sum + channels, 0.0f);
     for (int64_t p = 0; p < s.hw; ++p) {
       const float* r = resid + (b * s.hw + p) * s.resid;
-      const float* d = dense + (b * s.hw + p) * s.capacity;
+      const Dense* d = dense + (b * s.hw + p) * s.capacity;
 #pragma omp simd
       for (int64_t c = 0; c < s.resid; ++c) sum[c] += relu(r[c] * scale[c] + shift[c]);
 #pragma omp simd
       for (int64_t c = 0; c < s.dense; ++c)
-        sum[s.resid + c] += relu(d[c] * scale[s.resid + c] + shift[s.resid + c]);
+        sum[s.resid + c] += relu(load(d + c) * scale[s.resid + c] + shift[s.resid + c]);
     }
     for (int64_t c = 0; c < channels; ++c) sum[c] *= inv_hw;
     if (wt.bf16) {
@@ -295,22 +318,42 @@ void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const float
       for (int64_t c = 0; c < channels; ++c) pooled_bf16[b * channels + c] = round_to_bf16(sum[c]);
     }
   }
+}
+
+// logits = fc_bias + pooled x fc_weight.
+void head_classifier(const DpnHeadShape& s, const DpnHeadWeights& wt, const float* workspace,
+                     float* logits) {
+  const int64_t channels = s.channels();
   for (int64_t b = 0; b < s.n; ++b) {
     std::copy(wt.fc_bias, wt.fc_bias + s.classes, logits + b * s.classes);
   }
   GemmShape g{s.n, s.classes, channels, channels, s.classes, s.classes, true};
   if (!wt.packed) {
-    gemm_f32(g, pooled, static_cast<const float*>(wt.fc_weight), logits);
+    gemm_f32(g, workspace, static_cast<const float*>(wt.fc_weight), logits);
     return;
   }
   g.b_layout = BLayout::kPacked;
   g.ldb = channels;
   g.bf16 = wt.bf16;
   if (wt.bf16) {
-    gemm_bf16(g, pooled_bf16, static_cast<const Bf16*>(wt.fc_weight), logits);
+    gemm_bf16(g, reinterpret_cast<const Bf16*>(workspace + s.n * channels),
+              static_cast<const Bf16*>(wt.fc_weight), logits);
   } else {
-    gemm_f32(g, pooled, static_cast<const float*>(wt.fc_weight), logits);
+    gemm_f32(g, workspace, static_cast<const float*>(wt.fc_weight), logits);
   }
+}
+
+}  // namespace
+
+void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const void* dense,
+                          const DpnHeadWeights& wt, float* logits, float* workspace) {
+  if (s.n == 0) return;  // an empty batch: empty logits
+  if (s.dense_bf16) {
+    head_features(s, resid, static_cast<const Bf16*>(dense), wt, workspace);
+  } else {
+    head_features(s, resid, static_cast<const float*>(dense), wt, workspace);
+  }
+  head_classifier(s, wt, workspace, logits);
 }
 
 }  // namespace dpn_fast

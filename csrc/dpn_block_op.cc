@@ -11,7 +11,7 @@
 //   dpn_fast_pack_1x1_weight  rows of a 1x1 weight (one GEMM's) laid out once for this CPU
 //                       (oneDNN's packed format), for dpn_fast_dpn_stage with packed_weights:
 //                       what dpn_fast.compile keeps instead of the plain weights; with bf16,
-//                       rounded to bf16 for the stage op's bf16_gemms (dpn_block.h)
+//                       rounded to bf16 for the stage op's bf16_stage (dpn_block.h)
 //   dpn_fast_pack_grouped_conv_weight  a grouped 3x3 conv's weight laid out once for this CPU's
 //                       channels-last kernel, likewise
 // Their BNs come folded, as one float32 tensor scale_shift [2, channels]: row 0 the scales, row 1
@@ -68,9 +68,11 @@ struct Input {
 };
 
 // Channels-last (resid, dense) [N, H, W, C]; or, with resid absent and `stem` set, the stem's
-// NCHW output as dense.
+// NCHW output as dense. Resid is float32; dense is `dense_dtype` (float32, or a bf16 stage's
+// bfloat16).
 Input check_input(const paddle::Tensor* resid, const paddle::Tensor& dense,
-                  int64_t dense_channels, bool stem, const char* op) {
+                  int64_t dense_channels, bool stem, const char* op,
+                  paddle::DataType dense_dtype = paddle::DataType::FLOAT32) {
   const Shape& d = dense.shape();
   const char* layout = stem ? "[N, C, H, W] (the stem's output)" : "[N, H, W, C]";
   PD_CHECK(d.size() == 4, op, ": 'dense' must have rank 4 ", layout, ", got shape ", shape_str(d));
@@ -87,7 +89,14 @@ Input check_input(const paddle::Tensor* resid, const paddle::Tensor& dense,
     check_operand(*resid, op, "resid");
     in.resid = r[3];
   }
-  check_operand(dense, op, "dense");
+  dpn_fast::check_plain_layout(dense, op, "dense");
+  PD_CHECK(dense.is_cpu(), op, ": runs on CPU only, 'dense' is on ", dense.place().DebugString());
+  PD_CHECK(dense.dtype() == dense_dtype, op, ": 'dense' must be ",
+           phi::DataTypeToString(dense_dtype),
+           dense_dtype == paddle::DataType::BFLOAT16
+               ? " (a bf16 stage reads the previous bf16 stage's dense buffer)"
+               : (stem ? "" : " (only a bf16 stage reads a bfloat16 dense buffer)"),
+           ", got ", phi::DataTypeToString(dense.dtype()));
   return in;
 }
 
@@ -173,8 +182,8 @@ void attach_bns(std::vector<BlockPlan>& plans, const paddle::Tensor& scale_shift
 
 // Runs blocks as a stage does (dpn_stage_forward_cpu): the first from (resid_in, dense_in) into
 // (resid_out, dense_out), the others in place there. `like` gives the workspace's place.
-void run_blocks(const std::vector<BlockPlan>& plans, const float* resid_in, const float* dense_in,
-                float* resid_out, float* dense_out, const paddle::Tensor& like) {
+void run_blocks(const std::vector<BlockPlan>& plans, const float* resid_in, const void* dense_in,
+                float* resid_out, void* dense_out, const paddle::Tensor& like) {
   std::vector<dpn_fast::DpnBlockShape> shapes;
   std::vector<dpn_fast::DpnBlockWeights> weights;
   for (const BlockPlan& p : plans) {
@@ -182,8 +191,8 @@ void run_blocks(const std::vector<BlockPlan>& plans, const float* resid_in, cons
     weights.push_back(p.weights);
   }
   const int64_t floats = dpn_fast::dpn_stage_workspace_floats(shapes.data(), shapes.size());
-  auto workspace = dpn_fast::empty_output({workspace_size_class(floats)}, like.dtype(),
-                                          like.place());
+  auto workspace = dpn_fast::empty_output({workspace_size_class(floats)},
+                                          paddle::DataType::FLOAT32, like.place());
   dpn_fast::dpn_stage_forward_cpu(shapes.data(), weights.data(), shapes.size(), resid_in,
                                   dense_in, resid_out, dense_out, workspace.data<float>());
 }
@@ -220,8 +229,7 @@ void BlockForward(paddle::Tensor& resid, paddle::Tensor& dense, const paddle::Te
       plan_normal_block(resid, dense, w_a, w_conv, w_c, groups, dense_channels, kBlock)};
   attach_bns(plans, scale_shift, kBlock,
              "the BNs of 1x1a (C_in), the grouped conv (R, w_a's rows), 1x1c (R)");
-  run_blocks(plans, resid.data<float>(), dense.data<float>(), resid.data<float>(),
-             dense.data<float>(), dense);
+  run_blocks(plans, resid.data<float>(), dense.data(), resid.data<float>(), dense.data(), dense);
 }
 
 dpn_fast::DpnBlockShape proj_shape(const paddle::optional<paddle::Tensor>& resid,
@@ -270,11 +278,17 @@ BlockPlan plan_projection_block(const paddle::optional<paddle::Tensor>& resid,
   return plan;
 }
 
+// The dense buffer's dtype in a stage: bfloat16 in a bf16 stage, else float32.
+paddle::DataType dense_dtype(bool bf16_stage) {
+  return bf16_stage ? paddle::DataType::BFLOAT16 : paddle::DataType::FLOAT32;
+}
+
 // The projection's new (resid, dense buffer), channels-last, uninitialised.
-std::vector<paddle::Tensor> projection_outputs(const dpn_fast::DpnBlockShape& s,
+std::vector<paddle::Tensor> projection_outputs(const dpn_fast::DpnBlockShape& s, bool bf16_stage,
                                                const paddle::Tensor& like) {
-  return {dpn_fast::empty_output({s.n, s.h_out(), s.w_out(), s.resid}, like.dtype(), like.place()),
-          dpn_fast::empty_output({s.n, s.h_out(), s.w_out(), s.capacity}, like.dtype(),
+  return {dpn_fast::empty_output({s.n, s.h_out(), s.w_out(), s.resid}, paddle::DataType::FLOAT32,
+                                 like.place()),
+          dpn_fast::empty_output({s.n, s.h_out(), s.w_out(), s.capacity}, dense_dtype(bf16_stage),
                                  like.place())};
 }
 
@@ -312,7 +326,7 @@ const void* packed_1x1(const paddle::Tensor& blob, int64_t rows, int64_t k, bool
   PD_CHECK(!is_blob || dpn_fast::packed_weight_is_bf16(blob.data<uint8_t>()) == bf16, op,
            ": packed weight '", name, "' holds ",
            packed_type_name(dpn_fast::packed_weight_is_bf16(blob.data<uint8_t>())),
-           " values; bf16_gemms=", bf16 ? "true" : "false", " runs on weights packed as ",
+           " values; bf16_stage=", bf16 ? "true" : "false", " runs on weights packed as ",
            packed_type_name(bf16), " (dpn_fast_pack_1x1_weight with bf16=",
            bf16 ? "true" : "false", ")");
   check_blob_shape(blob, packed_1x1_shape(rows, k, bf16), op, name, kPack);
@@ -364,13 +378,13 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
                                          const paddle::Tensor& dense,
                                          const std::vector<paddle::Tensor>& weights,
                                          int64_t groups, int64_t stride, int64_t dense_channels,
-                                         int64_t capacity, bool bf16_gemms) {
+                                         int64_t capacity, bool bf16_stage) {
   PD_CHECK(weights.size() >= 6 && (weights.size() - 6) % 4 == 0, kStage,
            ": packed 'weights' must hold 6 tensors for the stage's first block and 4 for each "
            "further block, got ", weights.size());
   PD_CHECK(stride == 1 || stride == 2, kStage, ": stride must be 1 or 2, got ", stride);
   const Input in = check_input(resid ? resid.get_ptr() : nullptr, dense, dense_channels, !resid,
-                               kStage);
+                               kStage, dense_dtype(bf16_stage && resid));
   const int64_t bottleneck = packed_rows(weights[3], kStage, "w_conv");
   const int64_t r = packed_rows(weights[4], kStage, "w_c_resid");
   std::vector<BlockPlan> plans;
@@ -390,18 +404,18 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
     const int64_t cin = s.in_channels();
     BlockPlan plan{s, {}};
     plan.weights.packed = true;
-    plan.weights.bf16_gemms = bf16_gemms;
+    plan.weights.bf16_stage = bf16_stage;
     if (projection) {
-      plan.weights.w_proj_resid = packed_1x1(weights[first], r, cin, bf16_gemms, op,
+      plan.weights.w_proj_resid = packed_1x1(weights[first], r, cin, bf16_stage, op,
                                              "w_proj_resid");
-      plan.weights.w_proj_dense = packed_1x1(weights[first + 1], 2 * inc, cin, bf16_gemms, op,
+      plan.weights.w_proj_dense = packed_1x1(weights[first + 1], 2 * inc, cin, bf16_stage, op,
                                              "w_proj_dense");
     }
-    plan.weights.w_a = packed_1x1(weights[i], bottleneck, cin, bf16_gemms, op, "w_a");
-    plan.weights.w_conv = packed_grouped_conv(weights[i + 1], bottleneck, groups, bf16_gemms, op);
-    plan.weights.w_c_resid = packed_1x1(weights[i + 2], r, bottleneck, bf16_gemms, op,
+    plan.weights.w_a = packed_1x1(weights[i], bottleneck, cin, bf16_stage, op, "w_a");
+    plan.weights.w_conv = packed_grouped_conv(weights[i + 1], bottleneck, groups, bf16_stage, op);
+    plan.weights.w_c_resid = packed_1x1(weights[i + 2], r, bottleneck, bf16_stage, op,
                                         "w_c_resid");
-    plan.weights.w_c_dense = packed_1x1(weights[i + 3], inc, bottleneck, bf16_gemms, op,
+    plan.weights.w_c_dense = packed_1x1(weights[i + 3], inc, bottleneck, bf16_stage, op,
                                         "w_c_dense");
     plans.push_back(plan);
     in_resid = r;
@@ -419,8 +433,10 @@ std::vector<BlockPlan> plan_packed_stage(const paddle::optional<paddle::Tensor>&
 // four times a model instead of once per block.
 // weights: the first block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block;
 // with packed_weights, the 1x1 weights packed per GEMM (dpn_fast_pack_1x1_weight) and the grouped
-// convs' (dpn_fast_pack_grouped_conv_weight), in plan_packed_stage's order. bf16_gemms: the 1x1 GEMMs in bf16 (dpn_block.h), on weights packed
-// with bf16 (packed_weights only).
+// convs' (dpn_fast_pack_grouped_conv_weight), in plan_packed_stage's order. bf16_stage: a bf16
+// stage (dpn_block.h), on weights packed with bf16 (packed_weights only): its dense buffer out is
+// bfloat16, and so must be a dense buffer in (the previous bf16 stage's; the stem's output is
+// float32).
 // scale_shift: [2, total], the folded BNs: the first block's projection (C_in), 1x1a (C_in),
 // grouped conv (R), 1x1c (R), then 1x1a (that block's C_in), grouped conv, 1x1c per block.
 std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>& resid,
@@ -429,14 +445,14 @@ std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>&
                                          const paddle::Tensor& scale_shift, int64_t groups,
                                          int64_t stride, int64_t dense_channels,
                                          int64_t capacity, bool packed_weights,
-                                         bool bf16_gemms) {
-  PD_CHECK(packed_weights || !bf16_gemms, kStage,
-           ": bf16_gemms runs on packed weights only (packed_weights=true, each 1x1 weight packed "
+                                         bool bf16_stage) {
+  PD_CHECK(packed_weights || !bf16_stage, kStage,
+           ": bf16_stage runs on packed weights only (packed_weights=true, each 1x1 weight packed "
            "by dpn_fast_pack_1x1_weight with bf16=true)");
   std::vector<BlockPlan> plans;
   if (packed_weights) {
     plans = plan_packed_stage(resid, dense, weights, groups, stride, dense_channels, capacity,
-                              bf16_gemms);
+                              bf16_stage);
   } else {
     PD_CHECK(weights.size() >= 4 && (weights.size() - 4) % 3 == 0, kStage,
              ": 'weights' must hold 4 tensors for the stage's first block and 3 for each further "
@@ -445,7 +461,7 @@ std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>&
                                           weights[3], groups, stride, dense_channels, capacity,
                                           kStage));
   }
-  auto out = projection_outputs(plans[0].shape, dense);
+  auto out = projection_outputs(plans[0].shape, bf16_stage, dense);
   if (!packed_weights) {
     // Valid dense channels: the projection's 2 inc and the first block's inc, then each block's.
     const int64_t r = out[0].shape()[3];
@@ -462,14 +478,14 @@ std::vector<paddle::Tensor> StageForward(const paddle::optional<paddle::Tensor>&
              "the BNs of " + std::to_string(plans.size()) + " blocks: the first's projection "
              "C_in, 1x1a C_in, grouped conv R, 1x1c R, then 1x1a C_in, grouped conv R, 1x1c R "
              "each");
-  run_blocks(plans, resid ? resid->data<float>() : nullptr, dense.data<float>(),
-             out[0].data<float>(), out[1].data<float>(), dense);
+  run_blocks(plans, resid ? resid->data<float>() : nullptr, dense.data(), out[0].data<float>(),
+             out[1].data(), dense);
   return out;
 }
 
 // Rows [first_row, first_row + rows) of a 1x1 convolution's weight [C_out, C_in, 1, 1], packed
 // for this CPU: the blob of one GEMM's weight (packed_1x1). bf16: rounded to bf16 (to nearest
-// even), for bf16_gemms; refused where oneDNN has no bf16 instructions to run them on.
+// even), for bf16_stage; refused where oneDNN has no bf16 instructions to run them on.
 std::vector<paddle::Tensor> Pack1x1WeightForward(const paddle::Tensor& weight, int64_t first_row,
                                                  int64_t rows, bool bf16) {
   check_operand(weight, kPack, "weight");
@@ -501,7 +517,7 @@ std::vector<paddle::DataType> PackedWeightInferDtype(paddle::DataType) {
 }
 
 // A grouped 3x3 conv's weight [r, r / groups, 3, 3] laid out once for this CPU's channels-last
-// kernel (its ISA variant): packed_grouped_conv's blob. bf16: for the stage op's bf16_gemms (its
+// kernel (its ISA variant): packed_grouped_conv's blob. bf16: for the stage op's bf16_stage (its
 // bf16 activations), the weights rounded to bf16.
 std::vector<paddle::Tensor> PackGroupedConvWeightForward(const paddle::Tensor& weight,
                                                          int64_t groups, bool bf16) {
@@ -544,10 +560,11 @@ std::vector<Shape> StageInferShape(const paddle::optional<Shape>& rs, const Shap
 }
 
 std::vector<paddle::DataType> StageInferDtype(const paddle::optional<paddle::DataType>&,
-                                              paddle::DataType dense,
+                                              paddle::DataType,
                                               const std::vector<paddle::DataType>&,
-                                              paddle::DataType) {
-  return {dense, dense};
+                                              paddle::DataType, int64_t, int64_t, int64_t,
+                                              int64_t, bool, bool bf16_stage) {
+  return {paddle::DataType::FLOAT32, dense_dtype(bf16_stage)};
 }
 
 // scale_shift: [2, C], the folded BN of concat(resid, dense) (C = R + dense_channels). fc_weight:
@@ -558,7 +575,9 @@ std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddl
                                         const paddle::Tensor& fc_weight,
                                         const paddle::Tensor& fc_bias, int64_t dense_channels,
                                         bool packed_fc, bool bf16) {
-  const Input in = check_input(&resid, dense, dense_channels, false, kHead);
+  const bool dense_bf16 = dense.dtype() == paddle::DataType::BFLOAT16;  // a bf16 stage's
+  const Input in = check_input(&resid, dense, dense_channels, false, kHead,
+                               dense_dtype(dense_bf16));
   const int64_t channels = in.resid + in.dense;
   check_scale_shift(scale_shift, channels, kHead, "the BN of resid's channels + dense_channels");
   PD_CHECK(packed_fc || !bf16, kHead, ": bf16=true runs on a packed classifier weight "
@@ -579,13 +598,14 @@ std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddl
   check_operand(fc_bias, kHead, "fc_bias");
   PD_CHECK(fc_bias.shape() == Shape{classes}, kHead, ": 'fc_bias' must have shape [", classes,
            "], got ", shape_str(fc_bias.shape()));
-  const dpn_fast::DpnHeadShape s{in.n, in.h * in.w, in.resid, in.dense, in.capacity, classes};
+  const dpn_fast::DpnHeadShape s{in.n,     in.h * in.w, in.resid, in.dense, in.capacity,
+                                 classes, dense_bf16};
   const dpn_fast::DpnHeadWeights weights{FoldedColumns(scale_shift).next(channels), weight,
                                          fc_bias.data<float>(), packed_fc, bf16};
-  auto logits = dpn_fast::empty_output({s.n, s.classes}, dense.dtype(), dense.place());
+  auto logits = dpn_fast::empty_output({s.n, s.classes}, paddle::DataType::FLOAT32, dense.place());
   auto workspace = dpn_fast::empty_output({dpn_fast::dpn_head_workspace_floats(s)},
-                                          dense.dtype(), dense.place());
-  dpn_fast::dpn_head_forward_cpu(s, resid.data<float>(), dense.data<float>(), weights,
+                                          paddle::DataType::FLOAT32, dense.place());
+  dpn_fast::dpn_head_forward_cpu(s, resid.data<float>(), dense.data(), weights,
                                  logits.data<float>(), workspace.data<float>());
   return {logits};
 }
@@ -596,10 +616,10 @@ std::vector<Shape> HeadInferShape(const Shape&, const Shape& ds, const Shape&, c
   return {{ds[0], packed_fc ? fw[0] : fw[1]}};
 }
 
-std::vector<paddle::DataType> HeadInferDtype(paddle::DataType, paddle::DataType dense,
+std::vector<paddle::DataType> HeadInferDtype(paddle::DataType, paddle::DataType,
                                              paddle::DataType, paddle::DataType,
                                              paddle::DataType) {
-  return {dense};
+  return {paddle::DataType::FLOAT32};
 }
 
 // bn: weight, bias, running mean, running variance per BN, each [C_i]; one epsilon per BN.
@@ -674,7 +694,7 @@ PD_BUILD_OP(dpn_fast_dpn_stage)
     .Inputs({paddle::Optional("resid"), "dense", paddle::Vec("weights"), "scale_shift"})
     .Outputs({"resid_out", "dense_out"})
     .Attrs({"groups: int64_t", "stride: int64_t", "dense_channels: int64_t",
-            "capacity: int64_t", "packed_weights: bool", "bf16_gemms: bool"})
+            "capacity: int64_t", "packed_weights: bool", "bf16_stage: bool"})
     .SetKernelFn(PD_KERNEL(StageForward))
     .SetInferShapeFn(PD_INFER_SHAPE(StageInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(StageInferDtype));

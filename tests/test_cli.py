@@ -207,7 +207,7 @@ def test_precision_bf16_predicts_and_exports_or_is_refused(dpn68_weights, tmp_pa
     assert capsys.readouterr().out.splitlines()[0] == SAMPLE_IMAGE
     assert main(["export", "--model", "DPN68", "--image-size", "64", "--precision", "bf16",
                  "--out", str(tmp_path)]) == 0
-    assert "bf16_gemms" in (tmp_path / "DPN68_bf16.json").read_text()
+    assert "bf16_stage" in (tmp_path / "DPN68_bf16.json").read_text()
 
 
 

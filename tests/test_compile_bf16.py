@@ -1,7 +1,8 @@
 """dpn_fast.compile(precision="bf16"): its logits against a plain-Paddle emulation of its numerics
-(the weights of every convolution and of the classifier and their inputs rounded to bf16,
-everything else float32) and the same emulation in float64, against the float32 model, its export
-and its packed weights; on a CPU without bf16 matmul kernels, its error."""
+(the weights of every convolution and of the classifier and their inputs rounded to bf16, and the
+stage's dense channels; everything else float32) and the same emulation in float64, against the
+float32 model, its export and its packed weights; on a CPU without bf16 matmul kernels, its
+error."""
 import os
 import re
 
@@ -34,16 +35,21 @@ def bf16_layers(model):
     return layers + [model.out]
 
 
-def emulate_bf16_gemms(model):
+def round_tensor(x):
+    return paddle.to_tensor(round_to_bf16(x.numpy()))
+
+
+def emulate_bf16(model):
     """Turns `model` (float32 or float64) into the plain-Paddle emulation of the bf16 engine, in
     its own dtype: each bf16 layer's weight rounded to bf16 now, its input (the image, a BN +
-    ReLU output or the pooled features) at every call."""
-    def round_input(layer, inputs):
-        return (paddle.to_tensor(round_to_bf16(inputs[0].numpy())),)
-
+    ReLU output or the pooled features) at every call, and each block's dense output (the stage's
+    dense buffer; its residual stays unrounded)."""
     for layer in bf16_layers(model):
         layer.weight.set_value(round_to_bf16(layer.weight.numpy()))
-        layer.register_forward_pre_hook(round_input)
+        layer.register_forward_pre_hook(lambda layer, inputs: (round_tensor(inputs[0]),))
+    for block in model.blocks:
+        block.register_forward_post_hook(
+            lambda block, inputs, outputs: [outputs[0], round_tensor(outputs[1])])
 
 
 def bf16_logits(name, shape, seed):
@@ -57,7 +63,7 @@ def bf16_logits(name, shape, seed):
     with paddle.no_grad():
         fp32 = reference(paddle.to_tensor(x)).numpy()
         for model in (reference, reference64):
-            emulate_bf16_gemms(model)
+            emulate_bf16(model)
         emulation32 = reference(paddle.to_tensor(x)).numpy()
         emulation64 = reference64(paddle.to_tensor(x.astype("float64"))).numpy()
     return compiled(paddle.to_tensor(x)).numpy(), emulation32, emulation64, fp32
@@ -139,7 +145,7 @@ def test_packed_weights_are_bf16():
     fp32_bytes = bf16_bytes = 0
     for (fp32_weights, _, fp32_layout), (bf16_weights, _, bf16_layout) in zip(fp32._stages,
                                                                              bf16._stages):
-        assert bf16_layout.bf16_gemms and not fp32_layout.bf16_gemms
+        assert bf16_layout.bf16_stage and not fp32_layout.bf16_stage
         convs = grouped_conv_blobs(fp32_weights)
         for i, (fp32_weight, bf16_weight) in enumerate(zip(fp32_weights, bf16_weights)):
             if i in convs:

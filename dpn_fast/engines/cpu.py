@@ -14,8 +14,9 @@ the runner:
   Inference (dpn_fast.inference.export); packed weights only run on a CPU whose oneDNN picks the
   same layout, and elsewhere the stage op refuses them, naming both layouts. The classifier's
   weight is packed likewise. precision="bf16" packs every weight as bf16 and runs the stem, the
-  blocks' convolutions and the classifier on bf16-rounded inputs with float32 sums (BNs, pooling
-  and the stage buffers stay float32), on CPUs with bf16 matmul kernels only.
+  blocks' convolutions and the classifier on bf16-rounded inputs with float32 sums, its stages'
+  dense buffers in bf16 (BNs, pooling and the residual buffers stay float32), on CPUs with bf16
+  matmul kernels only.
 - `forward_live(model, x)`: the fused model's eval path (dpn_fast.engines.fused), which reads the
   model's parameters at every call and folds a stage's BNs in one op call before the stage's.
 """
@@ -47,7 +48,7 @@ class StageLayout:
     dense_channels: int
     capacity: int
     packed_weights: bool = False
-    bf16_gemms: bool = False
+    bf16_stage: bool = False
 
 
 def stage_layout(blocks):
@@ -81,7 +82,7 @@ def _run(x, stem, stages, head):
     for weights, scale_shift, layout in stages:
         resid, dense = stage_launch(resid, dense, weights, scale_shift, layout.groups,
                                     layout.stride, layout.dense_channels, layout.capacity,
-                                    layout.packed_weights, bf16_gemms=layout.bf16_gemms)
+                                    layout.packed_weights, bf16_stage=layout.bf16_stage)
     return head_launch(resid, dense, *head)
 
 
@@ -144,7 +145,7 @@ class CompiledDPN(paddle.nn.Layer):
                 scale_shift = self._keep(f"stage{s}_scale_shift",
                                          fold_launch(stage_batch_norms(blocks)))
                 self._stages.append((weights, scale_shift,
-                                     replace(layout, packed_weights=True, bf16_gemms=bf16)))
+                                     replace(layout, packed_weights=True, bf16_stage=bf16)))
             self._head = (self._keep("head_scale_shift", fold_launch([model.conv5_x_x_bn])),
                           self._keep("fc_weight", pack_head_launch(model.out.weight, bf16)),
                           self._own("fc_bias", model.out.bias), _head_dense_channels(model),

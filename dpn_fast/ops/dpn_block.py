@@ -40,17 +40,18 @@ def fold_launch(layers):
 
 
 def stage_launch(resid, dense, weights, scale_shift, groups, stride, dense_channels, capacity,
-                 packed_weights=False, bf16_gemms=False):
+                 packed_weights=False, bf16_stage=False):
     """A stage's blocks as one op, unchecked (the CPU engine's path; the op checks shapes itself).
     resid, dense: the stage's input, channels-last [N, H, W, C] (dense: its first
     `dense_channels` channels valid), or resid None and the stem's NCHW output. weights: the first
     block's w_proj, w_a, w_conv, w_c, then w_a, w_conv, w_c per further block, or with
     `packed_weights` what pack_stage_launch made of them; scale_shift: their input BNs folded, in
-    the same order. `bf16_gemms`: the block convolutions on bf16 weights and inputs with float32
-    sums (csrc/dpn_block.h), on weights packed with bf16=True; the stage buffers stay float32.
+    the same order. `bf16_stage`: the block convolutions on bf16 weights and inputs with float32
+    sums (csrc/dpn_block.h), on weights packed with bf16=True, and a bfloat16 dense buffer (out,
+    and in unless it is the stem's output); resid stays float32.
     Returns the new (resid, dense buffer of `capacity` channels), channels-last."""
     return _extension.run_op("dpn_fast_dpn_stage", resid, dense, weights, scale_shift, groups,
-                             stride, dense_channels, capacity, packed_weights, bf16_gemms)
+                             stride, dense_channels, capacity, packed_weights, bf16_stage)
 
 
 def pack_stage_launch(weights, groups, bf16=False):
@@ -60,7 +61,7 @@ def pack_stage_launch(weights, groups, bf16=False):
     CPU's kernel variant (the first block's w_proj_resid, w_proj_dense, w_a, w_conv, w_c_resid,
     w_c_dense, then w_a, w_conv, w_c_resid, w_c_dense per further block). stage_launch runs them
     with packed_weights=True on a CPU whose oneDNN picks the same layouts and whose kernels have
-    the same vector width, and refuses them elsewhere. `bf16`: for bf16_gemms=True, every weight
+    the same vector width, and refuses them elsewhere. `bf16`: for bf16_stage=True, every weight
     rounded to bf16 (the grouped convs' laid out for vdpbf16ps where the CPU has AVX512_BF16);
     raises where the CPU has no bf16 instructions (AVX512_BF16 or AMX-BF16)."""
     def pack(weight, first_row, rows):
