@@ -42,7 +42,7 @@ def native_precisions():
 class StageLayout:
     """A stage op's attributes: its blocks' groups, the first block's stride, the dense channels
     of the stage's input, the capacity of its dense buffer, whether its weights come packed
-    (pack_stage_launch) and whether its 1x1 GEMMs run in bf16 (packed as bf16 then)."""
+    (pack_stage_launch) and whether it is a bf16 stage (stage_launch; packed as bf16 then)."""
     groups: int
     stride: int
     dense_channels: int
