@@ -575,13 +575,13 @@ std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddl
                                         const paddle::Tensor& fc_weight,
                                         const paddle::Tensor& fc_bias, int64_t dense_channels,
                                         bool packed_fc, bool bf16) {
+  PD_CHECK(packed_fc || !bf16, kHead, ": bf16=true runs on a packed classifier weight "
+           "(packed_fc=true)");
   const bool dense_bf16 = dense.dtype() == paddle::DataType::BFLOAT16;  // a bf16 stage's
   const Input in = check_input(&resid, dense, dense_channels, false, kHead,
                                dense_dtype(dense_bf16));
   const int64_t channels = in.resid + in.dense;
   check_scale_shift(scale_shift, channels, kHead, "the BN of resid's channels + dense_channels");
-  PD_CHECK(packed_fc || !bf16, kHead, ": bf16=true runs on a packed classifier weight "
-           "(packed_fc=true)");
   int64_t classes = 0;
   const void* weight = nullptr;
   if (packed_fc) {

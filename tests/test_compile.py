@@ -115,8 +115,8 @@ def grouped_conv_blobs(stage_weights):
 
 def test_keeps_only_packed_weights():
     """Each 1x1 GEMM's weight is one uint8 blob (the projection's and 1x1c's split into their
-    resid and dense GEMMs), each grouped conv's too; the plain float32 copies are not kept beside
-    them (only the stem's convolution and the classifier stay float32)."""
+    resid and dense GEMMs), each grouped conv's and the classifier's too; the plain float32
+    copies are not kept beside them (only the stem's convolution stays float32)."""
     compiled, reference, _ = compiled_trio("DPN68", seed=34)
     weights, _, layout = compiled._stages[0]
     assert layout.packed_weights
@@ -124,6 +124,7 @@ def test_keeps_only_packed_weights():
     for w, conv in zip([weights[i] for i in grouped_conv_blobs(weights)],
                        [block.c3x3_b_func._conv.weight for block in reference.stages()[0]]):
         assert w.shape[0] == conv.shape[0]  # one row per output channel
+    assert compiled._head[1].dtype == paddle.uint8
     float_buffers = [b for b in compiled.buffers() if b.dtype == paddle.float32]
     assert [b.shape for b in float_buffers if len(b.shape) == 4] == [
         reference.conv1_x_1_func._conv.weight.shape]

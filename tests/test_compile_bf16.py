@@ -16,6 +16,8 @@ from utils import assert_matches_reference, max_abs_err, round_to_bf16, run_scri
 import dpn_fast
 from dpn_fast.inference import create_predictor, export, run_predictor
 from dpn_fast.ops.cpu_features import bf16_gemm_supported
+from dpn_fast.ops.dpn_block import head_launch, stage_launch
+from dpn_fast.ops.stem_conv_bn_relu_pool import stem_launch
 
 NO_BF16_REASON = "this CPU has no bf16 matmul kernels (AVX512_BF16 or AMX-BF16)"
 needs_bf16 = pytest.mark.skipif(not bf16_gemm_supported(), reason=NO_BF16_REASON)
@@ -124,6 +126,42 @@ def test_export_runs_in_paddle_inference(tmp_path, use_onednn):
     expected = compiled(paddle.to_tensor(x)).numpy()
     got = run_predictor(create_predictor(prefix, use_onednn=use_onednn), x)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def first_stage_output(compiled, x):
+    """(resid, dense) after the compiled engine's stem and first stage."""
+    weights, scale_shift, layout = compiled._stages[0]
+    return stage_launch(None, stem_launch(x, *compiled._stem), weights, scale_shift,
+                        layout.groups, layout.stride, layout.dense_channels, layout.capacity,
+                        layout.packed_weights, layout.bf16_stage)
+
+
+@needs_bf16
+def test_stage_buffers_carry_their_precision():
+    """A bf16 stage hands on its dense buffer as bfloat16 and its residual as float32; a stage of
+    the other precision refuses that buffer by name, and so does the head a bf16 classifier on
+    a weight that is not packed."""
+    reference, _, _ = build_trio("DPN68", seed=57)
+    reference.eval()
+    fp32, bf16 = (dpn_fast.compile(reference, precision=p) for p in ("fp32", "bf16"))
+    x = paddle.to_tensor(images((1, 3, 32, 32), seed=58))
+    resid, dense = first_stage_output(bf16, x)
+    assert (resid.dtype, dense.dtype) == (paddle.float32, paddle.bfloat16)
+    assert first_stage_output(fp32, x)[1].dtype == paddle.float32
+    for mixed, message in [
+            (fp32, r"'dense' must be float32 \(only a bf16 stage reads a bfloat16 dense buffer\), "
+                   r"got bfloat16"),
+            (bf16, r"'dense' must be bfloat16 \(a bf16 stage reads the previous bf16 stage's "
+                   r"dense buffer\), got float32")]:
+        weights, scale_shift, layout = mixed._stages[1]
+        other = first_stage_output(fp32 if mixed is bf16 else bf16, x)
+        with pytest.raises(OSError, match=message):
+            stage_launch(*other, weights, scale_shift, layout.groups, layout.stride,
+                         layout.dense_channels, layout.capacity, True, layout.bf16_stage)
+    scale_shift, _, fc_bias, channels, _, _ = bf16._head
+    with pytest.raises(OSError, match=r"bf16=true runs on a packed classifier weight"):
+        head_launch(resid, dense, scale_shift, reference.out.weight, fc_bias, channels,
+                    packed_fc=False, bf16=True)
 
 
 def runs_bf16_pairs():
