@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "bf16.h"
 #include "cpu_isa.h"
@@ -136,27 +137,78 @@ StemRowArgs prepare(const float* w, const BatchNormParams& bn, bool bf16, float*
   return a;
 }
 
+// Whether the kernel reads plane `phase`: every phase for floats; for tap pairs, those of the
+// pairs' first taps (stride 2: phase 0 only).
+bool phase_read(const StemShape& s, const ConvVariant& variant, int64_t phase) {
+  for (int64_t kx = 0; kx < s.kernel; kx += variant.tap_pairs ? 2 : 1) {
+    if (kx % s.stride == phase) return true;
+  }
+  return false;
+}
+
+// Row r of plane (ci, phase): columns j of the zero-padded image's row, col = j * stride + phase
+// - pad (and col + 1 for pairs), rounded to bf16 if bf16. The columns inside the image run
+// without bounds checks, vectorised.
+template <typename Tap>
+void fill_plane_row(const float* x, const StemShape& s, int64_t ci, int64_t phase, int64_t r,
+                    bool bf16, Tap* dst, int64_t cols) {
+  constexpr bool pairs = std::is_same_v<Tap, Bf16Pair>;
+  const int64_t pad = s.kernel / 2, y = r - pad, reach = pairs ? 2 : 1;
+  if (y < 0 || y >= s.h) {
+    std::fill(dst, dst + cols, Tap{});
+    return;
+  }
+  const float* x_row = x + (ci * s.h + y) * s.w;
+  const int64_t offset = phase - pad;  // column j reads image column j * stride + offset
+  auto at = [&](int64_t col) { return col >= 0 && col < s.w ? x_row[col] : 0.f; };
+  auto edge = [&](int64_t j) -> Tap {
+    const int64_t col = j * s.stride + offset;
+    if constexpr (pairs) {
+      return bf16_pair(at(col), at(col + 1));
+    } else {
+      return bf16 ? bf16_value(round_to_bf16(at(col))) : at(col);
+    }
+  };
+  // Columns j in [inside_begin, inside_end) read only inside the image.
+  const int64_t inside_begin =
+      std::min(cols, (std::max<int64_t>(-offset, 0) + s.stride - 1) / s.stride);
+  const int64_t max_step = s.w - reach - offset;  // j * stride <= max_step: inside on the right
+  const int64_t inside_end =
+      max_step < 0 ? inside_begin
+                   : std::max(inside_begin, std::min(cols, max_step / s.stride + 1));
+  for (int64_t j = 0; j < inside_begin; ++j) dst[j] = edge(j);
+  if constexpr (pairs) {
+#pragma omp simd
+    for (int64_t j = inside_begin; j < inside_end; ++j) {
+      dst[j] = bf16_pair(x_row[j * s.stride + offset], x_row[j * s.stride + offset + 1]);
+    }
+  } else if (bf16) {
+#pragma omp simd
+    for (int64_t j = inside_begin; j < inside_end; ++j) {
+      dst[j] = bf16_value(round_to_bf16(x_row[j * s.stride + offset]));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = inside_begin; j < inside_end; ++j) dst[j] = x_row[j * s.stride + offset];
+  }
+  for (int64_t j = inside_end; j < cols; ++j) dst[j] = edge(j);
+}
+
 // One image: planes, then conv + BN + ReLU, then max pool; called inside a parallel region.
 void run_image(const float* x, float* out, const StemShape& s, const StemRowArgs& a,
                const ConvVariant& variant, bool bf16) {
-  const int64_t pad = s.kernel / 2;
 #pragma omp for collapse(2) schedule(static)
   for (int64_t plane = 0; plane < s.c * s.stride; ++plane) {
     for (int64_t r = 0; r < plane_rows(s); ++r) {
-      const int64_t ci = plane / s.stride, phase = plane % s.stride, y = r - pad;
-      const float* x_row = x + (ci * s.h + y) * s.w;
-      const bool inside = y >= 0 && y < s.h;
-      // Column col of the zero-padded image's row r.
-      auto value = [&](int64_t col) { return inside && col >= 0 && col < s.w ? x_row[col] : 0.f; };
+      const int64_t ci = plane / s.stride, phase = plane % s.stride;
+      if (!phase_read(s, variant, phase)) continue;
       const int64_t first = plane * a.plane_size + r * a.plane_cols;
-      for (int64_t j = 0; j < a.plane_cols; ++j) {
-        const int64_t col = j * s.stride + phase - pad;
-        if (variant.tap_pairs) {
-          static_cast<Bf16Pair*>(a.planes)[first + j] = bf16_pair(value(col), value(col + 1));
-        } else {
-          static_cast<float*>(a.planes)[first + j] =
-              bf16 ? bf16_value(round_to_bf16(value(col))) : value(col);
-        }
+      if (variant.tap_pairs) {
+        fill_plane_row(x, s, ci, phase, r, bf16, static_cast<Bf16Pair*>(a.planes) + first,
+                       a.plane_cols);
+      } else {
+        fill_plane_row(x, s, ci, phase, r, bf16, static_cast<float*>(a.planes) + first,
+                       a.plane_cols);
       }
     }
   }
