@@ -14,6 +14,14 @@ def alignment(*values):
     return VECTOR_ALIGN if all(v % VECTOR_ALIGN == 0 for v in values) else 1
 
 
+def variant_key(options):
+    """A launch's options (constexprs, num_warps, num_stages) as one canonical string, e.g.
+    "ALIGN=8,BLOCK_C=16,...,num_warps=4": how the op library's ahead-of-time kernels are named
+    (dpn_fast/kernels/_embedded.py), so a planned launch finds its cubin by it."""
+    return ",".join(f"{name}={int(value) if isinstance(value, bool) else value}"
+                    for name, value in sorted(options.items()))
+
+
 class Launch:
     """`kernel[grid](*args, **options)`, its arguments already checked. Tests compile the same
     (kernel, args, options) ahead of time with the JIT's own specialisation. kernel None: a launch
@@ -22,6 +30,10 @@ class Launch:
 
     def __init__(self, kernel, grid, args, options):
         self.kernel, self.grid, self.args, self.options = kernel, grid, args, options
+
+    @property
+    def variant(self):
+        return variant_key(self.options)
 
     def __call__(self):
         if self.kernel is not None:
