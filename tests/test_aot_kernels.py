@@ -220,3 +220,48 @@ def test_dpn92_launches_map_onto_embedded_kernels(embedded, listed):
                         (label, arg)
             checked += 1
     assert checked == 3 * 2 * 2 * (4 + 30 * 3), checked  # DPN92: 4 projections, 30 blocks x 3
+
+
+def dpn92_stages():
+    """DPN92's four stages as StageBlocks (from dpn_fast.models.config, no timm) with their
+    input sizes at 224x224: (blocks, h, w, in_width)."""
+    from dpn_fast.kernels._stage import StageBlock, stage_width
+    from dpn_fast.models.config import CONFIGS
+    cfg = CONFIGS["DPN92"]
+    hw, width, stages = 56, cfg.init_filters, []
+    for s, count in enumerate(cfg.blocks):
+        r = cfg.bottleneck(s)
+        chunks = nhwc_grouped_conv3x3.chunk_lanes(r // cfg.groups)
+        _, slot_width = nhwc_grouped_conv3x3.slot_layout(r, cfg.groups, chunks)
+        blocks = [StageBlock(2 if s and not i else 1, cfg.residual[s], cfg.dense_inc[s], r,
+                             cfg.groups, slot_width) for i in range(count)]
+        stages.append((blocks, hw, hw, width))
+        hw, width = (hw - 1) // blocks[0].stride + 1, stage_width(blocks)
+    return stages
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_embedded_kernels_accept_every_planned_dpn92_stage_launch(embedded, dtype):
+    """The stage plans as data (dpn_fast/kernels/_stage.py) for DPN92 at batch 1 and 64 on
+    sm_80 and sm_90, bound to stand-in device addresses, launched through the C ABI: each
+    launch passes the library's checks (variant embedded, argument count, pointer alignment) and
+    fails only for want of a driver."""
+    if libcuda_present():
+        pytest.skip("this machine has a CUDA driver (libcuda.so.1)")
+    from dpn_fast.kernels._stage import plan_stage
+    launched = 0
+    for arch in (80, 90):
+        for n in (1, 64):
+            ld = None
+            for blocks, h, w, in_width in dpn92_stages():
+                plan = plan_stage(blocks, n, h, w, in_width, ld or in_width, dtype, arch)
+                ld = plan.row_stride
+                names = sorted({a.name for launch in plan.launches for a in launch.args
+                                if hasattr(a, "name")})
+                address = {name: (i + 1) << 32 for i, name in enumerate(names)}
+                assert set(plan.sizes) <= set(names)
+                for launch in plan.launches:
+                    with pytest.raises(_abi.NoCudaDriverError):
+                        embedded.launch_planned(launch.bind(lambda r: address[r.name]), 0)  # noqa: B023
+                    launched += 1
+    assert launched == 2 * 2 * (4 + 30 * 3)

@@ -5,7 +5,6 @@ Framework-free: the caller gives the library's path and passes tensors that have
 import ctypes
 from typing import NamedTuple
 
-from dpn_fast.kernels._rows import dtype_name
 
 
 class AotKernelError(RuntimeError):
@@ -132,9 +131,8 @@ class EmbeddedKernels:
             len(values), pointers))
 
     def launch_planned(self, launch, stream):
-        """Runs a planned Launch (dpn_fast.kernels._launch) through the ABI: its kernel in its
-        variant, for the dtype of its first argument."""
-        if launch.kernel is None:
-            return
-        self.launch(launch.kernel.fn.__name__, dtype_name(launch.args[0]), launch.variant,
-                    launch.grid, stream, launch.args)
+        """Runs a planned Launch (dpn_fast.kernels._launch), its Regions bound to tensors or
+        device addresses, through the ABI: its kernel in its variant and dtype."""
+        if launch.kernel is not None:
+            self.launch(launch.kernel.fn.__name__, launch.dtype, launch.variant, launch.grid,
+                        stream, launch.args)

@@ -210,7 +210,7 @@ def plan_conv1x1(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in_sc
             dense_gap)
     form = Form(stride, in_scale is not None, bias is not None, relu, add_to_out)
     options = launch_options(form, dtype, alignment(k, n, lda, ldo, split, dense_gap), tiles)
-    return Launch(_conv1x1_kernel, grid, args, options)
+    return Launch(_conv1x1_kernel, grid, args, options, dtype)
 
 
 class Form(NamedTuple):

@@ -215,7 +215,7 @@ def plan_grouped_conv3x3(x, packed_w, bias, out, *, images, h, w, c, groups, str
     grid = (triton.cdiv(rows_out, tiles.block_p) * chunks,)
     args = (x, packed_w, bias, out, rows_out, h, w, h_out, w_out, ldx, ldo, chunks)
     options = launch_options(stride, cin_g, dtype, alignment(ldx, ldo), tiles)
-    return Launch(_grouped_conv3x3_kernel, grid, args, options)
+    return Launch(_grouped_conv3x3_kernel, grid, args, options, dtype)
 
 
 def launch_options(stride, channels_per_group, dtype, align, tiles):
