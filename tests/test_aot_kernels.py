@@ -265,3 +265,49 @@ def test_embedded_kernels_accept_every_planned_dpn92_stage_launch(embedded, dtyp
                         embedded.launch_planned(launch.bind(lambda r: address[r.name]), 0)  # noqa: B023
                     launched += 1
     assert launched == 2 * 2 * (4 + 30 * 3)
+
+
+def decode(kernels, launches):
+    """The launches of dpn_fast_aot_stage's attributes, read as csrc/aot_stage_gpu.cc reads
+    them: [(name, dtype, variant, grid, [(kind, value), ...])]."""
+    out, at = [], 0
+    for i in range(len(kernels) // 3):
+        grid, count = tuple(launches[at:at + 3]), launches[at + 3]
+        pairs = [tuple(launches[at + 4 + 2 * j:at + 6 + 2 * j]) for j in range(count)]
+        at += 4 + 2 * count
+        out.append((*kernels[3 * i:3 * i + 3], grid, pairs))
+    assert at == len(launches)
+    return out
+
+
+def test_paddle_stage_op_attributes_encode_each_dpn92_stage(embedded):
+    """encode_stage (dpn_fast/ops/aot_stage.py) of each DPN92 stage plan, decoded as the op
+    reads it: every launch's kernel, variant, grid and arguments; buffers and weights as
+    operand indices, the sizes the op allocates and checks. The op itself, in this CUDA build,
+    refuses CPU tensors with a clear error (it cannot run without a GPU)."""
+    import paddle
+
+    from dpn_fast.kernels._stage import plan_stage, weight_names
+    from dpn_fast.ops.aot_stage import FIXED_OPERANDS, OP, aot_stage, encode_stage
+    ld = None
+    for blocks, h, w, in_width in dpn92_stages():
+        plan = plan_stage(blocks, 1, h, w, in_width, ld or in_width, "float16", 90)
+        ld = plan.row_stride
+        order = [n for i in range(len(blocks)) for n in weight_names(i, i == 0)]
+        kernels, launches, sizes = encode_stage(plan, order)
+        operands = list(FIXED_OPERANDS) + order
+        decoded = decode(kernels, launches)
+        assert len(decoded) == len(plan.launches) == 1 + 3 * len(blocks)
+        for (name, dtype, variant, grid, pairs), launch in zip(decoded, plan.launches):
+            assert (name, dtype, variant) == (launch.kernel.fn.__name__, "float16",
+                                              launch.variant)
+            assert embedded.params(name, dtype, variant) is not None
+            assert grid == (*launch.grid, 1, 1)[:3]
+            assert [operands[v] if k == 1 else v for k, v in pairs] == \
+                [a.name if hasattr(a, "name") else a for a in launch.args]
+        assert sizes[:4] == [plan.sizes["stage"] // ld, ld, plan.sizes["bottleneck"],
+                             plan.sizes["grouped"]]
+        assert sizes[4] == plan.sizes["input"] and len(sizes) == 5 + len(order)
+    x = paddle.zeros([8], dtype="float16")
+    with pytest.raises(OSError, match=rf"{OP}: x must be a CUDA tensor"):
+        aot_stage(x, dict.fromkeys(order, x), plan)
