@@ -311,3 +311,14 @@ def test_paddle_stage_op_attributes_encode_each_dpn92_stage(embedded):
     x = paddle.zeros([8], dtype="float16")
     with pytest.raises(OSError, match=rf"{OP}: x must be a CUDA tensor"):
         aot_stage(x, dict.fromkeys(order, x), plan)
+
+
+def test_torch_host_runs_embedded_kernels_on_cuda_only(embedded):
+    torch = pytest.importorskip("torch")
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm not installed")
+    from dpn_fast.engines.torch_host import fuse, import_timm
+    model = import_timm().create_model("dpn68b", pretrained=False).eval()
+    with pytest.raises(ValueError, match=r"embedded kernels \(kernels=\) run on CUDA; the model "
+                                         r"is on cpu"):
+        fuse(model.to(torch.float16), kernels=embedded)

@@ -29,13 +29,16 @@ timm's own modules run the stem (conv + BN + ReLU + max pool, NCHW), and at the 
 + ELU (on a channels-last view of the last buffer) and the head. Eval only: the BNs are folded
 with their running statistics when `fuse` is called (later changes to the model are not seen).
 
-A forward is planned once per input shape and stream (`_Plan`): the workspace buffers are
-allocated and every launch's arguments checked then; later calls at that shape only launch. The
-plans of the last `max_plans` shapes/streams are kept (least recently used dropped). Stages
-alternate between two buffers (stage i reads stage i - 1's). Nothing in the fused part
-allocates or synchronises after planning, so `FusedDPN.cuda_graph` captures the whole forward
-(stem, kernels, head) at any batch size in one CUDA graph. On CPU the kernels run only under
-TRITON_INTERPRET=1 (set before triton is imported).
+A forward is planned once per input shape and stream (`_Plan`), each stage's launches by
+dpn_fast/kernels/_stage.py (the plan as data, which Paddle's GPU stage op runs too): the
+workspace buffers are allocated and every launch's arguments checked then; the launches go to
+Triton's JIT, or with `fuse(..., kernels=)` to the op library's ahead-of-time kernels; later
+calls at that shape only launch. The plans of the last `max_plans` shapes/streams are kept
+(least recently used dropped). Stages alternate between two buffers (stage i reads stage
+i - 1's). Nothing in the fused part allocates or synchronises after planning, so
+`FusedDPN.cuda_graph` captures the whole forward (stem, kernels, head) at any batch size in one
+CUDA graph. On CPU the kernels run only under TRITON_INTERPRET=1 (set before triton is
+imported).
 """
 import sys
 from collections import OrderedDict
@@ -185,10 +188,13 @@ def _fold_block(blk, index, dtype, grouped):
                   _Gemm(to_slots(as_gemm(w_c), 0)))
 
 
-def fuse(model, max_plans=4):
+def fuse(model, max_plans=4, kernels=None):
     """The fused forward of an eval timm DPN (its parameters' dtype and device): a FusedDPN.
-    max_plans: how many input shapes/streams keep their planned forward and workspace."""
-    return FusedDPN(model, max_plans)
+    max_plans: how many input shapes/streams keep their planned forward and workspace.
+    kernels: None (Triton's JIT compiles and launches the kernels) or the op library's
+    ahead-of-time kernels, dpn_fast.kernels._abi.EmbeddedKernels(path of libdpn_fast_ops.so or
+    the Paddle-free libdpn_fast_kernels.so of a CUDA build), which then run the same plans."""
+    return FusedDPN(model, max_plans, kernels)
 
 
 class _Plan:
@@ -199,7 +205,7 @@ class _Plan:
     rows as an NCHW view."""
 
     def __init__(self, fused, n, h, w, arch):
-        self.arch = arch
+        self.arch, self.kernels, self.device = arch, fused.kernels, fused.device
         dtype = str(fused.dtype).replace("torch.", "")
         stem_channels = fused.stages[0][0].projection.weight.shape[0]
         stem_shape = (n, h, w, stem_channels)
@@ -227,8 +233,13 @@ class _Plan:
 
     def run(self, stem_out):
         self.stem.copy_(stem_out.permute(0, 2, 3, 1))
-        for launch in self.launches:
-            launch()
+        if self.kernels is None:
+            for launch in self.launches:
+                launch()
+        else:
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            for launch in self.launches:
+                self.kernels.launch_planned(launch, stream)
         return self.out
 
 
@@ -246,7 +257,7 @@ def _bound(memory, region):
 class FusedDPN:
     """Callable: images [n, C, H, W] -> logits, as model(images) in eval. See the module doc."""
 
-    def __init__(self, model, max_plans=4):
+    def __init__(self, model, max_plans=4, kernels=None):
         features = getattr(model, "features", None)
         if features is None or not all(hasattr(features, name) for name in
                                        ("conv1_1", "conv1_pool", "conv5_bn_ac")):
@@ -261,6 +272,10 @@ class FusedDPN:
         self.dtype, self.device = weight.dtype, weight.device
         if self.dtype not in DTYPES:
             raise TypeError(f"fuse: model dtype must be one of {DTYPES}, got {self.dtype}")
+        if kernels is not None and self.device.type != "cuda":
+            raise ValueError(f"fuse: the embedded kernels (kernels=) run on CUDA; the model is "
+                             f"on {self.device}")
+        self.kernels = kernels
         self.gemm, self.grouped = nhwc_conv1x1, nhwc_grouped_conv3x3
         self.arch = None  # the interpreter's (CPU)
         if self.device.type == "cuda":
