@@ -1,5 +1,5 @@
 """Compiles the channels-last Triton kernels ahead of time into cubins and writes the C++ source
-that embeds them in the op library (CUDA builds; setup.py runs it, CMake compiles its output).
+that embeds them in the op library (CUDA builds: CMake runs it and compiles its output).
 
     python build_backend/aot_cubins.py OUT_DIR [--jobs N]
 
@@ -8,8 +8,9 @@ options) and aot_kernel_table.cc: the table csrc/aot_kernels.h declares, the cub
 with .incbin. Each variant is compiled with Triton's own compiler, specialised as the JIT
 specialises a launch with 16-byte aligned tensors (the sizes are never specialised: the kernels
 take them do_not_specialize). The build fails here, not at run time, when Triton's output does
-not match what the C ABI passes: the PTX's parameters must be the signature's plus Triton's two
-hidden scratch pointers, and the kernels must need no scratch memory.
+not match what the C ABI passes: the PTX's parameters must be the signature's followed by
+Triton's hidden scratch pointers (two in Triton 3.9, global and profile scratch, which the ABI
+passes null), and no kernel may need scratch memory.
 
 Runs in its own process: it imports dpn_fast.kernels without dpn_fast/__init__.py, which would
 load the op library being built.
@@ -24,8 +25,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Triton 3.9 appends a global-scratch and a profile-scratch pointer to every kernel's parameters.
-HIDDEN_PARAMS = 2
 PTX_PARAM = re.compile(r"\.param\s+\.(u64|u32|b32|b64)[^,\n)]*_param_\d+")
 
 
@@ -57,17 +56,18 @@ def compile_variant(index):
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, aligned),
                               target=GPUTarget("cuda", variant.arch, 32), options=options)
     md = compiled.metadata
-    ptx_params = PTX_PARAM.findall(compiled.asm["ptx"])
+    ptx_params = [p.replace("b", "u") for p in PTX_PARAM.findall(compiled.asm["ptx"])]
     expected = ["u64" if kind.startswith("*") else "u32" for kind in variant.params]
-    expected += ["u64"] * HIDDEN_PARAMS
-    if [p.replace("b", "u") for p in ptx_params] != expected:
+    hidden = ptx_params[len(expected):]
+    if ptx_params[:len(expected)] != expected or any(p != "u64" for p in hidden):
         raise RuntimeError(f"{variant.name} {variant.key} sm_{variant.arch}: PTX parameters "
-                           f"{ptx_params}, the ABI passes {expected} (a Triton change?)")
+                           f"{ptx_params}; the ABI passes {expected} and then null pointers "
+                           "(a Triton change?)")
     if md.global_scratch_size or md.profile_scratch_size or md.num_ctas != 1 or md.tmem_size:
         raise RuntimeError(f"{variant.name} {variant.key} sm_{variant.arch} needs scratch memory, "
                            "clusters or tensor memory, which the C ABI does not provide")
     return index, compiled.asm["cubin"], {"name": md.name, "num_warps": md.num_warps,
-                                          "shared": md.shared}
+                                          "shared": md.shared, "hidden": len(hidden)}
 
 
 def c_string(text):
@@ -94,7 +94,7 @@ def write_table(out_dir, variants, metadata):
         lines.append(f"    {{{c_string(variant.name)}, {c_string(variant.dtype)}, "
                      f"{c_string(variant.key)}, {variant.arch}, {md['num_warps']}, "
                      f"{md['shared']}, {c_string(','.join(variant.params))}, "
-                     f"{len(variant.params)}, {HIDDEN_PARAMS}, dpn_fast_aot_cubin_{index}, "
+                     f"{len(variant.params)}, {md['hidden']}, dpn_fast_aot_cubin_{index}, "
                      f"dpn_fast_aot_cubin_{index}_end}},")
     lines += ["};", "", "const int kAotKernelCount = sizeof(kAotKernels) / sizeof(kAotKernels[0]);",
               "", "}  // namespace dpn_fast", ""]
