@@ -8,7 +8,9 @@ checked without a GPU:
 - without a CUDA driver a launch fails with NoCudaDriverError, after the checks that need no
   driver (unknown variant, argument count, misaligned pointer) have their own errors;
 - every launch of the torch host's plan of DPN92 (224x224, batch 1 and 64, each dtype, sm_80
-  and sm_90) finds its variant embedded, with arguments of the count and kinds it takes.
+  and sm_90) finds its variant embedded, with arguments of the count and kinds it takes, and
+  the embedded cubin has the SASS of the JIT's own compile of that launch;
+- the Paddle stage op's attributes encode the stage plans.
 
 Skipped for a CPU-only build (no nvcc when it was built, or DPN_FAST_CPU_ONLY=1).
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from _interpreter import INTERPRETED
 from dpn_fast import _extension
 
 triton = pytest.importorskip("triton")
@@ -173,7 +176,7 @@ def test_launch_without_a_driver_is_an_error_not_a_crash(embedded, listed):
         embedded[-1]
 
 
-def dpn92_plans():
+def dpn92_plans(dtypes=TRITON_DTYPES, archs=(80, 90), batches=(1, 64)):
     """(dtype, arch, batch, plan) of the torch host's DPN92 forward at 224x224, planned on CPU."""
     torch = pytest.importorskip("torch")
     if importlib.util.find_spec("timm") is None:
@@ -181,11 +184,58 @@ def dpn92_plans():
     from dpn_fast.engines.torch_host import _Plan, fuse, import_timm
     torch.manual_seed(0)
     model = import_timm().create_model("dpn92", pretrained=False).eval()
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        fused = fuse(model.to(dtype))
-        for arch in (80, 90):
-            for n in (1, 64):
-                yield str(dtype).replace("torch.", ""), arch, n, _Plan(fused, n, 56, 56, arch)
+    for dtype in dtypes:
+        fused = fuse(model.to(getattr(torch, dtype)))
+        for arch in archs:
+            for n in batches:
+                yield dtype, arch, n, _Plan(fused, n, 56, 56, arch)
+
+
+def sass(tool, cubin, path):
+    path.write_bytes(cubin)
+    return subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def assert_embedded_code_is_the_jits(listed, plans, distinct, tmp_path):
+    """For each planned launch, first of its `distinct(launch)` key: the JIT's own compile of it
+    (tests/_triton_ptx.jit_compile: Triton's binder specialises it from the real arguments, as a
+    launch on a GPU does) has the SASS of the embedded cubin of its variant and arch."""
+    if INTERPRETED:
+        pytest.skip("compiles for a GPU: TRITON_INTERPRET must be unset when triton is imported")
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (neither on PATH nor in triton's nvidia backend)")
+    from _triton_ptx import jit_compile
+    images = {(k.name, k.dtype, k.variant, k.arch): k.cubin for k in listed}
+    seen = set()
+    for dtype, arch, n, plan in plans:
+        for launch in plan.launches:
+            name = launch.kernel.fn.__name__
+            if (arch, distinct(launch)) in seen:
+                continue
+            seen.add((arch, distinct(launch)))
+            compiled, _, _ = jit_compile(launch, arch)
+            assert sass(tool, compiled.asm["cubin"], tmp_path / "jit.cubin") == \
+                sass(tool, images[(name, dtype, launch.variant, arch)], tmp_path / "aot.cubin"), \
+                (name, dtype, arch, n, launch.variant)
+    assert seen
+
+
+def test_embedded_code_is_what_the_jit_runs(listed, tmp_path):
+    """One DPN92 fp16 launch of each kernel form and chunk geometry on sm_90 (the cubins differ
+    from the JIT's only in debug info, such as the source path: the SASS is compared)."""
+    form = lambda launch: (launch.kernel.fn.__name__, *(launch.options.get(flag) for flag in (  # noqa: E731
+        "STRIDE", "IN_AFFINE", "HAS_BIAS", "ADD_TO_OUT", "BLOCK_C")))
+    assert_embedded_code_is_the_jits(listed, dpn92_plans(("float16",), (90,), (1,)), form,
+                                     tmp_path)
+
+
+@pytest.mark.slow
+def test_embedded_code_is_what_the_jit_runs_everywhere(listed, tmp_path):
+    """Every distinct DPN92 launch variant, each dtype, sm_80 and sm_90, batch 1 and 64."""
+    assert_embedded_code_is_the_jits(listed, dpn92_plans(), lambda launch: (
+        launch.kernel.fn.__name__, launch.dtype, launch.variant), tmp_path)
 
 
 # Pointer parameters read only when a flag is on; the launcher passes another tensor otherwise.
