@@ -1,7 +1,8 @@
 """Builds the op library with CMake and installs it inside the dpn_fast package.
 
 Environment:
-  DPN_FAST_CPU_ONLY=1        build without CUDA even when nvcc is found
+  DPN_FAST_CPU_ONLY=1        build without CUDA even when nvcc is found (a CUDA build also
+                             compiles the Triton kernels into cubins: it needs triton)
   DPN_FAST_CUDA_ARCHS="80;90" CUDA architectures (CMake syntax); default: those of
                              75, 80, 86, 89, 90 that the local nvcc accepts, plus PTX of the newest
   CUDA_HOME                  toolkit root (default: found from nvcc on PATH)
@@ -22,19 +23,12 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "build_backend"))
-from dpn_fast_build import (RECORD_NAME, paddle_runtime_requirement,  # noqa: E402
-                            write_build_record)
+from dpn_fast_build import (RECORD_NAME, find_nvcc,  # noqa: E402
+                            paddle_runtime_requirement, write_build_record)
 DEFAULT_ARCHS = (75, 80, 86, 89, 90)
 # Headers of a oneDNN 3.x release (the C API is stable within 3.x); the code links the oneDNN that
 # the Paddle wheel ships (paddle/libs/libdnnl.so.3), which has no real headers of its own.
 ONEDNN_HEADERS = "onednn-devel-cpu-gomp==2023.2.0"
-
-
-def find_nvcc():
-    home = os.environ.get("CUDA_HOME")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
 
 
 def supported_archs(nvcc):
@@ -89,7 +83,7 @@ class CMakeBuild(build_ext):
             args.append("-DDPN_FAST_NATIVE=OFF")
         if os.environ.get("DPN_FAST_WERROR") == "1":
             args.append("-DDPN_FAST_WERROR=ON")
-        nvcc = None if os.environ.get("DPN_FAST_CPU_ONLY") == "1" else find_nvcc()
+        nvcc = find_nvcc()
         if nvcc:
             nvcc = os.path.realpath(nvcc)
             # nvcc may be a wrapper script; resolve the toolkit from what it execs.

@@ -15,12 +15,16 @@ Paddle, and builds the op library against a libpaddle that is not the one it wil
 - run-time requirement (setup.py's install_requires): the distribution and version the op
   library was built against, so pip keeps the installed Paddle rather than replacing it.
 
+A CUDA build (nvcc found, DPN_FAST_CPU_ONLY unset) also requires Triton, which compiles the
+channels-last kernels into the library (build_backend/aot_cubins.py).
+
 setup.py also records that Paddle next to the library (write_build_record), which
 dpn_fast/_extension.py compares with the Paddle found at import.
 """
 import json
 import os
 import re
+import shutil
 import site
 import sys
 import sysconfig
@@ -32,6 +36,8 @@ from setuptools.build_meta import *  # noqa: F401,F403  (the hooks not overridde
 CPU_DISTRIBUTION = "paddlepaddle"
 DEFAULT_PADDLE_VERSION = "3.3.1"
 RECORD_NAME = "libdpn_fast_ops.build.json"
+# The Triton a CUDA build compiles its embedded kernels with (the [triton] extra's).
+TRITON_REQUIREMENT = "triton>=3.4"
 
 
 class PaddleBuildError(RuntimeError):
@@ -106,11 +112,28 @@ def write_build_record(library_dir):
         json.dump(build_record(), f, indent=1)
 
 
+def find_nvcc():
+    """nvcc of CUDA_HOME, else on PATH; None when CUDA is turned off (DPN_FAST_CPU_ONLY=1) or
+    absent: the build is then CPU-only."""
+    if os.environ.get("DPN_FAST_CPU_ONLY") == "1":
+        return None
+    home = os.environ.get("CUDA_HOME")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_build_requirements():
+    """A CUDA build compiles the Triton kernels ahead of time (build_backend/aot_cubins.py), so
+    it needs Triton; a CPU-only build needs nothing."""
+    return [TRITON_REQUIREMENT] if find_nvcc() else []
+
+
 def get_requires_for_build_wheel(config_settings=None):
     return (build_meta.get_requires_for_build_wheel(config_settings)
-            + paddle_build_requirements())
+            + paddle_build_requirements() + cuda_build_requirements())
 
 
 def get_requires_for_build_editable(config_settings=None):
     return (build_meta.get_requires_for_build_editable(config_settings)
-            + paddle_build_requirements())
+            + paddle_build_requirements() + cuda_build_requirements())

@@ -84,6 +84,22 @@ def test_target_site_dirs_hold_this_interpreters_paddle():
     assert dpn_fast_build.find_paddle(dpn_fast_build.target_site_dirs()) is not None
 
 
+def test_a_cuda_build_requires_triton_and_a_cpu_build_does_not(tmp_path, monkeypatch):
+    """With nvcc the build compiles the Triton kernels into the library (aot_cubins.py)."""
+    toolkit = tmp_path / "cuda"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    monkeypatch.delenv("DPN_FAST_CPU_ONLY", raising=False)
+    assert dpn_fast_build.cuda_build_requirements() == [dpn_fast_build.TRITON_REQUIREMENT]
+    monkeypatch.setenv("DPN_FAST_CPU_ONLY", "1")
+    assert dpn_fast_build.cuda_build_requirements() == []
+    monkeypatch.delenv("DPN_FAST_CPU_ONLY")
+    monkeypatch.delenv("CUDA_HOME")
+    assert dpn_fast_build.cuda_build_requirements() == []  # no nvcc anywhere
+
+
 @needs_source
 def test_wheel_metadata_requires_the_installed_gpu_paddle(gpu_site, tmp_path):
     """The real backend and setup.py, with paddlepaddle-gpu first on the build's path (as

@@ -29,21 +29,26 @@ timm's own modules run the stem (conv + BN + ReLU + max pool, NCHW), and at the 
 + ELU (on a channels-last view of the last buffer) and the head. Eval only: the BNs are folded
 with their running statistics when `fuse` is called (later changes to the model are not seen).
 
-A forward is planned once per input shape and stream (`_Plan`): the workspace buffers are
-allocated and every launch's arguments checked then; later calls at that shape only launch. The
-plans of the last `max_plans` shapes/streams are kept (least recently used dropped). Stages
-alternate between two buffers (stage i reads stage i - 1's). Nothing in the fused part
-allocates or synchronises after planning, so `FusedDPN.cuda_graph` captures the whole forward
-(stem, kernels, head) at any batch size in one CUDA graph. On CPU the kernels run only under
-TRITON_INTERPRET=1 (set before triton is imported).
+A forward is planned once per input shape and stream (`_Plan`), each stage's launches by
+dpn_fast/kernels/_stage.py (the plan as data, which Paddle's GPU stage op runs too): the
+workspace buffers are allocated and every launch's arguments checked then; the launches go to
+Triton's JIT, or with `fuse(..., kernels=)` to the op library's ahead-of-time kernels; later
+calls at that shape only launch. The plans of the last `max_plans` shapes/streams are kept
+(least recently used dropped). Stages alternate between two buffers (stage i reads stage
+i - 1's). Nothing in the fused part allocates or synchronises after planning, so
+`FusedDPN.cuda_graph` captures the whole forward (stem, kernels, head) at any batch size in one
+CUDA graph. On CPU the kernels run only under TRITON_INTERPRET=1 (set before triton is
+imported).
 """
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from dpn_fast.kernels import nhwc_conv1x1, nhwc_grouped_conv3x3
+from dpn_fast.kernels._stage import StageBlock, plan_stage, weight_names
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -81,18 +86,22 @@ class _Gemm:
 
 @dataclass
 class _Block:
-    stride: int
-    resid: int         # residual channels (timm's num_1x1_c)
-    inc: int           # dense channels the block appends
-    bottleneck: int    # channels of 1x1a's output and the grouped conv
-    groups: int
+    shape: StageBlock  # the geometry the stage plan launches
     projection: _Gemm  # None except in a stage's first block
     conv_a: _Gemm
     grouped_weight: torch.Tensor  # packed for chunks
     grouped_bias: torch.Tensor    # in the slot layout
     chunks: tuple                 # the grouped conv's lanes and groups a chunk
-    slot_width: int               # 1x1a's output / the grouped conv's rows / 1x1c's K
     conv_c: _Gemm
+
+    def weights(self, index):
+        """{name: tensor} of its weights as block `index` of its stage (_stage.weight_names)."""
+        tensors = [self.conv_a.weight, self.conv_a.in_scale, self.conv_a.in_shift,
+                   self.conv_a.bias, self.grouped_weight, self.grouped_bias, self.conv_c.weight]
+        if self.projection is not None:
+            p = self.projection
+            tensors = [p.weight, p.in_scale, p.in_shift] + tensors
+        return dict(zip(weight_names(index, self.projection is not None), tensors))
 
 
 def _bn_affine(bn, name):
@@ -174,115 +183,81 @@ def _fold_block(blk, index, dtype, grouped):
     if w_c.shape[0] != resid + inc:
         raise ValueError(f"fuse: {label} c1x1_c gives {w_c.shape[0]} channels, expected "
                          f"{resid} + {inc}")
-    return _Block(stride, resid, inc, channels, groups, proj, conv_a,
+    return _Block(StageBlock(stride, resid, inc, channels, groups, width), proj, conv_a,
                   packed.to(device=w_a.device, dtype=dtype), to_slots(f32(c_shift), 0), chunks,
-                  width, _Gemm(to_slots(as_gemm(w_c), 0)))
+                  _Gemm(to_slots(as_gemm(w_c), 0)))
 
 
-def fuse(model, max_plans=4):
+def fuse(model, max_plans=4, kernels=None):
     """The fused forward of an eval timm DPN (its parameters' dtype and device): a FusedDPN.
-    max_plans: how many input shapes/streams keep their planned forward and workspace."""
-    return FusedDPN(model, max_plans)
-
-
-def _row_stride(width):
-    """Row stride of a stage buffer: its width rounded up to 8 channels, so every row starts
-    16-byte aligned at fp16 (the kernels' aligned variant)."""
-    return -(-width // 8) * 8
+    max_plans: how many input shapes/streams keep their planned forward and workspace.
+    kernels: None (Triton's JIT compiles and launches the kernels) or the op library's
+    ahead-of-time kernels, dpn_fast.kernels._abi.EmbeddedKernels(path of libdpn_fast_ops.so or
+    the Paddle-free libdpn_fast_kernels.so of a CUDA build), which then run the same plans."""
+    return FusedDPN(model, max_plans, kernels)
 
 
 class _Plan:
     """A forward at one input shape, planned once for a GPU of compute capability `arch` (None:
-    the interpreter): the workspace buffers and every kernel launch, their arguments checked
-    when planned. `run()` copies the stem's output into the first rows buffer, launches, and
-    returns the last stage's rows as an NCHW view."""
+    the interpreter): each stage's launches (dpn_fast/kernels/_stage.py) bound to this plan's
+    workspace buffers and the model's weights, their arguments checked when planned. `run()`
+    copies the stem's output into the first rows buffer, launches, and returns the last stage's
+    rows as an NCHW view."""
 
     def __init__(self, fused, n, h, w, arch):
-        self.arch = arch
-        stages = fused.stages
+        self.arch, self.kernels, self.device = arch, fused.kernels, fused.device
+        dtype = str(fused.dtype).replace("torch.", "")
+        stem_channels = fused.stages[0][0].projection.weight.shape[0]
+        stem_shape = (n, h, w, stem_channels)
+        plans, width, ld = [], stem_channels, stem_channels
+        for stage in fused.stages:
+            plans.append(plan_stage([b.shape for b in stage], n, h, w, width, ld, dtype, arch))
+            h, w, width, ld = plans[-1].h, plans[-1].w, plans[-1].width, plans[-1].row_stride
         new = lambda size: torch.empty(size, device=fused.device, dtype=fused.dtype)  # noqa: E731
-        sizes, scratch = [0, 0], [0, 0]
-        hw = (h, w)
-        for i, stage in enumerate(stages):
-            rows_in = n * hw[0] * hw[1]
-            hw = tuple((x - 1) // stage[0].stride + 1 for x in hw)
-            rows = n * hw[0] * hw[1]
-            sizes[i % 2] = max(sizes[i % 2], rows * _row_stride(fused._stage_width(stage)))
-            width = max(b.slot_width for b in stage)
-            scratch[0] = max(scratch[0], rows_in * width)  # 1x1a of the first block: input rows
-            scratch[1] = max(scratch[1], rows * width)
-        stem_channels = stages[0][0].projection.weight.shape[0]
-        self.stem = new(n * h * w * stem_channels).view(n, h, w, stem_channels)
-        self.buffers = [new(s) for s in sizes]
-        self.scratch = [new(s) for s in scratch]
+        # Stages alternate between two buffers (stage i reads stage i - 1's); one scratch each
+        # for the bottleneck rows and the grouped conv's output.
+        self.stem = new(plans[0].sizes["input"]).view(stem_shape)
+        self.buffers = [new(max(p.sizes["stage"] for p in plans[i::2])) for i in range(2)]
+        scratch = {name: new(max(p.sizes[name] for p in plans))
+                   for name in ("bottleneck", "grouped")}
         self.launches = []
-        src, src_width, src_stride = self.stem.view(n * h * w, stem_channels), stem_channels, \
-            stem_channels
-        for i, stage in enumerate(stages):
-            src, h, w = self._plan_stage(fused, stage, i, src, src_width, src_stride, n, h, w)
-            src_width = fused._stage_width(stage)
-            src_stride = _row_stride(src_width)
+        source = self.stem
+        for i, (stage, plan) in enumerate(zip(fused.stages, plans)):
+            memory = {"input": source, "stage": self.buffers[i % 2], **scratch}
+            for index, blk in enumerate(stage):
+                memory.update(blk.weights(index))
+            self.launches += [launch.bind(partial(_bound, memory)) for launch in plan.launches]
+            source = self.buffers[i % 2]
         # NCHW view of the last rows (channels-last strides), without the row padding.
-        self.out = src.view(n, h, w, src_stride)[..., :src_width].permute(0, 3, 1, 2)
-
-    def _gemm_tiles(self, fused, rows, k, n):
-        return fused.gemm.choose_tiles(rows, k, n, fused.dtype != torch.float32,
-                                       fused.gemm.INTERPRETED, self.arch)
-
-    def _plan_stage(self, fused, stage, index, src, src_width, src_stride, n, h, w):
-        gemm, grouped = fused.gemm, fused.grouped
-        first = stage[0]
-        stride = first.stride
-        h_out, w_out = (h - 1) // stride + 1, (w - 1) // stride + 1
-        rows_in, rows = n * h * w, n * h_out * w_out
-        width = fused._stage_width(stage)
-        ld = _row_stride(width)
-        buf = self.buffers[index % 2][:rows * ld].view(rows, ld)
-        proj = first.projection
-        self.launches.append(gemm.plan_conv1x1(
-            src, proj.weight, buf, rows=rows, k=src_width, n=proj.weight.shape[1],
-            lda=src_stride, ldo=ld, stride=stride, in_hw=(h, w), in_scale=proj.in_scale,
-            in_shift=proj.in_shift, tiles=self._gemm_tiles(fused, rows, src_width,
-                                                             proj.weight.shape[1])))
-        dense = 2 * first.inc  # dense channels in the buffer so far
-        for blk in stage:
-            if blk is first:  # reads the previous stage's rows at their size
-                a_src, a_k, a_ld, a_rows, a_hw = src, src_width, src_stride, rows_in, (h, w)
-            else:
-                a_src, a_k, a_ld, a_rows, a_hw = buf, blk.resid + dense, ld, rows, \
-                    (h_out, w_out)
-            r = blk.slot_width
-            bottleneck = self.scratch[0][:a_rows * r].view(a_rows, r)
-            self.launches.append(gemm.plan_conv1x1(
-                a_src, blk.conv_a.weight, bottleneck, rows=a_rows, k=a_k, n=r, lda=a_ld, ldo=r,
-                in_scale=blk.conv_a.in_scale, in_shift=blk.conv_a.in_shift,
-                bias=blk.conv_a.bias, relu=True, tiles=self._gemm_tiles(fused, a_rows, a_k, r)))
-            grouped_rows = self.scratch[1][:rows * r].view(rows, r)
-            self.launches.append(grouped.plan_grouped_conv3x3(
-                bottleneck, blk.grouped_weight, blk.grouped_bias, grouped_rows, images=n,
-                h=a_hw[0], w=a_hw[1], c=blk.bottleneck, groups=blk.groups, stride=blk.stride,
-                ldx=r, ldo=r, tiles=grouped.choose_tiles(
-                    blk.bottleneck // blk.groups, rows, fused.dtype != torch.float32,
-                    grouped.INTERPRETED, self.arch)))
-            n_c = blk.resid + blk.inc
-            self.launches.append(gemm.plan_conv1x1(
-                grouped_rows, blk.conv_c.weight, buf, rows=rows, k=r, n=n_c, lda=r, ldo=ld,
-                split=blk.resid, dense_gap=dense, add_to_out=True,
-                tiles=self._gemm_tiles(fused, rows, r, n_c)))
-            dense += blk.inc
-        return buf, h_out, w_out
+        self.out = source[:n * h * w * ld].view(n, h, w, ld)[..., :width].permute(0, 3, 1, 2)
 
     def run(self, stem_out):
         self.stem.copy_(stem_out.permute(0, 2, 3, 1))
-        for launch in self.launches:
-            launch()
+        if self.kernels is None:
+            for launch in self.launches:
+                launch()
+        else:
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            for launch in self.launches:
+                self.kernels.launch_planned(launch, stream)
         return self.out
+
+
+def _bound(memory, region):
+    """The tensor a planned Region names, checked to hold it."""
+    tensor = memory[region.name]
+    if str(tensor.dtype).replace("torch.", "") != region.dtype or \
+            tensor.numel() < region.size or not tensor.is_contiguous():
+        raise ValueError(f"stage plan: {region.name} is a {tensor.dtype} tensor of "
+                         f"{tensor.numel()} elements (contiguous: {tensor.is_contiguous()}); "
+                         f"the plan needs {region.size} {region.dtype}")
+    return tensor
 
 
 class FusedDPN:
     """Callable: images [n, C, H, W] -> logits, as model(images) in eval. See the module doc."""
 
-    def __init__(self, model, max_plans=4):
+    def __init__(self, model, max_plans=4, kernels=None):
         features = getattr(model, "features", None)
         if features is None or not all(hasattr(features, name) for name in
                                        ("conv1_1", "conv1_pool", "conv5_bn_ac")):
@@ -297,6 +272,10 @@ class FusedDPN:
         self.dtype, self.device = weight.dtype, weight.device
         if self.dtype not in DTYPES:
             raise TypeError(f"fuse: model dtype must be one of {DTYPES}, got {self.dtype}")
+        if kernels is not None and self.device.type != "cuda":
+            raise ValueError(f"fuse: the embedded kernels (kernels=) run on CUDA; the model is "
+                             f"on {self.device}")
+        self.kernels = kernels
         self.gemm, self.grouped = nhwc_conv1x1, nhwc_grouped_conv3x3
         self.arch = None  # the interpreter's (CPU)
         if self.device.type == "cuda":
@@ -322,11 +301,6 @@ class FusedDPN:
             self.stages[-1].append(blk)
         self.max_plans = max_plans
         self._plans = OrderedDict()  # (n, h, w, stream) -> _Plan, least recently used first
-
-    @staticmethod
-    def _stage_width(stage):
-        first = stage[0]
-        return first.resid + 2 * first.inc + sum(b.inc for b in stage)
 
     def _plan(self, n, h, w):
         """The plan for stem output n x h x w on the current stream (made on first use)."""

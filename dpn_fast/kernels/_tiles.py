@@ -20,6 +20,19 @@ def current_arch():
     return triton.runtime.driver.active.get_current_target().arch
 
 
+def archs(kernel):
+    """The compute capabilities the table lists for `kernel`, ascending (e.g. [80, 90])."""
+    return sorted(int(key[3:]) for key in _table()[kernel] if key.startswith("sm_"))
+
+
+def entries(kernel, arch, half):
+    """Every entry's {field: value} for `kernel` at the listed arch `arch` and the dtype class,
+    in table order: the tiles an ahead-of-time build compiles."""
+    spec = _table()[kernel]
+    return [dict(zip(spec["fields"], entry["tiles"]))
+            for entry in spec[f"sm_{arch}"]["half" if half else "fp32"]]
+
+
 def lookup(kernel, arch, half, **sizes):
     """{field: value} of the first entry for `kernel` at compute capability `arch` (e.g. 90) and
     dtype class (half: fp16/bf16, else fp32) whose max_<size> bounds all hold for `sizes`
@@ -28,8 +41,7 @@ def lookup(kernel, arch, half, **sizes):
     if set(sizes) != set(spec["sizes"]):
         raise ValueError(f"tile lookup for {kernel}: sizes {sorted(sizes)}, the table's are "
                          f"{sorted(spec['sizes'])}")
-    archs = sorted(int(key[3:]) for key in spec if key.startswith("sm_"))
-    listed = max((a for a in archs if a <= arch), default=archs[0])
+    listed = max((a for a in archs(kernel) if a <= arch), default=archs(kernel)[0])
     for entry in spec[f"sm_{listed}"]["half" if half else "fp32"]:
         if all(sizes[name] <= entry.get(f"max_{name}", sizes[name]) for name in sizes):
             return dict(zip(spec["fields"], entry["tiles"]))

@@ -27,9 +27,9 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from dpn_fast.kernels._launch import NOTHING, Launch, alignment
+from dpn_fast.kernels._launch import NOTHING, VECTOR_ALIGN, Launch, alignment
 from dpn_fast.kernels._rows import check_dtypes, check_rows
-from dpn_fast.kernels._tiles import current_arch, lookup
+from dpn_fast.kernels._tiles import current_arch, entries, lookup
 
 # Decided when the kernels are decorated: @triton.jit reads TRITON_INTERPRET at that moment.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -208,29 +208,63 @@ def plan_conv1x1(a, w, out, *, rows, k, n, lda, ldo, stride=1, in_hw=None, in_sc
     args = (a, w, w if in_scale is None else in_scale, w if in_shift is None else in_shift,
             w if bias is None else bias, out, rows, k, n, lda, ldo, h, w_in, h_out, w_out, split,
             dense_gap)
-    options = dict(STRIDE=stride, IN_AFFINE=in_scale is not None, HAS_BIAS=bias is not None,
-                   RELU=relu, ADD_TO_OUT=add_to_out,
-                   PRECISION="ieee" if dtype == "float32" else "tf32",
-                   ALIGN=alignment(k, n, lda, ldo, split, dense_gap), BLOCK_M=tiles.block_m,
-                   BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return Launch(_conv1x1_kernel, grid, args, options)
+    form = Form(stride, in_scale is not None, bias is not None, relu, add_to_out)
+    options = launch_options(form, dtype, alignment(k, n, lda, ldo, split, dense_gap), tiles)
+    return Launch(_conv1x1_kernel, grid, args, options, dtype)
+
+
+class Form(NamedTuple):
+    """What a launch computes besides the GEMM: the kernel's flags."""
+    stride: int
+    in_affine: bool
+    has_bias: bool
+    relu: bool
+    add_to_out: bool
+
+
+# The forms a DPN block launches (dpn_fast.engines.torch_host): a stage's projection at stride 1
+# and 2 (BN + ReLU prologue), 1x1a (prologue, bias + ReLU epilogue), 1x1c (residual add in place).
+BLOCK_FORMS = (Form(1, True, False, False, False), Form(2, True, False, False, False),
+               Form(1, True, True, True, False), Form(1, False, False, False, True))
+
+
+def launch_options(form, dtype, align, tiles):
+    """The kernel's constexprs and launch options (a Launch's options) for a Form, the
+    activations' dtype name, ALIGN and the Tiles."""
+    return dict(STRIDE=form.stride, IN_AFFINE=form.in_affine, HAS_BIAS=form.has_bias,
+                RELU=form.relu, ADD_TO_OUT=form.add_to_out,
+                PRECISION="ieee" if dtype == "float32" else "tf32", ALIGN=align,
+                BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+                GROUP_M=tiles.group_m, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def embedded_variants(arch, dtype):
+    """The launch options compiled ahead of time into the op library for a listed arch of the
+    tile table and a dtype name: every BLOCK_FORMS form x tile entry x ALIGN (1, VECTOR_ALIGN)."""
+    return [launch_options(form, dtype, align, Tiles(**entry))
+            for entry in entries("conv1x1", arch, dtype != "float32")
+            for form in BLOCK_FORMS for align in (1, VECTOR_ALIGN)]
+
+
+def triton_signature(dt):
+    """The kernel's parameters as Triton types for activations of Triton dtype `dt` ("fp16"):
+    pointers, the i32 sizes (never specialised), the constexprs."""
+    flags = ("STRIDE", "IN_AFFINE", "HAS_BIAS", "RELU", "ADD_TO_OUT", "PRECISION", "ALIGN",
+             "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+    return {"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "in_scale_ptr": "*fp32",
+            "in_shift_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{dt}",
+            **{name: "i32" for name in _SIZES}, **{name: "constexpr" for name in flags}}
 
 
 def _aot_specs():
     """fp32 and bf16 in the 1x1a form (prologue, bias + ReLU) at the largest GPU tiles. fp16, the
     GPU runs' dtype, is compiled in every form DPN92 launches, with the JIT's specialisation,
     by tests/_triton_ptx.py (compile time is CI time)."""
-    ints = ("M", "K", "N", "LDA", "LDO", "H", "W", "H_OUT", "W_OUT", "SPLIT", "DENSE_GAP")
-    flags = ("STRIDE", "IN_AFFINE", "HAS_BIAS", "RELU", "ADD_TO_OUT", "PRECISION", "ALIGN",
-             "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
     block_1x1a = (1, True, True, True, False)
     forms = {"fp32": (block_1x1a,), "bf16": (block_1x1a,)}
     specs = []
     for dt, dt_forms in forms.items():
-        signature = {"a_ptr": f"*{dt}", "w_ptr": f"*{dt}", "in_scale_ptr": "*fp32",
-                     "in_shift_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{dt}",
-                     **{name: "i32" for name in ints}, **{name: "constexpr" for name in flags}}
+        signature = triton_signature(dt)
         t = choose_tiles(1 << 20, 1024, 1024, half=dt != "fp32", arch=AOT_MIN_CC)
         tile = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
                 "GROUP_M": t.group_m, "PRECISION": "ieee" if dt == "fp32" else "tf32",

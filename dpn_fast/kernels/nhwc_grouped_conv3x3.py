@@ -42,7 +42,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 LANES = (16, 32, 64)  # tensor-core tile widths a chunk may use
 
 
-@triton.jit(do_not_specialize=["ROWS_OUT", "H", "W", "H_OUT", "W_OUT", "LDX", "LDO", "CHUNKS"])
+# Sizes are not specialised on divisibility by 16 (ALIGN hints the row strides instead).
+_SIZES = ["ROWS_OUT", "H", "W", "H_OUT", "W_OUT", "LDX", "LDO", "CHUNKS"]
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _grouped_conv3x3_kernel(x_ptr, w_ptr, bias_ptr, out_ptr,
                             ROWS_OUT, H, W, H_OUT, W_OUT, LDX, LDO, CHUNKS,
                             STRIDE: tl.constexpr, SLOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -210,24 +214,55 @@ def plan_grouped_conv3x3(x, packed_w, bias, out, *, images, h, w, c, groups, str
     chunks = -(-c // channels)
     grid = (triton.cdiv(rows_out, tiles.block_p) * chunks,)
     args = (x, packed_w, bias, out, rows_out, h, w, h_out, w_out, ldx, ldo, chunks)
-    options = dict(STRIDE=stride, SLOT=_round_up(channels, VECTOR_ALIGN),
-                   PRECISION="ieee" if dtype == "float32" else "tf32",
-                   ALIGN=alignment(ldx, ldo), BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c,
-                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return Launch(_grouped_conv3x3_kernel, grid, args, options)
+    options = launch_options(stride, cin_g, dtype, alignment(ldx, ldo), tiles)
+    return Launch(_grouped_conv3x3_kernel, grid, args, options, dtype)
+
+
+def launch_options(stride, channels_per_group, dtype, align, tiles):
+    """The kernel's constexprs and launch options (a Launch's options) for the stride, the group
+    width, the activations' dtype name, ALIGN and the Tiles."""
+    return dict(STRIDE=stride,
+                SLOT=_round_up(tiles.groups_per_program * channels_per_group, VECTOR_ALIGN),
+                PRECISION="ieee" if dtype == "float32" else "tf32", ALIGN=align,
+                BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c, num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages)
+
+
+# Channels a group compiled ahead of time: the DPNs' (DPN68 ... DPN131: 3 to 32) and 48, the
+# 64-lane tile's. The kernel depends on them only through the chunk geometry (SLOT, BLOCK_C).
+EMBEDDED_GROUP_WIDTHS = (3, 4, 6, 8, 12, 16, 24, 32, 48)
+
+
+def embedded_variants(arch, dtype):
+    """The launch options compiled ahead of time into the op library for a listed arch of the
+    tile table and a dtype name: every distinct chunk geometry of EMBEDDED_GROUP_WIDTHS x stride
+    1, 2 at the tiles choose_tiles gives it. ALIGN is VECTOR_ALIGN alone: rows in the slot
+    layout are multiples of it wide."""
+    variants = {}
+    for width in EMBEDDED_GROUP_WIDTHS:
+        tiles = choose_tiles(width, 1, dtype != "float32", arch=arch)
+        for stride in (1, 2):
+            options = launch_options(stride, width, dtype, VECTOR_ALIGN, tiles)
+            variants[tuple(sorted(options.items()))] = options
+    return list(variants.values())
+
+
+def triton_signature(dt):
+    """The kernel's parameters as Triton types for activations of Triton dtype `dt` ("fp16"):
+    pointers, the i32 sizes (never specialised), the constexprs."""
+    return {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": "*fp32", "out_ptr": f"*{dt}",
+            **{name: "i32" for name in _SIZES},
+            **{name: "constexpr" for name in ("STRIDE", "SLOT", "PRECISION", "ALIGN", "BLOCK_P",
+                                              "BLOCK_C")}}
 
 
 def _aot_specs():
     """fp32 and bf16, one group width per lane count at the GPU tiles: 3 channels at stride 2
     (5 groups in a 16-lane slot), 24 at stride 2 (32 lanes), 48 at stride 1 (64 lanes). fp16
     at DPN92's shapes, with the JIT's specialisation: tests/_triton_ptx.py."""
-    ints = ("ROWS_OUT", "H", "W", "H_OUT", "W_OUT", "LDX", "LDO", "CHUNKS")
     specs = []
     for dt, precision in (("fp32", "ieee"), ("bf16", "tf32")):
-        signature = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": "*fp32",
-                     "out_ptr": f"*{dt}", **{name: "i32" for name in ints},
-                     **{name: "constexpr" for name in ("STRIDE", "SLOT", "PRECISION", "ALIGN",
-                                                       "BLOCK_P", "BLOCK_C")}}
+        signature = triton_signature(dt)
         for cin_g, stride in ((3, 2), (24, 2), (48, 1)):
             t = choose_tiles(cin_g, 1 << 20, half=dt != "fp32", arch=AOT_MIN_CC)
             specs.append((_grouped_conv3x3_kernel, signature,
