@@ -289,19 +289,17 @@ void dpn_stage_forward_cpu(const DpnBlockShape* shapes, const DpnBlockWeights* w
 
 namespace {
 
-// pooled[b, c] = mean over the positions of relu(bn(concat(resid, dense))) (workspace: the
-// pooled features, then, for a bf16 classifier, their bf16 copy).
+// pooled[b, c] = mean over the positions of relu(bn(concat(resid, dense))).
 template <typename Dense>
 void head_features(const DpnHeadShape& s, const float* resid, const Dense* dense,
-                   const DpnHeadWeights& wt, float* workspace) {
+                   const FoldedBatchNorm& bn, float* pooled) {
   const int64_t channels = s.channels();
-  const float* scale = wt.bn.scale;
-  const float* shift = wt.bn.shift;
+  const float* scale = bn.scale;
+  const float* shift = bn.shift;
   const float inv_hw = 1.0f / float(s.hw);
-  Bf16* const pooled_bf16 = reinterpret_cast<Bf16*>(workspace + s.n * channels);
 #pragma omp parallel for num_threads(cpu_threads()) schedule(static)
   for (int64_t b = 0; b < s.n; ++b) {
-    float* sum = workspace + b * channels;
+    float* sum = pooled + b * channels;
     std::fill(sum, sum + channels, 0.0f);
     for (int64_t p = 0; p < s.hw; ++p) {
       const float* r = resid + (b * s.hw + p) * s.resid;
@@ -313,34 +311,22 @@ void head_features(const DpnHeadShape& s, const float* resid, const Dense* dense
         sum[s.resid + c] += relu(load(d + c) * scale[s.resid + c] + shift[s.resid + c]);
     }
     for (int64_t c = 0; c < channels; ++c) sum[c] *= inv_hw;
-    if (wt.bf16) {
-#pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) pooled_bf16[b * channels + c] = round_to_bf16(sum[c]);
-    }
   }
 }
 
 // logits = fc_bias + pooled x fc_weight.
-void head_classifier(const DpnHeadShape& s, const DpnHeadWeights& wt, const float* workspace,
+void head_classifier(const DpnHeadShape& s, const DpnHeadWeights& wt, const float* pooled,
                      float* logits) {
   const int64_t channels = s.channels();
   for (int64_t b = 0; b < s.n; ++b) {
     std::copy(wt.fc_bias, wt.fc_bias + s.classes, logits + b * s.classes);
   }
   GemmShape g{s.n, s.classes, channels, channels, s.classes, s.classes, true};
-  if (!wt.packed) {
-    gemm_f32(g, workspace, static_cast<const float*>(wt.fc_weight), logits);
-    return;
+  if (wt.packed) {
+    g.b_layout = BLayout::kPacked;
+    g.ldb = channels;
   }
-  g.b_layout = BLayout::kPacked;
-  g.ldb = channels;
-  g.bf16 = wt.bf16;
-  if (wt.bf16) {
-    gemm_bf16(g, reinterpret_cast<const Bf16*>(workspace + s.n * channels),
-              static_cast<const Bf16*>(wt.fc_weight), logits);
-  } else {
-    gemm_f32(g, workspace, static_cast<const float*>(wt.fc_weight), logits);
-  }
+  gemm_f32(g, pooled, wt.fc_weight, logits);
 }
 
 }  // namespace
@@ -349,9 +335,9 @@ void dpn_head_forward_cpu(const DpnHeadShape& s, const float* resid, const void*
                           const DpnHeadWeights& wt, float* logits, float* workspace) {
   if (s.n == 0) return;  // an empty batch: empty logits
   if (s.dense_bf16) {
-    head_features(s, resid, static_cast<const Bf16*>(dense), wt, workspace);
+    head_features(s, resid, static_cast<const Bf16*>(dense), wt.bn, workspace);
   } else {
-    head_features(s, resid, static_cast<const float*>(dense), wt, workspace);
+    head_features(s, resid, static_cast<const float*>(dense), wt.bn, workspace);
   }
   head_classifier(s, wt, workspace, logits);
 }

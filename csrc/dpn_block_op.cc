@@ -6,7 +6,7 @@
 //                       and a new dense buffer of `capacity` channels, then its normal blocks run
 //                       in place there (what the fused model runs)
 //   dpn_fast_dpn_head   final BN + ReLU, global average pool and the classifier (its weight
-//                       plain, or packed like a 1x1 GEMM's, as floats or bf16)
+//                       plain, or packed like a 1x1 GEMM's)
 //   dpn_fast_fold_batch_norms  eval BNs folded into the others' scale_shift argument
 //   dpn_fast_pack_1x1_weight  rows of a 1x1 weight (one GEMM's) laid out once for this CPU
 //                       (oneDNN's packed format), for dpn_fast_dpn_stage with packed_weights:
@@ -569,14 +569,12 @@ std::vector<paddle::DataType> StageInferDtype(const paddle::optional<paddle::Dat
 
 // scale_shift: [2, C], the folded BN of concat(resid, dense) (C = R + dense_channels). fc_weight:
 // [C, classes] floats, or with packed_fc the [classes, C] transpose packed as a 1x1 GEMM's
-// weight (dpn_fast_pack_1x1_weight; as bf16 for bf16).
+// float32 weight (dpn_fast_pack_1x1_weight). dense: float32, or a bf16 stage's bfloat16.
 std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddle::Tensor& dense,
                                         const paddle::Tensor& scale_shift,
                                         const paddle::Tensor& fc_weight,
                                         const paddle::Tensor& fc_bias, int64_t dense_channels,
-                                        bool packed_fc, bool bf16) {
-  PD_CHECK(packed_fc || !bf16, kHead, ": bf16=true runs on a packed classifier weight "
-           "(packed_fc=true)");
+                                        bool packed_fc) {
   const bool dense_bf16 = dense.dtype() == paddle::DataType::BFLOAT16;  // a bf16 stage's
   const Input in = check_input(&resid, dense, dense_channels, false, kHead,
                                dense_dtype(dense_bf16));
@@ -586,7 +584,7 @@ std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddl
   const void* weight = nullptr;
   if (packed_fc) {
     classes = packed_rows(fc_weight, kHead, "fc_weight");
-    weight = packed_1x1(fc_weight, classes, channels, bf16, kHead, "fc_weight");
+    weight = packed_1x1(fc_weight, classes, channels, false, kHead, "fc_weight");
   } else {
     const Shape& fw = fc_weight.shape();
     PD_CHECK(fw.size() == 2 && fw[0] == channels && fw[1] > 0, kHead,
@@ -600,8 +598,9 @@ std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddl
            "], got ", shape_str(fc_bias.shape()));
   const dpn_fast::DpnHeadShape s{in.n,     in.h * in.w, in.resid, in.dense, in.capacity,
                                  classes, dense_bf16};
-  const dpn_fast::DpnHeadWeights weights{FoldedColumns(scale_shift).next(channels), weight,
-                                         fc_bias.data<float>(), packed_fc, bf16};
+  const dpn_fast::DpnHeadWeights weights{FoldedColumns(scale_shift).next(channels),
+                                         static_cast<const float*>(weight), fc_bias.data<float>(),
+                                         packed_fc};
   auto logits = dpn_fast::empty_output({s.n, s.classes}, paddle::DataType::FLOAT32, dense.place());
   auto workspace = dpn_fast::empty_output({dpn_fast::dpn_head_workspace_floats(s)},
                                           paddle::DataType::FLOAT32, dense.place());
@@ -611,7 +610,7 @@ std::vector<paddle::Tensor> HeadForward(const paddle::Tensor& resid, const paddl
 }
 
 std::vector<Shape> HeadInferShape(const Shape&, const Shape& ds, const Shape&, const Shape& fw,
-                                  const Shape&, int64_t, bool packed_fc, bool) {
+                                  const Shape&, int64_t, bool packed_fc) {
   PD_CHECK(ds.size() == 4 && fw.size() == 2, kHead, ": dense must have rank 4, fc_weight rank 2");
   return {{ds[0], packed_fc ? fw[0] : fw[1]}};
 }
@@ -685,7 +684,7 @@ PD_BUILD_OP(dpn_fast_dpn_block)
 PD_BUILD_OP(dpn_fast_dpn_head)
     .Inputs({"resid", "dense", "scale_shift", "fc_weight", "fc_bias"})
     .Outputs({"logits"})
-    .Attrs({"dense_channels: int64_t", "packed_fc: bool", "bf16: bool"})
+    .Attrs({"dense_channels: int64_t", "packed_fc: bool"})
     .SetKernelFn(PD_KERNEL(HeadForward))
     .SetInferShapeFn(PD_INFER_SHAPE(HeadInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(HeadInferDtype));

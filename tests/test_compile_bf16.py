@@ -1,6 +1,6 @@
 """dpn_fast.compile(precision="bf16"): its logits against a plain-Paddle emulation of its numerics
-(the weights of every convolution and of the classifier and their inputs rounded to bf16, and the
-stage's dense channels; everything else float32) and the same emulation in float64, against the
+(the weights of every convolution and their inputs rounded to bf16, and the stage's dense
+channels; everything else float32) and the same emulation in float64, against the
 float32 model, its export and its packed weights; on a CPU without bf16 matmul kernels, its
 error."""
 import os
@@ -28,13 +28,13 @@ MAX_REL_ERR_VS_FP32 = 2e-2
 
 
 def bf16_layers(model):
-    """The layers the bf16 engine runs on bf16 weights and inputs: the stem's convolution, each
-    block's projection, 1x1a, grouped 3x3 and 1x1c, and the classifier."""
+    """The layers the bf16 engine runs on bf16 weights and inputs: the stem's convolution and each
+    block's projection, 1x1a, grouped 3x3 and 1x1c (the classifier stays float32)."""
     layers = [model.conv1_x_1_func._conv]
     for block in model.blocks:
         layers += [block.c1x1_w_func._conv] if block.has_proj else []
         layers += [block.c1x1_a_func._conv, block.c3x3_b_func._conv, block.c1x1_c_func._conv]
-    return layers + [model.out]
+    return layers
 
 
 def round_tensor(x):
@@ -43,9 +43,9 @@ def round_tensor(x):
 
 def emulate_bf16(model):
     """Turns `model` (float32 or float64) into the plain-Paddle emulation of the bf16 engine, in
-    its own dtype: each bf16 layer's weight rounded to bf16 now, its input (the image, a BN +
-    ReLU output or the pooled features) at every call, and each block's dense output (the stage's
-    dense buffer; its residual stays unrounded)."""
+    its own dtype: each bf16 layer's weight rounded to bf16 now, its input (the image or a BN +
+    ReLU output) at every call, and each block's dense output (the stage's dense buffer; its
+    residual stays unrounded)."""
     for layer in bf16_layers(model):
         layer.weight.set_value(round_to_bf16(layer.weight.numpy()))
         layer.register_forward_pre_hook(lambda layer, inputs: (round_tensor(inputs[0]),))
@@ -139,8 +139,7 @@ def first_stage_output(compiled, x):
 @needs_bf16
 def test_stage_buffers_carry_their_precision():
     """A bf16 stage hands on its dense buffer as bfloat16 and its residual as float32; a stage of
-    the other precision refuses that buffer by name, and so does the head a bf16 classifier on
-    a weight that is not packed."""
+    the other precision refuses that buffer by name; the head reads either."""
     reference, _, _ = build_trio("DPN68", seed=57)
     reference.eval()
     fp32, bf16 = (dpn_fast.compile(reference, precision=p) for p in ("fp32", "bf16"))
@@ -158,10 +157,14 @@ def test_stage_buffers_carry_their_precision():
         with pytest.raises(OSError, match=message):
             stage_launch(*other, weights, scale_shift, layout.groups, layout.stride,
                          layout.dense_channels, layout.capacity, True, layout.bf16_stage)
-    scale_shift, _, fc_bias, channels, _, _ = bf16._head
-    with pytest.raises(OSError, match=r"bf16=true runs on a packed classifier weight"):
-        head_launch(resid, dense, scale_shift, reference.out.weight, fc_bias, channels,
-                    packed_fc=False, bf16=True)
+    for compiled in (fp32, bf16):  # the stages after the first, then the head
+        resid, dense = first_stage_output(compiled, x)
+        for weights, scale_shift, layout in compiled._stages[1:]:
+            resid, dense = stage_launch(resid, dense, weights, scale_shift, layout.groups,
+                                        layout.stride, layout.dense_channels, layout.capacity,
+                                        True, layout.bf16_stage)
+        np.testing.assert_array_equal(head_launch(resid, dense, *compiled._head).numpy(),
+                                      compiled(x).numpy())
 
 
 def runs_bf16_pairs():

@@ -1,6 +1,6 @@
 """The CPU inference engine: the stem, each stage and the head as one op each (float32 in and out,
-eval BatchNorm, no backward; in bf16 precision every convolution and the classifier multiply bf16
-weights by bf16 inputs).
+eval BatchNorm, no backward; in bf16 precision every convolution multiplies bf16 weights by bf16
+inputs).
 
     stem_conv_bn_relu_pool -> dpn_stage x 4 -> dpn_head
 
@@ -13,10 +13,10 @@ the runner:
   call). Callable from several threads (it keeps no state between calls) and exportable to Paddle
   Inference (dpn_fast.inference.export); packed weights only run on a CPU whose oneDNN picks the
   same layout, and elsewhere the stage op refuses them, naming both layouts. The classifier's
-  weight is packed likewise. precision="bf16" packs every weight as bf16 and runs the stem, the
-  blocks' convolutions and the classifier on bf16-rounded inputs with float32 sums, its stages'
-  dense buffers in bf16 (BNs, pooling and the residual buffers stay float32), on CPUs with bf16
-  matmul kernels only.
+  weight is packed likewise. precision="bf16" packs the convolutions' weights as bf16 and runs
+  the stem and the blocks' convolutions on bf16-rounded inputs with float32 sums, its stages'
+  dense buffers in bf16 (BNs, pooling, the residual buffers and the classifier stay float32), on
+  CPUs with bf16 matmul kernels only.
 - `forward_live(model, x)`: the fused model's eval path (dpn_fast.engines.fused), which reads the
   model's parameters at every call and folds a stage's BNs in one op call before the stage's.
 """
@@ -147,9 +147,9 @@ class CompiledDPN(paddle.nn.Layer):
                 self._stages.append((weights, scale_shift,
                                      replace(layout, packed_weights=True, bf16_stage=bf16)))
             self._head = (self._keep("head_scale_shift", fold_launch([model.conv5_x_x_bn])),
-                          self._keep("fc_weight", pack_head_launch(model.out.weight, bf16)),
+                          self._keep("fc_weight", pack_head_launch(model.out.weight)),
                           self._own("fc_bias", model.out.bias), _head_dense_channels(model),
-                          True, bf16)
+                          True)
         self.eval()
 
     def _own(self, name, tensor):

@@ -82,21 +82,20 @@ def pack_stage_launch(weights, groups, bf16=False):
     return packed
 
 
-def head_launch(resid, dense, scale_shift, fc_weight, fc_bias, dense_channels, packed_fc=False,
-                bf16=False):
-    """The head's op on channels-last stage buffers, unchecked: logits [N, classes]. fc_weight:
-    the classifier's [channels, classes] weight, or with `packed_fc` what pack_head_launch made of
-    it (`bf16`: packed as bf16, and the pooled features rounded to bf16)."""
+def head_launch(resid, dense, scale_shift, fc_weight, fc_bias, dense_channels, packed_fc=False):
+    """The head's op on channels-last stage buffers (dense float32, or a bf16 stage's bfloat16),
+    unchecked: logits [N, classes]. fc_weight: the classifier's [channels, classes] weight, or
+    with `packed_fc` what pack_head_launch made of it."""
     return _extension.run_op("dpn_fast_dpn_head", resid, dense, scale_shift, fc_weight, fc_bias,
-                             dense_channels, packed_fc, bf16)[0]
+                             dense_channels, packed_fc)[0]
 
 
-def pack_head_launch(fc_weight, bf16=False):
-    """The classifier's weight [channels, classes] laid out once for this CPU, as a 1x1 GEMM's
-    (pack_stage_launch; `bf16`: rounded to bf16), for head_launch with packed_fc=True."""
+def pack_head_launch(fc_weight):
+    """The classifier's weight [channels, classes] laid out once for this CPU as a 1x1 GEMM's
+    float32 weight (pack_stage_launch), for head_launch with packed_fc=True."""
     classes = fc_weight.shape[1]
     rows = paddle.transpose(fc_weight, [1, 0]).contiguous().reshape([classes, -1, 1, 1])
-    return _extension.run_op("dpn_fast_pack_1x1_weight", rows, 0, classes, bf16)[0]
+    return _extension.run_op("dpn_fast_pack_1x1_weight", rows, 0, classes, False)[0]
 
 
 def fold_batch_norms(layers):
