@@ -5,7 +5,7 @@ from dpn_fast.engines.cpu import CompiledDPN
 from dpn_fast.engines.fused import fuse
 from dpn_fast.models import DPN, MODEL_NAMES
 
-DEVICES = ("cpu",)
+DEVICES = ("cpu", "gpu")
 
 
 def create_model(name, fused=False, pretrained=None, class_num=1000):
@@ -41,15 +41,30 @@ def DPN131(fused=False, pretrained=None, class_num=1000):
 def compile(model, device="cpu", precision="fp32"):  # noqa: A001 (the name users look for)
     """`model` (a DPN, fused or not) prepared for inference on `device`: an object that folds the
     BNs once and owns its copies of the weights, so later changes to `model` do not reach it.
-    Call it on float32 NCHW tensors; export it with dpn_fast.inference.export. `precision`:
-    "fp32", or "bf16" (the 1x1 convolutions' weights and inputs rounded to bf16, float32
-    accumulation, float32 input and logits; needs a CPU with AVX512_BF16 or AMX-BF16). On GPU,
-    use DPN(fused=True) (Paddle) or dpn_fast.torch (torch)."""
-    if device not in DEVICES:
-        raise ValueError(f"compile: device must be one of {DEVICES}, got {device!r}; on GPU use "
-                         "the fused model (fused=True) or dpn_fast.torch")
-    return CompiledDPN(model, precision)
+    Call it on float32 NCHW tensors; it returns float32 logits.
 
+    device="cpu": a paddle.nn.Layer, exportable with dpn_fast.inference.export. `precision`:
+    "fp32", or "bf16" (the 1x1 convolutions' weights and inputs rounded to bf16, float32
+    accumulation; needs a CPU with AVX512_BF16 or AMX-BF16).
+
+    device="gpu": the stages on the op library's embedded Triton kernels (the kernels
+    dpn_fast.torch runs), the stem and head on Paddle's ops, for the current GPU. `precision`:
+    the activations' dtype between stem and head, "fp16", "bf16" or "fp32" (fp32 accumulation
+    in all three). Needs a CUDA build of dpn_fast and of Paddle, triton, and an sm_80 or sm_90
+    class GPU; elsewhere it raises dpn_fast.engines.gpu.GpuUnavailableError (a RuntimeError)
+    naming what is missing. Never yet run on a GPU."""
+    if device not in DEVICES:
+        raise ValueError(f"compile: device must be one of {DEVICES}, got {device!r}")
+    if device == "gpu":
+        try:
+            from dpn_fast.engines.gpu import GpuCompiledDPN
+        except ModuleNotFoundError as error:
+            if error.name != "triton":
+                raise
+            raise ImportError("compile(device='gpu') plans its launches with dpn_fast's Triton "
+                              "kernels: install triton (pip install triton)") from error
+        return GpuCompiledDPN(model, precision)
+    return CompiledDPN(model, precision)
 
 __all__ = ["MODEL_NAMES", "create_model", "DPN68", "DPN92", "DPN98", "DPN107", "DPN131",
            "compile"]

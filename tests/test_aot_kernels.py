@@ -330,37 +330,47 @@ def decode(kernels, launches):
     return out
 
 
+def assert_encodes(plan, order, encoded, dtype):
+    """`encoded`, encode_stage's attributes of `plan` with its weights in `order`, decoded as the
+    op reads them: every launch's kernel, dtype, variant, grid and arguments; buffers and weights
+    as operand indices; the sizes the op allocates and checks. Returns the decoded launches."""
+    from dpn_fast.ops.aot_stage import FIXED_OPERANDS
+    kernels, launches, sizes = encoded
+    operands = list(FIXED_OPERANDS) + list(order)
+    decoded = decode(kernels, launches)
+    assert len(decoded) == len(plan.launches)
+    for (name, launch_dtype, variant, grid, pairs), launch in zip(decoded, plan.launches):
+        assert (name, launch_dtype, variant) == (launch.kernel.fn.__name__, dtype, launch.variant)
+        assert grid == (*launch.grid, 1, 1)[:3]
+        assert [operands[v] if k == 1 else v for k, v in pairs] == \
+            [a.name if hasattr(a, "name") else a for a in launch.args]
+    ld = plan.row_stride
+    assert sizes[:4] == [plan.sizes["stage"] // ld, ld, plan.sizes["bottleneck"],
+                         plan.sizes["grouped"]]
+    assert sizes[4] == plan.sizes["input"] and len(sizes) == 5 + len(order)
+    return decoded
+
+
 def test_paddle_stage_op_attributes_encode_each_dpn92_stage(embedded):
-    """encode_stage (dpn_fast/ops/aot_stage.py) of each DPN92 stage plan, decoded as the op
-    reads it: every launch's kernel, variant, grid and arguments; buffers and weights as
-    operand indices, the sizes the op allocates and checks. The op itself, in this CUDA build,
-    refuses CPU tensors with a clear error (it cannot run without a GPU)."""
+    """encode_stage (dpn_fast/ops/aot_stage.py) of each DPN92 stage plan decodes to the plan
+    (assert_encodes), every launch a variant the library embeds. The op itself, in this CUDA
+    build, refuses CPU tensors with a clear error (it cannot run without a GPU)."""
     import paddle
 
     from dpn_fast.kernels._stage import plan_stage, weight_names
-    from dpn_fast.ops.aot_stage import FIXED_OPERANDS, OP, aot_stage, encode_stage
+    from dpn_fast.ops.aot_stage import OP, aot_stage, encode_stage
     ld = None
     for blocks, h, w, in_width in dpn92_stages():
         plan = plan_stage(blocks, 1, h, w, in_width, ld or in_width, "float16", 90)
         ld = plan.row_stride
         order = [n for i in range(len(blocks)) for n in weight_names(i, i == 0)]
-        kernels, launches, sizes = encode_stage(plan, order)
-        operands = list(FIXED_OPERANDS) + order
-        decoded = decode(kernels, launches)
-        assert len(decoded) == len(plan.launches) == 1 + 3 * len(blocks)
-        for (name, dtype, variant, grid, pairs), launch in zip(decoded, plan.launches):
-            assert (name, dtype, variant) == (launch.kernel.fn.__name__, "float16",
-                                              launch.variant)
+        decoded = assert_encodes(plan, order, encode_stage(plan, order), "float16")
+        assert len(decoded) == 1 + 3 * len(blocks)
+        for name, dtype, variant, _, _ in decoded:
             assert embedded.params(name, dtype, variant) is not None
-            assert grid == (*launch.grid, 1, 1)[:3]
-            assert [operands[v] if k == 1 else v for k, v in pairs] == \
-                [a.name if hasattr(a, "name") else a for a in launch.args]
-        assert sizes[:4] == [plan.sizes["stage"] // ld, ld, plan.sizes["bottleneck"],
-                             plan.sizes["grouped"]]
-        assert sizes[4] == plan.sizes["input"] and len(sizes) == 5 + len(order)
     x = paddle.zeros([8], dtype="float16")
     with pytest.raises(OSError, match=rf"{OP}: x must be a CUDA tensor"):
-        aot_stage(x, dict.fromkeys(order, x), plan)
+        aot_stage(x, [x] * len(order), encode_stage(plan, order))
 
 
 def test_torch_host_runs_embedded_kernels_on_cuda_only(embedded):

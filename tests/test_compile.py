@@ -165,7 +165,7 @@ def test_empty_batch():
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(precision="int8"), ValueError, r"precision must be one of \('fp32', 'bf16'\)"),
-    (dict(device="gpu"), ValueError, "device must be one of"),
+    (dict(device="tpu"), ValueError, r"device must be one of \('cpu', 'gpu'\), got 'tpu'"),
 ])
 def test_bad_compile_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

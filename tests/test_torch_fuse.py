@@ -7,11 +7,13 @@ The quick cases use a small timm DPN (every block kind: projection, stride-2 dow
 not b) at an odd, non-square input; the slow ones timm's real DPNs.
 """
 import copy
+import hashlib
 import importlib
 import importlib.util
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from _interpreter import INTERPRETED, REPO, needs_interpreter, run_module_interpreted
@@ -88,6 +90,46 @@ def small_dpn(torch, timm, b):
     return randomize_batch_norms(torch, DPN(k_sec=(1, 2, 1, 1), inc_sec=(8, 8, 8, 16), k_r=32,
                                             groups=8, small=True, num_init_features=10, b=b,
                                             num_classes=10), 1)
+
+
+def numpy_parameters(torch, model, seed):
+    """`model` with every float parameter and BN statistic drawn from numpy's seeded generator
+    (the same values whatever the torch and timm versions)."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.dtype.is_floating_point:
+                shape = tuple(tensor.shape)
+                values = rng.uniform(0.5, 1.5, shape) if name.endswith("running_var") else \
+                    0.5 * rng.standard_normal(shape)
+                tensor.copy_(torch.from_numpy(values))
+    return model.eval()
+
+
+def prepared_digest(torch, fused):
+    """sha256 of every prepared weight of `fused`: name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for blk in fused.blocks:
+        for name, tensor in blk.named(0).items():
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# prepared_digest of the small DPNs with numpy_parameters(seed 5): the weights the torch host
+# binds, pinned bit for bit (the folding in float64, then one rounding to the kernels' dtypes).
+# b's split c1x1_c draws the values of the whole one, so both give the same weights.
+DIGESTS = {"float32": "6fb7870c2d0a7a12823e856873c6c79255ee7bfcfe969c6ed64e49e15b23de5d",
+           "float16": "eb875d0cb0b6ff39417f0ef6fb45df6fdf72c900d6ff0c73a765da4f69ad628b",
+           "bfloat16": "98ab0ea7cb18fed426db3834798fa2b67173c8157af184803136912b2923e098"}
+
+
+@pytest.mark.parametrize("b", [False, True])
+@pytest.mark.parametrize("dtype", sorted(DIGESTS))
+def test_prepared_weights_are_pinned(b, dtype):
+    torch, timm, fused_module = requirements()
+    model = numpy_parameters(torch, small_dpn(torch, timm, b), 5).to(getattr(torch, dtype))
+    assert prepared_digest(torch, fused_module.fuse(model)) == DIGESTS[dtype]
 
 
 def check_fused_matches_timm(torch, fused_module, model, x, dtype):

@@ -27,7 +27,8 @@ concat, no BN pass and no layout change:
   stage's existing ones.
 timm's own modules run the stem (conv + BN + ReLU + max pool, NCHW), and at the end the final BN
 + ELU (on a channels-last view of the last buffer) and the head. Eval only: the BNs are folded
-with their running statistics when `fuse` is called (later changes to the model are not seen).
+with their running statistics when `fuse` is called (later changes to the model are not seen),
+by dpn_fast/kernels/_stage_weights.py, which prepares the Paddle GPU engine's weights too.
 
 A forward is planned once per input shape and stream (`_Plan`), each stage's launches by
 dpn_fast/kernels/_stage.py (the plan as data, which Paddle's GPU stage op runs too): the
@@ -42,13 +43,14 @@ imported).
 """
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 
-from dpn_fast.kernels import nhwc_conv1x1, nhwc_grouped_conv3x3
-from dpn_fast.kernels._stage import StageBlock, plan_stage, weight_names
+from dpn_fast.kernels import nhwc_conv1x1
+from dpn_fast.kernels._stage import plan_stages
+from dpn_fast.kernels._stage_weights import BatchNorm, BlockParameters, ConvBN, prepare_block
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -74,39 +76,14 @@ def import_timm():
     return timm
 
 
-@dataclass
-class _Gemm:
-    """A 1x1 conv as the GEMM kernel runs it: weight [K, N] in the activations' dtype; fp32 BN
-    scale/shift of its input (prologue) and bias, each optional."""
-    weight: torch.Tensor
-    in_scale: torch.Tensor = None
-    in_shift: torch.Tensor = None
-    bias: torch.Tensor = None
+def _array(tensor):
+    """A parameter as a float64 numpy array (None stays None)."""
+    return None if tensor is None else tensor.detach().double().cpu().numpy()
 
 
-@dataclass
-class _Block:
-    shape: StageBlock  # the geometry the stage plan launches
-    projection: _Gemm  # None except in a stage's first block
-    conv_a: _Gemm
-    grouped_weight: torch.Tensor  # packed for chunks
-    grouped_bias: torch.Tensor    # in the slot layout
-    chunks: tuple                 # the grouped conv's lanes and groups a chunk
-    conv_c: _Gemm
-
-    def weights(self, index):
-        """{name: tensor} of its weights as block `index` of its stage (_stage.weight_names)."""
-        tensors = [self.conv_a.weight, self.conv_a.in_scale, self.conv_a.in_shift,
-                   self.conv_a.bias, self.grouped_weight, self.grouped_bias, self.conv_c.weight]
-        if self.projection is not None:
-            p = self.projection
-            tensors = [p.weight, p.in_scale, p.in_shift] + tensors
-        return dict(zip(weight_names(index, self.projection is not None), tensors))
-
-
-def _bn_affine(bn, name):
-    """(scale, shift) of an eval BatchNorm in float64; checks it is followed by a ReLU (timm's
-    BatchNormAct2d), as the kernels' prologues and epilogues assume."""
+def _batch_norm(bn, name):
+    """An eval BatchNorm's parameters; checks it is followed by a ReLU (timm's BatchNormAct2d),
+    as the kernels' prologues and epilogues assume."""
     act = getattr(bn, "act", None)
     if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) or \
             not isinstance(act, torch.nn.ReLU) or \
@@ -115,13 +92,8 @@ def _bn_affine(bn, name):
                         f"{type(bn).__name__} with {type(act).__name__}")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"fuse: {name} has no running statistics to fold")
-    scale = bn.running_var.double().add(bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return scale, shift
+    return BatchNorm(_array(bn.running_mean), _array(bn.running_var), bn.eps, _array(bn.weight),
+                     _array(bn.bias))
 
 
 def _conv_weight(conv, name, kernel, groups=1):
@@ -130,62 +102,52 @@ def _conv_weight(conv, name, kernel, groups=1):
             conv.padding != (kernel // 2, kernel // 2):
         raise TypeError(f"fuse: {name} must be a bias-free {kernel}x{kernel} Conv2d (padding "
                         f"{kernel // 2}, groups {groups}), got {conv}")
-    return conv.weight.detach().double()
+    return _array(conv.weight)
 
 
-def _fold_block(blk, index, dtype, grouped):
-    label = f"block {index}"
+def _conv_bn(module, name, kernel, groups=1):
+    """timm's BnActConv2d (BN + ReLU, then a conv)."""
+    return ConvBN(_batch_norm(module.bn, f"{name}.bn"),
+                  _conv_weight(module.conv, f"{name}.conv", kernel, groups))
+
+
+def _block_parameters(blk, label):
+    """The BlockParameters of timm's DualPathBlock `blk`."""
     projection = blk.c1x1_w_s1 if blk.c1x1_w_s1 is not None else blk.c1x1_w_s2
     stride = blk.key_stride
-    as_gemm = lambda w: w.reshape(w.shape[0], -1).t().to(dtype).contiguous()  # noqa: E731
-    f32 = lambda t: t.float().contiguous()  # noqa: E731
-
-    proj = None
-    if projection is not None:
-        if projection.conv.stride != (stride, stride):
-            raise ValueError(f"fuse: {label}'s projection has stride {projection.conv.stride}, "
-                             f"its grouped conv {stride}")
-        scale, shift = _bn_affine(projection.bn, f"{label} c1x1_w.bn")
-        w = _conv_weight(projection.conv, f"{label} c1x1_w.conv", 1)
-        proj = _Gemm(as_gemm(w), f32(scale), f32(shift))
-
+    if projection is not None and projection.conv.stride != (stride, stride):
+        raise ValueError(f"fuse: {label}'s projection has stride {projection.conv.stride}, its "
+                         f"grouped conv {stride}")
     conv_b = blk.c3x3_b.conv
     channels = conv_b.in_channels
     if conv_b.out_channels != channels or conv_b.stride != (stride, stride):
         raise TypeError(f"fuse: {label} c3x3_b.conv must keep its {channels} channels at stride "
                         f"{stride}, got {conv_b}")
-    groups = conv_b.groups
-    chunks = grouped.chunk_lanes(channels // groups)
-    columns, width = grouped.slot_layout(channels, groups, chunks)
-    columns = torch.from_numpy(columns)
-
-    def to_slots(t, dim):  # channels -> their slot columns along dim, zeros in the padding
-        shape = list(t.shape)
-        shape[dim] = width
-        return t.new_zeros(shape).index_copy_(dim, columns.to(t.device), t)
-
-    a_scale, a_shift = _bn_affine(blk.c1x1_a.bn, f"{label} c1x1_a.bn")
-    b_scale, b_shift = _bn_affine(blk.c3x3_b.bn, f"{label} c3x3_b.bn")
-    w_a = _conv_weight(blk.c1x1_a.conv, f"{label} c1x1_a.conv", 1) * b_scale.view(-1, 1, 1, 1)
-    conv_a = _Gemm(to_slots(as_gemm(w_a), 1), f32(a_scale), f32(a_shift),
-                   to_slots(f32(b_shift), 0))
-
-    c_scale, c_shift = _bn_affine(blk.c1x1_c.bn, f"{label} c1x1_c.bn")
-    w_b = _conv_weight(conv_b, f"{label} c3x3_b.conv", 3, groups) * c_scale.view(-1, 1, 1, 1)
-    packed = torch.from_numpy(grouped.pack_weights(w_b.cpu().numpy(), groups, chunks))
-
     if blk.b:  # dpn68b: c1x1_c is BN + ReLU alone, its conv split in two
-        w_c = torch.cat([_conv_weight(blk.c1x1_c1, f"{label} c1x1_c1", 1),
-                         _conv_weight(blk.c1x1_c2, f"{label} c1x1_c2", 1)])
+        conv_c = ConvBN(_batch_norm(blk.c1x1_c.bn, f"{label} c1x1_c.bn"), np.concatenate(
+            [_conv_weight(blk.c1x1_c1, f"{label} c1x1_c1", 1),
+             _conv_weight(blk.c1x1_c2, f"{label} c1x1_c2", 1)]))
     else:
-        w_c = _conv_weight(blk.c1x1_c.conv, f"{label} c1x1_c.conv", 1)
-    resid, inc = blk.num_1x1_c, blk.inc
-    if w_c.shape[0] != resid + inc:
-        raise ValueError(f"fuse: {label} c1x1_c gives {w_c.shape[0]} channels, expected "
-                         f"{resid} + {inc}")
-    return _Block(StageBlock(stride, resid, inc, channels, groups, width), proj, conv_a,
-                  packed.to(device=w_a.device, dtype=dtype), to_slots(f32(c_shift), 0), chunks,
-                  _Gemm(to_slots(as_gemm(w_c), 0)))
+        conv_c = _conv_bn(blk.c1x1_c, f"{label} c1x1_c", 1)
+    return BlockParameters(
+        stride, blk.num_1x1_c, blk.inc, conv_b.groups,
+        None if projection is None else _conv_bn(projection, f"{label} c1x1_w", 1),
+        _conv_bn(blk.c1x1_a, f"{label} c1x1_a", 1),
+        _conv_bn(blk.c3x3_b, f"{label} c3x3_b", 3, conv_b.groups), conv_c)
+
+
+def to_torch(prepared, dtype, device):
+    """A PreparedBlock's weights as tensors on `device`: the fp32 operands fp32, the others in the
+    activations' `dtype`."""
+    return prepared.converted(lambda array: torch.from_numpy(array).to(
+        device=device, dtype=torch.float32 if array.dtype == np.float32 else dtype))
+
+
+def _prepare_block(blk, index, dtype, device):
+    """Block `index` of the model prepared for its stage plan (dpn_fast/kernels/_stage_weights.py)
+    as tensors."""
+    label = f"block {index}"
+    return to_torch(prepare_block(_block_parameters(blk, label), f"fuse: {label}"), dtype, device)
 
 
 def fuse(model, max_plans=4, kernels=None):
@@ -207,12 +169,10 @@ class _Plan:
     def __init__(self, fused, n, h, w, arch):
         self.arch, self.kernels, self.device = arch, fused.kernels, fused.device
         dtype = str(fused.dtype).replace("torch.", "")
-        stem_channels = fused.stages[0][0].projection.weight.shape[0]
+        stem_channels = fused.stages[0][0].named(0)["0.projection.weight"].shape[0]
         stem_shape = (n, h, w, stem_channels)
-        plans, width, ld = [], stem_channels, stem_channels
-        for stage in fused.stages:
-            plans.append(plan_stage([b.shape for b in stage], n, h, w, width, ld, dtype, arch))
-            h, w, width, ld = plans[-1].h, plans[-1].w, plans[-1].width, plans[-1].row_stride
+        plans = plan_stages([[blk.shape for blk in stage] for stage in fused.stages], n, h, w,
+                            stem_channels, dtype, arch)
         new = lambda size: torch.empty(size, device=fused.device, dtype=fused.dtype)  # noqa: E731
         # Stages alternate between two buffers (stage i reads stage i - 1's); one scratch each
         # for the bottleneck rows and the grouped conv's output.
@@ -225,10 +185,12 @@ class _Plan:
         for i, (stage, plan) in enumerate(zip(fused.stages, plans)):
             memory = {"input": source, "stage": self.buffers[i % 2], **scratch}
             for index, blk in enumerate(stage):
-                memory.update(blk.weights(index))
+                memory.update(blk.named(index))
             self.launches += [launch.bind(partial(_bound, memory)) for launch in plan.launches]
             source = self.buffers[i % 2]
         # NCHW view of the last rows (channels-last strides), without the row padding.
+        plan = plans[-1]
+        h, w, width, ld = plan.h, plan.w, plan.width, plan.row_stride
         self.out = source[:n * h * w * ld].view(n, h, w, ld)[..., :width].permute(0, 3, 1, 2)
 
     def run(self, stem_out):
@@ -276,7 +238,7 @@ class FusedDPN:
             raise ValueError(f"fuse: the embedded kernels (kernels=) run on CUDA; the model is "
                              f"on {self.device}")
         self.kernels = kernels
-        self.gemm, self.grouped = nhwc_conv1x1, nhwc_grouped_conv3x3
+        self.gemm = nhwc_conv1x1
         self.arch = None  # the interpreter's (CPU)
         if self.device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(self.device)
@@ -290,13 +252,12 @@ class FusedDPN:
         blocks = [m for m in features if hasattr(m, "c1x1_a")]
         if not blocks or blocks[0].c1x1_w_s1 is None and blocks[0].c1x1_w_s2 is None:
             raise TypeError("fuse: the model's first dual path block must be a projection block")
-        with torch.no_grad():
-            self.blocks = [_fold_block(b, i, self.dtype, self.grouped)
-                           for i, b in enumerate(blocks)]
+        self.blocks = [_prepare_block(b, i, self.dtype, self.device)
+                       for i, b in enumerate(blocks)]
         # Stages: a projection block and the blocks up to the next one.
         self.stages = []
         for blk in self.blocks:
-            if blk.projection is not None:
+            if blk.has_projection:
                 self.stages.append([])
             self.stages[-1].append(blk)
         self.max_plans = max_plans

@@ -117,3 +117,15 @@ def plan_stage(blocks, images, h, w, in_width, in_stride, dtype, arch):
             tiles=gemm_tiles(rows, r, n_c)))
         dense += blk.inc
     return StagePlan(launches, sizes, h_out, w_out, width, ld)
+
+
+def plan_stages(stages, images, h, w, in_width, dtype, arch):
+    """The StagePlans of consecutive stages (each a list of StageBlocks, as plan_stage takes),
+    the first reading images x h x w rows of in_width channels packed (row stride in_width),
+    each later one the previous one's output."""
+    plans, in_stride = [], in_width
+    for blocks in stages:
+        plans.append(plan_stage(blocks, images, h, w, in_width, in_stride, dtype, arch))
+        h, w, in_width, in_stride = plans[-1].h, plans[-1].w, plans[-1].width, \
+            plans[-1].row_stride
+    return plans

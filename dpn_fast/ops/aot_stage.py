@@ -36,11 +36,10 @@ def encode_stage(plan, weight_order):
     return kernels, launches, sizes
 
 
-def aot_stage(x, weights, plan):
-    """The stage's output rows [rows, plan.row_stride] for input rows `x` (a CUDA tensor) and
-    `weights` ({name: tensor} of the plan's weights), on the embedded kernels."""
+def aot_stage(x, weights, encoded):
+    """The stage's output rows [rows, plan.row_stride] for input rows `x` (a CUDA tensor), on the
+    embedded kernels: `weights` the plan's weight tensors in the order `encoded` =
+    encode_stage(plan, weight_order) was given (encoded once per plan, run at every call)."""
     if not _extension.BUILT_WITH_CUDA:
         raise RuntimeError(f"{OP}: dpn_fast was built without CUDA (no nvcc at install time)")
-    order = sorted(weights)
-    return _extension.run_op(OP, x, [weights[name] for name in order],
-                             *encode_stage(plan, order))
+    return _extension.run_op(OP, x, list(weights), *encoded)[0]
