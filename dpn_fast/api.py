@@ -44,8 +44,9 @@ def compile(model, device="cpu", precision="fp32"):  # noqa: A001 (the name user
     Call it on float32 NCHW tensors; it returns float32 logits.
 
     device="cpu": a paddle.nn.Layer, exportable with dpn_fast.inference.export. `precision`:
-    "fp32", or "bf16" (the 1x1 convolutions' weights and inputs rounded to bf16, float32
-    accumulation; needs a CPU with AVX512_BF16 or AMX-BF16).
+    "fp32", or "bf16" (the weights and inputs of the stem's and every block's convolutions, and
+    the stages' dense buffers, rounded to bf16; float32 sums, BNs, residual buffers and
+    classifier; needs a CPU with AVX512_BF16 or AMX-BF16).
 
     device="gpu": the stages on the op library's embedded Triton kernels (the kernels
     dpn_fast.torch runs), the stem and head on Paddle's ops, for the current GPU. `precision`:
@@ -65,6 +66,7 @@ def compile(model, device="cpu", precision="fp32"):  # noqa: A001 (the name user
                               "kernels: install triton (pip install triton)") from error
         return GpuCompiledDPN(model, precision)
     return CompiledDPN(model, precision)
+
 
 __all__ = ["MODEL_NAMES", "create_model", "DPN68", "DPN92", "DPN98", "DPN107", "DPN131",
            "compile"]
