@@ -25,4 +25,16 @@ inline float bf16_value(Bf16 v) {
   return f;
 }
 
+// v rounded to bf16, kept as float32: the value a bf16 kernel multiplies.
+inline float bf16_rounded(float v) { return bf16_value(round_to_bf16(v)); }
+
+// Two bf16 values in one 32-bit word, the first in the low half: what vdpbf16ps multiplies
+// pairwise (two channels of an activation, two taps of a kernel row).
+using Bf16Pair = uint32_t;
+
+// first and second rounded to bf16, as one Bf16Pair.
+inline Bf16Pair bf16_pair(float first, float second) {
+  return uint32_t(round_to_bf16(first)) | uint32_t(round_to_bf16(second)) << 16;
+}
+
 }  // namespace dpn_fast

@@ -47,10 +47,15 @@ int64_t workspace_size_class(int64_t floats) {
   return (floats + step - 1) / step * step;
 }
 
-// A float32 CPU tensor in plain layout.
-void check_operand(const paddle::Tensor& t, const char* op, const char* name) {
+// A CPU tensor in plain layout.
+void check_cpu_plain(const paddle::Tensor& t, const char* op, const char* name) {
   dpn_fast::check_plain_layout(t, op, name);
   PD_CHECK(t.is_cpu(), op, ": runs on CPU only, '", name, "' is on ", t.place().DebugString());
+}
+
+// A float32 CPU tensor in plain layout.
+void check_operand(const paddle::Tensor& t, const char* op, const char* name) {
+  check_cpu_plain(t, op, name);
   PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, op, ": supports float32 only, '", name,
            "' is ", phi::DataTypeToString(t.dtype()));
 }
@@ -89,8 +94,7 @@ Input check_input(const paddle::Tensor* resid, const paddle::Tensor& dense,
     check_operand(*resid, op, "resid");
     in.resid = r[3];
   }
-  dpn_fast::check_plain_layout(dense, op, "dense");
-  PD_CHECK(dense.is_cpu(), op, ": runs on CPU only, 'dense' is on ", dense.place().DebugString());
+  check_cpu_plain(dense, op, "dense");
   PD_CHECK(dense.dtype() == dense_dtype, op, ": 'dense' must be ",
            phi::DataTypeToString(dense_dtype),
            dense_dtype == paddle::DataType::BFLOAT16
@@ -299,13 +303,6 @@ Shape packed_1x1_shape(int64_t rows, int64_t k, bool bf16) {
 
 const char* packed_type_name(bool bf16) { return bf16 ? "bf16" : "float32"; }
 
-// A packed weight's tensor: plain layout, on CPU.
-void check_blob_place(const paddle::Tensor& blob, const char* op, const std::string& name) {
-  dpn_fast::check_plain_layout(blob, op, name.c_str());
-  PD_CHECK(blob.is_cpu(), op, ": runs on CPU only, '", name, "' is on ",
-           blob.place().DebugString());
-}
-
 // A packed weight's tensor: uint8 of the `expected` shape, as `pack_op` makes it.
 void check_blob_shape(const paddle::Tensor& blob, const Shape& expected, const char* op,
                       const std::string& name, const char* pack_op) {
@@ -320,7 +317,7 @@ void check_blob_shape(const paddle::Tensor& blob, const Shape& expected, const c
 // for bf16 GEMMs and as floats otherwise.
 const void* packed_1x1(const paddle::Tensor& blob, int64_t rows, int64_t k, bool bf16,
                        const char* op, const std::string& name) {
-  check_blob_place(blob, op, name);
+  check_cpu_plain(blob, op, name.c_str());
   const bool is_blob = blob.dtype() == paddle::DataType::UINT8 && blob.shape().size() == 2 &&
                        blob.numel() >= dpn_fast::kPackedHeaderBytes;
   PD_CHECK(!is_blob || dpn_fast::packed_weight_is_bf16(blob.data<uint8_t>()) == bf16, op,
@@ -359,7 +356,7 @@ const void* packed_grouped_conv(const paddle::Tensor& blob, int64_t r, int64_t g
                                 const char* op) {
   PD_CHECK(groups > 0 && r % groups == 0, op, ": groups must be > 0 and divide the bottleneck's ",
            r, " channels, got ", groups);
-  check_blob_place(blob, op, "w_conv");
+  check_cpu_plain(blob, op, "w_conv");
   // The header first: it says what a blob of another size was packed for.
   if (blob.dtype() == paddle::DataType::UINT8 && blob.numel() >= dpn_fast::kNhwcPackedHeaderBytes) {
     const std::string mismatch =

@@ -115,9 +115,6 @@ struct NhwcPackedHeader {
   int64_t floats_per_vector, bf16_weights, c, c_out, groups, blocks, floats, indices;
 };
 
-// Two consecutive channels' bf16 values in one 32-bit word, the lower channel in the low half:
-// what vdpbf16ps multiplies pairwise.
-using Bf16Pair = uint32_t;
 static_assert(sizeof(NhwcPackedHeader) <= kNhwcPackedHeaderBytes,
               "grouped_conv3x3_nhwc_packed_mismatch reads the header from a blob that size");
 

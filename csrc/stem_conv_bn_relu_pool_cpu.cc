@@ -19,15 +19,8 @@ namespace {
 constexpr int64_t kMaxOcBlock = 16;
 constexpr int64_t kMaxVector = 16;
 
-// Two bf16 values in one 32-bit word, the first in the low half: what vdpbf16ps multiplies
-// pairwise. The bf16 kernel pairs the taps of a kernel row: (0, 1), (2, 3), ..., the last of an
+// The bf16 kernel pairs the taps of a kernel row (Bf16Pair): (0, 1), (2, 3), ..., the last of an
 // odd kernel with a zero weight.
-using Bf16Pair = uint32_t;
-
-inline Bf16Pair bf16_pair(float first, float second) {
-  return uint32_t(round_to_bf16(first)) | uint32_t(round_to_bf16(second)) << 16;
-}
-
 inline int64_t tap_pairs(int64_t kernel) { return (kernel + 1) / 2; }
 
 // The convolution's operands, laid out by prepare for the variant that runs it:
@@ -119,7 +112,7 @@ StemRowArgs prepare(const float* w, const BatchNormParams& bn, bool bf16, float*
       float* block = workspace + oc / oc_block * taps * oc_block;
       for (int64_t t = 0; t < taps; ++t) {
         const float v = w[oc * taps + t];
-        block[t * oc_block + oc % oc_block] = bf16 ? bf16_value(round_to_bf16(v)) : v;
+        block[t * oc_block + oc % oc_block] = bf16 ? bf16_rounded(v) : v;
       }
     }
   }
@@ -166,7 +159,7 @@ void fill_plane_row(const float* x, const StemShape& s, int64_t ci, int64_t phas
     if constexpr (pairs) {
       return bf16_pair(at(col), at(col + 1));
     } else {
-      return bf16 ? bf16_value(round_to_bf16(at(col))) : at(col);
+      return bf16 ? bf16_rounded(at(col)) : at(col);
     }
   };
   // Columns j in [inside_begin, inside_end) read only inside the image.
@@ -185,7 +178,7 @@ void fill_plane_row(const float* x, const StemShape& s, int64_t ci, int64_t phas
   } else if (bf16) {
 #pragma omp simd
     for (int64_t j = inside_begin; j < inside_end; ++j) {
-      dst[j] = bf16_value(round_to_bf16(x_row[j * s.stride + offset]));
+      dst[j] = bf16_rounded(x_row[j * s.stride + offset]);
     }
   } else {
 #pragma omp simd

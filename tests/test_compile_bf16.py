@@ -128,12 +128,17 @@ def test_export_runs_in_paddle_inference(tmp_path, use_onednn):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def run_stage(compiled, index, resid, dense):
+    """(resid, dense) after stage `index` of the compiled engine on its input (resid, dense)."""
+    weights, scale_shift, layout = compiled._stages[index]
+    return stage_launch(resid, dense, weights, scale_shift, layout.groups, layout.stride,
+                        layout.dense_channels, layout.capacity, layout.packed_weights,
+                        layout.bf16_stage)
+
+
 def first_stage_output(compiled, x):
     """(resid, dense) after the compiled engine's stem and first stage."""
-    weights, scale_shift, layout = compiled._stages[0]
-    return stage_launch(None, stem_launch(x, *compiled._stem), weights, scale_shift,
-                        layout.groups, layout.stride, layout.dense_channels, layout.capacity,
-                        layout.packed_weights, layout.bf16_stage)
+    return run_stage(compiled, 0, None, stem_launch(x, *compiled._stem))
 
 
 @needs_bf16
@@ -152,17 +157,13 @@ def test_stage_buffers_carry_their_precision():
                    r"got bfloat16"),
             (bf16, r"'dense' must be bfloat16 \(a bf16 stage reads the previous bf16 stage's "
                    r"dense buffer\), got float32")]:
-        weights, scale_shift, layout = mixed._stages[1]
         other = first_stage_output(fp32 if mixed is bf16 else bf16, x)
         with pytest.raises(OSError, match=message):
-            stage_launch(*other, weights, scale_shift, layout.groups, layout.stride,
-                         layout.dense_channels, layout.capacity, True, layout.bf16_stage)
+            run_stage(mixed, 1, *other)
     for compiled in (fp32, bf16):  # the stages after the first, then the head
         resid, dense = first_stage_output(compiled, x)
-        for weights, scale_shift, layout in compiled._stages[1:]:
-            resid, dense = stage_launch(resid, dense, weights, scale_shift, layout.groups,
-                                        layout.stride, layout.dense_channels, layout.capacity,
-                                        True, layout.bf16_stage)
+        for index in range(1, len(compiled._stages)):
+            resid, dense = run_stage(compiled, index, resid, dense)
         np.testing.assert_array_equal(head_launch(resid, dense, *compiled._head).numpy(),
                                       compiled(x).numpy())
 
